@@ -1,0 +1,61 @@
+"""Topic names and settings of CONTRACT section 2 (names are given without the prefix)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TURN_REQUESTS = "turn-requests"
+PROVIDER_RESPONSES = "provider-responses"
+USAGE = "usage"
+TURN_DECISIONS = "turn-decisions"
+BILLING_USAGE = "billing-usage"
+DEAD_LETTERS = "dead-letters"
+
+INPUT_TOPICS = (TURN_REQUESTS, PROVIDER_RESPONSES, USAGE)
+ALL_TOPICS = (TURN_REQUESTS, PROVIDER_RESPONSES, USAGE, TURN_DECISIONS, BILLING_USAGE, DEAD_LETTERS)
+
+# Every topic keeps its records forever and stamps them on append: the record timestamp is the
+# event time. The contract requires it for the inputs and turn-decisions; billing events and dead
+# letters are money and evidence, so they are kept the same way.
+TOPIC_CONFIG: dict[str, str] = {
+    "retention.ms": "-1",
+    "retention.bytes": "-1",
+    "message.timestamp.type": "LogAppendTime",
+}
+
+
+@dataclass(frozen=True)
+class TopicNames:
+    """The six topic names of one deployment (prefix applied)."""
+
+    prefix: str
+
+    def full(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    @property
+    def turn_requests(self) -> str:
+        return self.full(TURN_REQUESTS)
+
+    @property
+    def provider_responses(self) -> str:
+        return self.full(PROVIDER_RESPONSES)
+
+    @property
+    def usage(self) -> str:
+        return self.full(USAGE)
+
+    @property
+    def turn_decisions(self) -> str:
+        return self.full(TURN_DECISIONS)
+
+    @property
+    def billing_usage(self) -> str:
+        return self.full(BILLING_USAGE)
+
+    @property
+    def dead_letters(self) -> str:
+        return self.full(DEAD_LETTERS)
+
+    def all(self) -> list[str]:
+        return [self.full(name) for name in ALL_TOPICS]

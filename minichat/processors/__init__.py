@@ -1,0 +1,1 @@
+"""Kafka wiring: the faust app, agents, timers, the outbox relay, retries and dead letters."""

@@ -1,0 +1,113 @@
+"""`create_app(settings)`: the faust app, its topics and agents. Nothing is registered at import."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import faust
+
+from minichat.models import events
+from minichat.models.topics import TopicNames
+from minichat.processors import provider_responses, turn_requests, usage
+from minichat.processors.errors import GaveUp
+from minichat.processors.pipeline import BatchProcessor, Producer
+from minichat.processors.records import record_from_event
+from minichat.processors.runtime import Runtime
+from minichat.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Exit status when a batch can neither be applied nor retried any longer.
+EXIT_FATAL = 70
+
+
+def _stop_without_commit(name: str, exc: BaseException) -> None:
+    """Leave at once, without letting faust commit offsets of a batch that was not applied.
+
+    faust acks a batch when the loop body exits, even by an exception, and commits acked offsets
+    on a graceful stop: raising or crashing the app could skip the batch. Exiting the process is
+    the same as a SIGKILL, which the design survives: the batch is consumed again on restart.
+    """
+    if isinstance(exc, GaveUp):
+        logger.critical("%s: a dependency is down for too long, stopping the worker: %s", name, exc)
+    else:
+        logger.critical("%s: unexpected failure, stopping the worker", name, exc_info=exc)
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(EXIT_FATAL)
+
+
+def _agent(
+    processor: BatchProcessor[Any], settings: Settings
+) -> Callable[[faust.StreamT[bytes]], Awaitable[None]]:
+    async def consume(stream: faust.StreamT[bytes]) -> None:
+        async for batch in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+            try:
+                await processor.process([record_from_event(event) for event in batch])
+            except Exception as exc:
+                _stop_without_commit(processor.name, exc)
+
+    consume.__name__ = processor.name
+    return consume
+
+
+def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.App:
+    """Build the worker's faust app: three input agents sharing one pool."""
+    names = TopicNames(settings.topic_prefix)
+    runtime = runtime or Runtime(settings, names)
+    app = faust.App(
+        settings.group_id,
+        broker=settings.kafka_broker_url,
+        autodiscover=False,
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=settings.commit_interval_s,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        stream_buffer_maxsize=max(4096, settings.batch_max),
+        stream_wait_empty=True,
+        producer_acks=-1,
+        store="memory://",
+        table_standby_replicas=0,
+        web_enabled=settings.web_enabled,
+        web_port=settings.web_port,
+        web_bind="127.0.0.1",
+    )
+
+    async def producer() -> Producer:
+        return app.producer  # type: ignore[no-any-return]
+
+    wiring: list[tuple[str, str, Callable[[bytes | None, bytes], Any], Any]] = [
+        ("turn_requests", names.turn_requests, events.decode_turn_request, turn_requests.handle),
+        (
+            "provider_responses",
+            names.provider_responses,
+            events.decode_provider_event,
+            provider_responses.handle,
+        ),
+        ("usage", names.usage, events.decode_usage_event, usage.handle),
+    ]
+    for name, topic_name, decode, handle in wiring:
+        processor: BatchProcessor[Any] = BatchProcessor(
+            name=name,
+            decode=decode,
+            handle=handle,
+            pool=runtime.pool,
+            producer=producer,
+            dead_letters_topic=names.dead_letters,
+        )
+        topic = app.topic(topic_name, key_type=bytes, value_type=bytes, partitions=settings.partitions)
+        app.agent(channel=topic, name=name)(_agent(processor, settings))
+
+    @app.on_before_shutdown.connect
+    async def _close_runtime(sender: Any, **kwargs: Any) -> None:
+        await runtime.close()
+
+    return app

@@ -1,0 +1,115 @@
+"""The one shape of every agent: decode, one transaction per micro-batch, then produce.
+
+```
+good, bad = decode(batch)                 # pydantic at the edge; bad -> dead-letters
+async with con.transaction():             # retried as a whole on transient errors
+    outputs = await handle(con, good)     # load state, decide with domain/, set-based writes
+produce(outputs + dead letters)           # after commit, never before; acks awaited
+```
+A crash between commit and produce replays the batch: every handler is idempotent and a
+re-seen command re-sends its stored decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+import asyncpg
+
+from minichat.models.events import DecodeError, DeadLetter, to_json_bytes
+from minichat.processors.errors import RetryPolicy, with_retries
+from minichat.processors.records import Output, SourceRecord
+
+logger = logging.getLogger(__name__)
+
+E = TypeVar("E")
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded(Generic[E]):
+    record: SourceRecord
+    event: E
+
+
+Handler = Callable[[asyncpg.Connection, Sequence[Decoded[E]]], Awaitable[list[Output]]]
+
+
+class Producer(Protocol):
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp: float | None,
+        headers: Any,
+    ) -> Awaitable[Any]: ...
+
+
+def dead_letter_for(record: SourceRecord, error: DecodeError, dead_letters_topic: str) -> Output:
+    letter = DeadLetter.for_record(
+        source_topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        error_code=error.code,
+        error_detail=error.detail,
+        value=record.value,
+        received_at=record.timestamp,
+    )
+    return Output(topic=dead_letters_topic, key=record.key, value=to_json_bytes(letter))
+
+
+@dataclass
+class BatchProcessor(Generic[E]):
+    """Runs one agent's batches; the same object serves the worker, `replay` and the tests."""
+
+    name: str
+    decode: Callable[[bytes | None, bytes], E]
+    handle: Handler[E]
+    pool: Callable[[], Awaitable[asyncpg.Pool]]
+    producer: Callable[[], Awaitable[Producer]]
+    dead_letters_topic: str
+    retry: RetryPolicy = RetryPolicy()
+
+    def split(self, records: Sequence[SourceRecord]) -> tuple[list[Decoded[E]], list[Output]]:
+        good: list[Decoded[E]] = []
+        dead: list[Output] = []
+        for record in records:
+            try:
+                good.append(Decoded(record, self.decode(record.key, record.value)))
+            except DecodeError as error:
+                logger.warning(
+                    "dead-letter %s[%d]@%d: %s",
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    error.code,
+                )
+                dead.append(dead_letter_for(record, error, self.dead_letters_topic))
+        return good, dead
+
+    async def process(self, records: Sequence[SourceRecord]) -> list[Output]:
+        good, dead = self.split(records)
+        outputs: list[Output] = []
+        if good:
+            outputs = await with_retries(f"{self.name} batch", lambda: self._apply(good), self.retry)
+        produced = dead + outputs
+        if produced:
+            await with_retries(f"{self.name} produce", lambda: self._produce(produced), self.retry)
+        return produced
+
+    async def _apply(self, good: Sequence[Decoded[E]]) -> list[Output]:
+        pool = await self.pool()
+        async with pool.acquire() as con, con.transaction():
+            return await self.handle(con, good)
+
+    async def _produce(self, outputs: Sequence[Output]) -> None:
+        producer = await self.producer()
+        pending = [
+            await producer.send(out.topic, out.key, out.value, None, None, None) for out in outputs
+        ]
+        await asyncio.gather(*pending)

@@ -1,0 +1,48 @@
+"""What a handler sees of a Kafka record, independent of faust."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp: datetime  # the record timestamp (LogAppendTime): the event time
+
+    @property
+    def timestamp_ms(self) -> int:
+        return round(self.timestamp.timestamp() * 1000)
+
+
+def timestamp_from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms // 1000, tz=UTC).replace(microsecond=(ms % 1000) * 1000)
+
+
+def record_from_event(event: Any) -> SourceRecord:
+    """faust keeps the record timestamp as float seconds; milliseconds are recovered exactly."""
+    message = event.message
+    value = message.value
+    return SourceRecord(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key,
+        value=value if isinstance(value, bytes) else bytes(value or b""),
+        timestamp=timestamp_from_ms(round(message.timestamp * 1000)),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """A record to produce after the batch's transaction committed."""
+
+    topic: str
+    key: bytes | None
+    value: bytes

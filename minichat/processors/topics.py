@@ -1,0 +1,125 @@
+"""Creating and checking the contract's topics with the Kafka admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from minichat.models.topics import TOPIC_CONFIG, TopicNames
+from minichat.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_TOPIC_ALREADY_EXISTS = 36
+
+
+class TopicError(RuntimeError):
+    """A topic is missing or set up differently from the contract."""
+
+
+@dataclass(frozen=True)
+class TopicReport:
+    created: list[str]
+    existing: list[str]
+    reconfigured: list[str]
+
+
+def _admin(settings: Settings) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        client_id=f"{settings.group_id}-admin",
+        request_timeout_ms=30_000,
+    )
+
+
+async def _partition_counts(
+    admin: AIOKafkaAdminClient, names: list[str], *, timeout_s: float = 30.0
+) -> dict[str, int]:
+    """Partition counts, waiting for new topics' metadata to reach the broker we ask."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        counts = {
+            topic["topic"]: len(topic["partitions"])
+            for topic in await admin.describe_topics(names)
+            if topic["error_code"] == 0 and topic["partitions"]
+        }
+        if len(counts) == len(names) or loop.time() > deadline:
+            return counts
+        await asyncio.sleep(0.1)
+
+
+async def _config_drift(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
+    """Per topic, the contract settings whose current value differs."""
+    resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
+    drift: dict[str, dict[str, str]] = {}
+    for response in await admin.describe_configs(resources):
+        for error_code, _msg, _type, name, entries in response.resources:
+            if error_code:
+                raise TopicError(f"cannot read the configuration of {name}: error {error_code}")
+            current = {entry[0]: entry[1] for entry in entries}
+            wrong = {k: v for k, v in TOPIC_CONFIG.items() if current.get(k) != v}
+            if wrong:
+                drift[name] = wrong
+    return drift
+
+
+async def create_topics(settings: Settings, *, replication_factor: int = 1) -> TopicReport:
+    """Create the six topics; existing ones are checked and their settings brought in line."""
+    names = TopicNames(settings.topic_prefix).all()
+    admin = _admin(settings)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics()) & set(names)
+        missing = [n for n in names if n not in existing]
+        created: list[str] = []
+        if missing:
+            response = await admin.create_topics(
+                [
+                    NewTopic(n, settings.partitions, replication_factor, topic_configs=dict(TOPIC_CONFIG))
+                    for n in missing
+                ]
+            )
+            for topic, code, *rest in response.topic_errors:
+                if code not in (0, _TOPIC_ALREADY_EXISTS):
+                    raise TopicError(f"creating {topic} failed: error {code} {rest[0] if rest else ''}")
+                if code == 0:
+                    created.append(topic)
+        counts = await _partition_counts(admin, names)
+        for name in names:
+            if counts.get(name) != settings.partitions:
+                raise TopicError(
+                    f"{name} has {counts.get(name)} partitions, the deployment expects {settings.partitions}: "
+                    "partitions decide which worker owns a chat, so fix the topic or MINICHAT_PARTITIONS"
+                )
+        drift = await _config_drift(admin, names)
+        if drift:
+            await admin.alter_configs(
+                [
+                    ConfigResource(ConfigResourceType.TOPIC, name, configs=dict(TOPIC_CONFIG))
+                    for name in drift
+                ]
+            )
+        return TopicReport(
+            created=created,
+            existing=[n for n in names if n in existing],
+            reconfigured=sorted(drift),
+        )
+    finally:
+        await admin.close()
+
+
+async def missing_topics(settings: Settings) -> list[str]:
+    """Topics the worker needs and the cluster does not have."""
+    names = TopicNames(settings.topic_prefix).all()
+    admin = _admin(settings)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+    finally:
+        await admin.close()
+    return [n for n in names if n not in existing]

@@ -1,0 +1,41 @@
+"""The one configuration object, built once at the entry point and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGED_POLICY = Path(__file__).with_name("policy.example.yaml")
+
+
+class Settings(BaseSettings):
+    """CONTRACT section 1, plus tuning knobs that keep their defaults in production."""
+
+    model_config = SettingsConfigDict(env_prefix="MINICHAT_", frozen=True, extra="ignore")
+
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    database_url: str = "postgresql://minichat:minichat@127.0.0.1:5432/minichat"
+    topic_prefix: str = "minichat."
+    group_id: str = "minichat"
+    partitions: int = Field(default=8, ge=1, le=1024)
+    policy_file: Path = PACKAGED_POLICY
+    web_port: int = Field(default=6066, ge=0, le=65535)
+
+    # Tuning (not in the contract).
+    web_enabled: bool = True
+    batch_max: int = Field(default=500, ge=1, le=4096)
+    batch_within_s: float = Field(default=0.005, gt=0, le=5)
+    db_pool_min: int = Field(default=2, ge=1)
+    db_pool_max: int = Field(default=4, ge=1)
+    commit_interval_s: float = Field(default=0.5, gt=0)
+    session_timeout_s: float = Field(default=10.0, gt=0)
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    log_level: str = "INFO"
+
+    @property
+    def kafka_broker_url(self) -> str:
+        """faust wants `kafka://host:port;kafka://host:port`."""
+        hosts = [h.strip() for h in self.kafka_bootstrap_servers.split(",") if h.strip()]
+        return ";".join(f"kafka://{h}" for h in hosts)

@@ -1,0 +1,1 @@
+"""Postgres: the SQL, the migrations and the transactions that run them (asyncpg)."""

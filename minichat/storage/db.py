@@ -1,0 +1,37 @@
+"""Connection pool and the small helpers every storage module shares."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+
+from minichat.settings import Settings
+
+
+async def _init_connection(con: asyncpg.Connection) -> None:
+    # jsonb in and out as Python objects; one codec for every pool connection.
+    await con.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await con.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(settings: Settings, **overrides: Any) -> asyncpg.Pool:
+    """The worker's pool: small on purpose (a batch is one transaction on one connection)."""
+    options: dict[str, Any] = {
+        "min_size": settings.db_pool_min,
+        "max_size": max(settings.db_pool_min, settings.db_pool_max),
+        "init": _init_connection,
+        "command_timeout": 60,
+    }
+    options.update(overrides)
+    pool = await asyncpg.create_pool(settings.database_url, **options)
+    assert pool is not None
+    return pool
+
+
+async def connect(settings: Settings) -> asyncpg.Connection:
+    """A single connection for CLI commands (migrate, digest)."""
+    con = await asyncpg.connect(settings.database_url)
+    await _init_connection(con)
+    return con

@@ -1,0 +1,1 @@
+"""SQL migration files (data only)."""

@@ -1,0 +1,146 @@
+"""Migrations against a real PostgreSQL: idempotent, recorded, and shaped as CONTRACT section 8."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, date, datetime
+
+import asyncpg
+import pytest
+
+from minichat.storage.schema import MigrationError, available_migrations, migrate, pending_migrations
+
+pytestmark = pytest.mark.integration
+
+CONTRACT_TABLES = {
+    "chats",
+    "chat_turns",
+    "messages",
+    "quota_usage",
+    "turn_decisions",
+    "policy_versions",
+    "outbox",
+    "parked_events",
+}
+
+
+async def test_migrations_apply_twice(empty_database_url: str) -> None:
+    con = await asyncpg.connect(empty_database_url)
+    try:
+        assert [m.version for m in await pending_migrations(con)] == [
+            m.version for m in available_migrations()
+        ]
+        first = await migrate(con)
+        second = await migrate(con)
+        assert [m.version for m in first] == [m.version for m in available_migrations()]
+        assert second == []
+        assert await pending_migrations(con) == []
+        recorded = await con.fetch("SELECT version, checksum FROM schema_migrations ORDER BY version")
+        assert [(r["version"], r["checksum"]) for r in recorded] == [
+            (m.version, m.checksum) for m in available_migrations()
+        ]
+    finally:
+        await con.close()
+
+
+async def test_changed_migration_is_refused(empty_database_url: str) -> None:
+    con = await asyncpg.connect(empty_database_url)
+    try:
+        await migrate(con)
+        await con.execute("UPDATE schema_migrations SET checksum = 'edited' WHERE version = 1")
+        with pytest.raises(MigrationError, match="changed after it was applied"):
+            await migrate(con)
+    finally:
+        await con.close()
+
+
+async def test_every_table_carries_the_tenant(database_url: str) -> None:
+    con = await asyncpg.connect(database_url)
+    try:
+        rows = await con.fetch(
+            """
+            SELECT t.table_name, bool_or(c.column_name = 'tenant_id') AS has_tenant
+            FROM information_schema.tables t
+            JOIN information_schema.columns c USING (table_schema, table_name)
+            WHERE t.table_schema = 'public' AND t.table_type = 'BASE TABLE'
+            GROUP BY t.table_name
+            """
+        )
+    finally:
+        await con.close()
+    tables = {r["table_name"]: r["has_tenant"] for r in rows}
+    assert set(tables) >= CONTRACT_TABLES
+    assert {name for name, has in tables.items() if not has} == {"schema_migrations"}
+
+
+async def _chat_and_turn(con: asyncpg.Connection, *, request_id: uuid.UUID | None = None) -> uuid.UUID:
+    tenant, user, chat = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    await con.execute(
+        "INSERT INTO chats (id, tenant_id, user_id, model, created_at, updated_at) VALUES ($1,$2,$3,'m',$4,$4)",
+        chat,
+        tenant,
+        user,
+        now,
+    )
+    await _turn(con, tenant, chat, request_id or uuid.uuid4())
+    return chat
+
+
+async def _turn(con: asyncpg.Connection, tenant: uuid.UUID, chat: uuid.UUID, request_id: uuid.UUID) -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    await con.execute(
+        """
+        INSERT INTO chat_turns (id, tenant_id, chat_id, request_id, requester_type, state, selected_model,
+            effective_model, reserve_tokens, max_output_tokens_applied, reserved_credits_micro,
+            policy_version_applied, minimal_generation_floor_applied, period_daily, period_monthly,
+            started_at, updated_at)
+        VALUES ($1, $2, $3, $4, 'user', 'running', 'm', 'm', 10, 5, 1, 1, 1, $5, $6, $7, $7)
+        """,
+        uuid.uuid4(),
+        tenant,
+        chat,
+        request_id,
+        date(2026, 1, 1),
+        date(2026, 1, 1),
+        now,
+    )
+
+
+async def test_constraints_hold(database_url: str) -> None:
+    con = await asyncpg.connect(database_url)
+    try:
+        chat = await _chat_and_turn(con)
+        tenant = await con.fetchval("SELECT tenant_id FROM chats WHERE id = $1", chat)
+        # one running live turn per chat
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await _turn(con, tenant, chat, uuid.uuid4())
+        # unique (chat_id, request_id), even once terminal
+        request_id = await con.fetchval("SELECT request_id FROM chat_turns WHERE chat_id = $1", chat)
+        await con.execute(
+            "UPDATE chat_turns SET state = 'completed', completed_at = started_at WHERE chat_id = $1", chat
+        )
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await _turn(con, tenant, chat, request_id)
+        # quota counters never go negative; natural key is unique
+        user = uuid.uuid4()
+        insert_row = """
+            INSERT INTO quota_usage (id, tenant_id, user_id, period_type, period_start, bucket,
+                reserved_credits_micro, updated_at)
+            VALUES ($1, $2, $3, 'daily', '2026-01-01', 'total', $4, now())
+        """
+        with pytest.raises(asyncpg.CheckViolationError):
+            await con.execute(insert_row, uuid.uuid4(), tenant, user, -1)
+        await con.execute(insert_row, uuid.uuid4(), tenant, user, 0)
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await con.execute(insert_row, uuid.uuid4(), tenant, user, 0)
+        # one live message per (chat, request, role)
+        insert_message = """
+            INSERT INTO messages (id, tenant_id, chat_id, request_id, role, content, created_at)
+            VALUES ($1, $2, $3, $4, 'user', 'hi', now())
+        """
+        await con.execute(insert_message, uuid.uuid4(), tenant, chat, request_id)
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await con.execute(insert_message, uuid.uuid4(), tenant, chat, request_id)
+    finally:
+        await con.close()

@@ -1,0 +1,55 @@
+"""`minichat topics create` against a real broker: the contract's six topics, idempotently."""
+
+from __future__ import annotations
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from minichat.models.topics import TopicNames
+from minichat.processors.topics import TopicError, create_topics, missing_topics
+from tests.conftest import deployment_settings
+from tests.support import Endpoints
+
+pytestmark = pytest.mark.integration
+
+
+async def _configs(bootstrap: str, names: list[str]) -> dict[str, dict[str, str]]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
+        )
+        return {
+            name: {entry[0]: entry[1] for entry in entries}
+            for response in responses
+            for _code, _msg, _type, name, entries in response.resources
+        }
+    finally:
+        await admin.close()
+
+
+async def test_topics_are_created_once_with_contract_settings(endpoints: Endpoints) -> None:
+    settings = deployment_settings(endpoints, "postgresql://unused/unused", partitions=3)
+    names = TopicNames(settings.topic_prefix).all()
+    assert await missing_topics(settings) == names
+
+    first = await create_topics(settings)
+    second = await create_topics(settings)
+
+    assert first.created == names and first.existing == []
+    assert second.created == [] and second.existing == names and second.reconfigured == []
+    assert await missing_topics(settings) == []
+    configs = await _configs(endpoints.kafka, names)
+    for name in names:
+        assert configs[name]["message.timestamp.type"] == "LogAppendTime", name
+        assert configs[name]["retention.ms"] == "-1", name
+
+
+async def test_wrong_partition_count_is_reported(endpoints: Endpoints) -> None:
+    settings = deployment_settings(endpoints, "postgresql://unused/unused", partitions=2)
+    await create_topics(settings)
+    other = settings.model_copy(update={"partitions": 3})
+    with pytest.raises(TopicError, match="has 2 partitions, the deployment expects 3"):
+        await create_topics(other)
