@@ -82,22 +82,33 @@ async def _topics_create(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _preflight(settings: Settings) -> list[str]:
-    """Reasons the worker must not start; each names the command that fixes it."""
+    """Reasons the worker must not start; each names what fixes it."""
+    from minichat.models.policy import PolicyError, load_policy
     from minichat.processors.topics import missing_topics
     from minichat.storage.db import connect
+    from minichat.storage.policies import PolicyConflict, ensure_policy_version
     from minichat.storage.schema import pending_migrations
 
     problems: list[str] = []
+    try:
+        policy = load_policy(settings.policy_file)
+    except PolicyError as exc:
+        return [str(exc)]
     con = await connect(settings)
     try:
         pending = await pending_migrations(con)
+        if pending:
+            problems.append(
+                f"the database schema is missing or old ({len(pending)} migration(s) pending): "
+                "run `minichat db migrate`"
+            )
+        else:
+            try:
+                await ensure_policy_version(con, policy)
+            except PolicyConflict as exc:
+                problems.append(f"{settings.policy_file}: {exc}")
     finally:
         await con.close()
-    if pending:
-        problems.append(
-            f"the database schema is missing or old ({len(pending)} migration(s) pending): "
-            "run `minichat db migrate`"
-        )
     missing = await missing_topics(settings)
     if missing:
         problems.append(f"topics missing: {', '.join(missing)}: run `minichat topics create`")

@@ -16,14 +16,26 @@ import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 import asyncpg
 import pytest
 
+from minichat.models.topics import TopicNames
 from minichat.settings import Settings
-from tests.support import ROOT, Endpoints, database_url_for, new_prefix
+from tests.gateway import Gateway
+from tests.support import (
+    ROOT,
+    Endpoints,
+    TopicReader,
+    WorkerProcess,
+    database_url_for,
+    new_prefix,
+    run_worker,
+)
 
 
 def _docker_available() -> bool:
@@ -158,3 +170,69 @@ async def deployment(endpoints: Endpoints, database_url: str) -> Deployment:
     settings = deployment_settings(endpoints, database_url)
     await create_topics(settings)
     return Deployment(settings)
+
+
+@dataclass
+class Live:
+    """A running deployment: worker process(es), a decisions reader, a gateway and a database pool."""
+
+    settings: Settings
+    workers: list[WorkerProcess]
+    gateway: Gateway
+    db: asyncpg.Pool
+
+    def logs(self) -> str:
+        return "\n".join(w.log()[-4000:] for w in self.workers)
+
+
+@asynccontextmanager
+async def live_deployment(
+    endpoints: Endpoints,
+    template_database: str,
+    workdir: Path,
+    *,
+    policy: Path | None = None,
+    workers: int = 1,
+) -> AsyncIterator[Live]:
+    from minichat.processors.topics import create_topics
+
+    name = f"minichat_l_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(endpoints.database_url)
+    await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    overrides: dict[str, object] = {"policy_file": policy} if policy else {}
+    settings = deployment_settings(endpoints, database_url_for(endpoints.database_url, name), **overrides)
+    try:
+        await create_topics(settings)
+        env = Deployment(settings).env()
+        with ExitStack() as stack:
+            procs = [
+                stack.enter_context(run_worker(env, workdir / f"worker-{name}-{i}.log"))
+                for i in range(workers)
+            ]
+            pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
+            try:
+                async with TopicReader(
+                    settings.kafka_bootstrap_servers, TopicNames(settings.topic_prefix).turn_decisions
+                ) as reader:
+                    live = Live(settings, procs, Gateway(settings, reader), pool)
+                    try:
+                        yield live
+                    except BaseException:
+                        print(live.logs())
+                        raise
+            finally:
+                await pool.close()
+            for proc in procs:
+                assert proc.terminate() == 0, proc.log()[-3000:]
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture(scope="module")
+async def live(
+    endpoints: Endpoints, template_database: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Live]:
+    """One worker with the packaged policy, shared by a module's tests (each uses its own ids)."""
+    async with live_deployment(endpoints, template_database, tmp_path_factory.mktemp("live")) as deployment:
+        yield deployment

@@ -57,9 +57,7 @@ def new_prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}."
 
 
-async def produce(
-    bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]
-) -> list[Any]:
+async def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> list[Any]:
     """Produce in order and wait for every ack; returns the record metadata."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
     await producer.start()
@@ -73,9 +71,7 @@ async def produce(
 def produce_json(
     bootstrap: str, topic: str, events: list[Mapping[str, Any]], *, key_field: str = "chat_id"
 ) -> Awaitable[list[Any]]:
-    return produce(
-        bootstrap, topic, [(str(e[key_field]).encode(), json.dumps(e).encode()) for e in events]
-    )
+    return produce(bootstrap, topic, [(str(e[key_field]).encode(), json.dumps(e).encode()) for e in events])
 
 
 class TopicReader:

@@ -11,12 +11,14 @@ from typing import Any
 import faust
 
 from minichat.models import events
+from minichat.models.policy import load_policy
 from minichat.models.topics import TopicNames
-from minichat.processors import provider_responses, turn_requests, usage
+from minichat.processors import provider_responses, usage
 from minichat.processors.errors import GaveUp
 from minichat.processors.pipeline import BatchProcessor, Producer
 from minichat.processors.records import record_from_event
 from minichat.processors.runtime import Runtime
+from minichat.processors.turn_requests import TurnRequests
 from minichat.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -41,10 +43,8 @@ def _stop_without_commit(name: str, exc: BaseException) -> None:
     os._exit(EXIT_FATAL)
 
 
-def _agent(
-    processor: BatchProcessor[Any], settings: Settings
-) -> Callable[[faust.StreamT[bytes]], Awaitable[None]]:
-    async def consume(stream: faust.StreamT[bytes]) -> None:
+def _agent(processor: BatchProcessor[Any], settings: Settings) -> Callable[[Any], Awaitable[None]]:
+    async def consume(stream: Any) -> None:  # faust.Stream; its typing lacks take_events
         async for batch in stream.take_events(settings.batch_max, within=settings.batch_within_s):
             try:
                 await processor.process([record_from_event(event) for event in batch])
@@ -56,8 +56,12 @@ def _agent(
 
 
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.App:
-    """Build the worker's faust app: three input agents sharing one pool."""
+    """Build the worker's faust app: three input agents sharing one pool.
+
+    Raises `PolicyError` when the policy file is invalid.
+    """
     names = TopicNames(settings.topic_prefix)
+    policy = load_policy(settings.policy_file)
     runtime = runtime or Runtime(settings, names)
     app = faust.App(
         settings.group_id,
@@ -82,10 +86,15 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
     )
 
     async def producer() -> Producer:
-        return app.producer  # type: ignore[no-any-return]
+        return app.producer
 
     wiring: list[tuple[str, str, Callable[[bytes | None, bytes], Any], Any]] = [
-        ("turn_requests", names.turn_requests, events.decode_turn_request, turn_requests.handle),
+        (
+            "turn_requests",
+            names.turn_requests,
+            events.decode_turn_request,
+            TurnRequests(policy, names.turn_decisions),
+        ),
         (
             "provider_responses",
             names.provider_responses,
@@ -107,7 +116,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
         app.agent(channel=topic, name=name)(_agent(processor, settings))
 
     @app.on_before_shutdown.connect
-    async def _close_runtime(sender: Any, **kwargs: Any) -> None:
+    async def _close_runtime(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         await runtime.close()
 
     return app

@@ -84,8 +84,6 @@ async def with_retries(
             waited = now() - started
             if waited >= policy.give_up_after_s:
                 raise GaveUp(f"{what}: still failing after {waited:.0f}s and {tries} tries: {exc!r}") from exc
-            logger.warning(
-                "%s failed (%s), retry %d in %.2fs", what, type(exc).__name__, tries, backoff
-            )
+            logger.warning("%s failed (%s), retry %d in %.2fs", what, type(exc).__name__, tries, backoff)
             await asyncio.sleep(backoff * (0.5 + random.random() / 2))
             backoff = min(backoff * 2, policy.max_backoff_s)

@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 import asyncpg
 
-from minichat.models.events import DecodeError, DeadLetter, to_json_bytes
+from minichat.models.events import DeadLetter, DecodeError, to_json_bytes
 from minichat.processors.errors import RetryPolicy, with_retries
 from minichat.processors.records import Output, SourceRecord
 
@@ -73,7 +73,7 @@ class BatchProcessor(Generic[E]):
     pool: Callable[[], Awaitable[asyncpg.Pool]]
     producer: Callable[[], Awaitable[Producer]]
     dead_letters_topic: str
-    retry: RetryPolicy = RetryPolicy()
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def split(self, records: Sequence[SourceRecord]) -> tuple[list[Decoded[E]], list[Output]]:
         good: list[Decoded[E]] = []
@@ -109,7 +109,5 @@ class BatchProcessor(Generic[E]):
 
     async def _produce(self, outputs: Sequence[Output]) -> None:
         producer = await self.producer()
-        pending = [
-            await producer.send(out.topic, out.key, out.value, None, None, None) for out in outputs
-        ]
+        pending = [await producer.send(out.topic, out.key, out.value, None, None, None) for out in outputs]
         await asyncio.gather(*pending)

@@ -93,16 +93,14 @@ async def create_topics(settings: Settings, *, replication_factor: int = 1) -> T
         for name in names:
             if counts.get(name) != settings.partitions:
                 raise TopicError(
-                    f"{name} has {counts.get(name)} partitions, the deployment expects {settings.partitions}: "
-                    "partitions decide which worker owns a chat, so fix the topic or MINICHAT_PARTITIONS"
+                    f"{name} has {counts.get(name)} partitions, the deployment expects "
+                    f"{settings.partitions}: partitions decide which worker owns a chat, "
+                    "so fix the topic or MINICHAT_PARTITIONS"
                 )
         drift = await _config_drift(admin, names)
         if drift:
             await admin.alter_configs(
-                [
-                    ConfigResource(ConfigResourceType.TOPIC, name, configs=dict(TOPIC_CONFIG))
-                    for name in drift
-                ]
+                [ConfigResource(ConfigResourceType.TOPIC, name, configs=dict(TOPIC_CONFIG)) for name in drift]
             )
         return TopicReport(
             created=created,

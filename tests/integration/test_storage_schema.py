@@ -77,7 +77,8 @@ async def _chat_and_turn(con: asyncpg.Connection, *, request_id: uuid.UUID | Non
     tenant, user, chat = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     now = datetime(2026, 1, 1, tzinfo=UTC)
     await con.execute(
-        "INSERT INTO chats (id, tenant_id, user_id, model, created_at, updated_at) VALUES ($1,$2,$3,'m',$4,$4)",
+        "INSERT INTO chats (id, tenant_id, user_id, model, created_at, updated_at)"
+        " VALUES ($1, $2, $3, 'm', $4, $4)",
         chat,
         tenant,
         user,

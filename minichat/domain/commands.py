@@ -1,0 +1,460 @@
+"""A micro-batch of `turn-requests` commands, decided in order in memory (pure).
+
+Storage loads a `BatchState` for the batch, `decide_batch` folds the commands over it with the
+admission rules and returns the decisions and the row changes; storage writes the changes with
+set-based statements. Each command sees the effects of the ones before it (a chat created, a
+reserve taken, a turn started), so two requests of one user in one batch see each other.
+
+When a command needs state the snapshot does not hold (after a `turn.delete` the chat's new
+latest turn is unknown), the fold stops before it; the caller writes what was decided, loads
+again in the same transaction and continues with the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any
+from uuid import UUID, uuid5
+
+from minichat.domain.admission import (
+    REPLAY,
+    Admission,
+    ChatFacts,
+    ChatState,
+    MutationResult,
+    Regenerate,
+    TurnAsk,
+    TurnFacts,
+    TurnState,
+    decide_chat_delete,
+    decide_regenerate,
+    decide_request,
+    decide_turn_delete,
+)
+from minichat.domain.quota import BucketKey, QuotaRow, apply_reserve
+from minichat.models.events import (
+    ChatDelete,
+    TurnDecision,
+    TurnDelete,
+    TurnEdit,
+    TurnRequested,
+    TurnRequestEvent,
+    TurnRetry,
+)
+from minichat.models.policy import Policy
+
+ID_NAMESPACE = UUID("9adf340e-8e36-5009-a11f-afe188bf1e3a")
+
+UserKey = tuple[UUID, UUID]
+"""(tenant_id, user_id): whose quota rows."""
+
+
+def turn_id_for(chat_id: UUID, request_id: UUID) -> UUID:
+    return uuid5(ID_NAMESPACE, f"turn:{chat_id}:{request_id}")
+
+
+def message_id_for(chat_id: UUID, request_id: UUID, role: str) -> UUID:
+    return uuid5(ID_NAMESPACE, f"message:{chat_id}:{request_id}:{role}")
+
+
+def command_id_of(event: TurnRequestEvent) -> UUID:
+    """The key of the stored decision (CONTRACT section 8)."""
+    if isinstance(event, TurnRequested):
+        return event.request_id
+    if isinstance(event, TurnRetry | TurnEdit):
+        return event.new_request_id
+    return event.event_id
+
+
+# ---------------------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTurn:
+    """What the rules need of one stored (or just started) turn."""
+
+    request_id: UUID
+    requester_user_id: UUID | None
+    state: TurnState
+    deleted: bool
+    content: str
+    image_count: int
+    web_search: bool
+    code_interpreter: bool
+    settled_tokens: int | None
+    """in+out of a settled turn (0 when its usage was unknown); None while not settled."""
+
+
+@dataclass(slots=True)
+class ChatView:
+    """One chat id as the batch sees it, whatever tenant owns it."""
+
+    facts: ChatFacts | None = None
+    running: bool = False
+    latest_live: StoredTurn | None = None
+    settled: list[StoredTurn] = field(default_factory=list)
+    """The chat's latest live settled turns, newest first (two are enough for a retry)."""
+    targets: dict[UUID, StoredTurn] = field(default_factory=dict)
+    """Turns named by the batch's retry/edit/delete commands, by request_id."""
+    stale: bool = False
+    """The snapshot no longer knows the latest turn: reload before the next command of this chat."""
+
+
+@dataclass(slots=True)
+class BatchState:
+    chats: dict[UUID, ChatView]
+    decisions: dict[tuple[UUID, UUID], dict[str, Any]]
+    """(chat_id, command_id) → stored decision payload."""
+    quota: dict[UserKey, dict[BucketKey, QuotaRow]]
+
+
+# -------------------------------------------------------------------------------------- changes
+
+
+@dataclass(frozen=True, slots=True)
+class NewChat:
+    id: UUID
+    tenant_id: UUID
+    user_id: UUID
+    model: str
+    title: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class NewTurn:
+    id: UUID
+    tenant_id: UUID
+    chat_id: UUID
+    request_id: UUID
+    requester_type: str
+    requester_user_id: UUID
+    selected_model: str
+    effective_model: str
+    reserve_tokens: int
+    max_output_tokens_applied: int
+    reserved_credits_micro: int
+    policy_version_applied: int
+    minimal_generation_floor_applied: int
+    period_daily: date
+    period_monthly: date
+    web_search_enabled: bool
+    code_interpreter_enabled: bool
+    image_count: int
+    started_at: datetime
+    user_message_id: UUID
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRemoval:
+    """Soft delete of a turn and its messages (replaced by a retry/edit, or deleted)."""
+
+    tenant_id: UUID
+    chat_id: UUID
+    request_id: UUID
+    replaced_by_request_id: UUID | None
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRemoval:
+    tenant_id: UUID
+    chat_id: UUID
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDecision:
+    tenant_id: UUID
+    chat_id: UUID
+    command_id: UUID
+    decision: TurnDecision
+    payload: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Changes:
+    chats: list[NewChat] = field(default_factory=list)
+    turns: list[NewTurn] = field(default_factory=list)
+    removed_turns: list[TurnRemoval] = field(default_factory=list)
+    removed_chats: list[ChatRemoval] = field(default_factory=list)
+    reserves: dict[tuple[UUID, UUID, BucketKey], tuple[int, datetime]] = field(default_factory=dict)
+    """(tenant, user, row) → (credits to add to reserved, latest event time)."""
+    decisions: list[StoredDecision] = field(default_factory=list)
+
+    def add_reserve(self, user: UserKey, key: BucketKey, amount: int, at: datetime) -> None:
+        slot = (user[0], user[1], key)
+        total, latest = self.reserves.get(slot, (0, at))
+        self.reserves[slot] = (total + amount, max(latest, at))
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The decision to produce for one command (its JSON form); `replay` re-sends a stored one."""
+
+    payload: Mapping[str, Any]
+    replay: bool
+
+
+@dataclass(slots=True)
+class BatchResult:
+    answers: list[Answer]
+    changes: Changes
+    consumed: int
+    """How many commands were decided; the rest need a fresh load (see the module docstring)."""
+
+
+Command = tuple[TurnRequestEvent, datetime]
+"""A decoded command and its event time (the record timestamp)."""
+
+
+# ----------------------------------------------------------------------------------------- fold
+
+
+def decide_batch(state: BatchState, commands: Sequence[Command], policy: Policy) -> BatchResult:
+    changes = Changes()
+    answers: list[Answer] = []
+    for index, (event, at) in enumerate(commands):
+        view = state.chats.setdefault(event.chat_id, ChatView())
+        if view.stale:
+            return BatchResult(answers, changes, index)
+        answers.append(_decide_one(state, view, event, at, policy, changes))
+    return BatchResult(answers, changes, len(commands))
+
+
+def _chat_state(state: BatchState, view: ChatView, event: TurnRequestEvent) -> ChatState:
+    user: UserKey = (event.tenant_id, event.user_id)
+    target = None
+    previous = view.settled
+    if isinstance(event, TurnRetry | TurnEdit | TurnDelete):
+        stored = view.targets.get(event.request_id)
+        target = _turn_facts(stored) if stored is not None else None
+        previous = [t for t in view.settled if t.request_id != event.request_id]
+    return ChatState(
+        chat=view.facts,
+        already_decided=(event.chat_id, command_id_of(event)) in state.decisions,
+        turn_running=view.running,
+        previous_turn_tokens=(previous[0].settled_tokens or 0) if previous else 0,
+        quota=state.quota.get(user, {}),
+        target_turn=target,
+        latest_live_request_id=view.latest_live.request_id if view.latest_live else None,
+    )
+
+
+def _turn_facts(turn: StoredTurn) -> TurnFacts:
+    return TurnFacts(
+        request_id=turn.request_id,
+        requester_user_id=turn.requester_user_id,
+        state=turn.state,
+        deleted=turn.deleted,
+        content=turn.content,
+        image_count=turn.image_count,
+        web_search=turn.web_search,
+        code_interpreter=turn.code_interpreter,
+    )
+
+
+def _decide_one(
+    state: BatchState,
+    view: ChatView,
+    event: TurnRequestEvent,
+    at: datetime,
+    policy: Policy,
+    changes: Changes,
+) -> Answer:
+    chat_state = _chat_state(state, view, event)
+    outcome: Admission | MutationResult | object
+    if isinstance(event, TurnRequested):
+        outcome = decide_request(
+            TurnAsk(
+                tenant_id=event.tenant_id,
+                user_id=event.user_id,
+                content=event.content,
+                model=event.model,
+                image_count=event.image_count,
+                web_search=event.web_search,
+                code_interpreter=event.code_interpreter,
+            ),
+            chat_state,
+            policy,
+            at,
+        )
+    elif isinstance(event, TurnRetry | TurnEdit):
+        content = event.content if isinstance(event, TurnEdit) else None
+        outcome = decide_regenerate(
+            Regenerate(event.tenant_id, event.user_id, event.request_id, content), chat_state, policy, at
+        )
+    elif isinstance(event, TurnDelete):
+        outcome = decide_turn_delete(event.tenant_id, event.user_id, event.request_id, chat_state)
+    else:
+        outcome = decide_chat_delete(event.tenant_id, event.user_id, chat_state)
+
+    command_id = command_id_of(event)
+    if outcome is REPLAY:
+        return Answer(state.decisions[(event.chat_id, command_id)], replay=True)
+    if isinstance(outcome, Admission):
+        decision = _admission_decision(event, outcome, at)
+        if outcome.accepted:
+            _start_turn(state, view, event, outcome, decision, at, changes)
+    else:
+        assert isinstance(outcome, MutationResult)
+        decision = _mutation_decision(event, outcome, at)
+        if outcome.decision == "done":
+            _apply_mutation(view, event, at, changes)
+    return Answer(_store(state, changes, event, command_id, decision), replay=False)
+
+
+def _store(
+    state: BatchState, changes: Changes, event: TurnRequestEvent, command_id: UUID, decision: TurnDecision
+) -> dict[str, Any]:
+    # A hidden chat's command must not take a command id another tenant holds for that chat:
+    # its decision is answered, but stored only when the key is free (ON CONFLICT DO NOTHING).
+    payload = decision.model_dump(mode="json")
+    state.decisions[(event.chat_id, command_id)] = payload
+    changes.decisions.append(StoredDecision(event.tenant_id, event.chat_id, command_id, decision, payload))
+    return payload
+
+
+def _new_request_id(event: TurnRequestEvent) -> UUID:
+    if isinstance(event, TurnRetry | TurnEdit):
+        return event.new_request_id
+    assert isinstance(event, TurnRequested)
+    return event.request_id
+
+
+def _admission_decision(event: TurnRequestEvent, outcome: Admission, at: datetime) -> TurnDecision:
+    request_id = _new_request_id(event)
+    accepted = outcome.accepted
+    return TurnDecision(
+        tenant_id=event.tenant_id,
+        chat_id=event.chat_id,
+        request_id=request_id,
+        command=event.type,
+        command_event_id=event.event_id,
+        decision=outcome.decision,
+        turn_id=turn_id_for(event.chat_id, request_id) if accepted else None,
+        effective_model=outcome.effective_model,
+        selected_model=outcome.selected_model,
+        max_output_tokens=outcome.max_output_tokens,
+        reserve_tokens=outcome.reserve_tokens,
+        reserved_credits_micro=outcome.reserved_credits_micro,
+        policy_version=outcome.policy_version,
+        downgrade_from=outcome.downgrade_from,
+        downgrade_reason=outcome.downgrade_reason,
+        error_code=outcome.error_code,
+        quota_scope=outcome.quota_scope,
+        decided_at=at,
+    )
+
+
+def _mutation_decision(event: TurnRequestEvent, outcome: MutationResult, at: datetime) -> TurnDecision:
+    return TurnDecision(
+        tenant_id=event.tenant_id,
+        chat_id=event.chat_id,
+        request_id=event.request_id if isinstance(event, TurnDelete) else None,
+        command=event.type,
+        command_event_id=event.event_id,
+        decision=outcome.decision,
+        error_code=outcome.error_code,
+        decided_at=at,
+    )
+
+
+def _start_turn(
+    state: BatchState,
+    view: ChatView,
+    event: TurnRequestEvent,
+    outcome: Admission,
+    decision: TurnDecision,
+    at: datetime,
+    changes: Changes,
+) -> None:
+    assert isinstance(event, TurnRequested | TurnRetry | TurnEdit)
+    assert outcome.effective_model and outcome.selected_model and outcome.content is not None
+    assert outcome.reserve_tokens is not None and outcome.max_output_tokens is not None
+    assert outcome.reserved_credits_micro is not None and outcome.minimal_generation_floor_applied is not None
+    request_id = _new_request_id(event)
+    if view.facts is None:
+        assert isinstance(event, TurnRequested)
+        changes.chats.append(
+            NewChat(event.chat_id, event.tenant_id, event.user_id, outcome.selected_model, event.title, at)
+        )
+        view.facts = ChatFacts(event.tenant_id, event.user_id, outcome.selected_model)
+    if isinstance(event, TurnRetry | TurnEdit):
+        _remove_turn(view, event.tenant_id, event.chat_id, event.request_id, request_id, at, changes)
+    changes.turns.append(
+        NewTurn(
+            id=turn_id_for(event.chat_id, request_id),
+            tenant_id=event.tenant_id,
+            chat_id=event.chat_id,
+            request_id=request_id,
+            requester_type=event.requester_type if isinstance(event, TurnRequested) else "user",
+            requester_user_id=event.user_id,
+            selected_model=outcome.selected_model,
+            effective_model=outcome.effective_model,
+            reserve_tokens=outcome.reserve_tokens,
+            max_output_tokens_applied=outcome.max_output_tokens,
+            reserved_credits_micro=outcome.reserved_credits_micro,
+            policy_version_applied=outcome.policy_version,
+            minimal_generation_floor_applied=outcome.minimal_generation_floor_applied,
+            period_daily=outcome.periods.daily,
+            period_monthly=outcome.periods.monthly,
+            web_search_enabled=outcome.web_search,
+            code_interpreter_enabled=outcome.code_interpreter,
+            image_count=outcome.image_count,
+            started_at=at,
+            user_message_id=message_id_for(event.chat_id, request_id, "user"),
+            content=outcome.content,
+        )
+    )
+    user: UserKey = (event.tenant_id, event.user_id)
+    state.quota[user] = apply_reserve(state.quota.get(user, {}), outcome.reserve_deltas)
+    for key, amount in outcome.reserve_deltas:
+        changes.add_reserve(user, key, amount, at)
+    started = StoredTurn(
+        request_id=request_id,
+        requester_user_id=event.user_id,
+        state="running",
+        deleted=False,
+        content=outcome.content,
+        image_count=outcome.image_count,
+        web_search=outcome.web_search,
+        code_interpreter=outcome.code_interpreter,
+        settled_tokens=None,
+    )
+    view.running = True
+    view.latest_live = started
+    view.targets[request_id] = started
+
+
+def _apply_mutation(view: ChatView, event: TurnRequestEvent, at: datetime, changes: Changes) -> None:
+    if isinstance(event, TurnDelete):
+        _remove_turn(view, event.tenant_id, event.chat_id, event.request_id, None, at, changes)
+        # The chat's new latest turn is not in the snapshot.
+        view.stale = True
+    else:
+        assert isinstance(event, ChatDelete) and view.facts is not None
+        changes.removed_chats.append(ChatRemoval(event.tenant_id, event.chat_id, at))
+        view.facts = dataclasses.replace(view.facts, deleted=True)
+
+
+def _remove_turn(
+    view: ChatView,
+    tenant_id: UUID,
+    chat_id: UUID,
+    request_id: UUID,
+    replaced_by: UUID | None,
+    at: datetime,
+    changes: Changes,
+) -> None:
+    changes.removed_turns.append(TurnRemoval(tenant_id, chat_id, request_id, replaced_by, at))
+    old = view.targets.get(request_id)
+    if old is not None:
+        view.targets[request_id] = dataclasses.replace(old, deleted=True)
+    view.settled = [t for t in view.settled if t.request_id != request_id]
+    if view.latest_live is not None and view.latest_live.request_id == request_id:
+        view.latest_live = None

@@ -1,0 +1,53 @@
+"""`policy_versions`: each policy version's snapshot, stored once and never changed."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from minichat.models.policy import Policy, policy_digest, policy_from_snapshot, policy_snapshot_json
+
+# Policy is operator configuration shared by all tenants: the nil tenant scopes it.
+GLOBAL_TENANT = "00000000-0000-0000-0000-000000000000"
+
+
+class PolicyConflict(RuntimeError):
+    """The file claims a version the database already holds with other content."""
+
+
+async def ensure_policy_version(con: asyncpg.Connection, policy: Policy) -> bool:
+    """Store this version's snapshot if new; returns True when it was stored now."""
+    digest = policy_digest(policy)
+    inserted = await con.fetchval(
+        """
+        INSERT INTO policy_versions (tenant_id, version, digest, snapshot)
+        VALUES ($1::uuid, $2, $3, $4::text::jsonb)
+        ON CONFLICT (tenant_id, version) DO NOTHING
+        RETURNING true
+        """,
+        GLOBAL_TENANT,
+        policy.version,
+        digest,
+        policy_snapshot_json(policy),
+    )
+    if inserted:
+        return True
+    stored = await con.fetchval(
+        "SELECT digest FROM policy_versions WHERE tenant_id = $1::uuid AND version = $2",
+        GLOBAL_TENANT,
+        policy.version,
+    )
+    if stored != digest:
+        raise PolicyConflict(
+            f"policy version {policy.version} is already stored with different content: "
+            "give the changed policy a new version number"
+        )
+    return False
+
+
+async def load_policy_versions(con: asyncpg.Connection) -> dict[int, Policy]:
+    """Every stored snapshot by version: a turn settles under the version it was admitted with."""
+    rows = await con.fetch(
+        "SELECT version, snapshot::text AS snapshot FROM policy_versions WHERE tenant_id = $1::uuid",
+        GLOBAL_TENANT,
+    )
+    return {row["version"]: policy_from_snapshot(row["snapshot"]) for row in rows}
