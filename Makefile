@@ -1,0 +1,87 @@
+# minichat developer entry points. `make help` lists them.
+#
+#   make test                      venv + local stack + pytest      (PYTEST_ARGS="-k foo -x" to pass options)
+#   make run                       venv + local stack + migrate + topics + worker (the README's main job)
+#   make up / down / status        the local Kafka + PostgreSQL of scripts/stack.sh (make down PURGE=1 deletes data)
+#   make check                     ruff check, ruff format --check, mypy
+#
+# Variables: PYTHON (interpreter for the venv, default python3), VENV (.venv), PYTEST_ARGS,
+# ALLOW_NO_TESTS=1 (treat pytest's exit 5, "no tests collected", as success; used by .ci/run).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+PYTHON ?= python3
+VENV ?= .venv
+STACK := scripts/stack.sh
+STAMP := $(VENV)/.minichat-installed
+PYTEST_ARGS ?=
+ALLOW_NO_TESTS ?= 0
+PURGE ?=
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help venv up down status test check run
+
+help:
+	@sed -n '3,9p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+
+venv: $(STAMP)
+
+# Re-installs only when pyproject.toml is newer than the stamp (or the venv is missing).
+# A bare Debian python3 lacks ensurepip until python3-venv is installed: do that via apt when
+# we are root and the interpreter is the system one (pyenv and similar builds ship ensurepip).
+$(STAMP): pyproject.toml
+	@if [ ! -x "$(VENV)/bin/pip" ]; then \
+	  if ! "$(PYTHON)" -c 'import ensurepip, venv' >/dev/null 2>&1; then \
+	    py=$$(command -v "$(PYTHON)"); \
+	    ver=$$("$(PYTHON)" -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [[ "$$(readlink -f "$$py")" == /usr/bin/* ]]; then \
+	      echo "make venv: $(PYTHON) has no ensurepip; installing python3-venv python$$ver-venv" >&2; \
+	      export DEBIAN_FRONTEND=noninteractive; \
+	      apt-get update -q >&2 && apt-get install -y -q --no-install-recommends python3-venv "python$$ver-venv" >&2; \
+	    else \
+	      echo "make venv: $(PYTHON) ($$py) cannot create a venv with pip (no ensurepip)." >&2; \
+	      echo "  On Debian/Ubuntu: apt-get install python3-venv; or run make PYTHON=/path/to/python3.11+" >&2; \
+	      exit 1; \
+	    fi; \
+	  fi; \
+	  echo "make venv: creating $(VENV) with $$("$(PYTHON)" -c 'import sys; print(sys.executable, sys.version.split()[0])')" >&2; \
+	  "$(PYTHON)" -m venv "$(VENV)"; \
+	fi
+	"$(VENV)/bin/python" -m pip install -q --progress-bar off -e ".[dev]"
+	@touch "$@"
+
+up:
+	@$(STACK) up
+
+down:
+	@$(STACK) down $(if $(filter-out 0,$(PURGE)),--purge)
+
+status:
+	@$(STACK) status
+
+# `exports=$$(...)` (not `eval "$$(...)"`) so a failing `stack.sh up` stops the recipe.
+test: venv
+	@exports=$$($(STACK) up); eval "$$exports"; \
+	echo "make test: MINICHAT_KAFKA_BOOTSTRAP_SERVERS=$$MINICHAT_KAFKA_BOOTSTRAP_SERVERS MINICHAT_DATABASE_URL=$$MINICHAT_DATABASE_URL" >&2; \
+	rc=0; "$(VENV)/bin/pytest" $(PYTEST_ARGS) || rc=$$?; \
+	if [ "$$rc" -eq 5 ] && [ "$(ALLOW_NO_TESTS)" = 1 ]; then \
+	  echo "make test: pytest collected no tests (exit 5); accepted because ALLOW_NO_TESTS=1" >&2; rc=0; \
+	fi; \
+	exit "$$rc"
+
+check: venv
+	@rc=0; \
+	"$(VENV)/bin/ruff" check . || rc=1; \
+	"$(VENV)/bin/ruff" format --check . || rc=1; \
+	"$(VENV)/bin/mypy" minichat || rc=1; \
+	exit "$$rc"
+
+run: venv
+	@exports=$$($(STACK) up); eval "$$exports"; \
+	"$(VENV)/bin/minichat" db migrate; \
+	"$(VENV)/bin/minichat" topics create; \
+	exec "$(VENV)/bin/minichat" worker

@@ -1,0 +1,637 @@
+#!/usr/bin/env bash
+# Local Kafka + PostgreSQL for minichat, without Docker.
+#
+#   scripts/stack.sh up          start (or reuse) both services; prints the export lines on stdout
+#   scripts/stack.sh down        stop both, keep data           (down --purge / MINICHAT_STACK_PURGE=1: delete data too)
+#   scripts/stack.sh status      human-readable state; exit 0 when both run, 3 otherwise
+#   scripts/stack.sh env         print the export lines without starting anything
+#
+# Kafka: a single-node KRaft broker+controller from Maven Central jars (tools/kafka/pom.xml).
+# PostgreSQL: a throwaway cluster (fsync off) from the distribution's binaries, run as user postgres.
+# Only stdout carries the export lines; every progress or log line goes to stderr, so
+#   eval "$(scripts/stack.sh up)"
+# is the intended use.
+#
+# Environment (all optional):
+#   MINICHAT_STACK_DIR                     state dir (default <repo>/.stack)
+#   MINICHAT_STACK_KAFKA_PORT              broker port (9092)
+#   MINICHAT_STACK_KAFKA_CONTROLLER_PORT   KRaft controller port (9093)
+#   MINICHAT_STACK_PG_PORT                 PostgreSQL port (5432)
+#   MINICHAT_STACK_TIMEOUT                 seconds to wait for each readiness / shutdown (90)
+#   MINICHAT_STACK_KAFKA_VERSION           Kafka version to resolve (default: kafka.version in tools/kafka/pom.xml)
+#   MINICHAT_STACK_KAFKA_JVM_OPTS          extra JVM options for the broker (word-split)
+#   MINICHAT_STACK_MVN_ARGS                extra Maven arguments (word-split), e.g. -Dmaven.repo.local=/tmp/m2
+#   MINICHAT_STACK_PG_BIN                  PostgreSQL bin dir (default: newest /usr/lib/postgresql/*/bin)
+#   MINICHAT_STACK_PURGE=1                 make `down` behave like `down --purge`
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+POM="$REPO/tools/kafka/pom.xml"
+STACK_DIR=${MINICHAT_STACK_DIR:-$REPO/.stack}
+KAFKA_PORT=${MINICHAT_STACK_KAFKA_PORT:-9092}
+KAFKA_CPORT=${MINICHAT_STACK_KAFKA_CONTROLLER_PORT:-9093}
+PG_PORT=${MINICHAT_STACK_PG_PORT:-5432}
+TIMEOUT=${MINICHAT_STACK_TIMEOUT:-90}
+READY_LINE="Kafka Server started"
+PG_USER=minichat
+PG_PASSWORD=minichat
+PG_DB=minichat
+
+# Seconds since $1 (an $EPOCHREALTIME value), one decimal.
+elapsed() {
+    local now=${EPOCHREALTIME/[.,]/} start=${1/[.,]/}
+    local ds=$(((now - start) / 100000))
+    printf '%d.%d\n' $((ds / 10)) $((ds % 10))
+}
+
+log() { printf '[stack] %s\n' "$*" >&2; }
+die() {
+    printf '[stack] error: %s\n' "$*" >&2
+    exit 1
+}
+
+for _v in KAFKA_PORT KAFKA_CPORT PG_PORT TIMEOUT; do
+    [[ ${!_v} =~ ^[0-9]+$ ]] || die "$_v must be a number, got '${!_v}'"
+done
+[[ $KAFKA_PORT != "$KAFKA_CPORT" ]] || die "Kafka broker and controller ports must differ ($KAFKA_PORT)"
+
+[[ $STACK_DIR == /* ]] || STACK_DIR="$PWD/$STACK_DIR" # absolute: mvn and postgres need it; created by up/down
+KAFKA_DIR="$STACK_DIR/kafka"
+KAFKA_LIBS="$KAFKA_DIR/libs"
+KAFKA_PIDFILE="$KAFKA_DIR/kafka.pid"
+KAFKA_OUT="$KAFKA_DIR/server.out"
+KAFKA_PROPS="$KAFKA_DIR/server.properties"
+KAFKA_LOG4J="$KAFKA_DIR/log4j2.properties"
+
+# ------------------------------------------------------------------------------------------ helpers
+
+print_env() {
+    printf 'export MINICHAT_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:%s\n' "$KAFKA_PORT"
+    printf 'export MINICHAT_DATABASE_URL=postgresql://%s:%s@127.0.0.1:%s/%s\n' \
+        "$PG_USER" "$PG_PASSWORD" "$PG_PORT" "$PG_DB"
+}
+
+# True when process $1 still runs. A zombie (exited, not reaped yet: where PID 1 does not reap
+# orphans) does not count, but a JVM whose main thread has exited while other threads still shut
+# down shows as a zombie leader with live threads, and that does count.
+alive() {
+    local state="" threads=1
+    kill -0 "$1" 2>/dev/null || return 1
+    if [[ -r "/proc/$1/status" ]]; then
+        state=$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$1/status" 2>/dev/null || true)
+        threads=$(sed -n 's/^Threads:[[:space:]]*\([0-9]*\).*/\1/p' "/proc/$1/status" 2>/dev/null || true)
+    fi
+    [[ $state != Z || ${threads:-1} -gt 1 ]]
+}
+
+# True when something accepts TCP connections on 127.0.0.1:$1.
+port_open() {
+    # shellcheck disable=SC2016  # $1 is expanded by the inner bash
+    timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null
+}
+
+APT_UPDATED=0
+apt_install() {
+    [[ $EUID -eq 0 ]] || die "missing $*; install it (as root: apt-get install -y $*) and retry"
+    command -v apt-get >/dev/null || die "missing $* and no apt-get on this machine"
+    export DEBIAN_FRONTEND=noninteractive
+    if [[ $APT_UPDATED -eq 0 ]]; then
+        log "apt-get update"
+        apt-get update -q >&2
+        APT_UPDATED=1
+    fi
+    log "apt-get install $*"
+    apt-get install -y -q --no-install-recommends "$@" >&2
+}
+
+ensure_java() { command -v java >/dev/null || apt_install openjdk-17-jre-headless; }
+ensure_mvn() { command -v mvn >/dev/null || apt_install maven; }
+
+# ------------------------------------------------------------------------------------------ Kafka
+
+kafka_version() {
+    if [[ -n ${MINICHAT_STACK_KAFKA_VERSION:-} ]]; then
+        printf '%s\n' "$MINICHAT_STACK_KAFKA_VERSION"
+    else
+        sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$POM" | head -n 1
+    fi
+}
+
+# Prints the broker's pid when the pid file names a live broker of THIS state dir.
+kafka_pid() {
+    local pid cmd
+    [[ -s $KAFKA_PIDFILE ]] || return 1
+    pid=$(<"$KAFKA_PIDFILE")
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    alive "$pid" || return 1
+    cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+    [[ $cmd == *kafka.Kafka* && $cmd == *"$KAFKA_PROPS"* ]] || return 1
+    printf '%s\n' "$pid"
+}
+
+# Fills $KAFKA_LIBS with the broker's runtime classpath, only when it is empty or out of date.
+ensure_kafka_libs() {
+    local version want tmp mvn_extra=()
+    version=$(kafka_version)
+    [[ -n $version ]] || die "cannot read kafka.version from $POM"
+    want="kafka=$version pom=$(sha256sum "$POM" | cut -c1-16)"
+    if [[ -f "$KAFKA_LIBS/kafka_2.13-$version.jar" && "$(cat "$KAFKA_LIBS/.stamp" 2>/dev/null)" == "$want" ]]; then
+        return 0
+    fi
+    ensure_mvn
+    read -r -a mvn_extra <<<"${MINICHAT_STACK_MVN_ARGS:-}"
+    log "resolving Kafka $version jars from Maven Central into $KAFKA_LIBS (first run: ~30 s)"
+    tmp="$KAFKA_DIR/libs.tmp.$$"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    # Debian's Maven 3.8.7 prints stray colour resets even with -q -B: keep its output in a log.
+    if ! mvn -q -B -f "$POM" "-Dkafka.version=$version" "${mvn_extra[@]}" dependency:copy-dependencies \
+        "-DoutputDirectory=$tmp" -DincludeScope=runtime >"$KAFKA_DIR/mvn.log" 2>&1 </dev/null; then
+        sed 's/\x1b\[[0-9;]*m//g' "$KAFKA_DIR/mvn.log" >&2
+        rm -rf "$tmp"
+        die "mvn could not resolve the Kafka jars (output above, also in $KAFKA_DIR/mvn.log)"
+    fi
+    [[ -f "$tmp/kafka_2.13-$version.jar" ]] || {
+        rm -rf "$tmp"
+        die "mvn ran but kafka_2.13-$version.jar is missing"
+    }
+    rm -rf "$KAFKA_LIBS"
+    mv "$tmp" "$KAFKA_LIBS"
+    printf '%s\n' "$want" >"$KAFKA_LIBS/.stamp"
+    log "jar cache ready: $(find "$KAFKA_LIBS" -name '*.jar' | wc -l) jars"
+}
+
+write_kafka_config() {
+    cat >"$KAFKA_PROPS" <<EOF
+# Generated by scripts/stack.sh on every start; edits are overwritten.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$KAFKA_CPORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CPORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$KAFKA_DIR/data
+num.partitions=8
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+default.replication.factor=1
+min.insync.replicas=1
+group.initial.rebalance.delay.ms=0
+num.network.threads=2
+num.io.threads=2
+background.threads=2
+num.recovery.threads.per.data.dir=1
+log.cleaner.dedupe.buffer.size=16777216
+EOF
+    cat >"$KAFKA_LOG4J" <<'EOF'
+status = warn
+appender.console.type = Console
+appender.console.name = STDOUT
+appender.console.target = SYSTEM_OUT
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.stdout.ref = STDOUT
+# keeps the readiness line "[KafkaRaftServer nodeId=1] Kafka Server started"
+logger.ready.name = kafka.server.KafkaRaftServer
+logger.ready.level = INFO
+EOF
+}
+
+kafka_jvm_opts() {
+    local extra=()
+    read -r -a extra <<<"${MINICHAT_STACK_KAFKA_JVM_OPTS:-}"
+    JVM_OPTS=(-XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError -XX:TieredStopAtLevel=1
+        -Djava.awt.headless=true "-Dlog4j2.configurationFile=$KAFKA_LOG4J" "-Dkafka.logs.dir=$KAFKA_DIR/logs"
+        "${extra[@]}")
+}
+
+# 22-character URL-safe base64 of 16 random bytes, as `kafka-storage random-uuid` prints
+# (never starting with '-', which the argument parser would take for an option).
+kafka_cluster_id() {
+    local id
+    while :; do
+        id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')
+        [[ $id != -* ]] && break
+    done
+    printf '%s\n' "$id"
+}
+
+# Starts the broker in the background (own session, output to server.out). Does not wait.
+kafka_start() {
+    local cid
+    mkdir -p "$KAFKA_DIR/data" "$KAFKA_DIR/logs"
+    write_kafka_config
+    kafka_jvm_opts
+    if [[ ! -f "$KAFKA_DIR/data/meta.properties" ]]; then
+        cid=$(kafka_cluster_id)
+        log "formatting Kafka log dir (cluster id $cid)"
+        if ! java -Xmx256m "${JVM_OPTS[@]}" -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool \
+            format -t "$cid" -c "$KAFKA_PROPS" >"$KAFKA_DIR/format.out" 2>&1 </dev/null; then
+            cat "$KAFKA_DIR/format.out" >&2
+            die "kafka-storage format failed"
+        fi
+    fi
+    log "starting Kafka on 127.0.0.1:$KAFKA_PORT (controller $KAFKA_CPORT)"
+    : >"$KAFKA_OUT"
+    rm -f "$KAFKA_PIDFILE"
+    # setsid: own session, so Ctrl-C in the calling shell or make does not reach the broker;
+    # 9>&- : do not inherit the stack lock.
+    # shellcheck disable=SC2016  # $$ and $1 are expanded by the inner bash
+    setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$KAFKA_PIDFILE" \
+        java -Xms512m -Xmx512m "${JVM_OPTS[@]}" -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_PROPS" \
+        </dev/null >>"$KAFKA_OUT" 2>&1 9>&- &
+}
+
+kafka_wait_ready() {
+    local deadline=$((SECONDS + TIMEOUT)) pid=""
+    while :; do
+        if [[ -z $pid && -s $KAFKA_PIDFILE ]]; then
+            pid=$(<"$KAFKA_PIDFILE")
+        fi
+        if [[ -n $pid ]] && ! alive "$pid"; then
+            tail -n 40 "$KAFKA_OUT" >&2 || true
+            die "Kafka exited during start-up (full output: $KAFKA_OUT)"
+        fi
+        if [[ -n $pid ]] && grep -q "$READY_LINE" "$KAFKA_OUT" && port_open "$KAFKA_PORT"; then
+            return 0
+        fi
+        if ((SECONDS >= deadline)); then
+            tail -n 40 "$KAFKA_OUT" >&2 || true
+            kafka_stop
+            die "Kafka not ready after ${TIMEOUT}s (full output: $KAFKA_OUT)"
+        fi
+        sleep 0.2
+    done
+}
+
+kafka_stop() {
+    local pid deadline
+    if ! pid=$(kafka_pid); then
+        rm -f "$KAFKA_PIDFILE"
+        log "kafka: not running"
+        return 0
+    fi
+    log "stopping Kafka (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    deadline=$((SECONDS + TIMEOUT))
+    while alive "$pid"; do
+        if ((SECONDS >= deadline)); then
+            log "Kafka did not stop within ${TIMEOUT}s: SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+            break
+        fi
+        sleep 0.2
+    done
+    rm -f "$KAFKA_PIDFILE"
+}
+
+# Sets KAFKA_RUNNING_PID when our broker already runs (on the wanted port; KAFKA_WAIT=1 when it
+# does not answer yet); otherwise checks that its ports are free. Starts nothing.
+kafka_preflight() {
+    local p
+    local running_port
+    KAFKA_RUNNING_PID=""
+    KAFKA_WAIT=0
+    if KAFKA_RUNNING_PID=$(kafka_pid); then
+        # server.properties is rewritten only when a broker starts: it holds the running one's ports
+        running_port=$(sed -n 's|^advertised.listeners=PLAINTEXT://127.0.0.1:\([0-9]*\).*|\1|p' "$KAFKA_PROPS")
+        [[ $running_port == "$KAFKA_PORT" ]] ||
+            die "Kafka (pid $KAFKA_RUNNING_PID) runs on port $running_port, not $KAFKA_PORT: run 'scripts/stack.sh down' first"
+        if ! port_open "$KAFKA_PORT"; then
+            KAFKA_WAIT=1 # still starting (say, an earlier `up` was interrupted): wait for it below
+        fi
+        return 0
+    fi
+    KAFKA_RUNNING_PID=""
+    for p in "$KAFKA_PORT" "$KAFKA_CPORT"; do
+        if port_open "$p"; then
+            die "port 127.0.0.1:$p is taken by another process (not this stack's Kafka, state dir $STACK_DIR); stop it or set MINICHAT_STACK_KAFKA_PORT / MINICHAT_STACK_KAFKA_CONTROLLER_PORT"
+        fi
+    done
+}
+
+# ------------------------------------------------------------------------------------------ PostgreSQL
+
+pg_find_bin() {
+    local d
+    if [[ -n ${MINICHAT_STACK_PG_BIN:-} ]]; then
+        [[ -x "$MINICHAT_STACK_PG_BIN/initdb" ]] || die "MINICHAT_STACK_PG_BIN=$MINICHAT_STACK_PG_BIN has no initdb"
+        printf '%s\n' "$MINICHAT_STACK_PG_BIN"
+        return 0
+    fi
+    while IFS= read -r d; do
+        if [[ -x "$d/initdb" && -x "$d/pg_ctl" ]]; then
+            printf '%s\n' "$d"
+            return 0
+        fi
+    done < <(compgen -G '/usr/lib/postgresql/*/bin' | sort -t/ -k4,4 -n -r)
+    return 1
+}
+
+ensure_pg_bin() {
+    if PG_BIN=$(pg_find_bin); then
+        return 0
+    fi
+    apt_install postgresql
+    PG_BIN=$(pg_find_bin) || die "postgresql installed but no initdb under /usr/lib/postgresql/*/bin"
+    # The Debian package creates a 'main' cluster and may start it on 5432 (where no
+    # policy-rc.d forbids it). We just installed it, so stop it if it took our port.
+    if command -v pg_lsclusters >/dev/null && port_open "$PG_PORT"; then
+        local ver name port status
+        while read -r ver name port status _; do
+            if [[ $port == "$PG_PORT" && $status == online* ]]; then
+                log "stopping the packaged cluster $ver/$name that the install started on port $port"
+                pg_ctlcluster "$ver" "$name" stop >&2 || true
+            fi
+        done < <(pg_lsclusters -h 2>/dev/null)
+    fi
+}
+
+# Runs a PostgreSQL server binary as the postgres user when we are root (initdb/pg_ctl refuse root).
+as_pg() {
+    if [[ $EUID -eq 0 ]]; then
+        (cd / && runuser -u postgres -- "$@")
+    else
+        "$@"
+    fi
+}
+
+# Chooses PG_DIR (holding data/ and server.log). Normally $STACK_DIR/pg; when the postgres user
+# cannot reach the state dir (say, a checkout under /root) or the socket path would be too long,
+# a short directory under /var/tmp is used instead and $STACK_DIR/pg becomes a symlink to it.
+pg_dirs() {
+    local fallback
+    fallback="/var/tmp/minichat-stack-$(printf '%s' "$STACK_DIR" | sha256sum | cut -c1-12)"
+    if [[ -L "$STACK_DIR/pg" ]]; then
+        PG_DIR=$(readlink -f "$STACK_DIR/pg")
+    elif [[ -d "$STACK_DIR/pg" ]]; then
+        PG_DIR="$STACK_DIR/pg"
+    elif [[ ${1:-} == create ]]; then
+        PG_DIR="$STACK_DIR/pg"
+        if { [[ $EUID -eq 0 ]] && ! runuser -u postgres -- test -x "$STACK_DIR" 2>/dev/null; } ||
+            ((${#PG_DIR} + 20 > 100)); then
+            log "postgres cannot use $STACK_DIR directly; its data goes to $fallback"
+            PG_DIR=$fallback
+            mkdir -p "$PG_DIR"
+            ln -sfn "$PG_DIR" "$STACK_DIR/pg"
+        fi
+    else
+        PG_DIR="$STACK_DIR/pg"
+    fi
+    PG_DATA="$PG_DIR/data"
+    PG_LOG="$PG_DIR/server.log"
+}
+
+# Prints the postmaster pid when our cluster runs.
+pg_pid() {
+    local pid cmd
+    [[ -s "$PG_DATA/postmaster.pid" ]] || return 1
+    pid=$(head -n 1 "$PG_DATA/postmaster.pid")
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    alive "$pid" || return 1
+    cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+    [[ $cmd == *postgres* ]] || return 1 # a stale postmaster.pid whose pid was reused
+    printf '%s\n' "$pid"
+}
+
+# Port the running postmaster listens on (line 4 of postmaster.pid).
+pg_running_port() { sed -n 4p "$PG_DATA/postmaster.pid" 2>/dev/null; }
+
+pg_write_config() {
+    local data_q=${PG_DATA//\'/\'\'}
+    cat >"$PG_DATA/minichat.conf" <<EOF
+# Generated by scripts/stack.sh on every start; edits are overwritten. Throwaway settings:
+# never use fsync=off on data you want to keep.
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$data_q'
+max_connections = 300
+shared_buffers = 256MB
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+wal_level = minimal
+max_wal_senders = 0
+timezone = 'UTC'
+log_timezone = 'UTC'
+EOF
+    if [[ $EUID -eq 0 ]]; then chown postgres:postgres "$PG_DATA/minichat.conf"; fi
+}
+
+pg_initdb() {
+    log "initdb $PG_DATA"
+    mkdir -p "$PG_DIR"
+    if [[ $EUID -eq 0 ]]; then chown postgres:postgres "$PG_DIR"; fi
+    if ! as_pg "$PG_BIN/initdb" -D "$PG_DATA" -U postgres -A trust -E UTF8 --no-locale --no-sync \
+        >"$STACK_DIR/initdb.log" 2>&1; then
+        cat "$STACK_DIR/initdb.log" >&2
+        die "initdb failed"
+    fi
+    printf "\ninclude_if_exists = 'minichat.conf'\n" >>"$PG_DATA/postgresql.conf"
+}
+
+pg_provision() {
+    "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$PG_DATA" -p "$PG_PORT" -U postgres -d postgres >&2 <<EOF
+DO \$\$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = '$PG_USER') THEN
+    CREATE ROLE $PG_USER LOGIN CREATEDB CREATEROLE PASSWORD '$PG_PASSWORD';
+  ELSE
+    ALTER ROLE $PG_USER LOGIN CREATEDB CREATEROLE PASSWORD '$PG_PASSWORD';
+  END IF;
+END
+\$\$;
+SELECT 'CREATE DATABASE $PG_DB OWNER $PG_USER'
+ WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_database WHERE datname = '$PG_DB')\gexec
+EOF
+}
+
+pg_wait_ready() {
+    local deadline=$((SECONDS + TIMEOUT))
+    until "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -t 2; do
+        if ((SECONDS >= deadline)); then
+            tail -n 40 "$PG_LOG" >&2 || true
+            die "PostgreSQL not ready after ${TIMEOUT}s (log: $PG_LOG)"
+        fi
+        sleep 0.2
+    done
+}
+
+# Sets PG_RUNNING_PID when our cluster already runs (on the wanted port); otherwise checks that
+# the port is free. Starts nothing.
+pg_preflight() {
+    local running_port
+    pg_dirs create
+    PG_RUNNING_PID=""
+    if PG_RUNNING_PID=$(pg_pid); then
+        running_port=$(pg_running_port)
+        [[ $running_port == "$PG_PORT" ]] ||
+            die "PostgreSQL (pid $PG_RUNNING_PID) runs on port $running_port, not $PG_PORT: run 'scripts/stack.sh down' first"
+        return 0 # if it is still starting, pg_wait_ready waits for it
+    fi
+    PG_RUNNING_PID=""
+    if port_open "$PG_PORT"; then
+        die "port 127.0.0.1:$PG_PORT is taken by another process (not this stack's PostgreSQL, state dir $STACK_DIR); stop it or set MINICHAT_STACK_PG_PORT"
+    fi
+}
+
+pg_start() {
+    [[ -f "$PG_DATA/PG_VERSION" ]] || pg_initdb
+    pg_write_config
+    # pg_preflight found no live postmaster for this data dir, so a postmaster.pid left behind is
+    # stale. PostgreSQL removes such a file itself unless its pid still exists: a zombie (where
+    # nothing reaps orphans) or a reused pid would block the start.
+    # Same for the socket lock files (the sockets live in the data dir).
+    if [[ -f "$PG_DATA/postmaster.pid" ]]; then
+        log "removing stale $PG_DATA/postmaster.pid"
+        rm -f "$PG_DATA/postmaster.pid" "$PG_DATA"/.s.PGSQL.*
+    fi
+    log "starting PostgreSQL $(cat "$PG_DATA/PG_VERSION") on 127.0.0.1:$PG_PORT"
+    if ! as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t "$TIMEOUT" -s start >&2 9>&-; then
+        tail -n 40 "$PG_LOG" >&2 || true
+        die "pg_ctl start failed (log: $PG_LOG)"
+    fi
+}
+
+pg_stop() {
+    local pid
+    pg_dirs
+    if ! pid=$(pg_pid); then
+        log "postgres: not running"
+        return 0
+    fi
+    ensure_pg_bin
+    log "stopping PostgreSQL (pid $pid)"
+    if ! as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t "$TIMEOUT" -s stop >&2; then
+        log "fast shutdown failed; trying immediate"
+        as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -m immediate -w -t "$TIMEOUT" -s stop >&2 || true
+    fi
+}
+
+# ------------------------------------------------------------------------------------------ commands
+
+lock() {
+    mkdir -p "$STACK_DIR"
+    exec 9>"$STACK_DIR/.lock"
+    flock -w "$((TIMEOUT * 3))" 9 || die "another scripts/stack.sh holds $STACK_DIR/.lock"
+}
+
+cmd_up() {
+    local t0=$EPOCHREALTIME
+    lock
+    # 1. what runs already, and are the ports of the rest free? (fail before starting anything)
+    kafka_preflight
+    pg_preflight
+    # 2. tools, installed only when missing
+    if [[ -z $KAFKA_RUNNING_PID ]]; then
+        ensure_java
+        ensure_kafka_libs
+    fi
+    ensure_pg_bin
+    # 3. start the broker without waiting, bring PostgreSQL up meanwhile, then wait for the broker
+    if [[ -z $KAFKA_RUNNING_PID ]]; then
+        kafka_start
+        KAFKA_WAIT=1
+    elif [[ $KAFKA_WAIT -eq 0 ]]; then
+        log "kafka: already running (pid $KAFKA_RUNNING_PID, 127.0.0.1:$KAFKA_PORT)"
+    else
+        log "kafka: pid $KAFKA_RUNNING_PID is still starting; waiting for it"
+    fi
+    if [[ -n $PG_RUNNING_PID ]]; then
+        log "postgres: already running (pid $PG_RUNNING_PID, 127.0.0.1:$PG_PORT)"
+    else
+        pg_start
+    fi
+    pg_wait_ready
+    pg_provision
+    if [[ $KAFKA_WAIT -eq 1 ]]; then
+        kafka_wait_ready
+        log "kafka: ready (pid $(<"$KAFKA_PIDFILE"), 127.0.0.1:$KAFKA_PORT)"
+    fi
+    log "stack up in $(elapsed "$t0") s"
+    print_env
+}
+
+cmd_down() {
+    local purge=${MINICHAT_STACK_PURGE:-0} arg
+    for arg in "$@"; do
+        case $arg in
+            --purge) purge=1 ;;
+            *) die "unknown option for down: $arg" ;;
+        esac
+    done
+    lock
+    kafka_stop
+    pg_stop
+    if [[ $purge == 1 ]]; then
+        log "purging data in $STACK_DIR (keeping the jar cache $KAFKA_LIBS)"
+        rm -rf "$KAFKA_DIR/data" "$KAFKA_DIR/logs" "$KAFKA_OUT" "$KAFKA_PROPS" "$KAFKA_LOG4J" \
+            "$KAFKA_DIR/format.out" "$KAFKA_DIR/mvn.log" "$KAFKA_PIDFILE" "$KAFKA_DIR"/libs.tmp.* "$STACK_DIR/initdb.log"
+        rm -rf "$PG_DIR"
+        if [[ -L "$STACK_DIR/pg" ]]; then rm -f "$STACK_DIR/pg"; fi
+    fi
+}
+
+cmd_status() {
+    local ok=0 pid libs version
+    version=$(kafka_version)
+    libs="no jar cache"
+    if [[ -f "$KAFKA_LIBS/.stamp" ]]; then libs="jars: $(cut -d' ' -f1 "$KAFKA_LIBS/.stamp")"; fi
+    if pid=$(kafka_pid); then
+        if port_open "$KAFKA_PORT"; then
+            printf 'kafka     running      pid %-7s 127.0.0.1:%s (controller %s)  %s\n' \
+                "$pid" "$KAFKA_PORT" "$KAFKA_CPORT" "$libs"
+        else
+            printf 'kafka     starting     pid %-7s 127.0.0.1:%s not answering yet\n' "$pid" "$KAFKA_PORT"
+            ok=3
+        fi
+    else
+        printf 'kafka     stopped      %s (want %s); data %s\n' "$libs" "$version" \
+            "$([[ -f "$KAFKA_DIR/data/meta.properties" ]] && echo "kept in $KAFKA_DIR/data" || echo none)"
+        ok=3
+    fi
+    pg_dirs
+    if pid=$(pg_pid); then
+        if port_open "$(pg_running_port)"; then
+            printf 'postgres  running      pid %-7s 127.0.0.1:%s  database %s (user %s)  data %s\n' \
+                "$pid" "$(pg_running_port)" "$PG_DB" "$PG_USER" "$PG_DATA"
+        else
+            printf 'postgres  starting     pid %-7s 127.0.0.1:%s not answering yet\n' "$pid" "$(pg_running_port)"
+            ok=3
+        fi
+    else
+        printf 'postgres  stopped      data %s\n' \
+            "$([[ -f "$PG_DATA/PG_VERSION" ]] && echo "kept in $PG_DATA" || echo none)"
+        ok=3
+    fi
+    return "$ok"
+}
+
+usage() {
+    sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+}
+
+main() {
+    local cmd=${1:-}
+    [[ $# -gt 0 ]] && shift
+    case $cmd in
+        up) cmd_up "$@" ;;
+        down) cmd_down "$@" ;;
+        status) cmd_status "$@" ;;
+        env) print_env ;;
+        -h | --help | help) usage ;;
+        *) usage ;;
+    esac
+}
+
+main "$@"
