@@ -34,6 +34,7 @@ from minichat.domain.admission import (
     decide_request,
     decide_turn_delete,
 )
+from minichat.domain.periods import periods_for
 from minichat.domain.quota import BucketKey, QuotaRow, apply_reserve
 from minichat.models.events import (
     ChatDelete,
@@ -107,8 +108,10 @@ class ChatView:
 class BatchState:
     chats: dict[UUID, ChatView]
     decisions: dict[tuple[UUID, UUID], dict[str, Any]]
-    """(chat_id, command_id) → stored decision payload."""
+    """(chat_id, command_id) → stored decision payload of the command's own tenant."""
     quota: dict[UserKey, dict[BucketKey, QuotaRow]]
+    foreign_decisions: set[tuple[UUID, UUID]] = field(default_factory=set)
+    """(chat_id, command_id) keys whose stored decision belongs to another tenant."""
 
 
 # -------------------------------------------------------------------------------------- changes
@@ -294,6 +297,9 @@ def _decide_one(
         outcome = decide_chat_delete(event.tenant_id, event.user_id, chat_state)
 
     command_id = command_id_of(event)
+    if (event.chat_id, command_id) in state.foreign_decisions:
+        # Another tenant holds this command key: treated as a hidden chat, nothing stored.
+        outcome = _hidden(event, policy, at)
     if outcome is REPLAY:
         return Answer(state.decisions[(event.chat_id, command_id)], replay=True)
     if isinstance(outcome, Admission):
@@ -305,17 +311,44 @@ def _decide_one(
         decision = _mutation_decision(event, outcome, at)
         if outcome.decision == "done":
             _apply_mutation(view, event, at, changes)
+    if _is_hidden(view, event, decision):
+        # Someone else's chat: answer, but store nothing under a key its owner may use.
+        return Answer(decision.model_dump(mode="json"), replay=False)
     return Answer(_store(state, changes, event, command_id, decision), replay=False)
+
+
+def _hidden(event: TurnRequestEvent, policy: Policy, at: datetime) -> Admission | MutationResult:
+    if isinstance(event, TurnRequested | TurnRetry | TurnEdit):
+        return Admission(
+            "reject",
+            policy.version,
+            periods_for(at),
+            event.model if isinstance(event, TurnRequested) else None,
+            error_code="chat_not_found",
+        )
+    return MutationResult("reject", "chat_not_found")
+
+
+def _is_hidden(view: ChatView, event: TurnRequestEvent, decision: TurnDecision) -> bool:
+    """A `chat_not_found` for a chat that exists under another tenant or owner."""
+    facts = view.facts
+    return (
+        decision.error_code == "chat_not_found"
+        and facts is not None
+        and (facts.tenant_id != event.tenant_id or facts.owner_user_id != event.user_id)
+    )
 
 
 def _store(
     state: BatchState, changes: Changes, event: TurnRequestEvent, command_id: UUID, decision: TurnDecision
 ) -> dict[str, Any]:
-    # A hidden chat's command must not take a command id another tenant holds for that chat:
-    # its decision is answered, but stored only when the key is free (ON CONFLICT DO NOTHING).
     payload = decision.model_dump(mode="json")
-    state.decisions[(event.chat_id, command_id)] = payload
-    changes.decisions.append(StoredDecision(event.tenant_id, event.chat_id, command_id, decision, payload))
+    key = (event.chat_id, command_id)
+    if key not in state.decisions:  # a decision is final: the first one stays stored
+        state.decisions[key] = payload
+        changes.decisions.append(
+            StoredDecision(event.tenant_id, event.chat_id, command_id, decision, payload)
+        )
     return payload
 
 

@@ -128,7 +128,15 @@ def settle(
     `policy` is the snapshot of the turn's `policy_version_applied`."""
     rule = billing_rule(terminal_state, error_code)
     if rule.path == "released":
-        return Settlement(rule.outcome, "released", 0, unknown_error_code=rule.unknown_error_code)
+        # Nothing is charged, but tool calls that happened still count on the total rows.
+        return Settlement(
+            rule.outcome,
+            "released",
+            0,
+            web_search_calls=usage.web_search_calls if usage else 0,
+            code_interpreter_calls=usage.code_interpreter_calls if usage else 0,
+            unknown_error_code=rule.unknown_error_code,
+        )
     model = _model(turn, policy)
     if rule.path == "usage" and usage is not None and usage.known:
         return _actual(turn, usage, rule, model, policy)

@@ -8,18 +8,21 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import faust
 
+from minichat.domain.turns import TurnEvent
 from minichat.models import events
-from minichat.models.policy import load_policy
+from minichat.models.policy import Policy, load_policy
 from minichat.models.topics import TopicNames
-from minichat.processors import provider_responses, usage
 from minichat.processors.errors import GaveUp
-from minichat.processors.pipeline import BatchProcessor, Producer
+from minichat.processors.pipeline import BatchProcessor, Handler, Producer
 from minichat.processors.records import record_from_event
 from minichat.processors.runtime import Runtime
+from minichat.processors.turn_events import TurnEvents
 from minichat.processors.turn_requests import TurnRequests
 from minichat.settings import Settings
+from minichat.storage.policies import PolicySnapshots
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,40 @@ def _agent(processor: BatchProcessor[Any], settings: Settings) -> Callable[[Any]
     return consume
 
 
+def build_processors(
+    settings: Settings,
+    policy: Policy,
+    pool: Callable[[], Awaitable[asyncpg.Pool]],
+    producer: Callable[[], Awaitable[Producer]],
+) -> dict[str, BatchProcessor[Any]]:
+    """The three input topics' processors by full topic name, without faust: the worker's agents,
+    `minichat replay` and the benchmark run the same objects."""
+    names = TopicNames(settings.topic_prefix)
+    snapshots = PolicySnapshots(policy)
+    turn_events = TurnEvents(snapshots, names.dead_letters)
+    parked_decoders: dict[str, Callable[[bytes | None, bytes], TurnEvent]] = {
+        names.provider_responses: events.decode_provider_event,
+        names.usage: events.decode_usage_event,
+    }
+    turn_requests = TurnRequests(policy, snapshots, names.turn_decisions, names.dead_letters, parked_decoders)
+    wiring: list[tuple[str, str, Callable[[bytes | None, bytes], Any], Handler[Any]]] = [
+        ("turn_requests", names.turn_requests, events.decode_turn_request, turn_requests),
+        ("provider_responses", names.provider_responses, events.decode_provider_event, turn_events),
+        ("usage", names.usage, events.decode_usage_event, turn_events),
+    ]
+    return {
+        topic: BatchProcessor(
+            name=name,
+            decode=decode,
+            handle=handle,
+            pool=pool,
+            producer=producer,
+            dead_letters_topic=names.dead_letters,
+        )
+        for name, topic, decode, handle in wiring
+    }
+
+
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.App:
     """Build the worker's faust app: three input agents sharing one pool.
 
@@ -88,32 +125,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
     async def producer() -> Producer:
         return app.producer
 
-    wiring: list[tuple[str, str, Callable[[bytes | None, bytes], Any], Any]] = [
-        (
-            "turn_requests",
-            names.turn_requests,
-            events.decode_turn_request,
-            TurnRequests(policy, names.turn_decisions),
-        ),
-        (
-            "provider_responses",
-            names.provider_responses,
-            events.decode_provider_event,
-            provider_responses.handle,
-        ),
-        ("usage", names.usage, events.decode_usage_event, usage.handle),
-    ]
-    for name, topic_name, decode, handle in wiring:
-        processor: BatchProcessor[Any] = BatchProcessor(
-            name=name,
-            decode=decode,
-            handle=handle,
-            pool=runtime.pool,
-            producer=producer,
-            dead_letters_topic=names.dead_letters,
-        )
+    for topic_name, processor in build_processors(settings, policy, runtime.pool, producer).items():
         topic = app.topic(topic_name, key_type=bytes, value_type=bytes, partitions=settings.partitions)
-        app.agent(channel=topic, name=name)(_agent(processor, settings))
+        app.agent(channel=topic, name=processor.name)(_agent(processor, settings))
 
     @app.on_before_shutdown.connect
     async def _close_runtime(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:

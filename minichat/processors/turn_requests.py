@@ -3,40 +3,66 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from uuid import UUID
 
 import asyncpg
 
-from minichat.domain.commands import Answer, Command, decide_batch
-from minichat.models.events import TurnRequestEvent
+from minichat.domain.commands import Answer, Command, command_id_of, decide_batch
+from minichat.domain.turns import TurnEvent
+from minichat.models.events import TurnEdit, TurnRequested, TurnRequestEvent, TurnRetry
 from minichat.models.policy import Policy
 from minichat.processors.pipeline import Decoded
 from minichat.processors.records import Output
+from minichat.processors.turn_events import apply_turn_events, parked_items
+from minichat.storage.policies import PolicySnapshots
 from minichat.storage.turn_requests import load_batch_state, write_changes
+from minichat.storage.turns import lock_requests, unpark
 
 
 @dataclass(frozen=True)
 class TurnRequests:
-    """Handler of one batch: load under the user locks, decide in order, write set-based."""
+    """Handler of one batch: load under the locks, decide in order, write set-based, then apply
+    the provider and usage events that were parked waiting for these decisions."""
 
     policy: Policy
+    snapshots: PolicySnapshots
     decisions_topic: str
+    dead_letters_topic: str
+    parked_decoders: dict[str, Callable[[bytes | None, bytes], TurnEvent]]
 
     async def __call__(
         self, con: asyncpg.Connection, batch: Sequence[Decoded[TurnRequestEvent]]
     ) -> list[Output]:
         pending: list[Command] = [(item.event, item.record.timestamp) for item in batch]
+        creating = [e for e, _ in pending if isinstance(e, TurnRequested | TurnRetry | TurnEdit)]
+        # The request locks come first, before any row or user lock (see storage.turns).
+        await lock_requests(con, {(e.chat_id, command_id_of(e)) for e in creating})
         answers: list[Answer] = []
+        outputs: list[Output] = []
         while pending:
             state = await load_batch_state(con, pending)
             result = decide_batch(state, pending, self.policy)
             await write_changes(con, result.changes)
             answers.extend(result.answers)
+            outputs.extend(await self._drain_parked(con, result.answers))
             pending = pending[result.consumed :]
-        return [self._output(answer) for answer in answers]
+        return [self._decision(answer) for answer in answers] + outputs
 
-    def _output(self, answer: Answer) -> Output:
+    async def _drain_parked(self, con: asyncpg.Connection, answers: Sequence[Answer]) -> list[Output]:
+        keys = {
+            (UUID(a.payload["tenant_id"]), UUID(a.payload["chat_id"]), UUID(a.payload["request_id"]))
+            for a in answers
+            if not a.replay and a.payload["command"] in ("turn.requested", "turn.retry", "turn.edit")
+        }
+        parked = await unpark(con, keys)
+        if not parked:
+            return []
+        items = parked_items(parked, self.parked_decoders)
+        return await apply_turn_events(con, items, self.snapshots, self.dead_letters_topic)
+
+    def _decision(self, answer: Answer) -> Output:
         payload = {**answer.payload, "replay": answer.replay}
         value = json.dumps(payload, separators=(",", ":")).encode()
         return Output(topic=self.decisions_topic, key=str(payload["chat_id"]).encode(), value=value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import asyncpg
@@ -35,3 +36,14 @@ async def connect(settings: Settings) -> asyncpg.Connection:
     con = await asyncpg.connect(settings.database_url)
     await _init_connection(con)
     return con
+
+
+def columns(rows: Iterable[tuple[object, ...]], width: int) -> list[list[object]]:
+    """Rows to column arrays, the parameters of an `unnest($1::t[], $2::t[], ...)` statement."""
+    result: list[list[object]] = [[] for _ in range(width)]
+    for row in rows:
+        if len(row) != width:
+            raise ValueError(f"row of {len(row)} values for {width} columns")
+        for i, value in enumerate(row):
+            result[i].append(value)
+    return result

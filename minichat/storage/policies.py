@@ -44,10 +44,21 @@ async def ensure_policy_version(con: asyncpg.Connection, policy: Policy) -> bool
     return False
 
 
-async def load_policy_versions(con: asyncpg.Connection) -> dict[int, Policy]:
-    """Every stored snapshot by version: a turn settles under the version it was admitted with."""
-    rows = await con.fetch(
-        "SELECT version, snapshot::text AS snapshot FROM policy_versions WHERE tenant_id = $1::uuid",
-        GLOBAL_TENANT,
-    )
-    return {row["version"]: policy_from_snapshot(row["snapshot"]) for row in rows}
+class PolicySnapshots:
+    """Stored policy versions, read once each: a turn settles under the version it was admitted with."""
+
+    def __init__(self, current: Policy) -> None:
+        self._by_version: dict[int, Policy] = {current.version: current}
+
+    async def get(self, con: asyncpg.Connection, version: int) -> Policy:
+        policy = self._by_version.get(version)
+        if policy is None:
+            snapshot = await con.fetchval(
+                "SELECT snapshot::text FROM policy_versions WHERE tenant_id = $1::uuid AND version = $2",
+                GLOBAL_TENANT,
+                version,
+            )
+            if snapshot is None:
+                raise LookupError(f"policy version {version} is not stored")
+            policy = self._by_version[version] = policy_from_snapshot(snapshot)
+        return policy

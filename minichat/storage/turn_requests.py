@@ -7,7 +7,7 @@ inside the caller's transaction.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from uuid import UUID, uuid5
 
 import asyncpg
@@ -26,6 +26,7 @@ from minichat.domain.commands import (
 from minichat.domain.periods import periods_for
 from minichat.domain.quota import BUCKET_PREMIUM, BUCKET_TOTAL, BucketKey, QuotaRow
 from minichat.models.events import TurnDelete, TurnEdit, TurnRequested, TurnRetry
+from minichat.storage.db import columns
 
 _NIL = UUID(int=0)
 
@@ -38,11 +39,13 @@ FROM unnest($1::uuid[], $2::uuid[]) AS k (chat_id, tenant_id)
 JOIN chats c ON c.id = k.chat_id
 """
 
+# By the key alone, so that a key held by another tenant is seen (and that command treated as
+# naming a hidden chat); only the caller's own tenant gets the payload.
 _LOAD_DECISIONS = """
-SELECT d.chat_id, d.command_id, d.payload
+SELECT d.chat_id, d.command_id, d.tenant_id = k.tenant_id AS same_tenant,
+       CASE WHEN d.tenant_id = k.tenant_id THEN d.payload END AS payload
 FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS k (tenant_id, chat_id, command_id)
-JOIN turn_decisions d
-  ON d.tenant_id = k.tenant_id AND d.chat_id = k.chat_id AND d.command_id = k.command_id
+JOIN turn_decisions d ON d.chat_id = k.chat_id AND d.command_id = k.command_id
 """
 
 _TURN_COLUMNS = """
@@ -143,7 +146,7 @@ async def load_batch_state(con: asyncpg.Connection, commands: Sequence[Command])
         }
     )
     if targets:
-        for row in await con.fetch(_LOAD_TARGETS, *_columns(targets, 3)):
+        for row in await con.fetch(_LOAD_TARGETS, *columns(targets, 3)):
             views[row["chat_id"]].targets[row["request_id"]] = _stored_turn(row)
 
     for row in await con.fetch(_LOAD_CHATS, chat_ids, tenants):
@@ -167,13 +170,17 @@ async def load_batch_state(con: asyncpg.Connection, commands: Sequence[Command])
         views[row["chat_id"]].settled.append(_stored_turn(row))
 
     decision_keys = sorted({(e.tenant_id, e.chat_id, command_id_of(e)) for e, _ in commands})
-    decisions = {
-        (row["chat_id"], row["command_id"]): _payload(row["payload"])
-        for row in await con.fetch(_LOAD_DECISIONS, *_columns(decision_keys, 3))
-    }
+    decisions: dict[tuple[UUID, UUID], dict[str, object]] = {}
+    foreign: set[tuple[UUID, UUID]] = set()
+    for row in await con.fetch(_LOAD_DECISIONS, *columns(decision_keys, 3)):
+        key = (row["chat_id"], row["command_id"])
+        if row["same_tenant"]:
+            decisions[key] = _payload(row["payload"])
+        else:
+            foreign.add(key)
 
     quota = await _lock_quota(con, commands)
-    return BatchState(chats=views, decisions=decisions, quota=quota)
+    return BatchState(chats=views, decisions=decisions, quota=quota, foreign_decisions=foreign)
 
 
 async def _lock_quota(
@@ -193,7 +200,7 @@ async def _lock_quota(
     if not keys:
         return quota
     await con.execute(_LOCK_USERS, [_user_lock_key(u) for u in sorted(users)])
-    for row in await con.fetch(_LOAD_QUOTA, *_columns(sorted(keys), 5)):
+    for row in await con.fetch(_LOAD_QUOTA, *columns(sorted(keys), 5)):
         quota[(row["tenant_id"], row["user_id"])][
             BucketKey(row["period_type"], row["period_start"], row["bucket"])
         ] = QuotaRow(
@@ -215,14 +222,6 @@ def _payload(value: object) -> dict[str, object]:
         return loaded
     assert isinstance(value, dict)
     return value
-
-
-def _columns(rows: Iterable[tuple[object, ...]], width: int) -> list[list[object]]:
-    columns: list[list[object]] = [[] for _ in range(width)]
-    for row in rows:
-        for i, value in enumerate(row):
-            columns[i].append(value)
-    return columns
 
 
 # -------------------------------------------------------------------------------------- writing
@@ -311,6 +310,10 @@ ON CONFLICT (chat_id, command_id) DO NOTHING
 """
 
 
+class DecisionConflict(RuntimeError):
+    """A decision key was taken between loading and writing (never expected under the locks)."""
+
+
 def quota_row_id(tenant_id: UUID, user_id: UUID, key: BucketKey) -> UUID:
     return uuid5(
         ID_NAMESPACE, f"quota:{tenant_id}:{user_id}:{key.period_type}:{key.period_start}:{key.bucket}"
@@ -321,7 +324,7 @@ async def write_changes(con: asyncpg.Connection, changes: Changes) -> None:
     if changes.chats:
         await con.execute(
             _INSERT_CHATS,
-            *_columns(
+            *columns(
                 ((c.id, c.tenant_id, c.user_id, c.model, c.title, c.created_at) for c in changes.chats), 6
             ),
         )
@@ -329,22 +332,22 @@ async def write_changes(con: asyncpg.Connection, changes: Changes) -> None:
         removed = changes.removed_turns
         await con.execute(
             _REMOVE_TURNS,
-            *_columns(
+            *columns(
                 ((r.tenant_id, r.chat_id, r.request_id, r.replaced_by_request_id, r.at) for r in removed), 5
             ),
         )
         await con.execute(
-            _REMOVE_MESSAGES, *_columns(((r.tenant_id, r.chat_id, r.request_id, r.at) for r in removed), 4)
+            _REMOVE_MESSAGES, *columns(((r.tenant_id, r.chat_id, r.request_id, r.at) for r in removed), 4)
         )
     if changes.removed_chats:
         await con.execute(
-            _REMOVE_CHATS, *_columns(((r.tenant_id, r.chat_id, r.at) for r in changes.removed_chats), 3)
+            _REMOVE_CHATS, *columns(((r.tenant_id, r.chat_id, r.at) for r in changes.removed_chats), 3)
         )
     if changes.turns:
         turns = changes.turns
         await con.execute(
             _INSERT_TURNS,
-            *_columns(
+            *columns(
                 (
                     (
                         t.id,
@@ -374,7 +377,7 @@ async def write_changes(con: asyncpg.Connection, changes: Changes) -> None:
         )
         await con.execute(
             _INSERT_USER_MESSAGES,
-            *_columns(
+            *columns(
                 (
                     (t.user_message_id, t.tenant_id, t.chat_id, t.request_id, t.content, t.started_at)
                     for t in turns
@@ -385,7 +388,7 @@ async def write_changes(con: asyncpg.Connection, changes: Changes) -> None:
     if changes.reserves:
         await con.execute(
             _ADD_RESERVES,
-            *_columns(
+            *columns(
                 (
                     (
                         quota_row_id(tenant, user, key),
@@ -405,9 +408,9 @@ async def write_changes(con: asyncpg.Connection, changes: Changes) -> None:
             ),
         )
     if changes.decisions:
-        await con.execute(
+        status = await con.execute(
             _INSERT_DECISIONS,
-            *_columns(
+            *columns(
                 (
                     (
                         d.tenant_id,
@@ -426,3 +429,7 @@ async def write_changes(con: asyncpg.Connection, changes: Changes) -> None:
                 10,
             ),
         )
+        if int(status.split()[-1]) != len(changes.decisions):
+            # The loaded state said these keys were free: a decision that cannot be stored would
+            # let a redelivered command reserve again. Roll back and retry the batch instead.
+            raise DecisionConflict(f"{len(changes.decisions)} decisions, {status.split()[-1]} stored")

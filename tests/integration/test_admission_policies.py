@@ -8,16 +8,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from minichat.domain.quota import BucketKey
-from minichat.storage.turn_requests import quota_row_id
 from tests.conftest import Live, live_deployment
 from tests.gateway import policy_file
 from tests.support import Endpoints, wait_until

@@ -94,7 +94,9 @@ CREATE TABLE chat_turns (
     terminal_at                       timestamptz,
     updated_at                        timestamptz   NOT NULL,
     progress_seq                      bigint        NOT NULL DEFAULT 0 CHECK (progress_seq >= 0),
-    -- usage, as reported (first report wins)
+    -- offset of the last turn.progress applied (a chat lives on one partition): replays are no-ops
+    progress_offset                   bigint        NOT NULL DEFAULT -1,
+    -- usage, as reported (first report wins; input_tokens IS NULL until a report arrived)
     usage_known                       boolean       NOT NULL DEFAULT false,
     input_tokens                      bigint        CHECK (input_tokens >= 0),
     output_tokens                     bigint        CHECK (output_tokens >= 0),
@@ -113,6 +115,7 @@ CREATE TABLE chat_turns (
     adjusted_at                       timestamptz,
     -- processing clock, watchdog only (excluded from the digest)
     last_progress_seen_at             timestamptz   NOT NULL DEFAULT now(),
+    terminal_seen_at                  timestamptz,
     orphan_sent_at                    timestamptz,
     grace_sent_at                     timestamptz,
     UNIQUE (chat_id, request_id),
@@ -125,7 +128,7 @@ CREATE INDEX idx_chat_turns_chat_started ON chat_turns (chat_id, started_at DESC
     WHERE deleted_at IS NULL;
 CREATE INDEX idx_chat_turns_orphan_scan ON chat_turns (last_progress_seen_at)
     WHERE state = 'running';
-CREATE INDEX idx_chat_turns_awaiting_usage ON chat_turns (terminal_at)
+CREATE INDEX idx_chat_turns_awaiting_usage ON chat_turns (terminal_seen_at)
     WHERE state <> 'running' AND settled_at IS NULL;
 
 CREATE TABLE quota_usage (

@@ -1,0 +1,401 @@
+"""A turn's life after admission: provider and usage events applied in order (pure).
+
+`apply_event(turn, event, ...)` returns the turn as it is after the event and what else must be
+written (the assistant message, a settlement or an adjustment with its billing event). Every rule
+is guarded by the turn's own state, so applying an event twice, or a stale one, changes nothing:
+the first terminal event wins, the first usage report wins, a turn settles once, progress counts
+each record once (by offset), an orphan signal applies only to the progress it saw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Literal
+from uuid import UUID
+
+from minichat.domain.commands import message_id_for
+from minichat.domain.periods import Periods
+from minichat.domain.quota import BucketKey, QuotaDelta
+from minichat.domain.settlement import (
+    Settlement,
+    TerminalState,
+    TurnCharge,
+    Usage,
+    adjustment_deltas,
+    awaits_usage,
+    reprice,
+    settle,
+    settlement_deltas,
+)
+from minichat.models.events import (
+    ProviderEvent,
+    TurnCancelled,
+    TurnCompleted,
+    TurnFailed,
+    TurnOrphaned,
+    TurnProgress,
+    UsageAdjusted,
+    UsageEvent,
+    UsageGraceExpired,
+    UsageReported,
+    UsageSettled,
+    dedupe_key,
+)
+from minichat.models.events import Usage as WireUsage
+from minichat.models.policy import Policy
+
+TurnEvent = ProviderEvent | UsageEvent
+TurnStateName = Literal["running", "completed", "failed", "cancelled"]
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRecord:
+    """The stored turn, as far as provider and usage events read or change it."""
+
+    id: UUID
+    tenant_id: UUID
+    chat_id: UUID
+    request_id: UUID
+    requester_user_id: UUID
+    selected_model: str
+    effective_model: str
+    reserve_tokens: int
+    max_output_tokens_applied: int
+    reserved_credits_micro: int
+    policy_version_applied: int
+    minimal_generation_floor_applied: int
+    period_daily: date
+    period_monthly: date
+    state: TurnStateName
+    updated_at: datetime
+    progress_seq: int = 0
+    progress_offset: int = -1
+    last_progress_at: datetime | None = None
+    error_code: str | None = None
+    error_detail: str | None = None
+    finish_reason: str | None = None
+    provider_response_id: str | None = None
+    assistant_message_id: UUID | None = None
+    completed_at: datetime | None = None
+    usage: Usage | None = None
+    """The first usage report with figures (inline or `usage.reported`); a report of zeros is kept
+    until a real one replaces it. None until one arrived."""
+    usage_model: str | None = None
+    billing_outcome: str | None = None
+    settlement_method: str | None = None
+    committed_credits_micro: int | None = None
+    overshoot_capped: bool | None = None
+    settled_at: datetime | None = None
+    adjusted_at: datetime | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    @property
+    def charge(self) -> TurnCharge:
+        return TurnCharge(
+            effective_model=self.effective_model,
+            reserve_tokens=self.reserve_tokens,
+            max_output_tokens_applied=self.max_output_tokens_applied,
+            reserved_credits_micro=self.reserved_credits_micro,
+            minimal_generation_floor_applied=self.minimal_generation_floor_applied,
+            periods=Periods(self.period_daily, self.period_monthly),
+        )
+
+    @property
+    def settlement(self) -> Settlement | None:
+        if self.settled_at is None:
+            return None
+        assert self.billing_outcome and self.settlement_method and self.committed_credits_micro is not None
+        actual = self.settlement_method == "actual" and self.usage is not None
+        return Settlement(
+            outcome=self.billing_outcome,  # type: ignore[arg-type]
+            method=self.settlement_method,  # type: ignore[arg-type]
+            committed_credits_micro=self.committed_credits_micro,
+            overshoot_capped=bool(self.overshoot_capped),
+            input_tokens=self.usage.input_tokens if actual and self.usage else 0,
+            output_tokens=self.usage.output_tokens if actual and self.usage else 0,
+            web_search_calls=self.usage.web_search_calls if self.usage else 0,
+            code_interpreter_calls=self.usage.code_interpreter_calls if self.usage else 0,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AssistantMessage:
+    id: UUID
+    tenant_id: UUID
+    chat_id: UUID
+    request_id: UUID
+    content: str
+    model: str
+    provider_response_id: str | None
+    usage: Usage | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Billing:
+    """A settlement (or an adjustment of one) to apply to the quota rows and to publish."""
+
+    kind: Literal["usage.settled", "usage.adjusted"]
+    settlement: Settlement
+    deltas: tuple[tuple[BucketKey, QuotaDelta], ...]
+    previous_committed_credits_micro: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """The turn after one event, and what else to write. `changed` is False for a no-op."""
+
+    turn: TurnRecord
+    changed: bool
+    message: AssistantMessage | None = None
+    message_usage: bool = False
+    """The stored assistant message gets the token figures that just arrived."""
+    billing: Billing | None = None
+    progressed: bool = False
+    """Refresh the watchdog's processing-clock liveness."""
+    awaiting_usage: bool = False
+    """Terminal, waiting for usage: start the watchdog's grace clock."""
+    dropped: str | None = None
+    """Why an event changed nothing (counted in metrics)."""
+
+
+def _noop(turn: TurnRecord, why: str) -> Step:
+    return Step(turn, changed=False, dropped=why)
+
+
+def domain_usage(usage: WireUsage | UsageReported) -> Usage:
+    return Usage(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_read_input_tokens=usage.cache_read_input_tokens,
+        cache_write_input_tokens=usage.cache_write_input_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+        web_search_calls=usage.web_search_calls,
+        code_interpreter_calls=usage.code_interpreter_calls,
+    )
+
+
+def apply_event(turn: TurnRecord, event: TurnEvent, at: datetime, offset: int, snapshot: Policy) -> Step:
+    """Apply one provider or usage event at event time `at` (its record timestamp). `offset` is the
+    record's offset (used to count progress once); `snapshot` is the policy the turn was admitted
+    under."""
+    if isinstance(event, TurnProgress):
+        if not turn.running:
+            return _noop(turn, "not_running")
+        if offset <= turn.progress_offset:
+            return _noop(turn, "progress_seen")
+        progressed = dataclasses.replace(
+            turn,
+            progress_seq=turn.progress_seq + 1,
+            progress_offset=offset,
+            last_progress_at=at,
+            updated_at=max(turn.updated_at, at),
+        )
+        return Step(progressed, changed=True, progressed=True)
+    if isinstance(event, TurnOrphaned):
+        if not turn.running:
+            return _noop(turn, "not_running")
+        if event.progress_seq != turn.progress_seq:
+            return _noop(turn, "progress_moved_on")
+        return _finish(turn, "failed", at, snapshot, error_code="orphan_timeout", usage=None)
+    if isinstance(event, TurnCompleted | TurnFailed | TurnCancelled):
+        if not turn.running:
+            return _noop(turn, "not_running")
+        inline = domain_usage(event.usage) if event.usage is not None else None
+        if isinstance(event, TurnCompleted):
+            return _finish(
+                turn,
+                "completed",
+                at,
+                snapshot,
+                usage=inline,
+                usage_model=event.usage.model if event.usage else None,
+                content=event.content,
+                provider_response_id=event.provider_response_id,
+                finish_reason=event.finish_reason,
+            )
+        if isinstance(event, TurnCancelled):
+            return _finish(
+                turn,
+                "cancelled",
+                at,
+                snapshot,
+                usage=inline,
+                usage_model=event.usage.model if event.usage else None,
+                content=event.content or None,
+            )
+        return _finish(
+            turn,
+            "failed",
+            at,
+            snapshot,
+            usage=inline,
+            usage_model=event.usage.model if event.usage else None,
+            error_code=event.error_code,
+            error_detail=event.error_detail,
+        )
+    if isinstance(event, UsageReported):
+        return _usage_reported(turn, domain_usage(event), event.model, at, snapshot)
+    assert isinstance(event, UsageGraceExpired)
+    if turn.running or turn.settled_at is not None:
+        return _noop(turn, "not_waiting_for_usage")
+    return _settle(dataclasses.replace(turn, updated_at=max(turn.updated_at, at)), at, snapshot)
+
+
+def _finish(
+    turn: TurnRecord,
+    state: TerminalState,
+    at: datetime,
+    snapshot: Policy,
+    *,
+    usage: Usage | None,
+    usage_model: str | None = None,
+    content: str | None = None,
+    provider_response_id: str | None = None,
+    finish_reason: str | None = None,
+    error_code: str | None = None,
+    error_detail: str | None = None,
+) -> Step:
+    first_usage = _first_known(turn.usage, usage)
+    message = None
+    if content is not None:
+        message = AssistantMessage(
+            id=message_id_for(turn.chat_id, turn.request_id, "assistant"),
+            tenant_id=turn.tenant_id,
+            chat_id=turn.chat_id,
+            request_id=turn.request_id,
+            content=content,
+            model=turn.effective_model,
+            provider_response_id=provider_response_id,
+            usage=first_usage,
+            created_at=at,
+        )
+    finished = dataclasses.replace(
+        turn,
+        state=state,
+        error_code=error_code,
+        error_detail=error_detail,
+        finish_reason=finish_reason,
+        provider_response_id=provider_response_id,
+        assistant_message_id=message.id if message else None,
+        completed_at=at,
+        updated_at=max(turn.updated_at, at),
+        usage=first_usage,
+        usage_model=turn.usage_model if first_usage is turn.usage else usage_model,
+    )
+    if awaits_usage(state, error_code, first_usage):
+        return Step(finished, changed=True, message=message, awaiting_usage=True)
+    settled = _settle(finished, at, snapshot)
+    return dataclasses.replace(settled, message=message)
+
+
+def _first_known(stored: Usage | None, arriving: Usage | None) -> Usage | None:
+    """The first report wins, but a report of zeros (usage not known) gives way to a real one."""
+    if stored is not None and (stored.known or arriving is None or not arriving.known):
+        return stored
+    return arriving
+
+
+def _usage_reported(
+    turn: TurnRecord, usage: Usage, model: str | None, at: datetime, snapshot: Policy
+) -> Step:
+    if turn.usage is not None and (turn.usage.known or not usage.known):
+        return _noop(turn, "usage_already_reported")
+    reported = dataclasses.replace(turn, usage=usage, usage_model=model, updated_at=max(turn.updated_at, at))
+    has_message = turn.assistant_message_id is not None
+    if turn.running or (turn.settled_at is None and not usage.known):
+        # A report of zeros is not usage: a waiting turn keeps waiting (for a real report or the
+        # grace period), so zeros can neither make a turn free nor block the real figures.
+        return Step(reported, changed=True, message_usage=has_message)
+    if turn.settled_at is None:
+        return dataclasses.replace(_settle(reported, at, snapshot), message_usage=has_message)
+    previous = turn.settlement
+    assert previous is not None and turn.committed_credits_micro is not None
+    state: TerminalState = turn.state  # type: ignore[assignment]
+    adjusted = reprice(turn.charge, previous, usage, state, turn.error_code, snapshot)
+    if adjusted is None or turn.adjusted_at is not None:
+        return Step(reported, changed=True, message_usage=has_message)
+    repriced = dataclasses.replace(
+        reported,
+        settlement_method=adjusted.method,
+        committed_credits_micro=adjusted.committed_credits_micro,
+        overshoot_capped=adjusted.overshoot_capped,
+        adjusted_at=at,
+    )
+    billing = Billing(
+        "usage.adjusted",
+        adjusted,
+        adjustment_deltas(turn.charge, previous, adjusted, snapshot),
+        previous_committed_credits_micro=turn.committed_credits_micro,
+    )
+    return Step(repriced, changed=True, message_usage=has_message, billing=billing)
+
+
+def _settle(turn: TurnRecord, at: datetime, snapshot: Policy) -> Step:
+    state: TerminalState = turn.state  # type: ignore[assignment]
+    settlement = settle(turn.charge, turn.usage, state, turn.error_code, snapshot)
+    settled = dataclasses.replace(
+        turn,
+        billing_outcome=settlement.outcome,
+        settlement_method=settlement.method,
+        committed_credits_micro=settlement.committed_credits_micro,
+        overshoot_capped=settlement.overshoot_capped,
+        settled_at=at,
+    )
+    billing = Billing("usage.settled", settlement, settlement_deltas(turn.charge, settlement, snapshot))
+    return Step(settled, changed=True, billing=billing)
+
+
+def billing_event(turn: TurnRecord, billing: Billing) -> UsageSettled | UsageAdjusted:
+    """The `usage.settled` / `usage.adjusted` event of a settled turn (CONTRACT section 5)."""
+    assert turn.settled_at is not None
+    settlement = billing.settlement
+    usage = turn.usage
+    fields = {
+        "dedupe_key": dedupe_key(turn.tenant_id, turn.id, turn.request_id, billing.kind == "usage.adjusted"),
+        "tenant_id": turn.tenant_id,
+        "user_id": turn.requester_user_id,
+        "chat_id": turn.chat_id,
+        "turn_id": turn.id,
+        "request_id": turn.request_id,
+        "selected_model": turn.selected_model,
+        "effective_model": turn.effective_model,
+        "terminal_state": turn.state,
+        "billing_outcome": settlement.outcome,
+        "settlement_method": settlement.method,
+        "error_code": turn.error_code,
+        "usage": WireUsage(
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cache_read_input_tokens=usage.cache_read_input_tokens,
+            cache_write_input_tokens=usage.cache_write_input_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            web_search_calls=usage.web_search_calls,
+            code_interpreter_calls=usage.code_interpreter_calls,
+            model=turn.usage_model,
+        )
+        if usage is not None
+        else None,
+        "reserve_tokens": turn.reserve_tokens,
+        "reserved_credits_micro": turn.reserved_credits_micro,
+        "committed_credits_micro": settlement.committed_credits_micro,
+        "overshoot_capped": settlement.overshoot_capped,
+        "policy_version_applied": turn.policy_version_applied,
+        "web_search_calls": settlement.web_search_calls,
+        "code_interpreter_calls": settlement.code_interpreter_calls,
+        "period_daily": turn.period_daily,
+        "period_monthly": turn.period_monthly,
+    }
+    if billing.kind == "usage.adjusted":
+        assert turn.adjusted_at is not None and billing.previous_committed_credits_micro is not None
+        return UsageAdjusted(
+            **fields,  # type: ignore[arg-type]
+            settled_at=turn.adjusted_at,
+            previous_committed_credits_micro=billing.previous_committed_credits_micro,
+        )
+    return UsageSettled(**fields, settled_at=turn.settled_at)  # type: ignore[arg-type]

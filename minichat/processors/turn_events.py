@@ -1,0 +1,175 @@
+"""The provider-responses and usage agents: turns finish once, settle once, bill once.
+
+Both topics join their turn by `(chat_id, request_id)`. Events of a request not decided yet are
+parked and applied by the turn-requests agent right after it decides (same locks, same order).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+
+from minichat.domain.quota import EMPTY_ROW, QuotaDelta
+from minichat.domain.turns import (
+    AssistantMessage,
+    Billing,
+    TurnEvent,
+    TurnRecord,
+    apply_event,
+    billing_event,
+)
+from minichat.models.events import DeadLetter, to_json_bytes
+from minichat.processors.pipeline import Decoded
+from minichat.processors.records import Output, SourceRecord
+from minichat.storage.outbox import OutboxEntry, insert_outbox, outbox_entry
+from minichat.storage.policies import PolicySnapshots
+from minichat.storage.turns import (
+    Parked,
+    QuotaSlot,
+    TurnWrite,
+    apply_quota_deltas,
+    insert_assistant_messages,
+    load_turns,
+    lock_requests,
+    park,
+    update_message_usage,
+    update_turns,
+)
+
+logger = logging.getLogger(__name__)
+
+Item = tuple[SourceRecord, TurnEvent]
+
+
+@dataclass
+class _Effects:
+    """Everything one batch writes, accumulated in event order."""
+
+    turns: dict[UUID, TurnWrite] = field(default_factory=dict)
+    messages: list[AssistantMessage] = field(default_factory=list)
+    message_usage: dict[UUID, TurnRecord] = field(default_factory=dict)
+    deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]] = field(default_factory=dict)
+    outbox: list[OutboxEntry] = field(default_factory=list)
+    parked: list[Parked] = field(default_factory=list)
+    dropped: Counter[str] = field(default_factory=Counter)
+
+
+async def apply_turn_events(
+    con: asyncpg.Connection,
+    items: Sequence[Item],
+    snapshots: PolicySnapshots,
+    dead_letters_topic: str,
+) -> list[Output]:
+    """Apply provider/usage events in order; the caller holds the request locks of every item."""
+    found = await load_turns(con, {(e.tenant_id, e.chat_id, e.request_id) for _, e in items})
+    effects = _Effects()
+    outputs: list[Output] = []
+    for record, event in items:
+        key = (event.tenant_id, (event.chat_id, event.request_id))
+        stored = found.get(key)
+        if stored is None:
+            effects.parked.append(_parked(record, event))
+        elif not stored.same_tenant:
+            outputs.append(_tenant_mismatch(record, dead_letters_topic))
+        elif stored.turn is None:
+            effects.dropped["request_rejected"] += 1
+        else:
+            turn = stored.turn
+            snapshot = await snapshots.get(con, turn.policy_version_applied)
+            step = apply_event(turn, event, record.timestamp, record.offset, snapshot)
+            if not step.changed:
+                effects.dropped[step.dropped or "unchanged"] += 1
+                continue
+            found[key] = type(stored)(step.turn, True)
+            previous = effects.turns.get(turn.id)
+            effects.turns[turn.id] = TurnWrite(
+                step.turn,
+                progressed=step.progressed or bool(previous and previous.progressed),
+                awaiting_usage=step.awaiting_usage or bool(previous and previous.awaiting_usage),
+            )
+            if step.message is not None:
+                effects.messages.append(step.message)
+            if step.message_usage:
+                effects.message_usage[turn.id] = step.turn
+            if step.billing is not None:
+                _add_billing(effects, step.turn, step.billing, record.timestamp)
+    await _write(con, effects)
+    if effects.dropped:
+        logger.debug("turn events changed nothing: %s", dict(effects.dropped))
+    return outputs
+
+
+def _add_billing(effects: _Effects, turn: TurnRecord, billing: Billing, at: datetime) -> None:
+    for bucket_key, delta in billing.deltas:
+        slot: QuotaSlot = (turn.tenant_id, turn.requester_user_id, bucket_key)
+        total, latest = effects.deltas.get(slot, (EMPTY_ROW, at))
+        effects.deltas[slot] = (total + delta, max(latest, at))
+    effects.outbox.append(outbox_entry(billing_event(turn, billing)))
+
+
+async def _write(con: asyncpg.Connection, effects: _Effects) -> None:
+    await park(con, effects.parked)
+    # messages first: turns reference their assistant message
+    await insert_assistant_messages(con, effects.messages)
+    await update_turns(con, list(effects.turns.values()))
+    await update_message_usage(con, list(effects.message_usage.values()))
+    await apply_quota_deltas(con, effects.deltas)
+    await insert_outbox(con, effects.outbox)
+
+
+def _parked(record: SourceRecord, event: TurnEvent) -> Parked:
+    return Parked(
+        tenant_id=event.tenant_id,
+        chat_id=event.chat_id,
+        request_id=event.request_id,
+        source_topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        event_type=event.type,
+        payload=record.value,
+        record_timestamp=record.timestamp,
+    )
+
+
+def _tenant_mismatch(record: SourceRecord, dead_letters_topic: str) -> Output:
+    letter = DeadLetter.for_record(
+        source_topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        error_code="tenant_mismatch",
+        error_detail="tenant_id is not the tenant of the turn or command with this request_id",
+        value=record.value,
+        received_at=record.timestamp,
+    )
+    return Output(topic=dead_letters_topic, key=record.key, value=to_json_bytes(letter))
+
+
+@dataclass(frozen=True)
+class TurnEvents:
+    """Handler of a provider-responses or usage batch."""
+
+    snapshots: PolicySnapshots
+    dead_letters_topic: str
+
+    async def __call__(self, con: asyncpg.Connection, batch: Sequence[Decoded[TurnEvent]]) -> list[Output]:
+        items = [(d.record, d.event) for d in batch]
+        await lock_requests(con, {(e.chat_id, e.request_id) for _, e in items})
+        return await apply_turn_events(con, items, self.snapshots, self.dead_letters_topic)
+
+
+def parked_items(
+    parked: Sequence[Parked], decoders: dict[str, Callable[[bytes | None, bytes], TurnEvent]]
+) -> list[Item]:
+    """Parked records decoded again (they decoded once already, so they decode now)."""
+    items: list[Item] = []
+    for p in parked:
+        key = str(p.chat_id).encode()
+        record = SourceRecord(p.source_topic, p.partition, p.offset, key, p.payload, p.record_timestamp)
+        items.append((record, decoders[p.source_topic](key, p.payload)))
+    return items

@@ -1,0 +1,379 @@
+"""SQL of the provider-responses and usage agents: turns, assistant messages, settlements, parking.
+
+All functions run inside the caller's transaction and carry the tenant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+
+from minichat.domain.quota import BucketKey, QuotaDelta
+from minichat.domain.settlement import Usage
+from minichat.domain.turns import AssistantMessage, TurnRecord
+from minichat.storage.db import columns
+
+RequestKey = tuple[UUID, UUID]
+"""(chat_id, request_id): a turn, and the key its provider and usage events carry."""
+
+# Events of one request are serialised with the command that creates it: the turn-requests
+# agent takes the same locks before it decides and drains parked events, so an event is either
+# parked before the command's transaction or finds the turn after it. Everyone takes these
+# first, in one global order, before any row lock.
+_LOCK_REQUESTS = """
+SELECT pg_advisory_xact_lock(h)
+FROM (SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY h) AS keys
+"""
+
+
+async def lock_requests(con: asyncpg.Connection, keys: Iterable[RequestKey]) -> None:
+    texts = sorted({f"turn:{chat}:{request}" for chat, request in keys})
+    if texts:
+        await con.execute(_LOCK_REQUESTS, texts)
+
+
+_LOAD_TURNS = """
+SELECT t.*, k.tenant_id AS event_tenant, t.tenant_id = k.tenant_id AS same_tenant
+FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS k (tenant_id, chat_id, request_id)
+JOIN chat_turns t ON t.chat_id = k.chat_id AND t.request_id = k.request_id
+ORDER BY t.id
+FOR UPDATE OF t
+"""
+
+_LOAD_DECISION_TENANTS = """
+SELECT d.chat_id, d.command_id, k.tenant_id AS event_tenant, d.tenant_id = k.tenant_id AS same_tenant
+FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS k (tenant_id, chat_id, request_id)
+JOIN turn_decisions d ON d.chat_id = k.chat_id AND d.command_id = k.request_id
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """What is stored for a request key, from the point of view of one event's tenant."""
+
+    turn: TurnRecord | None
+    same_tenant: bool
+
+
+def _record(row: asyncpg.Record) -> TurnRecord:
+    usage = None
+    if row["input_tokens"] is not None:
+        usage = Usage(
+            input_tokens=row["input_tokens"],
+            output_tokens=row["output_tokens"],
+            cache_read_input_tokens=row["cache_read_input_tokens"],
+            cache_write_input_tokens=row["cache_write_input_tokens"],
+            reasoning_tokens=row["reasoning_tokens"],
+            web_search_calls=row["web_search_calls"],
+            code_interpreter_calls=row["code_interpreter_calls"],
+        )
+    return TurnRecord(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        chat_id=row["chat_id"],
+        request_id=row["request_id"],
+        requester_user_id=row["requester_user_id"],
+        selected_model=row["selected_model"],
+        effective_model=row["effective_model"],
+        reserve_tokens=row["reserve_tokens"],
+        max_output_tokens_applied=row["max_output_tokens_applied"],
+        reserved_credits_micro=row["reserved_credits_micro"],
+        policy_version_applied=row["policy_version_applied"],
+        minimal_generation_floor_applied=row["minimal_generation_floor_applied"],
+        period_daily=row["period_daily"],
+        period_monthly=row["period_monthly"],
+        state=row["state"],
+        updated_at=row["updated_at"],
+        progress_seq=row["progress_seq"],
+        progress_offset=row["progress_offset"],
+        last_progress_at=row["last_progress_at"],
+        error_code=row["error_code"],
+        error_detail=row["error_detail"],
+        finish_reason=row["finish_reason"],
+        provider_response_id=row["provider_response_id"],
+        assistant_message_id=row["assistant_message_id"],
+        completed_at=row["completed_at"],
+        usage=usage,
+        usage_model=row["usage_model"],
+        billing_outcome=row["billing_outcome"],
+        settlement_method=row["settlement_method"],
+        committed_credits_micro=row["committed_credits_micro"],
+        overshoot_capped=row["overshoot_capped"],
+        settled_at=row["settled_at"],
+        adjusted_at=row["adjusted_at"],
+    )
+
+
+async def load_turns(
+    con: asyncpg.Connection, keys: Iterable[tuple[UUID, UUID, UUID]]
+) -> dict[tuple[UUID, RequestKey], Found]:
+    """By (event tenant, (chat, request)): the turn when it is that tenant's, a mismatch flag when
+    another tenant's turn or decision holds the key; absent when nothing is stored yet."""
+    wanted = sorted(set(keys))
+    found: dict[tuple[UUID, RequestKey], Found] = {}
+    for row in await con.fetch(_LOAD_TURNS, *columns(wanted, 3)):
+        same = row["same_tenant"]
+        found[(row["event_tenant"], (row["chat_id"], row["request_id"]))] = Found(
+            _record(row) if same else None, same
+        )
+    missing = [k for k in wanted if (k[0], (k[1], k[2])) not in found]
+    if missing:
+        for row in await con.fetch(_LOAD_DECISION_TENANTS, *columns(missing, 3)):
+            # a decision without a turn: the command was rejected
+            key = (row["chat_id"], row["command_id"])
+            found[(row["event_tenant"], key)] = Found(None, row["same_tenant"])
+    return found
+
+
+# ------------------------------------------------------------------------------------ writing
+
+_UPDATE_TURNS = """
+UPDATE chat_turns t SET
+    state = k.state, error_code = k.error_code, error_detail = k.error_detail,
+    finish_reason = k.finish_reason, provider_response_id = k.provider_response_id,
+    assistant_message_id = k.assistant_message_id,
+    completed_at = k.completed_at, terminal_at = k.completed_at, updated_at = k.updated_at,
+    progress_seq = k.progress_seq, progress_offset = k.progress_offset, last_progress_at = k.last_progress_at,
+    usage_known = COALESCE(k.input_tokens + k.output_tokens > 0, false),
+    input_tokens = k.input_tokens, output_tokens = k.output_tokens,
+    cache_read_input_tokens = k.cache_read, cache_write_input_tokens = k.cache_write,
+    reasoning_tokens = k.reasoning, web_search_calls = k.web_search_calls,
+    code_interpreter_calls = k.code_interpreter_calls, usage_model = k.usage_model,
+    web_search_completed_count = COALESCE(k.web_search_calls, t.web_search_completed_count),
+    code_interpreter_completed_count = COALESCE(k.code_interpreter_calls, t.code_interpreter_completed_count),
+    billing_outcome = k.billing_outcome, settlement_method = k.settlement_method,
+    committed_credits_micro = k.committed, overshoot_capped = k.overshoot_capped,
+    settled_at = k.settled_at, adjusted_at = k.adjusted_at,
+    last_progress_seen_at = CASE WHEN k.progressed THEN now() ELSE t.last_progress_seen_at END,
+    terminal_seen_at = CASE WHEN k.awaiting_usage THEN now() ELSE t.terminal_seen_at END
+FROM unnest(
+    $1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::uuid[],
+    $9::timestamptz[], $10::timestamptz[], $11::bigint[], $12::bigint[], $13::timestamptz[],
+    $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[], $18::bigint[], $19::int[], $20::int[],
+    $21::text[], $22::text[], $23::text[], $24::bigint[], $25::bool[], $26::timestamptz[],
+    $27::timestamptz[], $28::bool[], $29::bool[]
+) AS k (id, tenant_id, state, error_code, error_detail, finish_reason, provider_response_id,
+        assistant_message_id, completed_at, updated_at, progress_seq, progress_offset, last_progress_at,
+        input_tokens, output_tokens, cache_read, cache_write, reasoning, web_search_calls,
+        code_interpreter_calls, usage_model, billing_outcome, settlement_method, committed,
+        overshoot_capped, settled_at, adjusted_at, progressed, awaiting_usage)
+WHERE t.id = k.id AND t.tenant_id = k.tenant_id
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class TurnWrite:
+    turn: TurnRecord
+    progressed: bool
+    awaiting_usage: bool
+
+
+async def update_turns(con: asyncpg.Connection, writes: Sequence[TurnWrite]) -> None:
+    if not writes:
+        return
+    rows = []
+    for w in writes:
+        t, u = w.turn, w.turn.usage
+        rows.append(
+            (
+                t.id, t.tenant_id, t.state, t.error_code, t.error_detail, t.finish_reason,
+                t.provider_response_id, t.assistant_message_id, t.completed_at, t.updated_at,
+                t.progress_seq, t.progress_offset, t.last_progress_at,
+                u.input_tokens if u else None, u.output_tokens if u else None,
+                u.cache_read_input_tokens if u else None, u.cache_write_input_tokens if u else None,
+                u.reasoning_tokens if u else None, u.web_search_calls if u else None,
+                u.code_interpreter_calls if u else None, t.usage_model,
+                t.billing_outcome, t.settlement_method, t.committed_credits_micro, t.overshoot_capped,
+                t.settled_at, t.adjusted_at, w.progressed, w.awaiting_usage,
+            )
+        )  # fmt: skip
+    await con.execute(_UPDATE_TURNS, *columns(rows, 29))
+
+
+_INSERT_ASSISTANT_MESSAGES = """
+INSERT INTO messages (id, tenant_id, chat_id, request_id, role, content, provider_response_id,
+                      request_kind, model, input_tokens, output_tokens, cache_read_input_tokens,
+                      cache_write_input_tokens, reasoning_tokens, created_at)
+SELECT id, tenant_id, chat_id, request_id, 'assistant', content, provider_response_id,
+       'chat', model, input_tokens, output_tokens, cache_read, cache_write, reasoning, created_at
+FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], $7::text[],
+            $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::timestamptz[])
+     AS k (id, tenant_id, chat_id, request_id, content, provider_response_id, model,
+           input_tokens, output_tokens, cache_read, cache_write, reasoning, created_at)
+ON CONFLICT DO NOTHING
+"""
+
+_MESSAGE_USAGE = """
+UPDATE messages m SET
+    input_tokens = k.input_tokens, output_tokens = k.output_tokens,
+    cache_read_input_tokens = k.cache_read, cache_write_input_tokens = k.cache_write,
+    reasoning_tokens = k.reasoning
+FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[])
+     AS k (id, tenant_id, input_tokens, output_tokens, cache_read, cache_write, reasoning)
+WHERE m.id = k.id AND m.tenant_id = k.tenant_id
+"""
+
+
+def _usage_figures(usage: Usage | None) -> tuple[int, int, int, int, int]:
+    if usage is None:
+        return (0, 0, 0, 0, 0)
+    return (
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cache_read_input_tokens,
+        usage.cache_write_input_tokens,
+        usage.reasoning_tokens,
+    )
+
+
+async def insert_assistant_messages(con: asyncpg.Connection, messages: Sequence[AssistantMessage]) -> None:
+    if messages:
+        rows = [
+            (
+                m.id, m.tenant_id, m.chat_id, m.request_id, m.content, m.provider_response_id, m.model,
+                *_usage_figures(m.usage), m.created_at,
+            )
+            for m in messages
+        ]  # fmt: skip
+        await con.execute(_INSERT_ASSISTANT_MESSAGES, *columns(rows, 13))
+
+
+async def update_message_usage(con: asyncpg.Connection, turns: Sequence[TurnRecord]) -> None:
+    rows = [
+        (t.assistant_message_id, t.tenant_id, *_usage_figures(t.usage))
+        for t in turns
+        if t.assistant_message_id is not None
+    ]
+    if rows:
+        await con.execute(_MESSAGE_USAGE, *columns(rows, 7))
+
+
+# Rows are locked in the one global key order every quota writer uses.
+_LOCK_QUOTA_ROWS = """
+SELECT q.id
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::date[], $5::text[])
+     AS k (tenant_id, user_id, period_type, period_start, bucket)
+JOIN quota_usage q USING (tenant_id, user_id, period_type, period_start, bucket)
+ORDER BY q.tenant_id, q.user_id, q.period_type, q.period_start, q.bucket
+FOR UPDATE OF q
+"""
+
+_APPLY_QUOTA_DELTAS = """
+UPDATE quota_usage q SET
+    spent_credits_micro = q.spent_credits_micro + k.spent,
+    reserved_credits_micro = q.reserved_credits_micro + k.reserved,
+    calls = q.calls + k.calls,
+    input_tokens = q.input_tokens + k.input_tokens,
+    output_tokens = q.output_tokens + k.output_tokens,
+    web_search_calls = q.web_search_calls + k.web_search_calls,
+    code_interpreter_calls = q.code_interpreter_calls + k.code_interpreter_calls,
+    updated_at = GREATEST(q.updated_at, k.at)
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::date[], $5::text[], $6::bigint[], $7::bigint[],
+            $8::int[], $9::bigint[], $10::bigint[], $11::int[], $12::int[], $13::timestamptz[])
+     AS k (tenant_id, user_id, period_type, period_start, bucket, spent, reserved, calls,
+           input_tokens, output_tokens, web_search_calls, code_interpreter_calls, at)
+WHERE q.tenant_id = k.tenant_id AND q.user_id = k.user_id AND q.period_type = k.period_type
+  AND q.period_start = k.period_start AND q.bucket = k.bucket
+"""
+
+QuotaSlot = tuple[UUID, UUID, BucketKey]
+
+
+class MissingQuotaRow(RuntimeError):
+    """A settlement names a row its reserve never created: a bug, never skipped silently."""
+
+
+async def apply_quota_deltas(
+    con: asyncpg.Connection, deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]]
+) -> None:
+    if not deltas:
+        return
+    slots = sorted(deltas, key=lambda s: (s[0], s[1], s[2]))
+    keys = [(t, u, k.period_type, k.period_start, k.bucket) for t, u, k in slots]
+    await con.execute(_LOCK_QUOTA_ROWS, *columns(keys, 5))
+    rows = []
+    for (tenant, user, key), key_cols in zip(slots, keys, strict=True):
+        d, at = deltas[(tenant, user, key)]
+        rows.append(
+            (
+                *key_cols, d.spent_credits_micro, d.reserved_credits_micro, d.calls, d.input_tokens,
+                d.output_tokens, d.web_search_calls, d.code_interpreter_calls, at,
+            )
+        )  # fmt: skip
+    status = await con.execute(_APPLY_QUOTA_DELTAS, *columns(rows, 13))
+    if int(status.split()[-1]) != len(rows):
+        raise MissingQuotaRow(f"settlement touched {status.split()[-1]} of {len(rows)} quota rows")
+
+
+# ------------------------------------------------------------------------------------ parking
+
+_PARK = """
+INSERT INTO parked_events (tenant_id, chat_id, request_id, source_topic, source_partition, source_offset,
+                           event_type, payload, record_timestamp)
+SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::int[], $6::bigint[],
+                     $7::text[], $8::bytea[], $9::timestamptz[])
+ON CONFLICT (source_topic, source_partition, source_offset) DO NOTHING
+"""
+
+# Taken whatever tenant parked them (the key is the command's request): an event of another
+# tenant than the command's is then dead-lettered as a tenant mismatch, never left parked.
+_UNPARK = """
+DELETE FROM parked_events p
+USING unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS k (tenant_id, chat_id, request_id)
+WHERE p.chat_id = k.chat_id AND p.request_id = k.request_id
+RETURNING p.tenant_id, p.chat_id, p.request_id, p.source_topic, p.source_partition, p.source_offset,
+          p.payload, p.record_timestamp
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Parked:
+    tenant_id: UUID
+    chat_id: UUID
+    request_id: UUID
+    source_topic: str
+    partition: int
+    offset: int
+    event_type: str
+    payload: bytes
+    record_timestamp: datetime
+
+
+async def park(con: asyncpg.Connection, parked: Sequence[Parked]) -> None:
+    if parked:
+        rows = [
+            (
+                p.tenant_id, p.chat_id, p.request_id, p.source_topic, p.partition, p.offset, p.event_type,
+                p.payload, p.record_timestamp,
+            )
+            for p in parked
+        ]  # fmt: skip
+        await con.execute(_PARK, *columns(rows, 9))
+
+
+async def unpark(con: asyncpg.Connection, keys: Iterable[tuple[UUID, UUID, UUID]]) -> list[Parked]:
+    """Take the parked events of these (tenant, chat, request) keys, in their original order."""
+    wanted = sorted(set(keys))
+    if not wanted:
+        return []
+    rows = await con.fetch(_UNPARK, *columns(wanted, 3))
+    parked = [
+        Parked(
+            tenant_id=r["tenant_id"],
+            chat_id=r["chat_id"],
+            request_id=r["request_id"],
+            source_topic=r["source_topic"],
+            partition=r["source_partition"],
+            offset=r["source_offset"],
+            event_type="",
+            payload=bytes(r["payload"]),
+            record_timestamp=r["record_timestamp"],
+        )
+        for r in rows
+    ]
+    parked.sort(key=lambda p: (p.record_timestamp, p.source_topic, p.partition, p.offset))
+    return parked
