@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     session_timeout_s: float = Field(default=10.0, gt=0)
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     log_level: str = "INFO"
+    # Leader timers: the outbox relay's period and batch, the watchdog's signals per tick.
+    relay_interval_s: float = Field(default=0.2, gt=0, le=60)
+    relay_batch_max: int = Field(default=500, ge=1, le=10_000)
+    watchdog_batch_max: int = Field(default=500, ge=1, le=10_000)
 
     @property
     def kafka_broker_url(self) -> str:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,35 +13,18 @@ from minichat.domain.turns import TurnEvent
 from minichat.models import events
 from minichat.models.policy import Policy, load_policy
 from minichat.models.topics import TopicNames
-from minichat.processors.errors import GaveUp
+from minichat.processors.errors import stop_worker
 from minichat.processors.pipeline import BatchProcessor, Handler, Producer
 from minichat.processors.records import record_from_event
+from minichat.processors.relay import register_relay
 from minichat.processors.runtime import Runtime
 from minichat.processors.turn_events import TurnEvents
 from minichat.processors.turn_requests import TurnRequests
+from minichat.processors.watchdog import register_watchdog
 from minichat.settings import Settings
 from minichat.storage.policies import PolicySnapshots
 
 logger = logging.getLogger(__name__)
-
-# Exit status when a batch can neither be applied nor retried any longer.
-EXIT_FATAL = 70
-
-
-def _stop_without_commit(name: str, exc: BaseException) -> None:
-    """Leave at once, without letting faust commit offsets of a batch that was not applied.
-
-    faust acks a batch when the loop body exits, even by an exception, and commits acked offsets
-    on a graceful stop: raising or crashing the app could skip the batch. Exiting the process is
-    the same as a SIGKILL, which the design survives: the batch is consumed again on restart.
-    """
-    if isinstance(exc, GaveUp):
-        logger.critical("%s: a dependency is down for too long, stopping the worker: %s", name, exc)
-    else:
-        logger.critical("%s: unexpected failure, stopping the worker", name, exc_info=exc)
-    logging.shutdown()
-    sys.stderr.flush()
-    os._exit(EXIT_FATAL)
 
 
 def _agent(processor: BatchProcessor[Any], settings: Settings) -> Callable[[Any], Awaitable[None]]:
@@ -52,7 +33,7 @@ def _agent(processor: BatchProcessor[Any], settings: Settings) -> Callable[[Any]
             try:
                 await processor.process([record_from_event(event) for event in batch])
             except Exception as exc:
-                _stop_without_commit(processor.name, exc)
+                stop_worker(processor.name, exc)
 
     consume.__name__ = processor.name
     return consume
@@ -128,6 +109,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
     for topic_name, processor in build_processors(settings, policy, runtime.pool, producer).items():
         topic = app.topic(topic_name, key_type=bytes, value_type=bytes, partitions=settings.partitions)
         app.agent(channel=topic, name=processor.name)(_agent(processor, settings))
+
+    register_relay(app, runtime, settings, policy)
+    register_watchdog(app, runtime, settings, policy)
 
     @app.on_before_shutdown.connect
     async def _close_runtime(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import random
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import asyncpg
 from aiokafka.errors import KafkaError
@@ -40,11 +42,16 @@ _TRANSIENT_DB: tuple[type[BaseException], ...] = (
     asyncpg.CrashShutdownError,  # 57P02
     asyncpg.TooManyConnectionsError,  # 53300
     asyncpg.QueryCanceledError,  # 57014 (statement timeout)
+    # A connection that died under a query: asyncpg raises these client-side classes for it. A
+    # real misuse would also land here, and then crashes the worker once the retries give up.
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
 )
+_TRANSIENT: tuple[type[BaseException], ...] = (*_TRANSIENT_DB, OSError, asyncio.TimeoutError, TimeoutError)
 
 
 def classify(exc: BaseException) -> Action:
-    if isinstance(exc, _TRANSIENT_DB | OSError | asyncio.TimeoutError | TimeoutError):
+    if isinstance(exc, _TRANSIENT):
         return Action.RETRY
     if isinstance(exc, KafkaError) and getattr(exc, "retriable", False):
         return Action.RETRY
@@ -87,3 +94,23 @@ async def with_retries(
             logger.warning("%s failed (%s), retry %d in %.2fs", what, type(exc).__name__, tries, backoff)
             await asyncio.sleep(backoff * (0.5 + random.random() / 2))
             backoff = min(backoff * 2, policy.max_backoff_s)
+
+
+# Exit status when work can neither be done nor retried any longer.
+EXIT_FATAL = 70
+
+
+def stop_worker(name: str, exc: BaseException) -> NoReturn:
+    """Leave at once, without letting faust commit offsets of a batch that was not applied.
+
+    faust acks a batch when the loop body exits, even by an exception, and commits acked offsets
+    on a graceful stop: raising or crashing the app could skip the batch. Exiting the process is
+    the same as a SIGKILL, which the design survives: the batch is consumed again on restart.
+    """
+    if isinstance(exc, GaveUp):
+        logger.critical("%s: a dependency is down for too long, stopping the worker: %s", name, exc)
+    else:
+        logger.critical("%s: unexpected failure, stopping the worker", name, exc_info=exc)
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(EXIT_FATAL)
