@@ -10,6 +10,7 @@ import pytest
 
 from minichat.domain.commands import message_id_for, turn_id_for
 from tests.conftest import Live
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -160,3 +161,113 @@ async def test_premium_model_reserves_both_buckets(live: Live) -> None:
     rows = await quota_rows(live, tenant, user)
     assert set(rows) == {(p, b) for p in ("daily", "monthly") for b in ("total", "tier:premium")}
     assert {r["reserved_credits_micro"] for r in rows.values()} == {decision["reserved_credits_micro"]}
+
+
+async def _finished_turn(
+    live: Live, tenant: uuid.UUID, user: uuid.UUID, chat: uuid.UUID, content: str
+) -> Any:
+    command = live.gateway.requested(tenant, user, chat, content=content)
+    [decision] = await live.gateway.decide(command)
+    assert decision["decision"] == "allow"
+    usage = {"input_tokens": 10, "output_tokens": 20}
+    await live.gateway.send_provider(
+        live.gateway.provider("turn.completed", command, content="answer", usage=usage)
+    )
+
+    async def settled() -> Any:
+        return await live.db.fetchval(
+            "SELECT settled_at IS NOT NULL FROM chat_turns WHERE chat_id = $1 AND request_id = $2",
+            chat,
+            uuid.UUID(command["request_id"]),
+        )
+
+    await wait_until(settled, timeout=30, what="the turn to settle")
+    return command
+
+
+async def test_retry_and_edit_replace_the_latest_terminal_turn(live: Live) -> None:
+    tenant, user, chat = ids()
+    first = await _finished_turn(live, tenant, user, chat, "original question")
+    retry = live.gateway.retry(tenant, user, chat, first["request_id"])
+    [retried] = await live.gateway.decide(retry)
+    assert (retried["decision"], retried["command"], retried["request_id"]) == (
+        "allow",
+        "turn.retry",
+        retry["new_request_id"],
+    )
+    old = await live.db.fetchrow(
+        "SELECT * FROM chat_turns WHERE chat_id = $1 AND request_id = $2",
+        chat,
+        uuid.UUID(first["request_id"]),
+    )
+    assert old["deleted_at"] is not None
+    assert old["replaced_by_request_id"] == uuid.UUID(retry["new_request_id"])
+    live_messages = await live.db.fetch(
+        "SELECT request_id, role, content FROM messages WHERE chat_id = $1 AND deleted_at IS NULL", chat
+    )
+    assert [(m["request_id"], m["role"], m["content"]) for m in live_messages] == [
+        (uuid.UUID(retry["new_request_id"]), "user", "original question")
+    ]
+
+    # the retried turn runs: it cannot be replaced yet
+    edit_too_soon = live.gateway.edit(tenant, user, chat, retry["new_request_id"], "edited")
+    [too_soon] = await live.gateway.decide(edit_too_soon)
+    assert (too_soon["decision"], too_soon["error_code"]) == ("reject", "invalid_turn_state")
+
+    await live.gateway.send_provider(
+        live.gateway.provider(
+            "turn.completed", retry, content="again", usage={"input_tokens": 1, "output_tokens": 1}
+        )
+    )
+    await wait_until(
+        lambda: live.db.fetchval(
+            "SELECT settled_at IS NOT NULL FROM chat_turns WHERE chat_id = $1 AND request_id = $2",
+            chat,
+            uuid.UUID(retry["new_request_id"]),
+        ),
+        timeout=30,
+        what="the retried turn to settle",
+    )
+    edit = live.gateway.edit(tenant, user, chat, retry["new_request_id"], "edited question")
+    stale = live.gateway.retry(tenant, user, chat, first["request_id"])
+    unknown = live.gateway.retry(tenant, user, chat, uuid.uuid4())
+    edited, not_latest, not_found = await live.gateway.decide(edit, stale, unknown)
+    assert edited["decision"] == "allow"
+    assert (not_latest["decision"], not_latest["error_code"]) == ("reject", "not_latest_turn")
+    assert (not_found["decision"], not_found["error_code"]) == ("reject", "turn_not_found")
+    contents = await live.db.fetch(
+        "SELECT content FROM messages WHERE chat_id = $1 AND role = 'user' AND deleted_at IS NULL", chat
+    )
+    assert [m["content"] for m in contents] == ["edited question"]
+    running = await live.db.fetchval(
+        "SELECT count(*) FROM chat_turns WHERE chat_id = $1 AND state = 'running' AND deleted_at IS NULL",
+        chat,
+    )
+    assert running == 1
+
+
+async def test_turn_delete_soft_deletes_the_latest_terminal_turn(live: Live) -> None:
+    tenant, user, chat = ids()
+    first = await _finished_turn(live, tenant, user, chat, "one")
+    second = await _finished_turn(live, tenant, user, chat, "two")
+    delete_first = live.gateway.delete_turn(tenant, user, chat, first["request_id"])
+    delete_second = live.gateway.delete_turn(tenant, user, chat, second["request_id"])
+    delete_again = live.gateway.delete_turn(tenant, user, chat, second["request_id"])
+    not_latest, done, again = await live.gateway.decide(delete_first, delete_second, delete_again)
+    assert (not_latest["decision"], not_latest["error_code"]) == ("reject", "not_latest_turn")
+    assert (done["decision"], done["request_id"]) == ("done", second["request_id"])
+    assert (again["decision"], again["error_code"]) == ("reject", "not_latest_turn")
+    rows = await live.db.fetch(
+        "SELECT request_id, deleted_at IS NOT NULL AS deleted FROM chat_turns WHERE chat_id = $1", chat
+    )
+    assert {r["request_id"]: r["deleted"] for r in rows} == {
+        uuid.UUID(first["request_id"]): False,
+        uuid.UUID(second["request_id"]): True,
+    }
+    left = await live.db.fetch("SELECT content FROM messages WHERE chat_id = $1 AND deleted_at IS NULL", chat)
+    assert sorted(m["content"] for m in left) == ["answer", "one"]
+    # now the first turn is the latest again and can be deleted
+    [done_first] = await live.gateway.decide(
+        live.gateway.delete_turn(tenant, user, chat, first["request_id"])
+    )
+    assert done_first["decision"] == "done"
