@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from minichat.processors.errors import EXIT_FATAL
 from minichat.settings import Settings
 
 logger = logging.getLogger("minichat")
@@ -131,6 +132,102 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     return 0  # pragma: no cover (execute_from_commandline exits)
 
 
+def _simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from minichat.simulator import SimulateOptions, simulate
+
+    options = SimulateOptions(
+        tenants=args.tenants,
+        users_per_tenant=args.users_per_tenant,
+        chats_per_user=args.chats_per_user,
+        turns_per_chat=args.turns_per_chat,
+        seed=args.seed,
+        timeout=args.timeout,
+        step_timeout=args.step_timeout,
+        concurrency=args.concurrency,
+    )
+    return _run(simulate(settings, options))
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def _from_time(text: str) -> Any:
+    from minichat.replay import parse_time
+
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _replay(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from minichat.models.policy import PolicyError
+    from minichat.replay import ReplaySetupError, run_replay
+    from minichat.storage.policies import PolicyConflict
+
+    problems = asyncio.run(_preflight(settings))
+    if problems:
+        for problem in problems:
+            print(f"minichat replay: {problem}", file=sys.stderr)
+        return EXIT_SETUP
+    try:
+        summary = asyncio.run(
+            run_replay(settings, from_time=args.from_time, show_progress=not args.no_progress)
+        )
+    except (ReplaySetupError, PolicyError, PolicyConflict) as exc:
+        print(f"minichat replay: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    except KeyboardInterrupt:
+        print(
+            "minichat replay: interrupted (each batch is its own transaction: run it again)", file=sys.stderr
+        )
+        return 130
+    except Exception:
+        # Each applied batch committed on its own and re-applying is a no-op: running it again is safe.
+        logger.critical("replay failed; it is safe to run it again", exc_info=True)
+        return EXIT_FATAL
+    if args.json:
+        print(json.dumps(summary.as_dict(), sort_keys=True))
+    else:
+        print("\n".join(summary.lines()))
+    return 0
+
+
+async def _digest(settings: Settings, args: argparse.Namespace) -> int:
+    from minichat.storage.db import connect
+    from minichat.storage.digest import DigestError, digest
+
+    con = await connect(settings)
+    try:
+        result = await digest(con)
+    except DigestError as exc:
+        print(f"minichat digest: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    finally:
+        await con.close()
+    if args.tables:
+        width = max(len(t) for t in result.tables)
+        for table, value in result.tables.items():
+            print(f"{table:<{width}}  {value}")
+        print(f"{'total':<{width}}  {result.total}")
+    else:
+        print(result.total)
+    return 0
+
+
 def _schema_export(settings: Settings, args: argparse.Namespace) -> int:
     from minichat.models.schema import export_schemas
 
@@ -163,6 +260,68 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--replication-factor", type=int, default=1)
 
     command(commands, "worker", "run the processor until SIGTERM", _worker)
+
+    simulate = command(
+        commands,
+        "simulate",
+        "play realistic gateway traffic through a running deployment, then check its books "
+        "(exit 0 when every invariant holds, 1 otherwise)",
+        _simulate,
+    )
+    simulate.add_argument("--tenants", type=_positive_int, default=4, help="tenants (default 4)")
+    simulate.add_argument(
+        "--users-per-tenant", type=_positive_int, default=5, help="users per tenant (default 5)"
+    )
+    simulate.add_argument(
+        "--chats-per-user", type=_positive_int, default=3, help="chats per user (default 3)"
+    )
+    simulate.add_argument(
+        "--turns-per-chat", type=_positive_int, default=4, help="turns per chat (default 4)"
+    )
+    simulate.add_argument(
+        "--seed", type=int, default=None, help="seed of every choice (default: random, printed)"
+    )
+    simulate.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=120.0,
+        help="seconds to wait, after the traffic, for the processor to settle everything (default 120)",
+    )
+    simulate.add_argument(
+        "--step-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="seconds to wait for one decision or one turn to leave running (default 30)",
+    )
+    simulate.add_argument(
+        "--concurrency", type=_positive_int, default=32, help="chats played at once (default 32)"
+    )
+
+    replay = command(
+        commands,
+        "replay",
+        "re-consume the input topics up to their current end into the database; no decision, "
+        "dead letter or billing event is re-sent; prints a summary",
+        _replay,
+    )
+    replay.add_argument(
+        "--from-time",
+        type=_from_time,
+        default=None,
+        metavar="RFC3339",
+        help="start at the first record at or after this time (e.g. 2025-01-31T12:00:00Z); "
+        "default: the beginning of the topics",
+    )
+    replay.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    replay.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+    digest = command(
+        commands,
+        "digest",
+        "print a sha256 of the stored state, all tenants (CONTRACT section 9)",
+        lambda s, a: _run(_digest(s, a)),
+    )
+    digest.add_argument("--tables", action="store_true", help="one digest per table, then the total")
 
     schema = commands.add_parser("schema", help="JSON Schemas of the events").add_subparsers(
         dest="schema_command", required=True
