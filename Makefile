@@ -1,7 +1,8 @@
 # minichat developer entry points. `make help` lists them.
 #
 #   make test                      venv + local stack + pytest      (PYTEST_ARGS="-k foo -x" to pass options)
-#   make run                       venv + local stack + migrate + topics + worker (the README's main job)
+#   make demo                      the README's main job: stack, migrate, topics, worker, simulator, summary
+#   make run                       venv + local stack + migrate + topics + worker (runs until Ctrl-C)
 #   make up / down / status        the local Kafka + PostgreSQL of scripts/stack.sh (make down PURGE=1 deletes data)
 #   make check                     ruff check, ruff format --check, mypy
 #
@@ -23,10 +24,10 @@ PURGE ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv up down status test check run
+.PHONY: help venv up down status test check run demo
 
 help:
-	@sed -n '3,9p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '3,10p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 venv: $(STAMP)
 
@@ -85,3 +86,7 @@ run: venv
 	"$(VENV)/bin/minichat" db migrate; \
 	"$(VENV)/bin/minichat" topics create; \
 	exec "$(VENV)/bin/minichat" worker
+
+ARGS ?=
+demo: venv
+	@scripts/demo.sh $(ARGS)
