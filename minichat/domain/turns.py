@@ -19,6 +19,7 @@ from minichat.domain.commands import message_id_for
 from minichat.domain.periods import Periods
 from minichat.domain.quota import BucketKey, QuotaDelta
 from minichat.domain.settlement import (
+    ORPHAN_TIMEOUT,
     Settlement,
     TerminalState,
     TurnCharge,
@@ -197,48 +198,12 @@ def apply_event(turn: TurnRecord, event: TurnEvent, at: datetime, offset: int, s
             updated_at=max(turn.updated_at, at),
         )
         return Step(progressed, changed=True, progressed=True)
-    if isinstance(event, TurnOrphaned):
+    if isinstance(event, TurnOrphaned) and turn.running and event.progress_seq != turn.progress_seq:
+        return _noop(turn, "progress_moved_on")
+    if isinstance(event, TurnOrphaned | TurnCompleted | TurnFailed | TurnCancelled):
         if not turn.running:
             return _noop(turn, "not_running")
-        if event.progress_seq != turn.progress_seq:
-            return _noop(turn, "progress_moved_on")
-        return _finish(turn, "failed", at, snapshot, error_code="orphan_timeout", usage=None)
-    if isinstance(event, TurnCompleted | TurnFailed | TurnCancelled):
-        if not turn.running:
-            return _noop(turn, "not_running")
-        inline = domain_usage(event.usage) if event.usage is not None else None
-        if isinstance(event, TurnCompleted):
-            return _finish(
-                turn,
-                "completed",
-                at,
-                snapshot,
-                usage=inline,
-                usage_model=event.usage.model if event.usage else None,
-                content=event.content,
-                provider_response_id=event.provider_response_id,
-                finish_reason=event.finish_reason,
-            )
-        if isinstance(event, TurnCancelled):
-            return _finish(
-                turn,
-                "cancelled",
-                at,
-                snapshot,
-                usage=inline,
-                usage_model=event.usage.model if event.usage else None,
-                content=event.content or None,
-            )
-        return _finish(
-            turn,
-            "failed",
-            at,
-            snapshot,
-            usage=inline,
-            usage_model=event.usage.model if event.usage else None,
-            error_code=event.error_code,
-            error_detail=event.error_detail,
-        )
+        return _finish(turn, _terminal_of(event), at, snapshot)
     if isinstance(event, UsageReported):
         return _usage_reported(turn, domain_usage(event), event.model, at, snapshot)
     assert isinstance(event, UsageGraceExpired)
@@ -247,48 +212,72 @@ def apply_event(turn: TurnRecord, event: TurnEvent, at: datetime, offset: int, s
     return _settle(dataclasses.replace(turn, updated_at=max(turn.updated_at, at)), at, snapshot)
 
 
-def _finish(
-    turn: TurnRecord,
-    state: TerminalState,
-    at: datetime,
-    snapshot: Policy,
-    *,
-    usage: Usage | None,
-    usage_model: str | None = None,
-    content: str | None = None,
-    provider_response_id: str | None = None,
-    finish_reason: str | None = None,
-    error_code: str | None = None,
-    error_detail: str | None = None,
-) -> Step:
-    first_usage = _first_known(turn.usage, usage)
+@dataclass(frozen=True, slots=True)
+class _Terminal:
+    """What a terminal event says, whichever kind it is."""
+
+    state: TerminalState
+    content: str | None = None
+    """The assistant text to store; None stores no message."""
+    provider_response_id: str | None = None
+    finish_reason: str | None = None
+    error_code: str | None = None
+    error_detail: str | None = None
+    usage: WireUsage | None = None
+
+
+def _terminal_of(event: TurnOrphaned | TurnCompleted | TurnFailed | TurnCancelled) -> _Terminal:
+    if isinstance(event, TurnCompleted):
+        return _Terminal(
+            "completed",
+            content=event.content,
+            provider_response_id=event.provider_response_id,
+            finish_reason=event.finish_reason,
+            usage=event.usage,
+        )
+    if isinstance(event, TurnCancelled):  # a cancelled turn keeps its partial text, if any
+        return _Terminal("cancelled", content=event.content or None, usage=event.usage)
+    if isinstance(event, TurnFailed):
+        return _Terminal(
+            "failed", error_code=event.error_code, error_detail=event.error_detail, usage=event.usage
+        )
+    return _Terminal("failed", error_code=ORPHAN_TIMEOUT)
+
+
+def _reported_model(usage: WireUsage | None) -> str | None:
+    return usage.model if usage is not None else None
+
+
+def _finish(turn: TurnRecord, terminal: _Terminal, at: datetime, snapshot: Policy) -> Step:
+    inline = domain_usage(terminal.usage) if terminal.usage is not None else None
+    first_usage = _first_known(turn.usage, inline)
     message = None
-    if content is not None:
+    if terminal.content is not None:
         message = AssistantMessage(
             id=message_id_for(turn.chat_id, turn.request_id, "assistant"),
             tenant_id=turn.tenant_id,
             chat_id=turn.chat_id,
             request_id=turn.request_id,
-            content=content,
+            content=terminal.content,
             model=turn.effective_model,
-            provider_response_id=provider_response_id,
+            provider_response_id=terminal.provider_response_id,
             usage=first_usage,
             created_at=at,
         )
     finished = dataclasses.replace(
         turn,
-        state=state,
-        error_code=error_code,
-        error_detail=error_detail,
-        finish_reason=finish_reason,
-        provider_response_id=provider_response_id,
+        state=terminal.state,
+        error_code=terminal.error_code,
+        error_detail=terminal.error_detail,
+        finish_reason=terminal.finish_reason,
+        provider_response_id=terminal.provider_response_id,
         assistant_message_id=message.id if message else None,
         completed_at=at,
         updated_at=max(turn.updated_at, at),
         usage=first_usage,
-        usage_model=turn.usage_model if first_usage is turn.usage else usage_model,
+        usage_model=turn.usage_model if first_usage is turn.usage else _reported_model(terminal.usage),
     )
-    if awaits_usage(state, error_code, first_usage):
+    if awaits_usage(terminal.state, terminal.error_code, first_usage):
         return Step(finished, changed=True, message=message, awaiting_usage=True)
     settled = _settle(finished, at, snapshot)
     return dataclasses.replace(settled, message=message)

@@ -165,7 +165,15 @@ async def test_completed_without_usage_settles_estimated_after_grace(fast: Live)
     estimated_in = decision["reserve_tokens"] - decision["max_output_tokens"]
     assert (turn["settlement_method"], turn["billing_outcome"]) == ("estimated", "completed")
     assert turn["committed_credits_micro"] == credits(estimated_in, 50)  # minimal_generation_floor
-    assert turn["grace_sent_at"] is not None  # the watchdog wrote usage.grace_expired
+    # the watchdog wrote usage.grace_expired (it marks the turn once the broker acked the event,
+    # which may be after the usage agent already applied it)
+    await wait_until(
+        lambda: fast.db.fetchval(
+            "SELECT grace_sent_at IS NOT NULL FROM chat_turns WHERE id = $1", turn["id"]
+        ),
+        timeout=30,
+        what="the watchdog's mark",
+    )
     assert_reserve_released(await quota(fast, command), turn["committed_credits_micro"])
 
 
