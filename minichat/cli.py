@@ -341,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    # aiokafka logs every produced record's key and value at DEBUG: message content, never logged.
+    logging.getLogger("aiokafka.producer.producer").setLevel(max(logging.INFO, logging.root.level))
     result: int = args.run(settings, args)
     return result
 

@@ -132,6 +132,11 @@ Text = Annotated[str, AfterValidator(_reject_nul)]
 """A string from a gateway: anything but U+0000."""
 
 Title = Annotated[str, StringConstraints(max_length=255), AfterValidator(_reject_nul)]
+# Bounded like the columns that store them: a wider value is a schema violation at the edge, not
+# a failed insert that would stop its partition.
+ModelName = Annotated[str, StringConstraints(max_length=1024), AfterValidator(_reject_nul)]
+ProviderResponseId = Annotated[str, StringConstraints(max_length=128), AfterValidator(_reject_nul)]
+ErrorCode = Annotated[str, StringConstraints(max_length=64), AfterValidator(_reject_nul)]
 
 TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKEN_COUNT, strict=True)]
 """Token and call counts: integers in 0..=10_000_000 (CONTRACT section 4)."""
@@ -181,7 +186,7 @@ class _UsageCounts(_Input):
     reasoning_tokens: OptionalCount = 0
     web_search_calls: OptionalCount = 0
     code_interpreter_calls: OptionalCount = 0
-    model: Text | None = None
+    model: ModelName | None = None
 
 
 class Usage(_UsageCounts):
@@ -215,7 +220,7 @@ class TurnRequested(Envelope):
     user_id: UUID
     request_id: UUID = Field(description="Idempotency key of the turn.")
     content: Text
-    model: Text | None = Field(
+    model: ModelName | None = Field(
         default=None, description="Selected model; required when the chat is new, ignored afterwards."
     )
     title: Title | None = None
@@ -272,7 +277,7 @@ class TurnCompleted(Envelope):
     type: Literal["turn.completed"] = "turn.completed"
     request_id: UUID
     content: Text
-    provider_response_id: Text | None = None
+    provider_response_id: ProviderResponseId | None = None
     finish_reason: Annotated[FinishReason, BeforeValidator(_null_is_default)] = "stop"
     usage: Usage | None = None
 
@@ -282,7 +287,7 @@ class TurnFailed(Envelope):
 
     type: Literal["turn.failed"] = "turn.failed"
     request_id: UUID
-    error_code: Text
+    error_code: ErrorCode
     error_detail: Text | None = None
     usage: Usage | None = None
 

@@ -21,6 +21,9 @@ TOPIC_CONFIG: dict[str, str] = {
     "retention.ms": "-1",
     "retention.bytes": "-1",
     "message.timestamp.type": "LogAppendTime",
+    # Above the processor's 1 MiB payload limit, so an oversized record reaches the processor and
+    # is dead-lettered `payload_too_large` (with a reason) instead of being refused at produce time.
+    "max.message.bytes": str(4 * 1024 * 1024),
 }
 
 

@@ -1,0 +1,482 @@
+"""Tenant isolation in the database (migration 0002) and what the worker writes to its log.
+
+The read API reads as `minichat_reader`, one tenant per transaction:
+`SET LOCAL ROLE minichat_reader` (or a login that is a member of it) and
+`set_config('minichat.tenant_id', <tenant>, true)`. Row-level security then shows that tenant's
+rows and nothing else; without the setting nothing at all. See docs/security.md.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from minichat.models.topics import TopicNames
+from tests.conftest import Deployment, deployment_settings
+from tests.gateway import Gateway
+from tests.support import (
+    Endpoints,
+    TopicReader,
+    database_url_for,
+    produce,
+    run_worker,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+READER = "minichat_reader"
+TENANT_TABLES = (
+    "chats",
+    "chat_turns",
+    "messages",
+    "quota_usage",
+    "turn_decisions",
+    "outbox",
+    "parked_events",
+)
+SYSTEM_TABLES = ("schema_migrations", "policy_versions")
+AT = datetime(2026, 3, 1, 12, tzinfo=UTC)
+
+
+async def seed_tenant(con: asyncpg.Connection, tenant: uuid.UUID, n: int) -> None:
+    """`n` rows of `tenant` in every tenant table, written as the owner (the worker's role)."""
+    for _ in range(n):
+        user, chat, request = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        await con.execute(
+            "INSERT INTO chats (id, tenant_id, user_id, model, created_at, updated_at)"
+            " VALUES ($1, $2, $3, 'gpt-5-mini', $4, $4)",
+            chat,
+            tenant,
+            user,
+            AT,
+        )
+        await con.execute(
+            """
+            INSERT INTO chat_turns (id, tenant_id, chat_id, request_id, requester_type, requester_user_id,
+                state, selected_model, effective_model, reserve_tokens, max_output_tokens_applied,
+                reserved_credits_micro, policy_version_applied, minimal_generation_floor_applied,
+                period_daily, period_monthly, started_at, updated_at)
+            VALUES ($1, $2, $3, $4, 'user', $5, 'running', 'gpt-5-mini', 'gpt-5-mini', 10, 5, 1, 1, 1,
+                    $6, $7, $8, $8)
+            """,
+            uuid.uuid4(),
+            tenant,
+            chat,
+            request,
+            user,
+            date(2026, 3, 1),
+            date(2026, 3, 1),
+            AT,
+        )
+        await con.execute(
+            "INSERT INTO messages (id, tenant_id, chat_id, request_id, role, content, created_at)"
+            " VALUES ($1, $2, $3, $4, 'user', $5, $6)",
+            uuid.uuid4(),
+            tenant,
+            chat,
+            request,
+            f"secret of {tenant}",
+            AT,
+        )
+        await con.execute(
+            "INSERT INTO quota_usage (id, tenant_id, user_id, period_type, period_start, bucket, updated_at)"
+            " VALUES ($1, $2, $3, 'daily', '2026-03-01', 'total', $4)",
+            uuid.uuid4(),
+            tenant,
+            user,
+            AT,
+        )
+        await con.execute(
+            "INSERT INTO turn_decisions (tenant_id, chat_id, command_id, command, command_event_id,"
+            " request_id, decision, payload, decided_at)"
+            " VALUES ($1, $2, $3, 'turn.requested', $4, $3, 'allow', '{}'::jsonb, $5)",
+            tenant,
+            chat,
+            request,
+            uuid.uuid4(),
+            AT,
+        )
+        await con.execute(
+            "INSERT INTO outbox (tenant_id, dedupe_key, event_type, payload, created_at)"
+            " VALUES ($1, $2, 'usage.settled', '{}'::jsonb, $3)",
+            tenant,
+            f"{tenant.hex}/{uuid.uuid4().hex}/{request.hex}",
+            AT,
+        )
+        await con.execute(
+            "INSERT INTO parked_events (tenant_id, chat_id, request_id, source_topic, source_partition,"
+            " source_offset, event_type, payload, record_timestamp)"
+            " VALUES ($1, $2, $3, 'usage', 0, $4, 'usage.reported', '\\x7b7d'::bytea, $5)",
+            tenant,
+            chat,
+            request,
+            # offsets unique across the tenants seeded into one database
+            uuid.uuid4().int % 2**62,
+            AT,
+        )
+
+
+@pytest.fixture
+async def owner(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the migrating role, which owns the tables (the worker connects as it)."""
+    con = await asyncpg.connect(database_url)
+    try:
+        yield con
+    finally:
+        await con.close()
+
+
+@pytest.fixture
+async def tenants(owner: asyncpg.Connection) -> tuple[uuid.UUID, uuid.UUID]:
+    a, b = uuid.uuid4(), uuid.uuid4()
+    await seed_tenant(owner, a, 2)
+    await seed_tenant(owner, b, 3)
+    return a, b
+
+
+@asynccontextmanager
+async def as_reader(con: asyncpg.Connection, tenant: uuid.UUID | str | None) -> AsyncIterator[None]:
+    """One read-API transaction: the reader role and (unless None) the tenant, both LOCAL."""
+    async with con.transaction():
+        await con.execute(f"SET LOCAL ROLE {READER}")
+        if tenant is not None:
+            await con.execute("SELECT set_config('minichat.tenant_id', $1, true)", str(tenant))
+        yield
+
+
+async def visible(con: asyncpg.Connection) -> dict[str, list[uuid.UUID]]:
+    """Per tenant table, the tenant_id of every row the current role can see."""
+    return {
+        table: [r["tenant_id"] for r in await con.fetch(f"SELECT tenant_id FROM {table}")]
+        for table in TENANT_TABLES
+    }
+
+
+# ------------------------------------------------------------------------------ the role itself
+
+
+async def test_reader_role_is_read_only_and_cannot_log_in(owner: asyncpg.Connection) -> None:
+    role = await owner.fetchrow(
+        "SELECT rolcanlogin, rolsuper, rolbypassrls, rolcreaterole, rolcreatedb FROM pg_roles"
+        " WHERE rolname = $1",
+        READER,
+    )
+    assert role is not None, "migration 0002 creates the role"
+    assert dict(role) == {
+        "rolcanlogin": False,
+        "rolsuper": False,
+        "rolbypassrls": False,
+        "rolcreaterole": False,
+        "rolcreatedb": False,
+    }
+    for table in TENANT_TABLES:
+        for privilege, granted in (
+            ("SELECT", True),
+            ("INSERT", False),
+            ("UPDATE", False),
+            ("DELETE", False),
+            ("TRUNCATE", False),
+            ("REFERENCES", False),
+            ("TRIGGER", False),
+        ):
+            has = await owner.fetchval("SELECT has_table_privilege($1, $2, $3)", READER, table, privilege)
+            assert has is granted, (table, privilege)
+    for table in SYSTEM_TABLES:
+        assert not await owner.fetchval("SELECT has_table_privilege($1, $2, 'SELECT')", READER, table)
+    # no sequence either: the reader cannot consume outbox ids
+    assert not await owner.fetchval(
+        "SELECT has_sequence_privilege($1, 'outbox_id_seq', 'USAGE,SELECT,UPDATE')", READER
+    )
+
+
+async def test_row_level_security_is_on_with_one_select_policy_per_table(owner: asyncpg.Connection) -> None:
+    flags = await owner.fetch(
+        "SELECT relname, relrowsecurity, relforcerowsecurity FROM pg_class"
+        " WHERE relname = ANY($1::text[]) AND relkind = 'r'",
+        list(TENANT_TABLES),
+    )
+    # enabled, not forced: the owner (the worker) is not subject to it
+    assert {r["relname"]: (r["relrowsecurity"], r["relforcerowsecurity"]) for r in flags} == {
+        t: (True, False) for t in TENANT_TABLES
+    }
+    policies = await owner.fetch(
+        "SELECT tablename, policyname, permissive, roles::text[] AS roles, cmd, qual FROM pg_policies"
+        " WHERE schemaname = 'public' ORDER BY tablename"
+    )
+    assert sorted(p["tablename"] for p in policies) == sorted(TENANT_TABLES)
+    for p in policies:
+        assert (p["permissive"], p["roles"], p["cmd"]) == ("PERMISSIVE", [READER], "SELECT"), dict(p)
+        assert "current_setting('minichat.tenant_id'::text, true)" in p["qual"], p["qual"]
+    # the table owner is the role the worker connects as
+    owners = await owner.fetch(
+        "SELECT DISTINCT tableowner FROM pg_tables WHERE tablename = ANY($1::text[])", list(TENANT_TABLES)
+    )
+    assert [r["tableowner"] for r in owners] == [await owner.fetchval("SELECT current_user")]
+
+
+# ------------------------------------------------------------------------------ what it sees
+
+
+async def test_without_the_setting_the_reader_sees_nothing(
+    owner: asyncpg.Connection, tenants: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    async with as_reader(owner, None):
+        assert await owner.fetchval("SELECT current_user") == READER
+        assert await visible(owner) == {t: [] for t in TENANT_TABLES}
+    async with as_reader(owner, ""):  # an empty setting is the same as none
+        assert await visible(owner) == {t: [] for t in TENANT_TABLES}
+    async with as_reader(owner, uuid.uuid4()):  # a tenant with no data
+        assert await visible(owner) == {t: [] for t in TENANT_TABLES}
+
+
+async def test_the_setting_shows_one_tenant_and_none_of_the_other(
+    owner: asyncpg.Connection, tenants: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    a, b = tenants
+    for tenant, rows in ((a, 2), (b, 3)):
+        async with as_reader(owner, tenant):
+            assert await visible(owner) == {t: [tenant] * rows for t in TENANT_TABLES}
+    # Knowing another tenant's ids does not help: B's chat is invisible to A, even by primary key.
+    b_chat = await owner.fetchval("SELECT id FROM chats WHERE tenant_id = $1 LIMIT 1", b)
+    async with as_reader(owner, a):
+        assert await owner.fetchval("SELECT count(*) FROM chats WHERE id = $1", b_chat) == 0
+        assert await owner.fetchval("SELECT count(*) FROM messages WHERE chat_id = $1", b_chat) == 0
+        assert await owner.fetchval("SELECT count(*) FROM messages WHERE content LIKE '%' || $1", str(b)) == 0
+        # nor does asking for both tenants explicitly
+        assert await owner.fetchval(
+            "SELECT count(*) FROM chat_turns WHERE tenant_id = ANY($1::uuid[])", [a, b]
+        ) == 2  # fmt: skip
+
+
+async def test_the_reader_cannot_write(
+    owner: asyncpg.Connection, tenants: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    a, _ = tenants
+    attempts = [f"DELETE FROM {t}" for t in TENANT_TABLES]
+    attempts += [f"UPDATE {t} SET tenant_id = tenant_id" for t in TENANT_TABLES]
+    attempts += [f"TRUNCATE {t} CASCADE" for t in TENANT_TABLES]
+    attempts += [
+        "INSERT INTO chats (id, tenant_id, user_id, model, created_at, updated_at)"
+        f" VALUES (gen_random_uuid(), '{a}', gen_random_uuid(), 'm', now(), now())",
+        "INSERT INTO outbox (tenant_id, dedupe_key, event_type, payload, created_at)"
+        f" VALUES ('{a}', 'forged', 'usage.settled', '{{}}', now())",
+        "INSERT INTO quota_usage (id, tenant_id, user_id, period_type, period_start, bucket, updated_at)"
+        f" VALUES (gen_random_uuid(), '{a}', gen_random_uuid(), 'daily', '2026-03-01', 'total', now())",
+        "INSERT INTO schema_migrations (version, name, checksum) VALUES (99, 'x', 'x')",
+        "SELECT * FROM policy_versions",
+        "SELECT * FROM schema_migrations",
+    ]
+    before = {t: await owner.fetchval(f"SELECT count(*) FROM {t}") for t in TENANT_TABLES}
+    for statement in attempts:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            async with as_reader(owner, a):
+                await owner.execute(statement)
+    assert {t: await owner.fetchval(f"SELECT count(*) FROM {t}") for t in TENANT_TABLES} == before
+
+
+async def test_the_reader_cannot_widen_its_own_view(
+    owner: asyncpg.Connection, tenants: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    a, _ = tenants
+    for statement in (
+        "ALTER TABLE chats DISABLE ROW LEVEL SECURITY",
+        "DROP POLICY tenant_read ON chats",
+        "CREATE POLICY everything ON chats FOR SELECT TO minichat_reader USING (true)",
+        "GRANT SELECT ON policy_versions TO minichat_reader",
+    ):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match=r"must be owner|permission denied"):
+            async with as_reader(owner, a):
+                await owner.execute(statement)
+    # `row_security = off` may be set, but then a query that RLS would filter fails instead of
+    # showing every row
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        async with as_reader(owner, a):
+            await owner.execute("SET LOCAL row_security = off")
+            await owner.fetch("SELECT * FROM chats")
+
+
+async def test_an_invalid_tenant_setting_fails_closed(
+    owner: asyncpg.Connection, tenants: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    with pytest.raises(asyncpg.InvalidTextRepresentationError):
+        async with as_reader(owner, "' OR true --"):
+            await owner.fetch("SELECT * FROM chats")
+
+
+async def test_the_setting_and_the_role_end_with_the_transaction(
+    owner: asyncpg.Connection, tenants: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    a, b = tenants
+    async with as_reader(owner, a):
+        assert set((await visible(owner))["chats"]) == {a}
+    # Same connection, next transaction: no tenant any more (SET LOCAL ended with the commit) ...
+    async with as_reader(owner, None):
+        assert await visible(owner) == {t: [] for t in TENANT_TABLES}
+    # ... and the `SET LOCAL` statement form behaves the same
+    async with owner.transaction():
+        await owner.execute(f"SET LOCAL ROLE {READER}")
+        await owner.execute(f"SET LOCAL minichat.tenant_id = '{b}'")
+        assert set((await visible(owner))["messages"]) == {b}
+    assert await owner.fetchval("SELECT current_setting('minichat.tenant_id', true)") in ("", None)
+    # a rolled-back transaction leaks nothing either
+    with pytest.raises(RuntimeError):
+        async with as_reader(owner, a):
+            raise RuntimeError("abort")
+    assert await owner.fetchval("SELECT current_setting('minichat.tenant_id', true)") in ("", None)
+    # the role was local too: the owner is itself again and sees every tenant, RLS or not
+    assert await owner.fetchval("SELECT current_user") != READER
+    for table in TENANT_TABLES:
+        seen = {r["tenant_id"] for r in await owner.fetch(f"SELECT tenant_id FROM {table}")}
+        assert seen == {a, b}, table
+
+
+async def test_a_login_member_of_the_reader_role_is_scoped_the_same(
+    owner: asyncpg.Connection, tenants: tuple[uuid.UUID, uuid.UUID], database_url: str
+) -> None:
+    """How a read API deploys: its own LOGIN role, a member of minichat_reader, never the owner."""
+    a, b = tenants
+    name = f"minichat_api_test_{uuid.uuid4().hex[:8]}"
+    password = uuid.uuid4().hex
+    await owner.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}' INHERIT")
+    try:
+        await owner.execute(f"GRANT {READER} TO {name}")
+        parts = urlsplit(database_url)
+        api_url = urlunsplit(parts._replace(netloc=f"{name}:{password}@{parts.hostname}:{parts.port}"))
+        api = await asyncpg.connect(api_url)
+        try:
+            assert await visible(api) == {t: [] for t in TENANT_TABLES}
+            async with api.transaction():
+                await api.execute("SELECT set_config('minichat.tenant_id', $1, true)", str(b))
+                assert await visible(api) == {t: [b] * 3 for t in TENANT_TABLES}
+            assert await visible(api) == {t: [] for t in TENANT_TABLES}
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await api.execute(f"DELETE FROM chats WHERE tenant_id = '{a}'")
+            # unlike a `SET ROLE` on an owner's session, a reader login cannot become the owner
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await api.execute(f"SET ROLE {await owner.fetchval('SELECT current_user')}")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await api.execute("SET row_security = off; SELECT * FROM messages")
+        finally:
+            await api.close()
+    finally:
+        await owner.execute(f"DROP ROLE {name}")
+
+
+# ------------------------------------------------------------------------------ worker logs
+
+MARKER = "MARKER-7f3a9c-do-not-log"
+
+
+@asynccontextmanager
+async def debug_worker(endpoints: Endpoints, template_database: str, workdir: Path) -> AsyncIterator[Any]:
+    """A live deployment like `tests.conftest.live_deployment`, but the worker logs at DEBUG."""
+    from minichat.processors.topics import create_topics
+
+    name = f"minichat_s_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(endpoints.database_url)
+    await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    settings = deployment_settings(endpoints, database_url_for(endpoints.database_url, name))
+    try:
+        await create_topics(settings)
+        env = {**Deployment(settings).env(), "MINICHAT_LOG_LEVEL": "DEBUG"}
+        names = TopicNames(settings.topic_prefix)
+        with run_worker(env, workdir / f"worker-{name}.log") as worker:
+            pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
+            try:
+                async with (
+                    TopicReader(settings.kafka_bootstrap_servers, names.turn_decisions) as decisions,
+                    TopicReader(settings.kafka_bootstrap_servers, names.dead_letters) as dead,
+                ):
+                    yield Gateway(settings, decisions), dead, pool, worker
+            finally:
+                await pool.close()
+            assert worker.terminate() == 0, worker.log()[-3000:]
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_message_content_never_reaches_the_log_even_at_debug(
+    endpoints: Endpoints, template_database: str, tmp_path: Path
+) -> None:
+    async with debug_worker(endpoints, template_database, tmp_path) as (gateway, dead, pool, worker):
+        tenant, user = uuid.uuid4(), uuid.uuid4()
+        chats = [uuid.uuid4() for _ in range(4)]
+        commands = [
+            gateway.requested(tenant, user, chat, content=f"{MARKER} question {i}", title=f"{MARKER} t")
+            for i, chat in enumerate(chats)
+        ]
+        decisions = await gateway.decide(*commands, timeout=90)
+        assert [d["decision"] for d in decisions] == ["allow"] * len(commands)
+        usage = {"input_tokens": 11, "output_tokens": 7}
+        await gateway.send_provider(
+            *(
+                gateway.provider("turn.completed", c, content=f"{MARKER} answer", usage=usage)
+                for c in commands[:2]
+            ),
+            gateway.provider("turn.cancelled", commands[2], content=f"{MARKER} partial", usage=usage),
+            gateway.provider(
+                "turn.failed",
+                commands[3],
+                error_code="provider_error",
+                error_detail=f"{MARKER} upstream said",
+            ),
+        )
+        await gateway.send_usage(gateway.usage(commands[3], 3, 4, model=MARKER))
+        # bad records that carry the marker and are dead-lettered
+        chat = chats[0]
+        bad_values = [
+            json.dumps({**commands[0], "event_id": str(uuid.uuid4()), "image_count": MARKER}).encode(),
+            json.dumps({**commands[0], "event_id": str(uuid.uuid4()), "content": f"{MARKER}\u0000"}).encode(),
+            f'{{"type": "turn.requested", "content": "{MARKER}'.encode(),  # not JSON
+            json.dumps({**commands[0], "type": MARKER}).encode(),
+            json.dumps([MARKER]).encode(),
+            json.dumps({**commands[0], "user_id": MARKER}).encode(),
+            MARKER.encode() + b"\xff\xfe",
+        ]
+        await produce(
+            gateway.settings.kafka_bootstrap_servers,
+            gateway.topics.turn_requests,
+            [(str(chat).encode(), v) for v in bad_values],
+        )
+        await produce(  # key mismatch: the record is fine, its key is another chat's
+            gateway.settings.kafka_bootstrap_servers,
+            gateway.topics.turn_requests,
+            [(str(chats[1]).encode(), json.dumps({**commands[0], "event_id": str(uuid.uuid4())}).encode())],
+        )
+        expected_letters = len(bad_values) + 1
+        letters = await dead.wait_for(lambda v: len(v) >= expected_letters, timeout=60, what="dead letters")
+        assert len(letters) == expected_letters
+
+        async def all_settled() -> bool:
+            n = await pool.fetchval(
+                "SELECT count(*) FROM chat_turns WHERE tenant_id = $1 AND settled_at IS NOT NULL", tenant
+            )
+            return bool(n == len(commands))
+
+        await wait_until(all_settled, timeout=60, what="every turn settled")
+        # the content is stored (it is data), only never logged
+        stored = await pool.fetchval(
+            "SELECT count(*) FROM messages WHERE tenant_id = $1 AND content LIKE '%' || $2 || '%'",
+            tenant,
+            MARKER,
+        )
+        assert stored == 7  # 4 user messages, 2 answers, 1 partial
+
+    log = worker.log()
+    assert "DEBUG" in log, "the worker really logged at DEBUG"
+    assert "dead-letter" in log  # bad records are logged, by position and code
+    leaks = [line[:300] for line in log.splitlines() if MARKER in line]
+    assert leaks == [], f"message content in the worker log ({len(leaks)} lines), e.g.:\n{leaks[0]}"
+    for letter in letters:
+        assert MARKER not in letter["error_detail"], letter
