@@ -60,3 +60,46 @@ async def test_worker_consumes_through_faust_and_stops_on_sigterm(
     assert (letter["partition"], letter["offset"]) == (sent[0].partition, sent[0].offset)
     assert letter["payload"] == "{not json"
     assert reader.records[0].key == b"some-key"
+
+
+async def test_policy_versions_are_stored_once_and_a_changed_version_is_refused(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    import asyncpg
+
+    from minichat.models.policy import load_policy
+    from minichat.storage.policies import PolicyConflict, ensure_policy_version
+    from tests.gateway import policy_file
+
+    policy = load_policy(deployment.settings.policy_file)
+    changed = load_policy(policy_file(tmp_path, max_images=policy.max_images + 1))
+    assert changed.version == policy.version
+    con = await asyncpg.connect(deployment.settings.database_url)
+    try:
+        assert await ensure_policy_version(con, policy) is True
+        assert await ensure_policy_version(con, policy) is False  # the same content again: nothing
+        with pytest.raises(PolicyConflict, match="already stored with different content"):
+            await ensure_policy_version(con, changed)
+        assert await con.fetchval("SELECT count(*) FROM policy_versions") == 1
+    finally:
+        await con.close()
+
+    # the worker refuses to start on it, naming the file
+    env = {
+        **deployment.env(),
+        "MINICHAT_POLICY_FILE": str(changed_path := policy_file(tmp_path, max_images=9)),
+    }
+    result = _run_cli(env, "worker")
+    assert result.returncode == 2
+    assert str(changed_path) in result.stderr and "new version number" in result.stderr
+
+
+async def test_a_bad_policy_file_stops_the_worker_with_the_field_path(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    from tests.gateway import policy_file
+
+    bad = policy_file(tmp_path, max_images="four")
+    result = _run_cli({**deployment.env(), "MINICHAT_POLICY_FILE": str(bad)}, "worker")
+    assert result.returncode == 2
+    assert str(bad) in result.stderr and "max_images" in result.stderr
