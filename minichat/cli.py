@@ -116,16 +116,41 @@ async def _preflight(settings: Settings) -> list[str]:
     return problems
 
 
+def _checked_start(command: str, settings: Settings) -> int | None:
+    """The exit status when `command` must not start (printed reasons), else None."""
+    import asyncpg
+    from aiokafka.errors import KafkaError
+
+    from minichat.processors.errors import dependency_of
+
+    from minichat.storage.schema import MigrationError
+
+    try:
+        problems = asyncio.run(_preflight(settings))
+    except MigrationError as exc:
+        print(f"minichat {command}: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError) as exc:
+        where = (
+            f"Kafka at {settings.kafka_bootstrap_servers}"
+            if dependency_of(exc) == "Kafka"
+            else "PostgreSQL (MINICHAT_DATABASE_URL)"
+        )
+        print(f"minichat {command}: cannot reach {where}: {type(exc).__name__}", file=sys.stderr)
+        return EXIT_FATAL
+    for problem in problems:
+        print(f"minichat {command}: {problem}", file=sys.stderr)
+    return EXIT_SETUP if problems else None
+
+
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
     import faust
 
     from minichat.processors.app import create_app
 
-    problems = asyncio.run(_preflight(settings))
-    if problems:
-        for problem in problems:
-            print(f"minichat worker: {problem}", file=sys.stderr)
-        return EXIT_SETUP
+    refused = _checked_start("worker", settings)
+    if refused is not None:
+        return refused
     app = create_app(settings)
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
     worker.execute_from_commandline()
@@ -178,11 +203,9 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
     from minichat.replay import ReplaySetupError, run_replay
     from minichat.storage.policies import PolicyConflict
 
-    problems = asyncio.run(_preflight(settings))
-    if problems:
-        for problem in problems:
-            print(f"minichat replay: {problem}", file=sys.stderr)
-        return EXIT_SETUP
+    refused = _checked_start("replay", settings)
+    if refused is not None:
+        return refused
     try:
         summary = asyncio.run(
             run_replay(settings, from_time=args.from_time, show_progress=not args.no_progress)

@@ -37,6 +37,15 @@ class Settings(BaseSettings):
     relay_interval_s: float = Field(default=0.2, gt=0, le=60)
     relay_batch_max: int = Field(default=500, ge=1, le=10_000)
     watchdog_batch_max: int = Field(default=500, ge=1, le=10_000)
+    # Dependency faults. A batch, relay run or watchdog sweep that fails on a transient error is
+    # retried with exponential backoff (capped at `retry_max_backoff_s`); after `retry_give_up_s`
+    # of failing the worker exits with status 70. Kafka is also probed for metadata every
+    # `broker_check_interval_s` (no batch arrives while it is away); after `broker_give_up_s` of
+    # failed probes the worker exits with status 70 too.
+    retry_give_up_s: float = Field(default=120.0, gt=0)
+    retry_max_backoff_s: float = Field(default=5.0, gt=0, le=60)
+    broker_give_up_s: float = Field(default=120.0, gt=0)
+    broker_check_interval_s: float = Field(default=2.0, gt=0, le=60)
 
     @property
     def kafka_broker_url(self) -> str:

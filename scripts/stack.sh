@@ -5,6 +5,8 @@
 #   scripts/stack.sh down        stop both, keep data           (down --purge / MINICHAT_STACK_PURGE=1: delete data too)
 #   scripts/stack.sh status      human-readable state; exit 0 when both run, 3 otherwise
 #   scripts/stack.sh env         print the export lines without starting anything
+#   scripts/stack.sh stop-kafka | stop-pg        stop one service, keep its data (`up` starts it again)
+#   scripts/stack.sh restart-kafka | restart-pg  stop one service and start it again (same data, ports)
 #
 # Kafka: a single-node KRaft broker+controller from Maven Central jars (tools/kafka/pom.xml).
 # PostgreSQL: a throwaway cluster (fsync off) from the distribution's binaries, run as user postgres.
@@ -14,6 +16,8 @@
 #
 # Environment (all optional):
 #   MINICHAT_STACK_DIR                     state dir (default <repo>/.stack)
+#   MINICHAT_STACK_KAFKA_LIBS              Kafka jar cache dir (default <state dir>/kafka/libs); point a
+#                                          second stack at an existing cache to skip the Maven download
 #   MINICHAT_STACK_KAFKA_PORT              broker port (9092)
 #   MINICHAT_STACK_KAFKA_CONTROLLER_PORT   KRaft controller port (9093)
 #   MINICHAT_STACK_PG_PORT                 PostgreSQL port (5432)
@@ -57,7 +61,8 @@ done
 
 [[ $STACK_DIR == /* ]] || STACK_DIR="$PWD/$STACK_DIR" # absolute: mvn and postgres need it; created by up/down
 KAFKA_DIR="$STACK_DIR/kafka"
-KAFKA_LIBS="$KAFKA_DIR/libs"
+KAFKA_LIBS=${MINICHAT_STACK_KAFKA_LIBS:-$KAFKA_DIR/libs}
+[[ $KAFKA_LIBS == /* ]] || KAFKA_LIBS="$PWD/$KAFKA_LIBS"
 KAFKA_PIDFILE="$KAFKA_DIR/kafka.pid"
 KAFKA_OUT="$KAFKA_DIR/server.out"
 KAFKA_PROPS="$KAFKA_DIR/server.properties"
@@ -143,7 +148,7 @@ ensure_kafka_libs() {
     log "resolving Kafka $version jars from Maven Central into $KAFKA_LIBS (first run: ~30 s)"
     tmp="$KAFKA_DIR/libs.tmp.$$"
     rm -rf "$tmp"
-    mkdir -p "$tmp"
+    mkdir -p "$tmp" "$(dirname "$KAFKA_LIBS")"
     # Debian's Maven 3.8.7 prints stray colour resets even with -q -B: keep its output in a log.
     if ! mvn -q -B -f "$POM" "-Dkafka.version=$version" "${mvn_extra[@]}" dependency:copy-dependencies \
         "-DoutputDirectory=$tmp" -DincludeScope=runtime >"$KAFKA_DIR/mvn.log" 2>&1 </dev/null; then
@@ -581,6 +586,40 @@ cmd_down() {
     fi
 }
 
+# One service only, for fault tests: the other keeps running, data and ports stay.
+cmd_stop_kafka() {
+    lock
+    kafka_stop
+}
+
+cmd_stop_pg() {
+    lock
+    pg_stop
+}
+
+cmd_restart_kafka() {
+    local t0=$EPOCHREALTIME
+    lock
+    kafka_stop
+    kafka_preflight
+    ensure_java
+    ensure_kafka_libs
+    kafka_start
+    kafka_wait_ready
+    log "kafka: restarted in $(elapsed "$t0") s (pid $(<"$KAFKA_PIDFILE"), 127.0.0.1:$KAFKA_PORT)"
+}
+
+cmd_restart_pg() {
+    local t0=$EPOCHREALTIME
+    lock
+    pg_stop
+    pg_preflight
+    ensure_pg_bin
+    pg_start
+    pg_wait_ready
+    log "postgres: restarted in $(elapsed "$t0") s (127.0.0.1:$PG_PORT)"
+}
+
 cmd_status() {
     local ok=0 pid libs version
     version=$(kafka_version)
@@ -617,7 +656,7 @@ cmd_status() {
 }
 
 usage() {
-    sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -629,6 +668,10 @@ main() {
         down) cmd_down "$@" ;;
         status) cmd_status "$@" ;;
         env) print_env ;;
+        stop-kafka) cmd_stop_kafka ;;
+        stop-pg) cmd_stop_pg ;;
+        restart-kafka) cmd_restart_kafka ;;
+        restart-pg) cmd_restart_pg ;;
         -h | --help | help) usage ;;
         *) usage ;;
     esac

@@ -13,7 +13,8 @@ from minichat.domain.turns import TurnEvent
 from minichat.models import events
 from minichat.models.policy import Policy, load_policy
 from minichat.models.topics import TopicNames
-from minichat.processors.errors import stop_worker
+from minichat.processors.errors import RetryPolicy, stop_worker
+from minichat.processors.outages import BrokerWatch, limit_client_log_repeats, pace_failed_metadata_updates
 from minichat.processors.pipeline import BatchProcessor, Handler, Producer
 from minichat.processors.records import record_from_event
 from minichat.processors.relay import register_relay
@@ -55,6 +56,7 @@ def build_processors(
         names.usage: events.decode_usage_event,
     }
     turn_requests = TurnRequests(policy, snapshots, names.turn_decisions, names.dead_letters, parked_decoders)
+    retry = RetryPolicy.from_settings(settings)
     wiring: list[tuple[str, str, Callable[[bytes | None, bytes], Any], Handler[Any]]] = [
         ("turn_requests", names.turn_requests, events.decode_turn_request, turn_requests),
         ("provider_responses", names.provider_responses, events.decode_provider_event, turn_events),
@@ -68,9 +70,33 @@ def build_processors(
             pool=pool,
             producer=producer,
             dead_letters_topic=names.dead_letters,
+            retry=retry,
         )
         for name, topic, decode, handle in wiring
     }
+
+
+def register_broker_watch(
+    app: faust.App, settings: Settings, *, on_fatal: Callable[[str, BaseException], None] = stop_worker
+) -> BrokerWatch:
+    """Probe Kafka every `broker_check_interval_s` on every worker (not only the leader: with the
+    broker away nobody knows who leads); stop the worker after `broker_give_up_s` of failures."""
+    watch = BrokerWatch(
+        settings.kafka_bootstrap_servers,
+        give_up_s=settings.broker_give_up_s,
+        timeout_s=max(1.0, settings.broker_check_interval_s),
+    )
+
+    async def broker_watch() -> None:
+        try:
+            await watch.check()
+        except Exception as exc:
+            if app.should_stop:
+                return
+            on_fatal("broker watch", exc)
+
+    app.timer(settings.broker_check_interval_s, name="broker_watch")(broker_watch)
+    return watch
 
 
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.App:
@@ -81,6 +107,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
     names = TopicNames(settings.topic_prefix)
     policy = load_policy(settings.policy_file)
     runtime = runtime or Runtime(settings, names)
+    pace_failed_metadata_updates()
+    limit_client_log_repeats()
     app = faust.App(
         settings.group_id,
         broker=settings.kafka_broker_url,
@@ -112,6 +140,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
 
     register_relay(app, runtime, settings, policy)
     register_watchdog(app, runtime, settings, policy)
+    register_broker_watch(app, settings)
 
     @app.on_before_shutdown.connect
     async def _close_runtime(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:

@@ -14,12 +14,15 @@ import logging
 import os
 import random
 import sys
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
 import asyncpg
 from aiokafka.errors import KafkaError
+
+from minichat.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +71,34 @@ class RetryPolicy:
     max_backoff_s: float = 5.0
     give_up_after_s: float = 120.0
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        return cls(max_backoff_s=settings.retry_max_backoff_s, give_up_after_s=settings.retry_give_up_s)
+
+
+def dependency_of(exc: BaseException) -> str:
+    """The dependency a transient failure most likely came from, for log lines.
+
+    Kafka clients raise `KafkaError`s; what else is transient here (asyncpg's classes, OS-level
+    connection errors, statement timeouts) comes from the database.
+    """
+    return "Kafka" if isinstance(exc, KafkaError) else "PostgreSQL"
+
 
 async def with_retries(
     what: str,
     attempt: Callable[[], Awaitable[T]],
     policy: RetryPolicy,
     *,
+    dependency: str | None = None,
     clock: Callable[[], float] | None = None,
 ) -> T:
-    """Run `attempt` until it succeeds; transient failures back off, anything else propagates."""
+    """Run `attempt` until it succeeds; transient failures back off, anything else propagates.
+
+    After `policy.give_up_after_s` of failures it raises `GaveUp`, naming the dependency (given,
+    or guessed from the error). Log lines name the error class only, never its text: an error
+    can quote the statement's parameters.
+    """
     now = clock or asyncio.get_running_loop().time
     started = now()
     backoff = policy.initial_s
@@ -89,10 +111,24 @@ async def with_retries(
             if classify(exc) is Action.CRASH:
                 raise
             waited = now() - started
+            name = dependency or dependency_of(exc)
             if waited >= policy.give_up_after_s:
-                raise GaveUp(f"{what}: still failing after {waited:.0f}s and {tries} tries: {exc!r}") from exc
-            logger.warning("%s failed (%s), retry %d in %.2fs", what, type(exc).__name__, tries, backoff)
-            await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+                raise GaveUp(
+                    f"{what}: {name} still failing after {waited:.0f} s ({tries} tries, "
+                    f"last error {type(exc).__name__}); giving up after {policy.give_up_after_s:g} s"
+                ) from exc
+            # Never sleep past the budget: the last try happens when it runs out.
+            delay = min(backoff * (0.5 + random.random() / 2), policy.give_up_after_s - waited)
+            logger.warning(
+                "%s failed on %s (%s), retry %d in %.2f s (gives up after %g s)",
+                what,
+                name,
+                type(exc).__name__,
+                tries,
+                delay,
+                policy.give_up_after_s,
+            )
+            await asyncio.sleep(delay)
             backoff = min(backoff * 2, policy.max_backoff_s)
 
 
@@ -108,9 +144,18 @@ def stop_worker(name: str, exc: BaseException) -> NoReturn:
     the same as a SIGKILL, which the design survives: the batch is consumed again on restart.
     """
     if isinstance(exc, GaveUp):
-        logger.critical("%s: a dependency is down for too long, stopping the worker: %s", name, exc)
+        logger.critical("%s: stopping the worker (exit %d): %s", name, EXIT_FATAL, exc)
     else:
-        logger.critical("%s: unexpected failure, stopping the worker", name, exc_info=exc)
+        # Where it failed, but not the exception's text: a database error can quote a row, and
+        # rows hold message content.
+        logger.critical(
+            "%s: unexpected %s (sqlstate %s), stopping the worker (exit %d)\n%s",
+            name,
+            type(exc).__name__,
+            getattr(exc, "sqlstate", None),
+            EXIT_FATAL,
+            "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
+        )
     logging.shutdown()
     sys.stderr.flush()
     os._exit(EXIT_FATAL)

@@ -96,10 +96,14 @@ class BatchProcessor(Generic[E]):
         good, dead = self.split(records)
         outputs: list[Output] = []
         if good:
-            outputs = await with_retries(f"{self.name} batch", lambda: self._apply(good), self.retry)
+            outputs = await with_retries(
+                f"{self.name} batch", lambda: self._apply(good), self.retry, dependency="PostgreSQL"
+            )
         produced = dead + outputs
         if produced:
-            await with_retries(f"{self.name} produce", lambda: self._produce(produced), self.retry)
+            await with_retries(
+                f"{self.name} produce", lambda: self._produce(produced), self.retry, dependency="Kafka"
+            )
         return produced
 
     async def _apply(self, good: Sequence[Decoded[E]]) -> list[Output]:

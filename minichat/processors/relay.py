@@ -230,6 +230,7 @@ def register_relay(
         producer=producer,
         topic=runtime.topics.billing_usage,
         batch_max=settings.relay_batch_max,
+        retry=RetryPolicy.from_settings(settings),
     )
     leader_timer(app, "outbox_relay", settings.relay_interval_s, relay.run_once, relay.session, on_fatal)
     return relay

@@ -142,6 +142,7 @@ def register_watchdog(
         orphan_timeout_s=policy.orphan_timeout_s,
         usage_grace_s=policy.usage_grace_s,
         batch_max=settings.watchdog_batch_max,
+        retry=RetryPolicy.from_settings(settings),
     )
     leader_timer(app, "watchdog", policy.watchdog_interval_s, watchdog.tick, watchdog.session, on_fatal)
     return watchdog
