@@ -14,6 +14,7 @@ from minichat.models import events
 from minichat.models.policy import Policy, load_policy
 from minichat.models.topics import TopicNames
 from minichat.processors.errors import RetryPolicy, stop_worker
+from minichat.processors.metrics import Metrics, render_metrics
 from minichat.processors.outages import BrokerWatch, limit_client_log_repeats, pace_failed_metadata_updates
 from minichat.processors.pipeline import BatchProcessor, Handler, Producer
 from minichat.processors.records import record_from_event
@@ -45,17 +46,21 @@ def build_processors(
     policy: Policy,
     pool: Callable[[], Awaitable[asyncpg.Pool]],
     producer: Callable[[], Awaitable[Producer]],
+    metrics: Metrics | None = None,
 ) -> dict[str, BatchProcessor[Any]]:
     """The three input topics' processors by full topic name, without faust: the worker's agents,
     `minichat replay` and the benchmark run the same objects."""
     names = TopicNames(settings.topic_prefix)
+    metrics = metrics or Metrics()
     snapshots = PolicySnapshots(policy)
-    turn_events = TurnEvents(snapshots, names.dead_letters)
+    turn_events = TurnEvents(snapshots, names.dead_letters, metrics)
     parked_decoders: dict[str, Callable[[bytes | None, bytes], TurnEvent]] = {
         names.provider_responses: events.decode_provider_event,
         names.usage: events.decode_usage_event,
     }
-    turn_requests = TurnRequests(policy, snapshots, names.turn_decisions, names.dead_letters, parked_decoders)
+    turn_requests = TurnRequests(
+        policy, snapshots, names.turn_decisions, names.dead_letters, parked_decoders, metrics
+    )
     retry = RetryPolicy.from_settings(settings)
     wiring: list[tuple[str, str, Callable[[bytes | None, bytes], Any], Handler[Any]]] = [
         ("turn_requests", names.turn_requests, events.decode_turn_request, turn_requests),
@@ -71,6 +76,7 @@ def build_processors(
             producer=producer,
             dead_letters_topic=names.dead_letters,
             retry=retry,
+            metrics=metrics,
         )
         for name, topic, decode, handle in wiring
     }
@@ -97,6 +103,16 @@ def register_broker_watch(
 
     app.timer(settings.broker_check_interval_s, name="broker_watch")(broker_watch)
     return watch
+
+
+def register_metrics_page(app: faust.App, metrics: Metrics, runtime: Runtime) -> None:
+    """`GET /metrics` on the worker's web port: counters of this process, gauges of the state."""
+
+    async def metrics_page(view: Any, request: Any) -> Any:
+        body = await render_metrics(metrics, runtime.pool)
+        return view.text(body, content_type="text/plain; version=0.0.4")
+
+    app.page("/metrics", name="metrics")(metrics_page)
 
 
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.App:
@@ -134,13 +150,15 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
     async def producer() -> Producer:
         return app.producer
 
-    for topic_name, processor in build_processors(settings, policy, runtime.pool, producer).items():
+    metrics = Metrics()
+    for topic_name, processor in build_processors(settings, policy, runtime.pool, producer, metrics).items():
         topic = app.topic(topic_name, key_type=bytes, value_type=bytes, partitions=settings.partitions)
         app.agent(channel=topic, name=processor.name)(_agent(processor, settings))
 
     register_relay(app, runtime, settings, policy)
     register_watchdog(app, runtime, settings, policy)
     register_broker_watch(app, settings)
+    register_metrics_page(app, metrics, runtime)
 
     @app.on_before_shutdown.connect
     async def _close_runtime(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:

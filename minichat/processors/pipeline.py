@@ -22,6 +22,7 @@ import asyncpg
 
 from minichat.models.events import DeadLetter, DecodeError, to_json_bytes
 from minichat.processors.errors import RetryPolicy, with_retries
+from minichat.processors.metrics import Metrics
 from minichat.processors.records import Output, SourceRecord
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class BatchProcessor(Generic[E]):
     producer: Callable[[], Awaitable[Producer]]
     dead_letters_topic: str
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    metrics: Metrics = field(default_factory=Metrics)
 
     def split(self, records: Sequence[SourceRecord]) -> tuple[list[Decoded[E]], list[Output]]:
         good: list[Decoded[E]] = []
@@ -90,6 +92,7 @@ class BatchProcessor(Generic[E]):
                     error.code,
                 )
                 dead.append(dead_letter_for(record, error, self.dead_letters_topic))
+                self.metrics.inc("minichat_dead_letters_total", topic=self.name, code=error.code)
         return good, dead
 
     async def process(self, records: Sequence[SourceRecord]) -> list[Output]:
@@ -99,6 +102,9 @@ class BatchProcessor(Generic[E]):
             outputs = await with_retries(
                 f"{self.name} batch", lambda: self._apply(good), self.retry, dependency="PostgreSQL"
             )
+        self.metrics.inc("minichat_records_total", len(good), topic=self.name, outcome="applied")
+        self.metrics.inc("minichat_records_total", len(dead), topic=self.name, outcome="dead_letter")
+        self.metrics.inc("minichat_batches_total", agent=self.name)
         produced = dead + outputs
         if produced:
             await with_retries(

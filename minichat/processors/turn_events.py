@@ -25,6 +25,7 @@ from minichat.domain.turns import (
     billing_event,
 )
 from minichat.models.events import DeadLetter, to_json_bytes
+from minichat.processors.metrics import Metrics
 from minichat.processors.pipeline import Decoded
 from minichat.processors.records import Output, SourceRecord
 from minichat.storage.outbox import OutboxEntry, insert_outbox, outbox_entry
@@ -65,6 +66,7 @@ async def apply_turn_events(
     items: Sequence[Item],
     snapshots: PolicySnapshots,
     dead_letters_topic: str,
+    metrics: Metrics,
 ) -> list[Output]:
     """Apply provider/usage events in order; the caller holds the request locks of every item."""
     found = await load_turns(con, {(e.tenant_id, e.chat_id, e.request_id) for _, e in items})
@@ -100,8 +102,11 @@ async def apply_turn_events(
             if step.billing is not None:
                 _add_billing(effects, step.turn, step.billing, record.timestamp)
     await _write(con, effects)
-    if effects.dropped:
-        logger.debug("turn events changed nothing: %s", dict(effects.dropped))
+    for reason, count in effects.dropped.items():
+        metrics.inc("minichat_turn_events_dropped_total", count, reason=reason)
+    metrics.inc("minichat_events_parked_total", len(effects.parked))
+    if outputs:
+        metrics.inc("minichat_dead_letters_total", len(outputs), topic="turn_events", code="tenant_mismatch")
     return outputs
 
 
@@ -156,11 +161,12 @@ class TurnEvents:
 
     snapshots: PolicySnapshots
     dead_letters_topic: str
+    metrics: Metrics = field(default_factory=Metrics)
 
     async def __call__(self, con: asyncpg.Connection, batch: Sequence[Decoded[TurnEvent]]) -> list[Output]:
         items = [(d.record, d.event) for d in batch]
         await lock_requests(con, {(e.chat_id, e.request_id) for _, e in items})
-        return await apply_turn_events(con, items, self.snapshots, self.dead_letters_topic)
+        return await apply_turn_events(con, items, self.snapshots, self.dead_letters_topic, self.metrics)
 
 
 def parked_items(

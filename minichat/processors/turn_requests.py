@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from uuid import UUID
 
 import asyncpg
@@ -13,6 +13,7 @@ from minichat.domain.commands import Answer, Command, command_id_of, decide_batc
 from minichat.domain.turns import TurnEvent
 from minichat.models.events import TurnEdit, TurnRequested, TurnRequestEvent, TurnRetry
 from minichat.models.policy import Policy
+from minichat.processors.metrics import Metrics
 from minichat.processors.pipeline import Decoded
 from minichat.processors.records import Output
 from minichat.processors.turn_events import apply_turn_events, parked_items
@@ -31,6 +32,7 @@ class TurnRequests:
     decisions_topic: str
     dead_letters_topic: str
     parked_decoders: dict[str, Callable[[bytes | None, bytes], TurnEvent]]
+    metrics: Metrics = field(default_factory=Metrics)
 
     async def __call__(
         self, con: asyncpg.Connection, batch: Sequence[Decoded[TurnRequestEvent]]
@@ -60,9 +62,16 @@ class TurnRequests:
         if not parked:
             return []
         items = parked_items(parked, self.parked_decoders)
-        return await apply_turn_events(con, items, self.snapshots, self.dead_letters_topic)
+        return await apply_turn_events(con, items, self.snapshots, self.dead_letters_topic, self.metrics)
 
     def _decision(self, answer: Answer) -> Output:
         payload = {**answer.payload, "replay": answer.replay}
+        self.metrics.inc(
+            "minichat_decisions_total",
+            command=payload["command"],
+            decision=payload["decision"],
+            error_code=payload["error_code"],
+            replay=str(answer.replay).lower(),
+        )
         value = json.dumps(payload, separators=(",", ":")).encode()
         return Output(topic=self.decisions_topic, key=str(payload["chat_id"]).encode(), value=value)

@@ -103,3 +103,55 @@ async def test_a_bad_policy_file_stops_the_worker_with_the_field_path(
     result = _run_cli({**deployment.env(), "MINICHAT_POLICY_FILE": str(bad)}, "worker")
     assert result.returncode == 2
     assert str(bad) in result.stderr and "max_images" in result.stderr
+
+
+async def test_metrics_page_counts_decisions_dead_letters_and_parked_events(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    import socket
+    import uuid
+
+    import aiohttp
+
+    from tests.gateway import Gateway
+    from tests.support import wait_until
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**deployment.env(), "MINICHAT_WEB_ENABLED": "true", "MINICHAT_WEB_PORT": str(port)}
+    names = TopicNames(deployment.settings.topic_prefix)
+    bootstrap = deployment.settings.kafka_bootstrap_servers
+    with run_worker(env, tmp_path / "worker.log") as worker:
+        async with TopicReader(bootstrap, names.turn_decisions) as decisions:
+            gateway = Gateway(deployment.settings, decisions)
+            tenant, user, chat = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+            command = gateway.requested(tenant, user, chat)
+            early = gateway.requested(tenant, user, uuid.uuid4())  # never sent: its events stay parked
+            await gateway.send_provider(gateway.provider("turn.progress", early))
+            await gateway.decide(command)
+            await produce(bootstrap, names.turn_requests, [(b"k", b"not json")])
+
+            async def scraped() -> str | None:
+                try:
+                    async with (
+                        aiohttp.ClientSession() as http,
+                        http.get(f"http://127.0.0.1:{port}/metrics") as response,
+                    ):
+                        body = await response.text()
+                except aiohttp.ClientError:
+                    return None
+                wanted = (
+                    'minichat_dead_letters_total{code="malformed_json",topic="turn_requests"} 1',
+                    "minichat_parked_events 1",
+                )
+                return body if all(w in body for w in wanted) else None
+
+            body = await wait_until(scraped, timeout=60, what="the metrics page")
+        assert worker.terminate() == 0, worker.log()[-3000:]
+    assert (
+        'minichat_decisions_total{command="turn.requested",decision="allow",error_code="",replay="false"} 1'
+        in body
+    )
+    assert "# TYPE minichat_parked_oldest_age_seconds gauge" in body
+    assert "minichat_reserved_credits_micro " in body

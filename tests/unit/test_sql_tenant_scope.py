@@ -50,6 +50,7 @@ SYSTEM_LEVEL: dict[tuple[str, str], str] = {
     ("watchdog", "_FIND_GRACE_EXPIRED"): "the watchdog's scan: turns of every tenant waiting for usage",
     ("outbox", "_FETCH_UNPUBLISHED"): "the relay's scan: every tenant's unpublished billing rows in id order",
     ("digest", "*"): "`minichat digest` hashes the state of all tenants (operator command, no content out)",
+    ("metrics", "_STATE_GAUGES"): "the /metrics gauges: counts over all tenants for the operator",
 }
 
 CROSS_TENANT_PROBES: dict[tuple[str, str], str] = {

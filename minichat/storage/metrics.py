@@ -1,0 +1,36 @@
+"""Gauges of the shared state for the `/metrics` page: operator-level, over all tenants."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+
+_STATE_GAUGES = """
+SELECT
+    (SELECT count(*) FROM parked_events) AS parked_events,
+    (SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(parked_seen_at)), 0) FROM parked_events)
+        AS parked_oldest_age_s,
+    (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS outbox_unpublished,
+    (SELECT COALESCE(sum(reserved_credits_micro), 0) FROM quota_usage WHERE period_type = 'daily')
+        AS reserved_credits_micro
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StateGauges:
+    parked_events: int
+    parked_oldest_age_s: float
+    outbox_unpublished: int
+    reserved_credits_micro: int
+
+
+async def state_gauges(con: asyncpg.Connection) -> StateGauges:
+    row = await con.fetchrow(_STATE_GAUGES)
+    assert row is not None
+    return StateGauges(
+        parked_events=row["parked_events"],
+        parked_oldest_age_s=float(row["parked_oldest_age_s"]),
+        outbox_unpublished=row["outbox_unpublished"],
+        reserved_credits_micro=int(row["reserved_credits_micro"]),
+    )
