@@ -122,7 +122,6 @@ def _checked_start(command: str, settings: Settings) -> int | None:
     from aiokafka.errors import KafkaError
 
     from minichat.processors.errors import dependency_of
-
     from minichat.storage.schema import MigrationError
 
     try:
