@@ -5,6 +5,7 @@
 #   make run                       venv + local stack + migrate + topics + worker (runs until Ctrl-C)
 #   make up / down / status        the local Kafka + PostgreSQL of scripts/stack.sh (make down PURGE=1 deletes data)
 #   make check                     ruff check, ruff format --check, mypy
+#   make soak                      the long crash tests: >= 50 kill -9 under load (MINICHAT_CRASH_KILLS=N for more)
 #
 # Variables: PYTHON (interpreter for the venv, default python3), VENV (.venv), PYTEST_ARGS,
 # ALLOW_NO_TESTS=1 (treat pytest's exit 5, "no tests collected", as success; used by .ci/run).
@@ -27,7 +28,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: help venv up down status test check run demo
 
 help:
-	@sed -n '3,10p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '3,11p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 venv: $(STAMP)
 
@@ -86,6 +87,14 @@ run: venv
 	"$(VENV)/bin/minichat" db migrate; \
 	"$(VENV)/bin/minichat" topics create; \
 	exec "$(VENV)/bin/minichat" worker
+
+# tests/integration/test_crash.py's soak versions (marker `soak`, skipped unless selected with -m soak).
+.PHONY: soak
+soak: venv
+	@exports=$$($(STACK) up); eval "$$exports"; \
+	export MINICHAT_CRASH_KILLS=$${MINICHAT_CRASH_KILLS:-50}; \
+	echo "make soak: $$MINICHAT_CRASH_KILLS kills per test against $$MINICHAT_KAFKA_BOOTSTRAP_SERVERS" >&2; \
+	"$(VENV)/bin/pytest" -m soak tests/integration/test_crash.py $(PYTEST_ARGS)
 
 ARGS ?=
 demo: venv

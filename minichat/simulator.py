@@ -467,6 +467,10 @@ class SimulateOptions:
     """Seconds to wait for one decision, or for one turn to leave `running`."""
     concurrency: int = 32
     """Chats played at the same time."""
+    settle_between_turns: bool = False
+    """Send a chat's next command only once its previous turn is settled with every usage it was
+    given. A turn's input estimate includes the previous turn's tokens, read across topics: with
+    this, the state a replay rebuilds cannot depend on which topic was read first."""
 
 
 @dataclass
@@ -596,10 +600,10 @@ class DecisionRouter:
             self._events.pop(key, None)
 
 
-WaitKind = Literal["terminal", "settled", "parked"]
+WaitKind = Literal["terminal", "settled", "usage", "parked"]
 
 _TURNS_SQL: Final = """
-SELECT t.chat_id, t.request_id, t.state, t.settled_at IS NOT NULL AS settled
+SELECT t.chat_id, t.request_id, t.state, t.settled_at IS NOT NULL AS settled, t.usage_known
 FROM chat_turns t
 JOIN unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS k(tenant_id, chat_id, request_id)
   ON t.tenant_id = k.tenant_id AND t.chat_id = k.chat_id AND t.request_id = k.request_id
@@ -660,12 +664,19 @@ class TurnWatcher:
         async with self._pool.acquire() as con:
             if turn_keys:
                 rows = await con.fetch(_TURNS_SQL, *_columns(turn_keys))
-                found = {(r["chat_id"], r["request_id"]): (r["state"], r["settled"]) for r in rows}
+                found = {
+                    (r["chat_id"], r["request_id"]): (r["state"], r["settled"], r["usage_known"])
+                    for r in rows
+                }
                 for key in turn_keys:
                     state = found.get((key[2], key[3]))
                     if state is None:
                         continue
-                    if (key[0] == "terminal" and state[0] != "running") or (key[0] == "settled" and state[1]):
+                    if (
+                        (key[0] == "terminal" and state[0] != "running")
+                        or (key[0] == "settled" and state[1])
+                        or (key[0] == "usage" and state[2])
+                    ):
                         self._set(key)
             if parked_keys:
                 rows = await con.fetch(_PARKED_SQL, *_columns(parked_keys))
@@ -1052,6 +1063,11 @@ class _Run:
             self.stats["late usage after settlement" if settled else "late usage before settlement"] += 1
             for record in script.late:
                 await self.send(record, state.chat_id)
+        if self.options.settle_between_turns:
+            kind: WaitKind = "usage" if script.late else "settled"
+            if not await self.watcher.wait(kind, state.tenant, state.chat_id, request_id, within=timeout):
+                self.problem(f"a turn was not {kind} {timeout:.0f}s after its events (chat stopped)")
+                return _STOP
         return _NEXT
 
 

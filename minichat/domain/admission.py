@@ -164,9 +164,11 @@ class MutationResult:
 DONE = MutationResult("done")
 
 
-def _chat_hidden(chat: ChatFacts | None, tenant_id: UUID, user_id: UUID) -> bool:
-    """Rule 1: another tenant's or owner's chat, or a deleted one, reads as not found."""
-    return chat is not None and (chat.tenant_id != tenant_id or chat.owner_user_id != user_id or chat.deleted)
+def _foreign(chat: ChatFacts | None, tenant_id: UUID, user_id: UUID) -> bool:
+    """Another tenant's or owner's chat. It is checked before anything else; the caller's own
+    deleted chat is checked after a duplicate is recognised, so that every copy of a command gets
+    the one decision it was given (the stored key is the caller's own: replaying reveals nothing)."""
+    return chat is not None and (chat.tenant_id != tenant_id or chat.owner_user_id != user_id)
 
 
 def decide_request(
@@ -179,11 +181,13 @@ def decide_request(
     def reject(code: ErrorCode) -> Admission:
         return Admission("reject", policy.version, periods, selected, error_code=code)
 
-    if _chat_hidden(state.chat, ask.tenant_id, ask.user_id):
+    if _foreign(state.chat, ask.tenant_id, ask.user_id):
         # Echo only what the caller sent: nothing may reveal the hidden chat.
         return Admission("reject", policy.version, periods, ask.model, error_code="chat_not_found")
     if state.already_decided:
         return REPLAY
+    if state.chat is not None and state.chat.deleted:
+        return Admission("reject", policy.version, periods, ask.model, error_code="chat_not_found")
     if state.turn_running:
         return reject("generation_in_progress")
     if not selected:
@@ -208,10 +212,12 @@ def decide_regenerate(
     (rules 4-8) with the old turn's image count and tool flags."""
     periods = periods_for(event_time)
     chat = state.chat
-    if chat is None or _chat_hidden(chat, cmd.tenant_id, cmd.user_id):
+    if chat is None or _foreign(chat, cmd.tenant_id, cmd.user_id):
         return Admission("reject", policy.version, periods, None, error_code="chat_not_found")
     if state.already_decided:
         return REPLAY
+    if chat.deleted:
+        return Admission("reject", policy.version, periods, None, error_code="chat_not_found")
     old = _mutation_target(state, cmd.request_id, cmd.user_id)
     if isinstance(old, str):
         return Admission("reject", policy.version, periods, chat.model, error_code=old)
@@ -232,10 +238,12 @@ def decide_turn_delete(
     tenant_id: UUID, user_id: UUID, request_id: UUID, state: ChatState
 ) -> MutationResult | Replay:
     """`turn.delete`: soft-delete the latest live turn when it is terminal and the caller's."""
-    if state.chat is None or _chat_hidden(state.chat, tenant_id, user_id):
+    if state.chat is None or _foreign(state.chat, tenant_id, user_id):
         return MutationResult("reject", "chat_not_found")
     if state.already_decided:
         return REPLAY
+    if state.chat.deleted:
+        return MutationResult("reject", "chat_not_found")
     target = _mutation_target(state, request_id, user_id)
     return MutationResult("reject", target) if isinstance(target, str) else DONE
 

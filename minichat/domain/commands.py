@@ -112,6 +112,8 @@ class BatchState:
     quota: dict[UserKey, dict[BucketKey, QuotaRow]]
     foreign_decisions: set[tuple[UUID, UUID]] = field(default_factory=set)
     """(chat_id, command_id) keys whose stored decision belongs to another tenant."""
+    parked_requests: set[tuple[UUID, UUID]] = field(default_factory=set)
+    """(chat_id, request_id) of the batch's new turns that have provider or usage events parked."""
 
 
 # -------------------------------------------------------------------------------------- changes
@@ -462,6 +464,10 @@ def _start_turn(
     view.running = True
     view.latest_live = started
     view.targets[request_id] = started
+    if (event.chat_id, request_id) in state.parked_requests:
+        # Its parked events are applied once this round is written (they may finish the turn):
+        # the chat's next command must see the turn as they leave it, so reload first.
+        view.stale = True
 
 
 def _apply_mutation(view: ChatView, event: TurnRequestEvent, at: datetime, changes: Changes) -> None:

@@ -334,7 +334,9 @@ def _settle(turn: TurnRecord, at: datetime, snapshot: Policy) -> Step:
         settlement_method=settlement.method,
         committed_credits_micro=settlement.committed_credits_micro,
         overshoot_capped=settlement.overshoot_capped,
-        settled_at=at,
+        # The later of the events that made it settle (terminal, usage): the same whichever topic
+        # was read first, so a replay settles at the same instant.
+        settled_at=max(at, turn.updated_at),
     )
     billing = Billing("usage.settled", settlement, settlement_deltas(turn.charge, settlement, snapshot))
     return Step(settled, changed=True, billing=billing)

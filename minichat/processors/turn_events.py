@@ -100,7 +100,7 @@ async def apply_turn_events(
             if step.message_usage:
                 effects.message_usage[turn.id] = step.turn
             if step.billing is not None:
-                _add_billing(effects, step.turn, step.billing, record.timestamp)
+                _add_billing(effects, step.turn, step.billing)
     await _write(con, effects)
     for reason, count in effects.dropped.items():
         metrics.inc("minichat_turn_events_dropped_total", count, reason=reason)
@@ -110,7 +110,9 @@ async def apply_turn_events(
     return outputs
 
 
-def _add_billing(effects: _Effects, turn: TurnRecord, billing: Billing, at: datetime) -> None:
+def _add_billing(effects: _Effects, turn: TurnRecord, billing: Billing) -> None:
+    at = turn.adjusted_at if billing.kind == "usage.adjusted" else turn.settled_at
+    assert at is not None
     for bucket_key, delta in billing.deltas:
         slot: QuotaSlot = (turn.tenant_id, turn.requester_user_id, bucket_key)
         total, latest = effects.deltas.get(slot, (EMPTY_ROW, at))

@@ -93,6 +93,14 @@ ORDER BY t.id
 FOR UPDATE OF t
 """
 
+# Which of the batch's new turns have events waiting: keyed by the request (whoever parked them,
+# as the drain that follows takes them).
+_PARKED_REQUESTS = """
+SELECT DISTINCT p.chat_id, p.request_id, p.tenant_id
+FROM unnest($1::uuid[], $2::uuid[]) AS k (chat_id, request_id)
+JOIN parked_events p ON p.chat_id = k.chat_id AND p.request_id = k.request_id
+"""
+
 # One user's check-and-reserve is atomic across partitions and workers: a transaction-scoped
 # advisory lock per user, taken in one global order, then the user's existing rows locked too so
 # that settlements (which update rows without the user lock) and admissions exclude each other.
@@ -179,8 +187,22 @@ async def load_batch_state(con: asyncpg.Connection, commands: Sequence[Command])
         else:
             foreign.add(key)
 
+    creating = sorted(
+        {
+            (e.chat_id, command_id_of(e))
+            for e, _ in commands
+            if isinstance(e, TurnRequested | TurnRetry | TurnEdit)
+        }
+    )
+    parked = {
+        (row["chat_id"], row["request_id"])
+        for row in await con.fetch(_PARKED_REQUESTS, *columns(creating, 2))
+    }
+
     quota = await _lock_quota(con, commands)
-    return BatchState(chats=views, decisions=decisions, quota=quota, foreign_decisions=foreign)
+    return BatchState(
+        chats=views, decisions=decisions, quota=quota, foreign_decisions=foreign, parked_requests=parked
+    )
 
 
 async def _lock_quota(

@@ -630,14 +630,17 @@ def test_second_chat_delete_in_the_batch() -> None:
     assert len(result.changes.removed_chats) == 1
 
 
-def test_a_duplicate_after_chat_delete_is_not_found_rather_than_replayed() -> None:
-    """Rule 1 (deleted chat) is checked before rule 2 (already decided), so a duplicate of an
-    accepted request that arrives after `chat.delete` is answered chat_not_found, not re-sent."""
+def test_a_duplicate_after_chat_delete_is_replayed() -> None:
+    """Every copy of a command gets the one decision it was given (CONTRACT section 2: re-sent on
+    duplicates; "a decision is final"): the caller's own deleted chat is checked after rule 2, so a
+    copy of an accepted request redelivered after `chat.delete` re-sends the `allow`. A new
+    command on the deleted chat is still chat_not_found."""
     first = requested(R1)
-    result = run(batch_state(), first, chat_delete(), first)
+    result = run(batch_state(), first, chat_delete(), first, requested(R2))
     assert outcome(result) == [
         ("allow", None, None, False),
         ("done", None, None, False),
+        ("allow", None, None, True),
         ("reject", "chat_not_found", None, False),
     ]
     assert (

@@ -67,6 +67,7 @@ CROSS_TENANT_PROBES: dict[tuple[str, str], str] = {
         "instead of being parked forever; the foreign row is reduced to the `same_tenant` flag"
     ),
     ("turns", "_LOAD_DECISION_TENANTS"): "the same check for a request whose command was rejected",
+    ("turn_requests", "_PARKED_REQUESTS"): "which new turns have parked events, the same key as `_UNPARK`",
     ("turns", "_UNPARK"): (
         "a decided request takes every event parked under its (chat, request), whoever sent it, so "
         "another tenant's early event is dead-lettered as tenant_mismatch rather than left parked"
