@@ -167,7 +167,7 @@ async def traffic(live: Live) -> Traffic:
     [ok] = await decide(b)
     assert ok["decision"] in ("allow", "downgrade"), ok
     await provider(g.provider("turn.completed", b, content="later usage"))
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # the scenario: usage stamped clearly after the completion, not a wait
     await usage(g.usage(b, 30, 40))
     await settled(live, b)
 
