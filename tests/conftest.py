@@ -14,8 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import subprocess
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,9 @@ from tests.support import (
     Endpoints,
     TopicReader,
     WorkerProcess,
-    database_url_for,
     new_prefix,
     run_worker,
+    scratch_database,
 )
 
 
@@ -88,44 +87,26 @@ async def template_database(endpoints: Endpoints) -> AsyncIterator[str]:
     """A migrated database that every test's database is copied from (about 0.1 s a copy)."""
     from minichat.storage.schema import migrate
 
-    name = f"minichat_tpl_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(endpoints.database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        con = await asyncpg.connect(database_url_for(endpoints.database_url, name))
+    async with scratch_database(endpoints.database_url, "tpl") as url:
+        con = await asyncpg.connect(url)
         try:
             await migrate(con)
         finally:
             await con.close()
-        yield name
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        yield url.rsplit("/", 1)[-1]
 
 
 @pytest.fixture
 async def database_url(endpoints: Endpoints, template_database: str) -> AsyncIterator[str]:
-    name = f"minichat_t_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(endpoints.database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-        yield database_url_for(endpoints.database_url, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with scratch_database(endpoints.database_url, "t", template=template_database) as url:
+        yield url
 
 
 @pytest.fixture
 async def empty_database_url(endpoints: Endpoints) -> AsyncIterator[str]:
     """A database with no schema at all, for migration tests."""
-    name = f"minichat_e_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(endpoints.database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield database_url_for(endpoints.database_url, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with scratch_database(endpoints.database_url, "e") as url:
+        yield url
 
 
 @dataclass(frozen=True)
@@ -193,20 +174,20 @@ async def live_deployment(
     *,
     policy: Path | None = None,
     workers: int = 1,
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Live]:
+    """A deployment with running worker process(es); `env` overrides their environment."""
     from minichat.processors.topics import create_topics
 
-    name = f"minichat_l_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(endpoints.database_url)
-    await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
     overrides: dict[str, object] = {"policy_file": policy} if policy else {}
-    settings = deployment_settings(endpoints, database_url_for(endpoints.database_url, name), **overrides)
-    try:
+    async with scratch_database(endpoints.database_url, "l", template=template_database) as url:
+        settings = deployment_settings(endpoints, url, **overrides)
+        name = url.rsplit("/", 1)[-1]
         await create_topics(settings)
-        env = Deployment(settings).env()
+        worker_env = {**Deployment(settings).env(), **(env or {})}
         with ExitStack() as stack:
             procs = [
-                stack.enter_context(run_worker(env, workdir / f"worker-{name}-{i}.log"))
+                stack.enter_context(run_worker(worker_env, workdir / f"worker-{name}-{i}.log"))
                 for i in range(workers)
             ]
             pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
@@ -224,9 +205,6 @@ async def live_deployment(
                 await pool.close()
             for proc in procs:
                 assert proc.terminate() == 0, proc.log()[-3000:]
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest.fixture(scope="module")

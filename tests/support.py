@@ -9,8 +9,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,6 +45,22 @@ async def wait_until(
 def database_url_for(base_url: str, dbname: str) -> str:
     parts = urlsplit(base_url)
     return urlunsplit(parts._replace(path=f"/{dbname}"))
+
+
+@asynccontextmanager
+async def scratch_database(admin_url: str, tag: str, *, template: str | None = None) -> AsyncIterator[str]:
+    """A database of its own (a copy of `template`, else empty), dropped afterwards; yields its URL."""
+    import asyncpg
+
+    name = f"minichat_{tag}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(admin_url)
+    try:
+        copy = f' TEMPLATE "{template}"' if template else ""
+        await admin.execute(f'CREATE DATABASE "{name}"{copy}')
+        yield database_url_for(admin_url, name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ from minichat.storage.digest import DIGEST_TABLES, Digest, digest, row_expressio
 from minichat.summary import Summary, read_topic, render, summarize, wait_quiescent
 from tests.conftest import Deployment, deployment_settings
 from tests.gateway import policy_file
-from tests.support import Endpoints, WorkerProcess, database_url_for, run_worker, wait_until
+from tests.support import Endpoints, WorkerProcess, run_worker, scratch_database, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -169,14 +169,8 @@ def soak_selected(config: pytest.Config) -> bool:
 @asynccontextmanager
 async def fresh_database(endpoints: Endpoints, template_database: str, tag: str) -> AsyncIterator[str]:
     """A migrated database of its own (a copy of the session's template), dropped afterwards."""
-    name = f"minichat_{tag}_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(endpoints.database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-        yield database_url_for(endpoints.database_url, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with scratch_database(endpoints.database_url, tag, template=template_database) as url:
+        yield url
 
 
 def crash_policy(directory: Path) -> Path:

@@ -20,7 +20,7 @@ import pytest
 
 from minichat.storage.digest import DIGEST_TABLES, Digest, combine, covered_columns, digest
 from tests.conftest import Deployment, deployment_settings
-from tests.support import ROOT, Endpoints, database_url_for, worker_env
+from tests.support import ROOT, Endpoints, scratch_database, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -168,14 +168,8 @@ async def filled(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 @pytest.fixture
 async def second_database_url(endpoints: Endpoints, template_database: str) -> AsyncIterator[str]:
-    name = f"minichat_d_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(endpoints.database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-        yield database_url_for(endpoints.database_url, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with scratch_database(endpoints.database_url, "d", template=template_database) as url:
+        yield url
 
 
 async def test_digest_is_stable_and_covers_the_contract_tables(filled: asyncpg.Connection) -> None:

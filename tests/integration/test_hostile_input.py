@@ -16,7 +16,6 @@ The decoder's verdict on each record is also checked offline, without a broker.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -32,6 +31,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from minichat.models.events import DEAD_LETTER_CODES, DecodeError, decode
 from minichat.models.topics import TopicNames
+from minichat.summary import InputLag, topic_partitions
 from tests.conftest import Live, live_deployment
 from tests.data.hostile_records import (
     CORPUS,
@@ -344,8 +344,17 @@ async def test_hostile_corpus_between_valid_traffic(hostile_live: Live, dead_let
         await dead_letters.wait_for(
             lambda v: len(v) >= len(expected_letters), timeout=30, what="dead letters"
         )
-    await asyncio.sleep(1.0)  # anything unexpected would arrive with or right after them
-    await dead_letters.poll()
+    # Anything unexpected is on the topic too once the worker has committed every input record
+    # (a batch's dead letters are acked before its offsets move): read the topic to that end.
+    async with InputLag(live.settings) as lag:
+
+        async def committed() -> bool:
+            return await lag.measure() == 0
+
+        await wait_until(committed, timeout=60, what="the worker to commit every input record")
+    letters_topic = TopicNames(live.settings.topic_prefix).dead_letters
+    on_topic = await records_on(live.settings.kafka_bootstrap_servers, letters_topic)
+    await dead_letters.wait_for(lambda v: len(v) >= on_topic, timeout=30, what="every dead letter")
     letters = {}
     for message in dead_letters.records:
         letter = json.loads(message.value)
@@ -509,3 +518,16 @@ async def test_values_wider_than_their_column_do_not_stop_the_partition(
             exited = [w.proc.poll() for w in live.workers if w.proc.poll() is not None]
             errors = [line for line in live.logs().splitlines() if "Error:" in line][-2:]
             assert result == "answered", f"{hostile.name} stopped the worker (exit {exited}): {errors}"
+
+
+async def records_on(bootstrap: str, topic: str) -> int:
+    """How many records a topic holds (its end offsets; nothing is ever deleted here)."""
+    from aiokafka import AIOKafkaConsumer
+
+    partitions = (await topic_partitions(bootstrap, [topic]))[topic]
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return sum((await consumer.end_offsets(partitions)).values())
+    finally:
+        await consumer.stop()

@@ -32,7 +32,7 @@ from minichat.settings import Settings
 from minichat.storage.digest import Digest, digest
 from tests.conftest import Deployment, Live, live_deployment
 from tests.gateway import Event, policy_file
-from tests.support import ROOT, Endpoints, database_url_for, produce, wait_until, worker_env
+from tests.support import ROOT, Endpoints, produce, scratch_database, wait_until, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -312,14 +312,8 @@ async def test_replay_from_a_time_in_the_middle_reads_less(live: Live, traffic: 
 
 @pytest.fixture
 async def blank_database_url(endpoints: Endpoints, template_database: str) -> AsyncIterator[str]:
-    name = f"minichat_r_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(endpoints.database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-        yield database_url_for(endpoints.database_url, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with scratch_database(endpoints.database_url, "r", template=template_database) as url:
+        yield url
 
 
 async def test_replay_into_an_empty_database_rebuilds_the_same_state(

@@ -21,14 +21,11 @@ import asyncpg
 import pytest
 
 from minichat.models.topics import TopicNames
-from tests.conftest import Deployment, deployment_settings
-from tests.gateway import Gateway
+from tests.conftest import live_deployment
 from tests.support import (
     Endpoints,
     TopicReader,
-    database_url_for,
     produce,
-    run_worker,
     wait_until,
 )
 
@@ -379,31 +376,13 @@ MARKER = "MARKER-7f3a9c-do-not-log"
 
 @asynccontextmanager
 async def debug_worker(endpoints: Endpoints, template_database: str, workdir: Path) -> AsyncIterator[Any]:
-    """A live deployment like `tests.conftest.live_deployment`, but the worker logs at DEBUG."""
-    from minichat.processors.topics import create_topics
-
-    name = f"minichat_s_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(endpoints.database_url)
-    await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-    settings = deployment_settings(endpoints, database_url_for(endpoints.database_url, name))
-    try:
-        await create_topics(settings)
-        env = {**Deployment(settings).env(), "MINICHAT_LOG_LEVEL": "DEBUG"}
-        names = TopicNames(settings.topic_prefix)
-        with run_worker(env, workdir / f"worker-{name}.log") as worker:
-            pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
-            try:
-                async with (
-                    TopicReader(settings.kafka_bootstrap_servers, names.turn_decisions) as decisions,
-                    TopicReader(settings.kafka_bootstrap_servers, names.dead_letters) as dead,
-                ):
-                    yield Gateway(settings, decisions), dead, pool, worker
-            finally:
-                await pool.close()
-            assert worker.terminate() == 0, worker.log()[-3000:]
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    """A live deployment whose worker logs at DEBUG, and a reader of its dead letters."""
+    async with live_deployment(
+        endpoints, template_database, workdir, env={"MINICHAT_LOG_LEVEL": "DEBUG"}
+    ) as live:
+        names = TopicNames(live.settings.topic_prefix)
+        async with TopicReader(live.settings.kafka_bootstrap_servers, names.dead_letters) as dead:
+            yield live.gateway, dead, live.db, live.workers[0]
 
 
 async def test_message_content_never_reaches_the_log_even_at_debug(
