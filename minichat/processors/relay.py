@@ -76,15 +76,9 @@ class ExclusiveSession:
                     return None
                 result = await body(con)
                 await con.execute(_UNLOCK, *self.lock)
-            except (asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
-                lost = con.is_closed() or isinstance(exc, asyncpg.InternalClientError)
-                self._discard()
-                if lost:
-                    # asyncpg reports a connection the server dropped (restart, failover,
-                    # terminate) as a client error; like any lost connection it is transient.
-                    raise ConnectionResetError(f"{self.name}: the database connection was lost") from exc
-                raise
             except BaseException:
+                # A failed run leaves the connection in doubt (dropped by a restart, or mid-query):
+                # the next run opens a new one; `errors.classify` decides whether to retry.
                 self._discard()
                 raise
             return result
