@@ -106,9 +106,13 @@ class BatchProcessor(Generic[E]):
         self.metrics.inc("minichat_records_total", len(dead), topic=self.name, outcome="dead_letter")
         self.metrics.inc("minichat_batches_total", agent=self.name)
         produced = dead + outputs
+        acked: set[int] = set()
         if produced:
             await with_retries(
-                f"{self.name} produce", lambda: self._produce(produced), self.retry, dependency="Kafka"
+                f"{self.name} produce",
+                lambda: self._produce(produced, acked),
+                self.retry,
+                dependency="Kafka",
             )
         return produced
 
@@ -117,7 +121,17 @@ class BatchProcessor(Generic[E]):
         async with pool.acquire() as con, con.transaction():
             return await self.handle(con, good)
 
-    async def _produce(self, outputs: Sequence[Output]) -> None:
+    async def _produce(self, outputs: Sequence[Output], acked: set[int]) -> None:
+        """Send what the broker has not acknowledged yet: a retry after a partial failure must not
+        send a decision twice (a copy would look like a second, first-time answer)."""
         producer = await self.producer()
-        pending = [await producer.send(out.topic, out.key, out.value, None, None, None) for out in outputs]
-        await asyncio.gather(*pending)
+        pending = {
+            i: await producer.send(out.topic, out.key, out.value, None, None, None)
+            for i, out in enumerate(outputs)
+            if i not in acked
+        }
+        results = await asyncio.gather(*pending.values(), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        acked.update(i for i, r in zip(pending, results, strict=True) if not isinstance(r, BaseException))
+        if failed:
+            raise failed[0]
