@@ -5,32 +5,20 @@ What it does
 * Reads `turn-requests`, `provider-responses` and `usage` from the beginning (or from the first
   record at or after `--from-time`, found with `offsets_for_times`) up to the end offsets taken
   when it starts, then exits. No consumer group at all: partitions are assigned by hand and no
-  offset is ever committed, so the workers' group is untouched.
+  offset is ever committed, and the workers' stored positions are neither read nor written.
 * Stores the policy version first (`ensure_policy_version`), as the worker does at start: a
   replay into an empty, migrated database can then admit and settle.
-* Feeds the records to the same `BatchProcessor`s as the worker (`build_processors`), one
-  transaction per micro-batch (at most `batch_max` records, one topic). Whatever the processors
-  produce (decisions, dead letters) goes to a producer that discards it and only counts it: no
-  decision is re-sent, no dead letter is written twice. No watchdog and no outbox relay run; the
-  billing outbox is written by the settlement transactions as usual, and is idempotent on its
-  dedupe key, so a replay over the live database adds no billing event.
-
-Order (decided)
----------------
-The three topics are merged by record timestamp (LogAppendTime: the order the broker appended
-them, which is the order a worker that keeps up processes them): a k-way merge on
-`(timestamp, topic rank, partition, offset)`, topic rank turn-requests < provider-responses <
-usage for records of the same millisecond. Each partition stays in offset order. A command is
-therefore decided before the provider events that answer it (parking is rare, not the rule), and
-cross-topic races that depend on order (a retry after the completion of the turn it replaces, a
-request after a settlement that freed quota) replay the way they happened live.
-
-A micro-batch holds records of one topic. To keep batches large without changing the outcome,
-a record may move ahead of earlier records of other topics when it cannot interact with them: it
-belongs to another tenant *and* another chat (every row the processors touch is keyed by chat,
-or by tenant and user for quota rows). A record whose tenant or chat cannot be read (it will be
-dead-lettered) moves nothing past it. So a multi-tenant log replays in full batches, and a
-single-tenant log replays in the merged order, batch boundaries falling where the topic changes.
+* Reads `turn-decisions` first, up to its end offsets, into a temporary table: a command that has
+  a recorded decision is applied as decided (decision, effective model, reserve, policy version);
+  only a command with none is decided afresh. Quota rows are shared by a user's chats on every
+  partition, so deciding again could differ from what the live workers decided.
+* Merges the input partitions with the worker's own merge (`processors/merge.py`: one ordered
+  stream per partition number, (timestamp, topic rank, offset)) and applies the merged batches
+  with the worker's own handlers (`processors/batches.py`), one transaction per batch, all on one
+  connection. Whatever they produce (decisions, dead letters) is counted, never sent. No watchdog
+  and no outbox relay run; the billing outbox is written by the settlement transactions as
+  usual, and is idempotent on its dedupe key, so a replay over the live database adds no billing
+  event.
 
 Counting (what the summary means)
 ---------------------------------
@@ -58,19 +46,16 @@ is behind the end offsets.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import heapq
 import json
 import logging
 import sys
 import time
 import uuid
-from collections import deque
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Generic, TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -79,15 +64,20 @@ from aiokafka.admin import AIOKafkaAdminClient
 from minichat.domain.commands import command_id_of
 from minichat.domain.turns import TurnEvent
 from minichat.models.events import TurnRequestEvent
-from minichat.models.policy import load_policy
+from minichat.models.policy import Policy, load_policy
 from minichat.models.topics import TopicNames
-from minichat.processors.app import build_processors
-from minichat.processors.pipeline import BatchProcessor, Decoded, Handler, Producer
-from minichat.processors.records import Output, SourceRecord, timestamp_from_ms
+from minichat.processors.app import build_batches
+from minichat.processors.batches import MergedBatches
+from minichat.processors.engine import input_ranks
+from minichat.processors.errors import RetryPolicy, with_retries
+from minichat.processors.merge import OrderedMerge
+from minichat.processors.pipeline import Decoded, Handler
+from minichat.processors.records import Output, SourceRecord, source_record
 from minichat.settings import Settings
-from minichat.storage.db import columns, create_pool
+from minichat.storage.db import columns, connect
 from minichat.storage.digest import row_expression, table_spec
 from minichat.storage.policies import ensure_policy_version
+from minichat.storage.recorded import create_recorded, insert_recorded
 from minichat.storage.schema import pending_migrations
 
 logger = logging.getLogger(__name__)
@@ -184,27 +174,6 @@ class Progress:
 # ------------------------------------------------------------------------------------- counting
 
 
-class DiscardingProducer:
-    """The processors' producer during a replay: counts records by topic, sends nothing."""
-
-    def __init__(self) -> None:
-        self.discarded: dict[str, int] = {}
-
-    async def send(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        partition: int | None,
-        timestamp: float | None,
-        headers: Any,
-    ) -> Awaitable[Any]:
-        self.discarded[topic] = self.discarded.get(topic, 0) + 1
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
-
-
 def _record_id(record: SourceRecord) -> RecordId:
     return (record.topic, record.partition, record.offset)
 
@@ -239,7 +208,7 @@ class CommandOutcomes:
             new = key in after and key not in before and key not in counted
             counted.add(key)
             outcomes[_record_id(item.record)] = APPLIED if new else UNCHANGED
-        self.outcomes = outcomes  # only the attempt whose transaction committed is read
+        self.outcomes.update(outcomes)  # reset per batch attempt by the caller
         return outputs
 
     @staticmethod
@@ -286,7 +255,7 @@ class TurnEventOutcomes:
                 outcomes[rid] = APPLIED
             else:
                 outcomes[rid] = UNCHANGED
-        self.outcomes = outcomes
+        self.outcomes.update(outcomes)
         return outputs
 
     async def _fingerprints(
@@ -315,148 +284,6 @@ JOIN unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS k (tenant_id, chat_id, reques
 """
 
 
-# --------------------------------------------------------------------------------------- merging
-
-
-@dataclass(frozen=True, slots=True)
-class Item:
-    """A record of the merged stream with what it may touch: (tenant, chat), or None when unknown."""
-
-    record: SourceRecord
-    scope: tuple[uuid.UUID, uuid.UUID] | None
-
-
-def scope_of(key: bytes | None, value: bytes) -> tuple[uuid.UUID, uuid.UUID] | None:
-    """The tenant and chat a record can touch; None when either cannot be read (it will be
-    dead-lettered, and is then treated as touching everything: nothing moves past it)."""
-    try:
-        chat = uuid.UUID((key or b"").decode())
-        body = json.loads(value)
-        tenant = uuid.UUID(str(body["tenant_id"]))
-        if uuid.UUID(str(body["chat_id"])) != chat:
-            return None
-    except (ValueError, TypeError, KeyError, UnicodeDecodeError, AttributeError):
-        return None
-    return (tenant, chat)
-
-
-def next_batch(pending: Sequence[Item], batch_max: int) -> tuple[list[Item], list[Item]]:
-    """The next micro-batch: the first pending record's topic, plus later records of that topic
-    that can move ahead of every record they pass (another tenant and another chat). Returns the
-    batch and what stays pending, both in merged order."""
-    if not pending:
-        return [], []
-    topic = pending[0].record.topic
-    batch: list[Item] = []
-    rest: list[Item] = []
-    blocked_tenants: set[uuid.UUID] = set()
-    blocked_chats: set[uuid.UUID] = set()
-    barrier = False
-    for index, item in enumerate(pending):
-        if barrier or len(batch) >= batch_max:
-            rest.extend(pending[index:])
-            break
-        scope = item.scope
-        if scope is None:
-            free = not blocked_tenants and not blocked_chats and not rest
-        else:
-            free = scope[0] not in blocked_tenants and scope[1] not in blocked_chats
-        if item.record.topic == topic and free:
-            batch.append(item)
-            continue
-        rest.append(item)
-        if scope is None:
-            barrier = True
-        else:
-            blocked_tenants.add(scope[0])
-            blocked_chats.add(scope[1])
-    return batch, rest
-
-
-@dataclass
-class _Partition:
-    tp: TopicPartition
-    rank: int
-    end: int
-    buffer: deque[Any] = field(default_factory=deque)
-    exhausted: bool = False  # everything below `end` has been fetched
-
-    def head_key(self) -> tuple[int, int, int, int]:
-        record = self.buffer[0]
-        return (record.timestamp, self.rank, record.partition, record.offset)
-
-
-class MergedLog:
-    """The input partitions' records in (timestamp, topic rank, partition, offset) order, each
-    partition in offset order, each stopping at its end offset."""
-
-    def __init__(
-        self, consumer: Any, ranges: Mapping[TopicPartition, tuple[int, int]], ranks: Mapping[str, int]
-    ):
-        self.consumer = consumer
-        self.partitions = [
-            _Partition(tp, ranks[tp.topic], end, exhausted=start >= end)
-            for tp, (start, end) in sorted(
-                ranges.items(), key=lambda kv: (ranks[kv[0].topic], kv[0].partition)
-            )
-        ]
-        self._heap: list[tuple[tuple[int, int, int, int], int]] = []
-        self._needy = {i for i, p in enumerate(self.partitions) if not p.exhausted}
-
-    async def next(self) -> Any | None:
-        if self._needy:
-            await self._fill()
-        if not self._heap:
-            return None
-        _, index = heapq.heappop(self._heap)
-        part = self.partitions[index]
-        record = part.buffer.popleft()
-        if part.buffer:
-            heapq.heappush(self._heap, (part.head_key(), index))
-        elif not part.exhausted:
-            self._needy.add(index)
-        return record
-
-    async def _fill(self) -> None:
-        """Fetch until every partition that is not exhausted has a record buffered. (aiokafka
-        prefetches at most one fetch response per partition, so memory stays bounded.)"""
-        while self._needy:
-            wanted = [self.partitions[i].tp for i in sorted(self._needy)]
-            fetched = await self.consumer.getmany(*wanted, timeout_ms=500, max_records=1000)
-            for index in sorted(self._needy):
-                part = self.partitions[index]
-                for record in fetched.get(part.tp, ()):
-                    if record.offset >= part.end:
-                        part.exhausted = True
-                        break
-                    part.buffer.append(record)
-                    if record.offset + 1 >= part.end:
-                        part.exhausted = True
-                        break
-                if not part.buffer and not part.exhausted and part.tp not in fetched:
-                    # Nothing came: offsets below the end may hold no record (transaction markers).
-                    part.exhausted = await self.consumer.position(part.tp) >= part.end
-                if part.exhausted:
-                    self.consumer.pause(part.tp)
-                if part.buffer:
-                    heapq.heappush(self._heap, (part.head_key(), index))
-                    self._needy.discard(index)
-                elif part.exhausted:
-                    self._needy.discard(index)
-
-
-def source_record(record: Any) -> SourceRecord:
-    value = record.value
-    return SourceRecord(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=record.key,
-        value=value if isinstance(value, bytes) else bytes(value or b""),
-        timestamp=timestamp_from_ms(record.timestamp),
-    )
-
-
 # ----------------------------------------------------------------------------------------- replay
 
 
@@ -466,12 +293,6 @@ def parse_time(text: str) -> datetime:
     if value.tzinfo is None:
         raise ValueError(f"{text!r} has no UTC offset: write it as RFC 3339, e.g. 2025-01-31T12:00:00Z")
     return value
-
-
-@dataclass
-class _Wired(Generic[E]):
-    processor: BatchProcessor[E]
-    outcomes: CommandOutcomes | TurnEventOutcomes
 
 
 async def _topic_partitions(admin: Any, topics: Sequence[str]) -> list[TopicPartition]:
@@ -522,7 +343,7 @@ async def _workers_behind(admin: Any, group_id: str, ranges: Mapping[TopicPartit
     return behind
 
 
-async def _parked_count(pool: asyncpg.Pool) -> int:
+async def _parked_count(pool: asyncpg.Connection) -> int:
     # Operator command, all tenants: how many events wait for their command.
     count: int = await pool.fetchval("SELECT count(*) FROM parked_events")
     return count
@@ -542,41 +363,20 @@ async def run_replay(
     """
     names = TopicNames(settings.topic_prefix)
     topics = [names.turn_requests, names.provider_responses, names.usage]
-    ranks = {topic: rank for rank, topic in enumerate(topics)}
     policy = load_policy(settings.policy_file)
     summary = ReplaySummary(read_by_topic=dict.fromkeys(topics, 0))
     started = time.monotonic()
 
-    pool = await create_pool(settings, min_size=1, max_size=2)
+    # One connection for everything: the recorded decisions live in a temporary table.
+    con = await connect(settings)
     try:
-        async with pool.acquire() as con:
-            pending = await pending_migrations(con)
-            if pending:
-                raise ReplaySetupError(
-                    f"the database schema is missing or old ({len(pending)} migration(s) pending): "
-                    "run `minichat db migrate`"
-                )
-            if await ensure_policy_version(con, policy):
-                logger.info("stored policy version %d", policy.version)
-            fingerprint_sql = await turn_fingerprint_sql(con)
-        summary.parked_at_start = await _parked_count(pool)
-
-        producer = DiscardingProducer()
-
-        async def get_pool() -> asyncpg.Pool:
-            return pool
-
-        async def get_producer() -> Producer:
-            return producer
-
-        wired: dict[str, _Wired[Any]] = {}
-        for topic, processor in build_processors(settings, policy, get_pool, get_producer).items():
-            outcomes: CommandOutcomes | TurnEventOutcomes
-            if topic == names.turn_requests:
-                outcomes = CommandOutcomes(processor.handle)
-            else:
-                outcomes = TurnEventOutcomes(processor.handle, fingerprint_sql)
-            wired[topic] = _Wired(dataclasses.replace(processor, handle=outcomes), outcomes)
+        await _prepare(con, policy)
+        summary.parked_at_start = await _parked_count(con)
+        batches = build_batches(settings, policy, follow_recorded=True)
+        commands = CommandOutcomes(batches.turn_requests)
+        turn_events = TurnEventOutcomes(batches.turn_events, await turn_fingerprint_sql(con))
+        wired = dataclasses.replace(batches, turn_requests=commands, turn_events=turn_events)
+        replay = _Replay(con, wired, commands, turn_events, names, summary)
 
         admin = AIOKafkaAdminClient(
             bootstrap_servers=settings.kafka_bootstrap_servers, client_id="minichat-replay-admin"
@@ -584,6 +384,7 @@ async def run_replay(
         await admin.start()
         try:
             partitions = await _topic_partitions(admin, topics)
+            decision_partitions = await _topic_partitions(admin, [names.turn_decisions])
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=settings.kafka_bootstrap_servers,
                 group_id=None,  # no group: nothing is ever committed, the workers' group is untouched
@@ -593,6 +394,8 @@ async def run_replay(
             )
             await consumer.start()
             try:
+                recorded = await _read_decisions(con, consumer, decision_partitions)
+                logger.info("read %d recorded decisions of %s", recorded, names.turn_decisions)
                 ranges = await _offset_ranges(consumer, partitions, from_time)
                 total = sum(max(0, end - start) for start, end in ranges.values())
                 logger.info(
@@ -608,76 +411,158 @@ async def run_replay(
                         settings.group_id,
                         behind,
                     )
-                assigned = [tp for tp, (start, end) in ranges.items() if start < end]
-                consumer.assign(assigned)
-                for tp in assigned:
-                    consumer.seek(tp, ranges[tp][0])
                 bar = Progress(total, progress) if show_progress else None
-                log = MergedLog(consumer, {tp: ranges[tp] for tp in assigned}, ranks)
-                await _replay_loop(log, wired, names, settings.batch_max, summary, bar)
+                await _merge_and_apply(consumer, ranges, replay, settings, bar)
                 if bar is not None:
                     bar.finish()
             finally:
                 await consumer.stop()
         finally:
             await admin.close()
-        summary.parked_at_end = await _parked_count(pool)
-        summary.decisions_discarded = producer.discarded.get(names.turn_decisions, 0)
+        summary.parked_at_end = await _parked_count(con)
     finally:
-        await pool.close()
+        await con.close()
     summary.elapsed_s = time.monotonic() - started
     return summary
 
 
-async def _replay_loop(
-    log: MergedLog,
-    wired: Mapping[str, _Wired[Any]],
-    names: TopicNames,
-    batch_max: int,
-    summary: ReplaySummary,
+async def _prepare(con: asyncpg.Connection, policy: Policy) -> None:
+    pending = await pending_migrations(con)
+    if pending:
+        raise ReplaySetupError(
+            f"the database schema is missing or old ({len(pending)} migration(s) pending): "
+            "run `minichat db migrate`"
+        )
+    if await ensure_policy_version(con, policy):
+        logger.info("stored policy version %d", policy.version)
+    await create_recorded(con)
+
+
+async def _read_decisions(
+    con: asyncpg.Connection, consumer: AIOKafkaConsumer, partitions: Sequence[TopicPartition]
+) -> int:
+    """Every `turn.decision` up to the end offsets taken now, into the temporary table."""
+    ends = await consumer.end_offsets(list(partitions))
+    starts = await consumer.beginning_offsets(list(partitions))
+    todo = {tp for tp in partitions if starts[tp] < ends[tp]}
+    consumer.assign(sorted(todo, key=lambda tp: tp.partition))
+    for tp in todo:
+        consumer.seek(tp, starts[tp])
+    read = 0
+    while todo:
+        fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=5000)
+        rows = []
+        for tp, records in fetched.items():
+            for record in records:
+                if record.offset < ends[tp] and record.value is not None:
+                    row = _decision_row(record.value)
+                    if row is not None:
+                        rows.append(row)
+        await insert_recorded(con, rows)
+        read += len(rows)
+        for tp in list(todo):
+            if await consumer.position(tp) >= ends[tp]:
+                todo.discard(tp)
+    consumer.unsubscribe()
+    return read
+
+
+def _decision_row(value: bytes) -> tuple[uuid.UUID, uuid.UUID, uuid.UUID, bool, dict[str, Any]] | None:
+    """(tenant, chat, command id, replay, payload) of a turn-creating command's decision."""
+    try:
+        payload = json.loads(value)
+        command = payload["command"]
+        if command not in ("turn.requested", "turn.retry", "turn.edit") or payload.get("request_id") is None:
+            return None
+        replayed = bool(payload.pop("replay", False))
+        return (
+            uuid.UUID(payload["tenant_id"]),
+            uuid.UUID(payload["chat_id"]),
+            uuid.UUID(payload["request_id"]),
+            replayed,
+            payload,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        logger.warning("a record of turn-decisions is not a decision; ignored")
+        return None
+
+
+@dataclass
+class _Replay:
+    con: asyncpg.Connection
+    batches: MergedBatches
+    commands: CommandOutcomes
+    turn_events: TurnEventOutcomes
+    names: TopicNames
+    summary: ReplaySummary
+
+    async def apply(self, records: list[SourceRecord]) -> None:
+        good, dead = self.batches.decode(records)
+
+        async def attempt() -> list[Output]:
+            self.commands.outcomes = {}
+            self.turn_events.outcomes = {}
+            async with self.con.transaction():
+                return await self.batches.apply(self.con, good)
+
+        outputs = await with_retries("replay batch", attempt, RetryPolicy(give_up_after_s=30.0))
+        dead_ids: set[RecordId] = set()
+        for out in dead + outputs:
+            if out.topic == self.names.dead_letters:
+                letter = json.loads(out.value)
+                dead_ids.add((letter["source_topic"], letter["partition"], letter["offset"]))
+            elif out.topic == self.names.turn_decisions:
+                self.summary.decisions_discarded += 1
+        outcomes = {**self.commands.outcomes, **self.turn_events.outcomes}
+        self.summary.batches += 1
+        for record in records:
+            rid = _record_id(record)
+            self.summary.read += 1
+            self.summary.read_by_topic[record.topic] = self.summary.read_by_topic.get(record.topic, 0) + 1
+            outcome = outcomes.get(rid, UNCHANGED)
+            if rid in dead_ids:
+                self.summary.dead_lettered += 1
+            elif outcome == APPLIED:
+                self.summary.applied += 1
+            elif outcome == PARKED:
+                self.summary.parked += 1
+            else:
+                self.summary.already_applied += 1
+
+
+async def _merge_and_apply(
+    consumer: AIOKafkaConsumer,
+    ranges: Mapping[TopicPartition, tuple[int, int]],
+    replay: _Replay,
+    settings: Settings,
     bar: Progress | None,
 ) -> None:
-    lookahead = batch_max * 2
-    pending: list[Item] = []
-    exhausted = False
-    while True:
-        while not exhausted and len(pending) < lookahead:
-            raw = await log.next()
-            if raw is None:
-                exhausted = True
-                break
-            record = source_record(raw)
-            pending.append(Item(record, scope_of(record.key, record.value)))
-        if not pending:
-            return
-        batch, pending = next_batch(pending, batch_max)
-        await _process(wired[batch[0].record.topic], [i.record for i in batch], names, summary)
-        if bar is not None:
-            bar.advance(len(batch))
-
-
-async def _process(
-    target: _Wired[Any], records: list[SourceRecord], names: TopicNames, summary: ReplaySummary
-) -> None:
-    target.outcomes.outcomes = {}
-    produced = await target.processor.process(records)
-    dead: set[RecordId] = set()
-    for out in produced:
-        if out.topic == names.dead_letters:
-            letter = json.loads(out.value)
-            dead.add((letter["source_topic"], letter["partition"], letter["offset"]))
-    outcomes = target.outcomes.outcomes
-    summary.batches += 1
-    for record in records:
-        rid = _record_id(record)
-        summary.read += 1
-        summary.read_by_topic[record.topic] = summary.read_by_topic.get(record.topic, 0) + 1
-        outcome = outcomes.get(rid, UNCHANGED)
-        if rid in dead:
-            summary.dead_lettered += 1
-        elif outcome == APPLIED:
-            summary.applied += 1
-        elif outcome == PARKED:
-            summary.parked += 1
+    """The worker's merge, with every partition's frontier at +∞ once it reached its end offset."""
+    merge = OrderedMerge(input_ranks(replay.names))
+    active = {tp for tp, (start, end) in ranges.items() if start < end}
+    consumer.assign(sorted(active, key=lambda tp: (tp.topic, tp.partition)))
+    for tp, (start, end) in ranges.items():
+        merge.open(tp.topic, tp.partition, start)
+        if tp in active:
+            consumer.seek(tp, start)
         else:
-            summary.already_applied += 1
+            merge.exhausted(tp.topic, tp.partition)
+    while True:
+        wanted = [tp for tp in active if merge.buffered_of(tp.topic, tp.partition) < settings.lane_buffer_max]
+        if wanted:
+            fetched = await consumer.getmany(*wanted, timeout_ms=200, max_records=settings.batch_max)
+            for tp, records in fetched.items():
+                end = ranges[tp][1]
+                merge.add(source_record(r) for r in records if r.offset < end)
+            for tp in wanted:
+                if await consumer.position(tp) >= ranges[tp][1]:
+                    active.discard(tp)
+                    consumer.pause(tp)
+                    merge.exhausted(tp.topic, tp.partition)
+        released = merge.release(settings.batch_max)
+        if released:
+            await replay.apply(released)
+            if bar is not None:
+                bar.advance(len(released))
+        elif not active and merge.buffered() == 0:
+            return

@@ -25,11 +25,20 @@ class Settings(BaseSettings):
 
     # Tuning (not in the contract).
     web_enabled: bool = True
-    batch_max: int = Field(default=500, ge=1, le=4096)
-    batch_within_s: float = Field(default=0.005, gt=0, le=5)
+    # The ordered engine: records per merged batch (one transaction), records buffered per input partition before its fetching pauses, the grace
+    # that covers clock skew and replication lag when an empty partition is judged caught up,
+    # and output batches whose acknowledgements may be outstanding while the next one applies.
+    batch_max: int = Field(default=2000, ge=1, le=20_000)
+    lane_buffer_max: int = Field(default=4000, ge=10, le=100_000)
+    order_grace_ms: int = Field(default=5, ge=0, le=60_000)
+    produce_in_flight: int = Field(default=4, ge=1, le=64)
+    fetch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024 * 1024)
+    max_partition_fetch_bytes: int = Field(default=1024 * 1024, ge=64 * 1024)
+    # Fault injection for the crash tests: exit (status 86) right after the first batch holding a
+    # command committed, before its decisions are sent. Never set in production.
+    fault_exit_after_commit: bool = False
     db_pool_min: int = Field(default=2, ge=1)
     db_pool_max: int = Field(default=4, ge=1)
-    commit_interval_s: float = Field(default=0.5, gt=0)
     session_timeout_s: float = Field(default=10.0, gt=0)
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     log_level: str = "INFO"

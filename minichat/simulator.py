@@ -10,8 +10,10 @@ Two halves:
 - `run_simulation(settings, options)` plays the plan: each chat is an asyncio task (bounded), which
   sends a command on `turn-requests`, waits for its `turn.decision` (read from `turn-decisions`,
   matched on `command_event_id`), and for an accepted turn plays the provider side on
-  `provider-responses` and `usage`, then waits (polling the database, with a deadline) until the
-  processor has applied the terminal event before the next turn. Then it waits until the
+  `provider-responses` and `usage`, and sends the chat's next command as soon as the broker
+  acknowledged the turn's terminal event (a real gateway's pace: the processor applies a chat's
+  facts before its later commands however far behind it is; `wait_for_terminal` waits, polling the
+  database, until the processor applied the terminal event instead). Then it waits until the
   processor is quiescent. Ids are fresh per run (a rerun never collides); choices come from the seed.
 
 Message content is generated text; it is produced to Kafka and never logged or printed.
@@ -467,10 +469,9 @@ class SimulateOptions:
     """Seconds to wait for one decision, or for one turn to leave `running`."""
     concurrency: int = 32
     """Chats played at the same time."""
-    settle_between_turns: bool = False
-    """Send a chat's next command only once its previous turn is settled with every usage it was
-    given. A turn's input estimate includes the previous turn's tokens, read across topics: with
-    this, the state a replay rebuilds cannot depend on which topic was read first."""
+    wait_for_terminal: bool = False
+    """Send a chat's next command only once the processor applied the previous turn's terminal
+    event (a polite gateway), instead of as soon as the broker acknowledged it."""
 
 
 @dataclass
@@ -1051,7 +1052,10 @@ class _Run:
             self.stats[f"played {flag}"] += 1
 
         timeout = self.options.step_timeout
-        if not await self.watcher.wait("terminal", state.tenant, state.chat_id, request_id, within=timeout):
+        polite = self.options.wait_for_terminal
+        if polite and not await self.watcher.wait(
+            "terminal", state.tenant, state.chat_id, request_id, within=timeout
+        ):
             self.problem(f"a turn stayed running {timeout:.0f}s after its terminal event (chat stopped)")
             self.stats["stalled chats"] += 1
             return _STOP
@@ -1063,11 +1067,6 @@ class _Run:
             self.stats["late usage after settlement" if settled else "late usage before settlement"] += 1
             for record in script.late:
                 await self.send(record, state.chat_id)
-        if self.options.settle_between_turns:
-            kind: WaitKind = "usage" if script.late else "settled"
-            if not await self.watcher.wait(kind, state.tenant, state.chat_id, request_id, within=timeout):
-                self.problem(f"a turn was not {kind} {timeout:.0f}s after its events (chat stopped)")
-                return _STOP
         return _NEXT
 
 

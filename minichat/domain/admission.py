@@ -87,6 +87,28 @@ class ChatState:
     """retry/edit/delete: the turn with the command's `request_id` in this chat."""
     latest_live_request_id: UUID | None = None
     """retry/edit/delete: `request_id` of the chat's latest live (not soft-deleted) turn."""
+    recorded: RecordedOutcome | None = None
+    """A rebuild's recorded decision of this command: the quota outcome is taken from it."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedOutcome:
+    """What `turn-decisions` says a turn-creating command got, as far as quota decided it.
+
+    In a rebuild the quota rows a decision read (shared by the user's chats on every partition)
+    can hold other values than they did live, so rules 6-7 are not re-run: the recorded tier,
+    model and reserve are applied as they were (CONTRACT section 1, `replay`)."""
+
+    decision: Literal["allow", "downgrade", "reject"]
+    policy_version: int
+    error_code: ErrorCode | None = None
+    quota_scope: QuotaScope | None = None
+    effective_model: str | None = None
+    downgrade_from: str | None = None
+    downgrade_reason: DowngradeReason | None = None
+    max_output_tokens: int | None = None
+    reserve_tokens: int | None = None
+    reserved_credits_micro: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +338,11 @@ def _decide_quota(
     if estimate.input_tokens > MAX_TOKENS:
         return reject("input_too_long")  # beyond the arithmetic bound: no reserve can be priced
 
+    if state.recorded is not None:
+        return _as_recorded(
+            state.recorded, policy, periods, selected_model, estimate.input_tokens,
+            content=content, image_count=image_count, web_search=web_search, code_interpreter=code_interpreter,
+        )  # fmt: skip
     choice = choose_tier(
         policy, selected_model, policy.limits_for(tenant_id), state.quota, periods, estimate.input_tokens
     )
@@ -348,4 +375,50 @@ def _decide_quota(
         web_search=web_search,
         code_interpreter=code_interpreter,
         reserve_deltas=tuple((key, reserve.credits_micro) for key in bucket_keys(periods, effective.tier)),
+    )
+
+
+def _as_recorded(
+    recorded: RecordedOutcome,
+    policy: Policy,
+    periods: Periods,
+    selected_model: str,
+    estimated_input_tokens: int,
+    *,
+    content: str,
+    image_count: int,
+    web_search: bool,
+    code_interpreter: bool,
+) -> Admission:
+    """The quota outcome a command got live, with the request's own facts (rules 1-5 were re-run)."""
+    if recorded.decision == "reject":
+        return Admission(
+            "reject",
+            recorded.policy_version,
+            periods,
+            selected_model,
+            error_code=recorded.error_code,
+            quota_scope=recorded.quota_scope,
+        )
+    model = policy.model_by_id(recorded.effective_model or "")
+    tier = model.tier if model is not None else "standard"
+    credits = recorded.reserved_credits_micro or 0
+    return Admission(
+        recorded.decision,
+        recorded.policy_version,
+        periods,
+        selected_model,
+        effective_model=recorded.effective_model,
+        downgrade_from=recorded.downgrade_from,
+        downgrade_reason=recorded.downgrade_reason,
+        estimated_input_tokens=estimated_input_tokens,
+        max_output_tokens=recorded.max_output_tokens,
+        reserve_tokens=recorded.reserve_tokens,
+        reserved_credits_micro=credits,
+        minimal_generation_floor_applied=policy.estimation.minimal_generation_floor,
+        content=content,
+        image_count=image_count,
+        web_search=web_search,
+        code_interpreter=code_interpreter,
+        reserve_deltas=tuple((key, credits) for key in bucket_keys(periods, tier)),
     )

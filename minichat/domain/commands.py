@@ -25,6 +25,7 @@ from minichat.domain.admission import (
     ChatFacts,
     ChatState,
     MutationResult,
+    RecordedOutcome,
     Regenerate,
     TurnAsk,
     TurnFacts,
@@ -114,6 +115,8 @@ class BatchState:
     """(chat_id, command_id) keys whose stored decision belongs to another tenant."""
     parked_requests: set[tuple[UUID, UUID]] = field(default_factory=set)
     """(chat_id, request_id) of the batch's new turns that have provider or usage events parked."""
+    recorded: dict[tuple[UUID, UUID], RecordedOutcome] = field(default_factory=dict)
+    """(chat_id, command_id) → the decision `turn-decisions` recorded (a rebuild only)."""
 
 
 # -------------------------------------------------------------------------------------- changes
@@ -247,6 +250,7 @@ def _chat_state(state: BatchState, view: ChatView, event: TurnRequestEvent) -> C
         quota=state.quota.get(user, {}),
         target_turn=target,
         latest_live_request_id=view.latest_live.request_id if view.latest_live else None,
+        recorded=state.recorded.get((event.chat_id, command_id_of(event))),
     )
 
 
@@ -497,3 +501,24 @@ def _remove_turn(
     view.settled = [t for t in view.settled if t.request_id != request_id]
     if view.latest_live is not None and view.latest_live.request_id == request_id:
         view.latest_live = None
+
+
+def recorded_outcome(payload: Mapping[str, Any]) -> RecordedOutcome | None:
+    """A `turn.decision` payload as the outcome a rebuild applies; None for a decision that did
+    not come from the quota rules (deletes)."""
+    decision = payload.get("decision")
+    version = payload.get("policy_version")
+    if decision not in ("allow", "downgrade", "reject") or version is None:
+        return None
+    return RecordedOutcome(
+        decision=decision,
+        policy_version=int(version),
+        error_code=payload.get("error_code"),
+        quota_scope=payload.get("quota_scope"),
+        effective_model=payload.get("effective_model"),
+        downgrade_from=payload.get("downgrade_from"),
+        downgrade_reason=payload.get("downgrade_reason"),
+        max_output_tokens=payload.get("max_output_tokens"),
+        reserve_tokens=payload.get("reserve_tokens"),
+        reserved_credits_micro=payload.get("reserved_credits_micro"),
+    )

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-import asyncpg
 import faust
+import mode
+from faust.app.base import BootStrategy
 
 from minichat.domain.turns import TurnEvent
 from minichat.models import events
 from minichat.models.policy import Policy, load_policy
 from minichat.models.topics import TopicNames
-from minichat.processors.errors import RetryPolicy, stop_worker
+from minichat.processors.batches import MergedBatches
+from minichat.processors.engine import OrderedEngine
+from minichat.processors.errors import stop_worker
 from minichat.processors.metrics import Metrics, render_metrics
 from minichat.processors.outages import BrokerWatch, limit_client_log_repeats, pace_failed_metadata_updates
-from minichat.processors.pipeline import BatchProcessor, Handler, Producer
-from minichat.processors.records import record_from_event
+from minichat.processors.pipeline import Producer
 from minichat.processors.relay import register_relay
 from minichat.processors.runtime import Runtime
 from minichat.processors.turn_events import TurnEvents
@@ -29,57 +32,68 @@ from minichat.storage.policies import PolicySnapshots
 logger = logging.getLogger(__name__)
 
 
-def _agent(processor: BatchProcessor[Any], settings: Settings) -> Callable[[Any], Awaitable[None]]:
-    async def consume(stream: Any) -> None:  # faust.Stream; its typing lacks take_events
-        async for batch in stream.take_events(settings.batch_max, within=settings.batch_within_s):
-            try:
-                await processor.process([record_from_event(event) for event in batch])
-            except Exception as exc:
-                stop_worker(processor.name, exc)
-
-    consume.__name__ = processor.name
-    return consume
-
-
-def build_processors(
-    settings: Settings,
-    policy: Policy,
-    pool: Callable[[], Awaitable[asyncpg.Pool]],
-    producer: Callable[[], Awaitable[Producer]],
-    metrics: Metrics | None = None,
-) -> dict[str, BatchProcessor[Any]]:
-    """The three input topics' processors by full topic name, without faust: the worker's agents,
-    `minichat replay` and the benchmark run the same objects."""
+def build_batches(
+    settings: Settings, policy: Policy, metrics: Metrics | None = None, *, follow_recorded: bool = False
+) -> MergedBatches:
+    """The input handlers, without faust: the worker's engine and `minichat replay` run the same
+    object (`follow_recorded`: a rebuild applies recorded decisions as recorded)."""
     names = TopicNames(settings.topic_prefix)
     metrics = metrics or Metrics()
     snapshots = PolicySnapshots(policy)
-    turn_events = TurnEvents(snapshots, names.dead_letters, metrics)
     parked_decoders: dict[str, Callable[[bytes | None, bytes], TurnEvent]] = {
         names.provider_responses: events.decode_provider_event,
         names.usage: events.decode_usage_event,
     }
-    turn_requests = TurnRequests(
-        policy, snapshots, names.turn_decisions, names.dead_letters, parked_decoders, metrics
+    return MergedBatches(
+        topics=names,
+        turn_requests=TurnRequests(
+            policy,
+            snapshots,
+            names.turn_decisions,
+            names.dead_letters,
+            parked_decoders,
+            metrics,
+            follow_recorded=follow_recorded,
+        ),
+        turn_events=TurnEvents(snapshots, names.dead_letters, metrics),
+        metrics=metrics,
     )
-    retry = RetryPolicy.from_settings(settings)
-    wiring: list[tuple[str, str, Callable[[bytes | None, bytes], Any], Handler[Any]]] = [
-        ("turn_requests", names.turn_requests, events.decode_turn_request, turn_requests),
-        ("provider_responses", names.provider_responses, events.decode_provider_event, turn_events),
-        ("usage", names.usage, events.decode_usage_event, turn_events),
-    ]
-    return {
-        topic: BatchProcessor(
-            name=name,
-            decode=decode,
-            handle=handle,
-            pool=pool,
-            producer=producer,
-            dead_letters_topic=names.dead_letters,
-            retry=retry,
-            metrics=metrics,
-        )
-        for name, topic, decode, handle in wiring
-    }
+
+
+class EngineService(mode.Service):
+    """Runs the ordered engine inside the faust worker; stopping it finishes the batch in hand,
+    waits for its outputs' acknowledgements, then leaves the group."""
+
+    def __init__(self, engine: OrderedEngine, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.engine = engine
+        self._task: asyncio.Future[None] | None = None
+
+    async def on_start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        try:
+            await self.engine.run()
+        except Exception as exc:
+            if not self.engine.stopping:
+                self.engine.on_fatal("engine", exc)
+            logger.info("engine stopped during shutdown (%s)", type(exc).__name__)
+
+    async def on_stop(self) -> None:
+        self.engine.stop()
+        if self._task is not None:
+            await asyncio.wait({self._task})
+
+
+class _WorkerBoot(BootStrategy):
+    """faust's own consumer stays off: the engine owns the input topics and the group."""
+
+    enable_kafka_consumer = False
+
+
+class WorkerApp(faust.App):
+    BootStrategy = _WorkerBoot
 
 
 def register_broker_watch(
@@ -116,7 +130,8 @@ def register_metrics_page(app: faust.App, metrics: Metrics, runtime: Runtime) ->
 
 
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.App:
-    """Build the worker's faust app: three input agents sharing one pool.
+    """Build the worker's faust app: the ordered engine on the input topics, the outbox relay and
+    the watchdog (leader-gated by advisory locks), the metrics page.
 
     Raises `PolicyError` when the policy file is invalid.
     """
@@ -125,7 +140,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
     runtime = runtime or Runtime(settings, names)
     pace_failed_metadata_updates()
     limit_client_log_repeats()
-    app = faust.App(
+    app = WorkerApp(
         settings.group_id,
         broker=settings.kafka_broker_url,
         autodiscover=False,
@@ -133,12 +148,6 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
         value_serializer="raw",
         topic_partitions=settings.partitions,
         topic_replication_factor=1,
-        consumer_auto_offset_reset="earliest",
-        broker_commit_interval=settings.commit_interval_s,
-        broker_session_timeout=settings.session_timeout_s,
-        broker_heartbeat_interval=settings.heartbeat_interval_s,
-        stream_buffer_maxsize=max(4096, settings.batch_max),
-        stream_wait_empty=True,
         producer_acks=-1,
         store="memory://",
         table_standby_replicas=0,
@@ -151,9 +160,10 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
         return app.producer
 
     metrics = Metrics()
-    for topic_name, processor in build_processors(settings, policy, runtime.pool, producer, metrics).items():
-        topic = app.topic(topic_name, key_type=bytes, value_type=bytes, partitions=settings.partitions)
-        app.agent(channel=topic, name=processor.name)(_agent(processor, settings))
+    engine = OrderedEngine(
+        settings, build_batches(settings, policy, metrics), runtime.pool, producer, stop_worker
+    )
+    app.service(EngineService(engine, loop=app.loop, beacon=app.beacon))  # type: ignore[arg-type]  # an instance is accepted too
 
     register_relay(app, runtime, settings, policy)
     register_watchdog(app, runtime, settings, policy)

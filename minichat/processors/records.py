@@ -25,17 +25,16 @@ def timestamp_from_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms // 1000, tz=UTC).replace(microsecond=(ms % 1000) * 1000)
 
 
-def record_from_event(event: Any) -> SourceRecord:
-    """faust keeps the record timestamp as float seconds; milliseconds are recovered exactly."""
-    message = event.message
-    value = message.value
+def source_record(record: Any) -> SourceRecord:
+    """An aiokafka `ConsumerRecord` (timestamp in milliseconds)."""
+    value = record.value
     return SourceRecord(
-        topic=message.topic,
-        partition=message.partition,
-        offset=message.offset,
-        key=message.key,
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
         value=value if isinstance(value, bytes) else bytes(value or b""),
-        timestamp=timestamp_from_ms(round(message.timestamp * 1000)),
+        timestamp=timestamp_from_ms(record.timestamp),
     )
 
 

@@ -198,7 +198,7 @@ def leader_timer(
             on_fatal(name, exc)
 
     tick.__name__ = tick.__qualname__ = name
-    app.timer(interval_s, on_leader=True, name=name)(tick)
+    app.timer(interval_s, name=name)(tick)  # the advisory lock elects: one runs at a time
 
     @app.on_before_shutdown.connect
     async def _close_session(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:

@@ -9,7 +9,8 @@ from uuid import UUID
 
 import asyncpg
 
-from minichat.domain.commands import Answer, Command, command_id_of, decide_batch
+from minichat.domain.admission import RecordedOutcome
+from minichat.domain.commands import Answer, Command, command_id_of, decide_batch, recorded_outcome
 from minichat.domain.turns import TurnEvent
 from minichat.models.events import TurnEdit, TurnRequested, TurnRequestEvent, TurnRetry
 from minichat.models.policy import Policy
@@ -18,6 +19,7 @@ from minichat.processors.pipeline import Decoded
 from minichat.processors.records import Output
 from minichat.processors.turn_events import apply_turn_events, parked_items
 from minichat.storage.policies import PolicySnapshots
+from minichat.storage.recorded import lookup_recorded
 from minichat.storage.turn_requests import load_batch_state, write_changes
 from minichat.storage.turns import lock_requests, unpark
 
@@ -33,6 +35,8 @@ class TurnRequests:
     dead_letters_topic: str
     parked_decoders: dict[str, Callable[[bytes | None, bytes], TurnEvent]]
     metrics: Metrics = field(default_factory=Metrics)
+    follow_recorded: bool = False
+    """A rebuild: apply the decisions read from `turn-decisions` (storage.recorded) as recorded."""
 
     async def __call__(
         self, con: asyncpg.Connection, batch: Sequence[Decoded[TurnRequestEvent]]
@@ -45,12 +49,22 @@ class TurnRequests:
         outputs: list[Output] = []
         while pending:
             state = await load_batch_state(con, pending)
+            if self.follow_recorded:
+                state.recorded = await self._recorded(con, pending)
             result = decide_batch(state, pending, self.policy)
             await write_changes(con, result.changes)
             answers.extend(result.answers)
             outputs.extend(await self._drain_parked(con, result.answers))
             pending = pending[result.consumed :]
         return [self._decision(answer) for answer in answers] + outputs
+
+    @staticmethod
+    async def _recorded(
+        con: asyncpg.Connection, pending: Sequence[Command]
+    ) -> dict[tuple[UUID, UUID], RecordedOutcome]:
+        found = await lookup_recorded(con, {(e.tenant_id, e.chat_id, command_id_of(e)) for e, _ in pending})
+        outcomes = {key: recorded_outcome(payload) for key, payload in found.items()}
+        return {key: outcome for key, outcome in outcomes.items() if outcome is not None}
 
     async def _drain_parked(self, con: asyncpg.Connection, answers: Sequence[Answer]) -> list[Output]:
         keys = {

@@ -7,7 +7,7 @@ inside the caller's transaction.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from uuid import UUID, uuid5
 
 import asyncpg
@@ -139,6 +139,13 @@ def _user_lock_key(user: UserKey) -> str:
     return f"quota:{user[0]}:{user[1]}"
 
 
+async def lock_users(con: asyncpg.Connection, users: Iterable[UserKey]) -> None:
+    """The users' quota locks for the transaction (re-taking a held one does not wait)."""
+    keys = sorted({_user_lock_key(u) for u in users})
+    if keys:
+        await con.execute(_LOCK_USERS, keys)
+
+
 async def load_batch_state(con: asyncpg.Connection, commands: Sequence[Command]) -> BatchState:
     """Everything `decide_batch` reads, with the batch's users locked for the transaction."""
     pairs = sorted({(e.tenant_id, e.chat_id) for e, _ in commands})
@@ -221,7 +228,7 @@ async def _lock_quota(
     quota: dict[UserKey, dict[BucketKey, QuotaRow]] = {user: {} for user in users}
     if not keys:
         return quota
-    await con.execute(_LOCK_USERS, [_user_lock_key(u) for u in sorted(users)])
+    await lock_users(con, users)
     for row in await con.fetch(_LOAD_QUOTA, *columns(sorted(keys), 5)):
         quota[(row["tenant_id"], row["user_id"])][
             BucketKey(row["period_type"], row["period_start"], row["bucket"])

@@ -377,3 +377,22 @@ async def unpark(con: asyncpg.Connection, keys: Iterable[tuple[UUID, UUID, UUID]
     ]
     parked.sort(key=lambda p: (p.record_timestamp, p.source_topic, p.partition, p.offset))
     return parked
+
+
+_CHAT_OWNERS = """
+SELECT c.id, c.tenant_id, c.user_id
+FROM unnest($1::uuid[], $2::uuid[]) AS k (tenant_id, chat_id)
+JOIN chats c ON c.id = k.chat_id AND c.tenant_id = k.tenant_id
+"""
+
+
+async def chat_owners(
+    con: asyncpg.Connection, chats: Iterable[tuple[UUID, UUID]]
+) -> dict[UUID, tuple[UUID, UUID]]:
+    """chat id → (tenant, owner) for the (tenant, chat) pairs that exist: whose quota rows a
+    provider or usage event of that chat can settle."""
+    pairs = sorted(set(chats))
+    if not pairs:
+        return {}
+    rows = await con.fetch(_CHAT_OWNERS, *columns(pairs, 2))
+    return {r["id"]: (r["tenant_id"], r["user_id"]) for r in rows}

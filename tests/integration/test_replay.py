@@ -26,8 +26,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from minichat.models.topics import TopicNames
-from minichat.processors.records import SourceRecord
-from minichat.replay import Item, ReplaySummary, next_batch, parse_time, run_replay, scope_of
+from minichat.replay import ReplaySummary, parse_time, run_replay
 from minichat.settings import Settings
 from minichat.storage.digest import Digest, digest
 from tests.conftest import Deployment, Live, live_deployment
@@ -354,63 +353,6 @@ async def test_replay_refuses_an_unmigrated_database(live: Live, empty_database_
     _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert proc.returncode == 2
     assert "run `minichat db migrate`" in err.decode()
-
-
-# ------------------------------------------------------------------- batching (no broker needed)
-
-T1, T2 = uuid.uuid4(), uuid.uuid4()
-CHAT_A, CHAT_B, CHAT_C = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-
-
-def item(topic: str, offset: int, tenant: uuid.UUID | None, chat: uuid.UUID) -> Item:
-    value = json.dumps({"tenant_id": str(tenant), "chat_id": str(chat)}).encode() if tenant else b"{bad"
-    key = str(chat).encode()
-    record = SourceRecord(topic, 0, offset, key, value, datetime(2025, 1, 1, tzinfo=UTC))
-    return Item(record, scope_of(key, value))
-
-
-def offsets(items: list[Item]) -> list[int]:
-    return [i.record.offset for i in items]
-
-
-def test_scope_is_tenant_and_chat_or_unknown() -> None:
-    assert item("r", 0, T1, CHAT_A).scope == (T1, CHAT_A)
-    assert item("r", 0, None, CHAT_A).scope is None
-    wrong_key = scope_of(
-        str(CHAT_B).encode(), json.dumps({"tenant_id": str(T1), "chat_id": str(CHAT_A)}).encode()
-    )
-    assert wrong_key is None
-    assert scope_of(None, b"{}") is None
-
-
-def test_a_batch_takes_later_records_of_its_topic_only_past_unrelated_ones() -> None:
-    pending = [
-        item("r", 0, T1, CHAT_A),
-        item("p", 1, T1, CHAT_A),  # blocks tenant 1 and chat A
-        item("r", 2, T1, CHAT_B),  # same tenant: stays behind
-        item("r", 3, T2, CHAT_C),  # another tenant, another chat: moves ahead
-        item("r", 4, T2, CHAT_A),  # chat A is blocked: stays
-        item("p", 5, T2, CHAT_C),  # blocks tenant 2 and chat C
-        item("r", 6, T2, CHAT_C),  # stays
-    ]
-    batch, rest = next_batch(pending, 500)
-    assert offsets(batch) == [0, 3]
-    assert offsets(rest) == [1, 2, 4, 5, 6]
-    batch, rest = next_batch(rest, 500)
-    assert offsets(batch) == [1]  # p@5 conflicts with r@4 (tenant 2): stays behind it
-    assert offsets(rest) == [2, 4, 5, 6]
-
-
-def test_an_unreadable_record_is_a_barrier_and_batches_are_capped() -> None:
-    pending = [item("r", 0, T1, CHAT_A), item("p", 1, None, CHAT_B), item("r", 2, T2, CHAT_C)]
-    batch, rest = next_batch(pending, 500)
-    assert (offsets(batch), offsets(rest)) == ([0], [1, 2])
-    batch, rest = next_batch(rest, 500)
-    assert (offsets(batch), offsets(rest)) == ([1], [2])
-    many = [item("r", n, T1, CHAT_A) for n in range(5)]
-    batch, rest = next_batch(many, 2)
-    assert (offsets(batch), offsets(rest)) == ([0, 1], [2, 3, 4])
-    assert next_batch([], 2) == ([], [])
 
 
 def test_from_time_needs_an_offset() -> None:

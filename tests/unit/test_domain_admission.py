@@ -629,3 +629,41 @@ def test_retry_goes_through_the_quota_decision() -> None:
 )
 def test_chat_delete(state: ChatState, expected: object) -> None:
     assert decide_chat_delete(TENANT, USER, state) == expected
+
+
+# --- a rebuild applies recorded quota outcomes ---------------------------------------------------
+
+
+def test_a_recorded_acceptance_is_applied_although_the_rebuilt_rows_are_full() -> None:
+    from minichat.domain.admission import RecordedOutcome
+
+    full = {k: QuotaRow(spent_credits_micro=BIG) for k in (D_TOTAL, M_TOTAL, D_PREM, M_PREM)}
+    assert request(state=ChatState(quota=full)).error_code == "quota_exceeded"
+    recorded = RecordedOutcome(
+        "downgrade",
+        policy_version=3,
+        effective_model="std",
+        downgrade_from="prem",
+        downgrade_reason="premium_quota_exhausted",
+        max_output_tokens=2048,
+        reserve_tokens=2158,
+        reserved_credits_micro=2158,
+    )
+    result = request(state=ChatState(quota=full, recorded=recorded), content="hi")
+    assert summary(result) == ("downgrade", "std", "premium_quota_exhausted", None, None)
+    assert (result.policy_version, result.reserve_tokens, result.reserved_credits_micro) == (3, 2158, 2158)
+    assert result.content == "hi"
+    assert result.reserve_deltas == ((D_TOTAL, 2158), (M_TOTAL, 2158))
+
+
+def test_a_recorded_rejection_stays_a_rejection_and_chat_rules_still_run_first() -> None:
+    from minichat.domain.admission import RecordedOutcome
+
+    recorded = RecordedOutcome("reject", policy_version=1, error_code="quota_exceeded", quota_scope="web_search")
+    assert summary(request(state=ChatState(recorded=recorded))) == (
+        "reject", None, None, "quota_exceeded", "web_search"
+    )  # fmt: skip
+    running = ChatState(
+        chat=ChatFacts(TENANT, USER, "prem"), turn_running=True, recorded=RecordedOutcome("allow", policy_version=1)
+    )
+    assert request(state=running).error_code == "generation_in_progress"

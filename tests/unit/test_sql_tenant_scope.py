@@ -51,6 +51,10 @@ SYSTEM_LEVEL: dict[tuple[str, str], str] = {
     ("outbox", "_FETCH_UNPUBLISHED"): "the relay's scan: every tenant's unpublished billing rows in id order",
     ("digest", "*"): "`minichat digest` hashes the state of all tenants (operator command, no content out)",
     ("metrics", "_STATE_GAUGES"): "the /metrics gauges: counts over all tenants for the operator",
+    ("positions", "*"): (
+        "`consumer_positions`: the input offsets of a consumer group (operator data, no tenant), "
+        "scoped by the group instead"
+    ),
 }
 
 CROSS_TENANT_PROBES: dict[tuple[str, str], str] = {

@@ -1,0 +1,128 @@
+"""One merged batch of the three input topics → one transaction.
+
+```
+good, dead = decode(records)              # pydantic at the edge; bad -> dead letters
+lock every request, then every user       # one global lock order for the whole transaction
+steps = plan_steps(good)                  # homogeneous steps, same outcome as one by one
+for step in steps:                        # admission handler or turn-events handler
+    outputs += await handler(con, step)   # load state, decide with domain/, set-based writes
+```
+The worker wraps `apply` with its input positions (claimed and stored in the same transaction);
+`minichat replay` calls it bare. Both feed it records in the merged order of `merge.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from minichat.domain.commands import command_id_of
+from minichat.models import events
+from minichat.models.events import DecodeError, TurnDelete, TurnRequestEvent
+from minichat.models.topics import TopicNames
+from minichat.processors.levels import plan_steps
+from minichat.processors.metrics import Metrics
+from minichat.processors.pipeline import Decoded, Handler, dead_letter_for
+from minichat.processors.records import Output, SourceRecord
+from minichat.storage.turn_requests import lock_users
+from minichat.storage.turns import chat_owners, lock_requests
+
+logger = logging.getLogger(__name__)
+
+COMMAND = "command"
+FACT = "fact"
+
+UserKey = tuple[UUID, UUID]
+
+
+@dataclass(frozen=True)
+class MergedBatches:
+    """Decodes and applies merged batches; the same object serves the worker and `replay`."""
+
+    topics: TopicNames
+    turn_requests: Handler[Any]
+    turn_events: Handler[Any]
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def _decoder(self, topic: str) -> Callable[[bytes | None, bytes], Any]:
+        if topic == self.topics.turn_requests:
+            return events.decode_turn_request
+        if topic == self.topics.provider_responses:
+            return events.decode_provider_event
+        return events.decode_usage_event
+
+    def decode(self, records: Sequence[SourceRecord]) -> tuple[list[Decoded[Any]], list[Output]]:
+        good: list[Decoded[Any]] = []
+        dead: list[Output] = []
+        for record in records:
+            try:
+                good.append(Decoded(record, self._decoder(record.topic)(record.key, record.value)))
+            except DecodeError as error:
+                logger.warning(
+                    "dead-letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, error.code
+                )
+                dead.append(dead_letter_for(record, error, self.topics.dead_letters))
+                self.metrics.inc("minichat_dead_letters_total", topic=self.label(record.topic), code=error.code)
+        return good, dead
+
+    async def apply(self, con: asyncpg.Connection, good: Sequence[Decoded[Any]]) -> list[Output]:
+        """Apply decoded records (merged order) inside the caller's transaction."""
+        if not good:
+            return []
+        commands = [d for d in good if d.record.topic == self.topics.turn_requests]
+        facts = [d for d in good if d.record.topic != self.topics.turn_requests]
+        owners = await chat_owners(con, {(d.event.tenant_id, d.event.chat_id) for d in facts})
+        claimants: dict[UUID, set[UserKey]] = {}
+        for d in commands:
+            claimants.setdefault(d.event.chat_id, set()).add((d.event.tenant_id, d.event.user_id))
+        for chat, owner in owners.items():
+            claimants.setdefault(chat, set()).add(owner)
+
+        def kind(d: Decoded[Any]) -> str:
+            return COMMAND if d.record.topic == self.topics.turn_requests else FACT
+
+        def keys(d: Decoded[Any]) -> Iterable[Hashable]:
+            event = d.event
+            yield ("chat", event.chat_id)
+            if kind(d) == COMMAND:
+                if _reserves(event):
+                    yield ("user", event.tenant_id, event.user_id)
+            elif event.type != "turn.progress":
+                yield from (("user", *u) for u in claimants.get(event.chat_id, ()))
+
+        # One lock order for the whole transaction: every request, then every user. The handlers
+        # take the same locks again per step, which no longer waits.
+        await lock_requests(
+            con,
+            {(d.event.chat_id, command_id_of(d.event)) for d in commands}
+            | {(d.event.chat_id, d.event.request_id) for d in facts},
+        )
+        await lock_users(con, {u for users in claimants.values() for u in users})
+        outputs: list[Output] = []
+        for step in plan_steps(good, kind, keys):
+            handler = self.turn_requests if step.kind == COMMAND else self.turn_events
+            outputs.extend(await handler(con, step.items))
+        return outputs
+
+    def count_applied(self, good: Sequence[Decoded[Any]], dead: int) -> None:
+        by_topic: dict[str, int] = {}
+        for d in good:
+            by_topic[d.record.topic] = by_topic.get(d.record.topic, 0) + 1
+        for topic, n in by_topic.items():
+            self.metrics.inc("minichat_records_total", n, topic=self.label(topic), outcome="applied")
+        if dead:
+            self.metrics.inc("minichat_records_total", dead, topic="all", outcome="dead_letter")
+        self.metrics.inc("minichat_batches_total", agent="engine")
+
+    def label(self, topic: str) -> str:
+        """A metric label: the topic without the deployment's prefix (`turn_requests`)."""
+        return topic.removeprefix(self.topics.prefix).replace("-", "_")
+
+
+def _reserves(event: TurnRequestEvent) -> bool:
+    return not isinstance(event, TurnDelete) and event.type != "chat.delete"

@@ -1,0 +1,362 @@
+"""The ordered engine: the worker's input path, driven with aiokafka inside the faust app.
+
+Why not faust's agents: they consume each topic on its own (so `turn-requests` ran ahead of the
+facts of the same chat), assign topic-partitions round-robin (a chat's three partitions could sit
+on three workers), and commit offsets themselves, which can skip records after a rebalance
+(docs/architecture.md has the source lines). Here one consumer per worker owns partition numbers
+(`assignor.py`), merges the three partitions of each number into one ordered stream (`merge.py`),
+and applies merged batches in one transaction each, writing the next offset of every partition it
+consumed in that same transaction (`storage/positions.py`). Kafka's committed offsets follow, after
+the batch's outputs were acknowledged, for monitoring; they never decide where a worker resumes
+past the stored positions.
+
+```
+on assign(numbers):  seek every (topic, p) to min(stored position, Kafka committed)
+loop:
+    merge.add(fetched records)
+    for each empty partition holding back a record: ListOffsets, frontier = sent time − grace
+    batch = merge.release(batch_max)
+    transaction: claim positions, apply(batch), store positions      # one unit
+    produce outputs; when acknowledged, commit Kafka offsets         # off the critical path
+```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from minichat.models.topics import TopicNames
+from minichat.processors.assignor import CoPartitionedAssignor
+from minichat.processors.batches import MergedBatches
+from minichat.processors.errors import RetryPolicy, with_retries
+from minichat.processors.merge import LaneKey, OrderedMerge
+from minichat.processors.pipeline import Producer, send_all
+from minichat.processors.records import Output, SourceRecord, source_record
+from minichat.settings import Settings
+from minichat.storage.positions import PositionConflict, claim_positions, load_positions, store_positions
+
+logger = logging.getLogger(__name__)
+
+FAULT_EXIT = 86
+"""Exit status of `fault_exit_after_commit` (tests only)."""
+
+INPUT_RANKS = ("provider_responses", "usage", "turn_requests")
+"""CONTRACT section 2: on equal timestamps facts come before commands."""
+
+
+def input_ranks(names: TopicNames) -> dict[str, int]:
+    return {getattr(names, attr): rank for rank, attr in enumerate(INPUT_RANKS)}
+
+
+@dataclass
+class _Flight:
+    """A committed batch whose outputs are on their way; Kafka offsets commit after its acks."""
+
+    outputs: list[Output]
+    offsets: dict[LaneKey, int]
+    done: asyncio.Task[None]
+
+
+class OrderedEngine:
+    """Owns the worker's input partitions; `run` until `stop`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        batches: MergedBatches,
+        pool: Callable[[], Awaitable[asyncpg.Pool]],
+        producer: Callable[[], Awaitable[Producer]],
+        on_fatal: Callable[[str, BaseException], None],
+    ) -> None:
+        self.settings = settings
+        self.names = TopicNames(settings.topic_prefix)
+        self.topics = [self.names.turn_requests, self.names.provider_responses, self.names.usage]
+        self.batches = batches
+        self.pool = pool
+        self.producer = producer
+        self.on_fatal = on_fatal
+        self.retry = RetryPolicy.from_settings(settings)
+        self.merge = OrderedMerge(input_ranks(self.names))
+        self.positions: dict[LaneKey, int | None] = {}
+        """What the database says (or this worker last wrote) for each owned partition."""
+        self.assigned: set[LaneKey] = set()
+        self.paused: set[LaneKey] = set()
+        self._generation = 0
+        self._unit = asyncio.Lock()  # a batch, or a rebalance step: never both
+        self._flights: deque[_Flight] = deque()
+        self._stopping = False
+        self._consumer: AIOKafkaConsumer | None = None
+        self.running = asyncio.Event()
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        s = self.settings
+        return AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap_servers,
+            group_id=s.group_id,
+            client_id=f"{s.group_id}-engine",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            partition_assignment_strategy=(CoPartitionedAssignor,),
+            session_timeout_ms=round(s.session_timeout_s * 1000),
+            heartbeat_interval_ms=round(s.heartbeat_interval_s * 1000),
+            max_poll_interval_ms=max(300_000, round(s.retry_give_up_s * 2000)),
+            fetch_max_bytes=s.fetch_max_bytes,
+            max_partition_fetch_bytes=s.max_partition_fetch_bytes,
+            fetch_max_wait_ms=100,
+            key_deserializer=None,
+            value_deserializer=None,
+        )
+
+    async def run(self) -> None:
+        consumer = self._consumer = self._new_consumer()
+        consumer.subscribe(self.topics, listener=_Listener(self))
+        await consumer.start()
+        self.running.set()
+        try:
+            while not self._stopping:
+                await self._step(consumer)
+            async with self._unit:
+                await self._land_flights(consumer)
+        finally:
+            self._consumer = None
+            await consumer.stop()
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    # ----------------------------------------------------------------------------------- loop
+
+    async def _step(self, consumer: AIOKafkaConsumer) -> None:
+        generation = self._generation
+        waiting = bool(self.merge.blocked_lanes())
+        fetched = await consumer.getmany(
+            timeout_ms=5 if waiting else 100, max_records=self.settings.batch_max
+        )
+        if generation != self._generation:
+            return  # a rebalance or re-seek ran meanwhile: those records may predate the seek
+        for records in fetched.values():
+            self.merge.add(source_record(r) for r in records)
+        self._pace(consumer)
+        blocked = self.merge.blocked_lanes()
+        if blocked:
+            await self._refresh_frontiers(consumer, blocked, generation)
+        released = self.merge.release(self.settings.batch_max)
+        if released:
+            while len(self._flights) >= self.settings.produce_in_flight:
+                await self._land_one(consumer)
+            async with self._unit:
+                if generation == self._generation:
+                    await self._apply(consumer, released)
+                else:
+                    return
+        await self._land_finished(consumer)
+
+    def _pace(self, consumer: AIOKafkaConsumer) -> None:
+        """Pause partitions whose lane is full (memory stays bounded while another partition of
+        the set holds it back), resume them once drained."""
+        limit = self.settings.lane_buffer_max
+        for lane in self.merge.lanes():
+            size = self.merge.buffered_of(*lane)
+            if size >= limit and lane not in self.paused:
+                consumer.pause(TopicPartition(*lane))
+                self.paused.add(lane)
+            elif size < limit // 2 and lane in self.paused:
+                consumer.resume(TopicPartition(*lane))
+                self.paused.discard(lane)
+
+    async def _refresh_frontiers(
+        self, consumer: AIOKafkaConsumer, lanes: Sequence[LaneKey], generation: int
+    ) -> None:
+        sent_ms = time.time() * 1000.0
+        try:
+            ends = await consumer.end_offsets([TopicPartition(*lane) for lane in lanes])
+        except KafkaError as exc:
+            logger.info("end offsets not available (%s); fetching on", type(exc).__name__)
+            return
+        if generation != self._generation:
+            return
+        for tp, end in ends.items():
+            lane = (tp.topic, tp.partition)
+            if (
+                lane in self.assigned
+                and self.merge.next_offset(*lane) >= end
+                and await self._fetched_to(consumer, tp) >= end
+            ):
+                self.merge.caught_up(tp.topic, tp.partition, sent_ms - self.settings.order_grace_ms)
+
+    @staticmethod
+    async def _fetched_to(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
+        position: int = await consumer.position(tp)
+        return position
+
+    async def _apply(self, consumer: AIOKafkaConsumer, records: list[SourceRecord]) -> None:
+        good, dead = self.batches.decode(records)
+        offsets: dict[LaneKey, int] = {}
+        for record in records:
+            offsets[(record.topic, record.partition)] = record.offset + 1
+        expected = {lane: self.positions.get(lane) for lane in offsets}
+
+        async def attempt() -> list[Output]:
+            pool = await self.pool()
+            async with pool.acquire() as con, con.transaction():
+                await claim_positions(con, self.settings.group_id, expected)
+                outputs = await self.batches.apply(con, good)
+                await store_positions(con, self.settings.group_id, offsets)
+                return outputs
+
+        try:
+            outputs = await with_retries("engine batch", attempt, self.retry, dependency="PostgreSQL")
+        except PositionConflict as conflict:
+            logger.warning("%s; re-reading those partitions from the stored positions", conflict)
+            await self._reseek(consumer, list(conflict.moved))
+            return
+        if self.settings.fault_exit_after_commit and any(
+            d.record.topic == self.names.turn_requests for d in good
+        ):
+            logger.critical("fault injection: exiting after a commit, before its outputs are sent")
+            os._exit(FAULT_EXIT)
+        for lane, next_offset in offsets.items():
+            previous = self.positions.get(lane)
+            self.positions[lane] = next_offset if previous is None else max(previous, next_offset)
+        self.batches.count_applied(good, len(dead))
+        produced = dead + outputs
+        self._flights.append(_Flight(produced, offsets, asyncio.ensure_future(self._deliver(produced))))
+
+    # ------------------------------------------------------------------------------ outputs
+
+    async def _deliver(self, outputs: list[Output]) -> None:
+        if not outputs:
+            return
+        acked: set[int] = set()
+        producer = await self.producer()
+        await with_retries(
+            "engine produce", lambda: send_all(producer, outputs, acked), self.retry, dependency="Kafka"
+        )
+
+    async def _land_finished(self, consumer: AIOKafkaConsumer) -> None:
+        while self._flights and self._flights[0].done.done():
+            await self._land_one(consumer)
+
+    async def _land_flights(self, consumer: AIOKafkaConsumer) -> None:
+        while self._flights:
+            await self._land_one(consumer)
+
+    async def _land_one(self, consumer: AIOKafkaConsumer) -> None:
+        """Wait for the oldest batch's acknowledgements, then commit its offsets to Kafka."""
+        flight = self._flights[0]
+        await flight.done  # a failure here is fatal: the worker restarts and re-sends
+        if not self._flights or self._flights[0] is not flight:
+            return  # a rebalance landed it meanwhile
+        self._flights.popleft()
+        offsets = {
+            TopicPartition(*lane): OffsetAndMetadata(offset, "")
+            for lane, offset in flight.offsets.items()
+            if lane in self.assigned
+        }
+        if offsets:
+            try:
+                await consumer.commit(offsets)
+            except KafkaError as exc:  # monitoring only: the stored positions are the truth
+                logger.info("Kafka offset commit skipped (%s)", type(exc).__name__)
+
+    # ---------------------------------------------------------------------------- rebalance
+
+    async def on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        async with self._unit:
+            self._generation += 1
+            await self._await_flights()
+            for tp in revoked:
+                lane = (tp.topic, tp.partition)
+                self.merge.close(*lane)
+                self.assigned.discard(lane)
+                self.positions.pop(lane, None)
+                self.paused.discard(lane)
+
+    async def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        async with self._unit:
+            self._generation += 1
+            lanes = [(tp.topic, tp.partition) for tp in assigned]
+            self.assigned.update(lanes)
+            await self._seek(consumer, lanes)
+
+    async def _await_flights(self) -> None:
+        """Outputs acknowledged before partitions move (no Kafka commit here: the coordinator is
+        rebalancing; the stored positions are what counts)."""
+        flights = list(self._flights)
+        self._flights.clear()
+        for flight in flights:
+            await flight.done
+
+    async def _reseek(self, consumer: AIOKafkaConsumer, lanes: list[LaneKey]) -> None:
+        self._generation += 1
+        await self._await_flights()
+        await self._seek(consumer, [lane for lane in lanes if lane in self.assigned])
+
+    async def _seek(self, consumer: AIOKafkaConsumer, lanes: list[LaneKey]) -> None:
+        """Resume each partition at its stored position, or earlier where Kafka's committed offset
+        is lower (outputs of records between the two may not have been acknowledged: running those
+        records again re-sends them, changing nothing)."""
+        if not lanes:
+            return
+
+        async def load() -> dict[LaneKey, int]:
+            pool = await self.pool()
+            async with pool.acquire() as con:
+                return await load_positions(con, self.settings.group_id, lanes)
+
+        stored = await with_retries("load positions", load, self.retry, dependency="PostgreSQL")
+        beginnings = await consumer.beginning_offsets([TopicPartition(*lane) for lane in lanes])
+        for lane in lanes:
+            tp = TopicPartition(*lane)
+            position = stored.get(lane)
+            committed = await consumer.committed(tp)
+            # Kafka's offset is where acknowledged outputs end; none at all means nothing was
+            # acknowledged yet (or it expired): run from the beginning, which re-sends and
+            # changes nothing.
+            acknowledged = beginnings[tp] if committed is None else max(committed, beginnings[tp])
+            start = beginnings[tp] if position is None else min(position, acknowledged)
+            consumer.seek(tp, start)
+            self.positions[lane] = position
+            self.merge.open(tp.topic, tp.partition, start)
+            if lane in self.paused:
+                consumer.resume(tp)
+                self.paused.discard(lane)
+            logger.info(
+                "%s[%d]: resuming at %d (stored %s, committed %s)",
+                tp.topic,
+                tp.partition,
+                start,
+                position,
+                committed,
+            )
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, engine: OrderedEngine) -> None:
+        self.engine = engine
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.engine.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self.engine.on_assigned(assigned)

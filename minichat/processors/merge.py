@@ -1,0 +1,162 @@
+"""The input partitions of one partition number, merged into one ordered stream (pure, no I/O).
+
+Order (CONTRACT section 2): (record timestamp, topic rank, offset), ranks `provider-responses` 0,
+`usage` 1, `turn-requests` 2, each partition in offset order. A record is released only when no
+earlier record of its partition set can still arrive: every other input partition of the set either
+has a buffered record after it, or is known to hold nothing before it (its *frontier*).
+
+Frontiers come from the outside: the worker sets one when a ListOffsets request sent at wall time T
+found the partition fetched to its end (a record appended later carries a LogAppendTime of at least
+T, less the configured grace for clock skew and replication), `minichat replay` when a partition
+reached the end offset it took at start (+∞). The same class serves both, so a rebuild merges
+exactly like the live worker.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from minichat.processors.records import SourceRecord
+
+LaneKey = tuple[str, int]
+"""(topic, partition)"""
+
+OrderKey = tuple[int, int, int, int]
+"""(timestamp ms, topic rank, partition, offset): the merged order, total over every input record."""
+
+
+@dataclass(slots=True)
+class _Lane:
+    topic: str
+    partition: int
+    rank: int
+    next_offset: int
+    """The offset after the last record handed to the lane (what it has been fetched to)."""
+    buffer: deque[SourceRecord] = field(default_factory=deque)
+    frontier_ms: float = -math.inf
+    """No record the lane has not been handed yet can carry a timestamp below this."""
+
+    def head_key(self) -> OrderKey:
+        record = self.buffer[0]
+        return (record.timestamp_ms, self.rank, self.partition, record.offset)
+
+    def precedes(self, key: OrderKey) -> bool:
+        """Could a record not yet handed to this (empty) lane come before `key`?"""
+        return (self.frontier_ms, self.rank) <= (key[0], key[1])
+
+
+class OrderedMerge:
+    """Lanes of every owned input partition; `release` hands out the records that are safe to
+    apply, in merged order. Partition sets (same partition number) are independent of each other."""
+
+    def __init__(self, ranks: Mapping[str, int]) -> None:
+        self.ranks = dict(ranks)
+        self._lanes: dict[LaneKey, _Lane] = {}
+        self._sets: dict[int, list[_Lane]] = {}
+
+    # ------------------------------------------------------------------------------ lanes
+
+    def open(self, topic: str, partition: int, next_offset: int) -> None:
+        """Start (or restart, after a seek) the lane of an owned partition, empty."""
+        self.close(topic, partition)
+        lane = _Lane(topic, partition, self.ranks[topic], next_offset)
+        self._lanes[(topic, partition)] = lane
+        self._sets.setdefault(partition, []).append(lane)
+
+    def close(self, topic: str, partition: int) -> None:
+        lane = self._lanes.pop((topic, partition), None)
+        if lane is not None:
+            members = self._sets[partition]
+            members.remove(lane)
+            if not members:
+                del self._sets[partition]
+
+    def lanes(self) -> list[LaneKey]:
+        return sorted(self._lanes)
+
+    def next_offset(self, topic: str, partition: int) -> int:
+        return self._lanes[(topic, partition)].next_offset
+
+    def buffered(self) -> int:
+        return sum(len(lane.buffer) for lane in self._lanes.values())
+
+    def buffered_of(self, topic: str, partition: int) -> int:
+        lane = self._lanes.get((topic, partition))
+        return len(lane.buffer) if lane is not None else 0
+
+    # --------------------------------------------------------------------------- feeding
+
+    def add(self, records: Iterable[SourceRecord]) -> None:
+        """Records of owned lanes in offset order; records of lanes not open, or already handed
+        (a fetch that raced a seek), are ignored."""
+        for record in records:
+            lane = self._lanes.get((record.topic, record.partition))
+            if lane is None or record.offset < lane.next_offset:
+                continue
+            lane.buffer.append(record)
+            lane.next_offset = record.offset + 1
+
+    def caught_up(self, topic: str, partition: int, as_of_ms: float) -> bool:
+        """The caller saw the partition fetched to its end offset as of `as_of_ms` (the wall time
+        a ListOffsets request was sent, less the grace), and handed every fetched record to the
+        lane: nothing that arrives later can be older. Returns whether the frontier moved."""
+        lane = self._lanes.get((topic, partition))
+        if lane is None or as_of_ms <= lane.frontier_ms:
+            return False
+        lane.frontier_ms = as_of_ms
+        return True
+
+    def exhausted(self, topic: str, partition: int) -> None:
+        """Nothing more will come (`minichat replay` at its end offset)."""
+        lane = self._lanes.get((topic, partition))
+        if lane is not None:
+            lane.frontier_ms = math.inf
+
+    # ------------------------------------------------------------------------- releasing
+
+    def blocked_lanes(self) -> list[LaneKey]:
+        """Empty lanes that hold back a buffered record of their set: the ones worth a
+        ListOffsets request (or a fetch) before the next `release`."""
+        waiting: list[LaneKey] = []
+        for members in self._sets.values():
+            heads = [lane.head_key() for lane in members if lane.buffer]
+            if not heads:
+                continue
+            first = min(heads)
+            waiting.extend(
+                (lane.topic, lane.partition) for lane in members if not lane.buffer and lane.precedes(first)
+            )
+        return sorted(waiting)
+
+    def release(self, limit: int) -> list[SourceRecord]:
+        """Up to `limit` records that no record still to come can precede, in merged order."""
+        heap: list[tuple[OrderKey, int]] = []
+        for number, members in self._sets.items():
+            heap.extend((lane.head_key(), number) for lane in members if lane.buffer)
+        heapq.heapify(heap)
+        released: list[SourceRecord] = []
+        blocked: set[int] = set()
+        while heap and len(released) < limit:
+            key, number = heapq.heappop(heap)
+            if number in blocked:
+                continue
+            members = self._sets[number]
+            if any(not lane.buffer and lane.precedes(key) for lane in members):
+                blocked.add(number)
+                continue
+            lane = self._lanes[(_topic_of(members, key[1]), number)]
+            released.append(lane.buffer.popleft())
+            if lane.buffer:
+                heapq.heappush(heap, (lane.head_key(), number))
+        return released
+
+
+def _topic_of(members: list[_Lane], rank: int) -> str:
+    for lane in members:
+        if lane.rank == rank:
+            return lane.topic
+    raise KeyError(rank)

@@ -1,0 +1,79 @@
+"""The input positions kept with the state: read on assignment, written in every batch.
+
+`consumer_positions` is operator data (no tenant), so its statements carry the consumer group
+instead of a tenant (see tests/unit/test_sql_tenant_scope.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Final
+
+import asyncpg
+
+from minichat.storage.db import columns
+
+TopicPartitionKey = tuple[str, int]
+"""(topic, partition)"""
+
+_LOAD: Final = """
+SELECT p.topic, p.partition, p.next_offset
+FROM consumer_positions p
+JOIN unnest($2::text[], $3::int[]) AS k (topic, partition)
+  ON p.topic = k.topic AND p.partition = k.partition
+WHERE p.group_id = $1
+"""
+
+_LOCK: Final = _LOAD + "ORDER BY p.topic, p.partition\nFOR UPDATE OF p"
+
+_UPSERT: Final = """
+INSERT INTO consumer_positions AS p (group_id, topic, partition, next_offset)
+SELECT $1, k.topic, k.partition, k.next_offset
+FROM unnest($2::text[], $3::int[], $4::bigint[]) AS k (topic, partition, next_offset)
+ORDER BY k.topic, k.partition
+ON CONFLICT (group_id, topic, partition) DO UPDATE
+SET next_offset = GREATEST(p.next_offset, EXCLUDED.next_offset), updated_at = now()
+"""
+
+
+class PositionConflict(RuntimeError):
+    """Another worker moved a partition this batch was going to apply: the batch is abandoned
+    (its transaction rolls back) and the partitions are re-read from the stored positions."""
+
+    def __init__(self, moved: Mapping[TopicPartitionKey, tuple[int | None, int | None]]) -> None:
+        self.moved = dict(moved)
+        described = ", ".join(f"{t}[{p}] expected {e} stored {s}" for (t, p), (e, s) in sorted(moved.items()))
+        super().__init__(f"stored positions moved under this worker: {described}")
+
+
+async def load_positions(
+    con: asyncpg.Connection, group_id: str, partitions: Iterable[TopicPartitionKey]
+) -> dict[TopicPartitionKey, int]:
+    keys = sorted(set(partitions))
+    if not keys:
+        return {}
+    rows = await con.fetch(_LOAD, group_id, *columns(keys, 2))
+    return {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+
+
+async def claim_positions(
+    con: asyncpg.Connection, group_id: str, expected: Mapping[TopicPartitionKey, int | None]
+) -> None:
+    """Lock the batch's position rows and check they still say what this worker last read or
+    wrote (None: no row). Two workers that both believe they own a partition (a rebalance racing
+    a slow batch) serialise here, and the later one finds the row moved and backs off."""
+    if not expected:
+        return
+    rows = await con.fetch(_LOCK, group_id, *columns(sorted(expected), 2))
+    stored = {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+    moved = {key: (want, stored.get(key)) for key, want in expected.items() if stored.get(key) != want}
+    if moved:
+        raise PositionConflict(moved)
+
+
+async def store_positions(
+    con: asyncpg.Connection, group_id: str, next_offsets: Mapping[TopicPartitionKey, int]
+) -> None:
+    if next_offsets:
+        keys = sorted(next_offsets)
+        await con.execute(_UPSERT, group_id, *columns([(t, p, next_offsets[(t, p)]) for t, p in keys], 3))
