@@ -155,7 +155,10 @@ _PREMIUM_CHAT_RATE: Final = 0.35
 OVERSHOOT_INPUT_TOKENS: Final = 150_000
 
 LIMIT_TURNS: Final = 8
-"""The limit user asks at most this often; with the demo policy the 4th request is refused."""
+"""The limit user asks at most this often per chat; with the demo policy the 4th request is refused."""
+LIMIT_CHATS: Final = 3
+"""The limit user's chats, played at once: a burst of one user's requests near a limit, on
+several partitions (check and reserve must stay atomic per user)."""
 LIMIT_CONTENT: Final = (
     "Summarise the attached quarterly report, list every risk it names with its owner, "
     "compare the numbers with last quarter, and draft a one page memo for the board that "
@@ -425,7 +428,7 @@ def make_plan(
             ChatPlan(t, u, c, model.id, model.tier, title, tuple(steps), delete_chat=i in deleted_chats)
         )
 
-    chats.append(_limit_chat(policy, tenants))
+    chats.extend(_limit_chat(policy, tenants, c) for c in range(LIMIT_CHATS))
     return Plan(seed, tenants, users_per_tenant, chats_per_user, turns_per_chat, tuple(chats))
 
 
@@ -436,7 +439,7 @@ def limit_model(policy: Policy) -> CatalogModel:
     return ranked[0]
 
 
-def _limit_chat(policy: Policy, demo_tenant: int) -> ChatPlan:
+def _limit_chat(policy: Policy, demo_tenant: int, index: int) -> ChatPlan:
     model = limit_model(policy)
     step = TurnStep(
         command="turn.requested",
@@ -447,7 +450,7 @@ def _limit_chat(policy: Policy, demo_tenant: int) -> ChatPlan:
         reply_words=200,
         think_ms=10,
     )
-    return ChatPlan(demo_tenant, 0, 0, model.id, model.tier, "Board memo", (step,) * LIMIT_TURNS, limit=True)
+    return ChatPlan(demo_tenant, 0, index, model.id, model.tier, "Board memo", (step,) * LIMIT_TURNS, limit=True)
 
 
 # --------------------------------------------------------------------------------------------

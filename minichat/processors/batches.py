@@ -67,7 +67,9 @@ class MergedBatches:
                     "dead-letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, error.code
                 )
                 dead.append(dead_letter_for(record, error, self.topics.dead_letters))
-                self.metrics.inc("minichat_dead_letters_total", topic=self.label(record.topic), code=error.code)
+                self.metrics.inc(
+                    "minichat_dead_letters_total", topic=self.label(record.topic), code=error.code
+                )
         return good, dead
 
     async def apply(self, con: asyncpg.Connection, good: Sequence[Decoded[Any]]) -> list[Output]:

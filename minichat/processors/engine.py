@@ -49,6 +49,8 @@ from minichat.storage.positions import PositionConflict, claim_positions, load_p
 
 logger = logging.getLogger(__name__)
 
+STALL_REPORT_S = 10.0
+
 FAULT_EXIT = 86
 """Exit status of `fault_exit_after_commit` (tests only)."""
 
@@ -97,6 +99,8 @@ class OrderedEngine:
         self._unit = asyncio.Lock()  # a batch, or a rebalance step: never both
         self._flights: deque[_Flight] = deque()
         self._stopping = False
+        self._blocking: dict[LaneKey, float] = {}
+        self._stall_reported = 0.0
         self._consumer: AIOKafkaConsumer | None = None
         self.running = asyncio.Event()
 
@@ -145,19 +149,23 @@ class OrderedEngine:
     # ----------------------------------------------------------------------------------- loop
 
     async def _step(self, consumer: AIOKafkaConsumer) -> None:
-        generation = self._generation
         waiting = bool(self.merge.blocked_lanes())
         fetched = await consumer.getmany(
             timeout_ms=5 if waiting else 100, max_records=self.settings.batch_max
         )
-        if generation != self._generation:
-            return  # a rebalance or re-seek ran meanwhile: those records may predate the seek
+        # Every returned record goes to its lane, even across a rebalance: aiokafka returns only
+        # records at a partition's current position (a seek drops what it made stale) and moves
+        # the position past them, so dropping one here would skip it. A closed lane ignores them;
+        # a lane re-opened at its seek position takes them in order.
         for records in fetched.values():
             self.merge.add(source_record(r) for r in records)
+        # From here on, a rebalance (it re-opens every lane) voids what this step took out.
+        generation = self._generation
         self._pace(consumer)
         blocked = self.merge.blocked_lanes()
         if blocked:
             await self._refresh_frontiers(consumer, blocked, generation)
+        self._report_stall(blocked)
         released = self.merge.release(self.settings.batch_max)
         if released:
             while len(self._flights) >= self.settings.produce_in_flight:
@@ -168,6 +176,17 @@ class OrderedEngine:
                 else:
                     return
         await self._land_finished(consumer)
+
+    def _report_stall(self, blocked: Sequence[LaneKey]) -> None:
+        """A lane that holds its set back for long neither delivers nor catches up (the broker is
+        away, or the partition lost its leader): say which, every `STALL_REPORT_S`."""
+        now = time.monotonic()
+        self._blocking = {lane: self._blocking.get(lane, now) for lane in blocked}
+        stuck = sorted(lane for lane, since in self._blocking.items() if now - since >= STALL_REPORT_S)
+        if stuck and now - self._stall_reported >= STALL_REPORT_S:
+            self._stall_reported = now
+            lanes = ", ".join(f"{t}[{p}]@{self.merge.next_offset(t, p)}" for t, p in stuck)
+            logger.warning("records held back for %.0f s or more, waiting for: %s", STALL_REPORT_S, lanes)
 
     def _pace(self, consumer: AIOKafkaConsumer) -> None:
         """Pause partitions whose lane is full (memory stays bounded while another partition of
@@ -185,27 +204,23 @@ class OrderedEngine:
     async def _refresh_frontiers(
         self, consumer: AIOKafkaConsumer, lanes: Sequence[LaneKey], generation: int
     ) -> None:
+        """Ask the broker for the end offsets of empty lanes that hold back a record; a lane already
+        fetched to its end gets the request's send time (less the grace) as its frontier. Every
+        await is followed by a generation check: a lane re-sought meanwhile must not inherit a
+        frontier its new position does not justify."""
         sent_ms = time.time() * 1000.0
         try:
             ends = await consumer.end_offsets([TopicPartition(*lane) for lane in lanes])
-        except KafkaError as exc:
+            fetched = {tp: await consumer.position(tp) for tp in ends}
+        except KafkaError as exc:  # IllegalStateError in a rebalance, or the broker away
             logger.info("end offsets not available (%s); fetching on", type(exc).__name__)
             return
         if generation != self._generation:
             return
         for tp, end in ends.items():
             lane = (tp.topic, tp.partition)
-            if (
-                lane in self.assigned
-                and self.merge.next_offset(*lane) >= end
-                and await self._fetched_to(consumer, tp) >= end
-            ):
+            if lane in self.assigned and self.merge.next_offset(*lane) >= end and fetched[tp] >= end:
                 self.merge.caught_up(tp.topic, tp.partition, sent_ms - self.settings.order_grace_ms)
-
-    @staticmethod
-    async def _fetched_to(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
-        position: int = await consumer.position(tp)
-        return position
 
     async def _apply(self, consumer: AIOKafkaConsumer, records: list[SourceRecord]) -> None:
         good, dead = self.batches.decode(records)

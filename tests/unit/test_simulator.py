@@ -22,6 +22,7 @@ from minichat.simulator import (
     DEMO_POLICY,
     DEMO_TENANT_ID,
     FAILURE_CODES,
+    LIMIT_CHATS,
     LIMIT_TURNS,
     MIN_TURNS_FOR_COVERAGE,
     OVERSHOOT_INPUT_TOKENS,
@@ -80,11 +81,11 @@ def test_scenario_kinds_name_every_failure_code_and_usage_path() -> None:
 
 def test_a_plan_below_the_coverage_size_still_plays(policy: Policy) -> None:
     plan = make_plan(policy, seed=1, tenants=1, users_per_tenant=1, chats_per_user=1, turns_per_chat=2)
-    chat, limit = plan.chats
+    chat, *limits = plan.chats
     requested = [s for s in chat.steps if isinstance(s, TurnStep) and s.command == "turn.requested"]
     assert len(requested) == 2 < MIN_TURNS_FOR_COVERAGE
     assert isinstance(chat.steps[0], TurnStep) and chat.steps[0].command == "turn.requested"
-    assert limit.limit and not chat.limit
+    assert len(limits) == LIMIT_CHATS and all(c.limit for c in limits) and not chat.limit
 
 
 def test_plan_shape(policy: Policy) -> None:
@@ -105,9 +106,12 @@ def test_plan_shape(policy: Policy) -> None:
             if isinstance(step, DeleteStep) or step.command != "turn.requested":
                 # A mutation always follows a turn of the chat (the latest one).
                 assert isinstance(before, TurnStep) and before.command == "turn.requested"
-    [limit] = [c for c in plan.chats if c.limit]
-    assert limit.tenant == plan.demo_tenant and catalog[limit.model].tier == "premium"
-    assert len(limit.steps) == LIMIT_TURNS
+    limits = [c for c in plan.chats if c.limit]
+    assert [c.chat for c in limits] == list(range(LIMIT_CHATS))  # one user's chats, played at once
+    for limit in limits:
+        assert (limit.tenant, limit.user) == (plan.demo_tenant, 0)
+        assert catalog[limit.model].tier == "premium"
+        assert len(limit.steps) == LIMIT_TURNS
 
 
 def test_token_counts_are_realistic(policy: Policy) -> None:
@@ -296,7 +300,7 @@ def test_demo_policy_is_the_example_plus_the_demo_tenant() -> None:
 def test_limit_user_is_downgraded_then_refused_under_the_demo_policy(policy: Policy) -> None:
     """Replays the limit chat with the domain functions, as the processor decides and settles it
     (each turn completes with inline usage, the output capped at the decision's max output)."""
-    [chat] = [c for c in make_plan(policy, seed=0, **SMALL).chats if c.limit]
+    chat = next(c for c in make_plan(policy, seed=0, **SMALL).chats if c.limit)
     rows: dict[Any, QuotaRow] = {}
     previous = 0
     now = datetime(2026, 5, 10, 12, tzinfo=UTC)
