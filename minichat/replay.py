@@ -541,7 +541,7 @@ async def _merge_and_apply(
     merge = OrderedMerge(input_ranks(replay.names))
     active = {tp for tp, (start, end) in ranges.items() if start < end}
     consumer.assign(sorted(active, key=lambda tp: (tp.topic, tp.partition)))
-    for tp, (start, end) in ranges.items():
+    for tp, (start, _) in ranges.items():
         merge.open(tp.topic, tp.partition, start)
         if tp in active:
             consumer.seek(tp, start)

@@ -25,9 +25,10 @@ class Settings(BaseSettings):
 
     # Tuning (not in the contract).
     web_enabled: bool = True
-    # The ordered engine: records per merged batch (one transaction), records buffered per input partition before its fetching pauses, the grace
-    # that covers clock skew and replication lag when an empty partition is judged caught up,
-    # and output batches whose acknowledgements may be outstanding while the next one applies.
+    # The ordered engine: records per merged batch (one transaction), records buffered per input
+    # partition before its fetching pauses, the grace that covers clock skew and replication lag
+    # when an empty partition is judged caught up, and output batches whose acknowledgements may be
+    # outstanding while the next one applies.
     batch_max: int = Field(default=2000, ge=1, le=20_000)
     lane_buffer_max: int = Field(default=4000, ge=10, le=100_000)
     order_grace_ms: int = Field(default=5, ge=0, le=60_000)

@@ -450,7 +450,9 @@ def _limit_chat(policy: Policy, demo_tenant: int, index: int) -> ChatPlan:
         reply_words=200,
         think_ms=10,
     )
-    return ChatPlan(demo_tenant, 0, index, model.id, model.tier, "Board memo", (step,) * LIMIT_TURNS, limit=True)
+    return ChatPlan(
+        demo_tenant, 0, index, model.id, model.tier, "Board memo", (step,) * LIMIT_TURNS, limit=True
+    )
 
 
 # --------------------------------------------------------------------------------------------

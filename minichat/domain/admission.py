@@ -340,9 +340,16 @@ def _decide_quota(
 
     if state.recorded is not None:
         return _as_recorded(
-            state.recorded, policy, periods, selected_model, estimate.input_tokens,
-            content=content, image_count=image_count, web_search=web_search, code_interpreter=code_interpreter,
-        )  # fmt: skip
+            state.recorded,
+            policy,
+            periods,
+            selected_model,
+            estimate.input_tokens,
+            content=content,
+            image_count=image_count,
+            web_search=web_search,
+            code_interpreter=code_interpreter,
+        )
     choice = choose_tier(
         policy, selected_model, policy.limits_for(tenant_id), state.quota, periods, estimate.input_tokens
     )

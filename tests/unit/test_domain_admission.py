@@ -659,11 +659,15 @@ def test_a_recorded_acceptance_is_applied_although_the_rebuilt_rows_are_full() -
 def test_a_recorded_rejection_stays_a_rejection_and_chat_rules_still_run_first() -> None:
     from minichat.domain.admission import RecordedOutcome
 
-    recorded = RecordedOutcome("reject", policy_version=1, error_code="quota_exceeded", quota_scope="web_search")
+    recorded = RecordedOutcome(
+        "reject", policy_version=1, error_code="quota_exceeded", quota_scope="web_search"
+    )
     assert summary(request(state=ChatState(recorded=recorded))) == (
         "reject", None, None, "quota_exceeded", "web_search"
     )  # fmt: skip
     running = ChatState(
-        chat=ChatFacts(TENANT, USER, "prem"), turn_running=True, recorded=RecordedOutcome("allow", policy_version=1)
+        chat=ChatFacts(TENANT, USER, "prem"),
+        turn_running=True,
+        recorded=RecordedOutcome("allow", policy_version=1),
     )
     assert request(state=running).error_code == "generation_in_progress"

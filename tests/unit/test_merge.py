@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -136,7 +137,7 @@ def test_steps_equal_one_by_one_application_on_random_batches(seed: int) -> None
         for n in range(60)
     ]
     steps = plan_steps(items, kind=lambda i: i[1], keys=lambda i: i[2])
-    assert all(a.kind != b.kind for a, b in zip(steps, steps[1:], strict=False))
+    assert all(a.kind != b.kind for a, b in itertools.pairwise(steps))
     seen: dict[str, list[int]] = {}
     for step in steps:
         assert all(i[1] == step.kind for i in step.items)
