@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date
@@ -43,15 +42,40 @@ class QuotaRow:
     web_search_calls: int = 0
     code_interpreter_calls: int = 0
 
+    # Spelled out: these run for every reserve and settlement of a batch (the hot path).
     def __add__(self, other: QuotaRow) -> QuotaRow:
-        return QuotaRow(*(a + b for a, b in zip(_values(self), _values(other), strict=True)))
+        return QuotaRow(
+            self.spent_credits_micro + other.spent_credits_micro,
+            self.reserved_credits_micro + other.reserved_credits_micro,
+            self.calls + other.calls,
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.web_search_calls + other.web_search_calls,
+            self.code_interpreter_calls + other.code_interpreter_calls,
+        )
 
     def __sub__(self, other: QuotaRow) -> QuotaRow:
-        return QuotaRow(*(a - b for a, b in zip(_values(self), _values(other), strict=True)))
+        return QuotaRow(
+            self.spent_credits_micro - other.spent_credits_micro,
+            self.reserved_credits_micro - other.reserved_credits_micro,
+            self.calls - other.calls,
+            self.input_tokens - other.input_tokens,
+            self.output_tokens - other.output_tokens,
+            self.web_search_calls - other.web_search_calls,
+            self.code_interpreter_calls - other.code_interpreter_calls,
+        )
 
 
 def _values(row: QuotaRow) -> tuple[int, ...]:
-    return tuple(getattr(row, f.name) for f in dataclasses.fields(row))
+    return (
+        row.spent_credits_micro,
+        row.reserved_credits_micro,
+        row.calls,
+        row.input_tokens,
+        row.output_tokens,
+        row.web_search_calls,
+        row.code_interpreter_calls,
+    )
 
 
 QuotaDelta = QuotaRow

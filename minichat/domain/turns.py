@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
 from minichat.domain.commands import message_id_for
@@ -91,6 +91,14 @@ class TurnRecord:
     settled_at: datetime | None = None
     adjusted_at: datetime | None = None
 
+    def evolve(self, **changes: Any) -> TurnRecord:
+        """`dataclasses.replace`, without its per-call field introspection: a turn changes several
+        times per event on the hot path."""
+        new = object.__new__(TurnRecord)
+        for name in _TURN_FIELDS:
+            object.__setattr__(new, name, changes[name] if name in changes else getattr(self, name))
+        return new
+
     @property
     def running(self) -> bool:
         return self.state == "running"
@@ -122,6 +130,9 @@ class TurnRecord:
             web_search_calls=self.usage.web_search_calls if self.usage else 0,
             code_interpreter_calls=self.usage.code_interpreter_calls if self.usage else 0,
         )
+
+
+_TURN_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TurnRecord))
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,8 +201,7 @@ def apply_event(turn: TurnRecord, event: TurnEvent, at: datetime, offset: int, s
             return _noop(turn, "not_running")
         if offset <= turn.progress_offset:
             return _noop(turn, "progress_seen")
-        progressed = dataclasses.replace(
-            turn,
+        progressed = turn.evolve(
             progress_seq=turn.progress_seq + 1,
             progress_offset=offset,
             last_progress_at=at,
@@ -209,7 +219,7 @@ def apply_event(turn: TurnRecord, event: TurnEvent, at: datetime, offset: int, s
     assert isinstance(event, UsageGraceExpired)
     if turn.running or turn.settled_at is not None:
         return _noop(turn, "not_waiting_for_usage")
-    return _settle(dataclasses.replace(turn, updated_at=max(turn.updated_at, at)), at, snapshot)
+    return _settle(turn.evolve(updated_at=max(turn.updated_at, at)), at, snapshot)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,8 +274,7 @@ def _finish(turn: TurnRecord, terminal: _Terminal, at: datetime, snapshot: Polic
             usage=first_usage,
             created_at=at,
         )
-    finished = dataclasses.replace(
-        turn,
+    finished = turn.evolve(
         state=terminal.state,
         error_code=terminal.error_code,
         error_detail=terminal.error_detail,
@@ -295,7 +304,7 @@ def _usage_reported(
 ) -> Step:
     if turn.usage is not None and (turn.usage.known or not usage.known):
         return _noop(turn, "usage_already_reported")
-    reported = dataclasses.replace(turn, usage=usage, usage_model=model, updated_at=max(turn.updated_at, at))
+    reported = turn.evolve(usage=usage, usage_model=model, updated_at=max(turn.updated_at, at))
     has_message = turn.assistant_message_id is not None
     if turn.running or (turn.settled_at is None and not usage.known):
         # A report of zeros is not usage: a waiting turn keeps waiting (for a real report or the
@@ -309,8 +318,7 @@ def _usage_reported(
     adjusted = reprice(turn.charge, previous, usage, state, turn.error_code, snapshot)
     if adjusted is None or turn.adjusted_at is not None:
         return Step(reported, changed=True, message_usage=has_message)
-    repriced = dataclasses.replace(
-        reported,
+    repriced = reported.evolve(
         settlement_method=adjusted.method,
         committed_credits_micro=adjusted.committed_credits_micro,
         overshoot_capped=adjusted.overshoot_capped,
@@ -328,8 +336,7 @@ def _usage_reported(
 def _settle(turn: TurnRecord, at: datetime, snapshot: Policy) -> Step:
     state: TerminalState = turn.state  # type: ignore[assignment]
     settlement = settle(turn.charge, turn.usage, state, turn.error_code, snapshot)
-    settled = dataclasses.replace(
-        turn,
+    settled = turn.evolve(
         billing_outcome=settlement.outcome,
         settlement_method=settlement.method,
         committed_credits_micro=settlement.committed_credits_micro,

@@ -89,13 +89,16 @@ class MergedBatches:
             return COMMAND if d.record.topic == self.topics.turn_requests else FACT
 
         def keys(d: Decoded[Any]) -> Iterable[Hashable]:
-            event = d.event
-            yield ("chat", event.chat_id)
+            # A user's quota rows order records within one partition set only: the contract orders
+            # each set as one stream and nothing across sets (two workers interleave them freely).
+            # (Keys are ints and strings: a UUID's hash and equality run in Python, ints' do not.)
+            event, partition = d.event, d.record.partition
+            yield event.chat_id.int
             if kind(d) == COMMAND:
                 if _reserves(event):
-                    yield ("user", event.tenant_id, event.user_id)
+                    yield (partition, event.tenant_id.int, event.user_id.int)
             elif event.type != "turn.progress":
-                yield from (("user", *u) for u in claimants.get(event.chat_id, ()))
+                yield from ((partition, t.int, u.int) for t, u in claimants.get(event.chat_id, ()))
 
         # One lock order for the whole transaction: every request, then every user. The handlers
         # take the same locks again per step, which no longer waits.
@@ -106,7 +109,9 @@ class MergedBatches:
         )
         await lock_users(con, {u for users in claimants.values() for u in users})
         outputs: list[Output] = []
-        for step in plan_steps(good, kind, keys):
+        steps = plan_steps(good, kind, keys)
+        self.metrics.inc("minichat_batch_steps_total", len(steps))
+        for step in steps:
             handler = self.turn_requests if step.kind == COMMAND else self.turn_events
             outputs.extend(await handler(con, step.items))
         return outputs
@@ -120,6 +125,7 @@ class MergedBatches:
         if dead:
             self.metrics.inc("minichat_records_total", dead, topic="all", outcome="dead_letter")
         self.metrics.inc("minichat_batches_total", agent="engine")
+        self.metrics.inc("minichat_batch_records_total", len(good) + dead)
 
     def label(self, topic: str) -> str:
         """A metric label: the topic without the deployment's prefix (`turn_requests`)."""

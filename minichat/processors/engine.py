@@ -50,6 +50,7 @@ from minichat.storage.positions import PositionConflict, claim_positions, load_p
 logger = logging.getLogger(__name__)
 
 STALL_REPORT_S = 10.0
+PROGRESS_REPORT_S = 30.0
 
 FAULT_EXIT = 86
 """Exit status of `fault_exit_after_commit` (tests only)."""
@@ -100,6 +101,8 @@ class OrderedEngine:
         self._flights: deque[_Flight] = deque()
         self._stopping = False
         self._blocking: dict[LaneKey, float] = {}
+        self._progress_at = time.monotonic()
+        self._progress_batches = self._progress_records = self._progress_steps = 0
         self._stall_reported = 0.0
         self._consumer: AIOKafkaConsumer | None = None
         self.running = asyncio.Event()
@@ -166,6 +169,7 @@ class OrderedEngine:
         if blocked:
             await self._refresh_frontiers(consumer, blocked, generation)
         self._report_stall(blocked)
+        self._report_progress()
         released = self.merge.release(self.settings.batch_max)
         if released:
             while len(self._flights) >= self.settings.produce_in_flight:
@@ -187,6 +191,28 @@ class OrderedEngine:
             self._stall_reported = now
             lanes = ", ".join(f"{t}[{p}]@{self.merge.next_offset(t, p)}" for t, p in stuck)
             logger.warning("records held back for %.0f s or more, waiting for: %s", STALL_REPORT_S, lanes)
+
+    def _report_progress(self) -> None:
+        """One INFO line every `PROGRESS_REPORT_S` while records flow: batches, their size and steps."""
+        now = time.monotonic()
+        if now - self._progress_at < PROGRESS_REPORT_S:
+            return
+        m = self.batches.metrics
+        batches = m.value("minichat_batches_total", agent="engine")
+        records = m.value("minichat_batch_records_total")
+        steps = m.value("minichat_batch_steps_total")
+        done = batches - self._progress_batches
+        if done:
+            logger.info(
+                "applied %d records in %d batches (%.0f records, %.1f steps a batch) in the last %.0f s",
+                records - self._progress_records,
+                done,
+                (records - self._progress_records) / done,
+                (steps - self._progress_steps) / done,
+                now - self._progress_at,
+            )
+        self._progress_at, self._progress_batches = now, batches
+        self._progress_records, self._progress_steps = records, steps
 
     def _pace(self, consumer: AIOKafkaConsumer) -> None:
         """Pause partitions whose lane is full (memory stays bounded while another partition of

@@ -40,10 +40,9 @@ async def connect(settings: Settings) -> asyncpg.Connection:
 
 def columns(rows: Iterable[tuple[object, ...]], width: int) -> list[list[object]]:
     """Rows to column arrays, the parameters of an `unnest($1::t[], $2::t[], ...)` statement."""
-    result: list[list[object]] = [[] for _ in range(width)]
-    for row in rows:
-        if len(row) != width:
-            raise ValueError(f"row of {len(row)} values for {width} columns")
-        for i, value in enumerate(row):
-            result[i].append(value)
-    return result
+    rows = list(rows)
+    if any(len(row) != width for row in rows):
+        raise ValueError(f"a row is not {width} values wide")
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(column) for column in zip(*rows, strict=True)]

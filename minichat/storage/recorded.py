@@ -66,7 +66,7 @@ async def insert_recorded(
 async def lookup_recorded(
     con: asyncpg.Connection, keys: Iterable[RecordedKey]
 ) -> dict[tuple[UUID, UUID], dict[str, Any]]:
-    wanted = sorted(set(keys))
+    wanted = list(set(keys))
     if not wanted:
         return {}
     rows = await con.fetch(_LOOKUP, *columns(wanted, 3))

@@ -148,7 +148,7 @@ async def lock_users(con: asyncpg.Connection, users: Iterable[UserKey]) -> None:
 
 async def load_batch_state(con: asyncpg.Connection, commands: Sequence[Command]) -> BatchState:
     """Everything `decide_batch` reads, with the batch's users locked for the transaction."""
-    pairs = sorted({(e.tenant_id, e.chat_id) for e, _ in commands})
+    pairs = list({(e.tenant_id, e.chat_id) for e, _ in commands})
     tenants = [t for t, _ in pairs]
     chat_ids = [c for _, c in pairs]
     views: dict[UUID, ChatView] = {c: ChatView() for c in chat_ids}
@@ -184,7 +184,7 @@ async def load_batch_state(con: asyncpg.Connection, commands: Sequence[Command])
     for row in await con.fetch(_LOAD_SETTLED, tenants, chat_ids):
         views[row["chat_id"]].settled.append(_stored_turn(row))
 
-    decision_keys = sorted({(e.tenant_id, e.chat_id, command_id_of(e)) for e, _ in commands})
+    decision_keys = list({(e.tenant_id, e.chat_id, command_id_of(e)) for e, _ in commands})
     decisions: dict[tuple[UUID, UUID], dict[str, object]] = {}
     foreign: set[tuple[UUID, UUID]] = set()
     for row in await con.fetch(_LOAD_DECISIONS, *columns(decision_keys, 3)):
@@ -194,7 +194,7 @@ async def load_batch_state(con: asyncpg.Connection, commands: Sequence[Command])
         else:
             foreign.add(key)
 
-    creating = sorted(
+    creating = list(
         {
             (e.chat_id, command_id_of(e))
             for e, _ in commands
@@ -229,7 +229,7 @@ async def _lock_quota(
     if not keys:
         return quota
     await lock_users(con, users)
-    for row in await con.fetch(_LOAD_QUOTA, *columns(sorted(keys), 5)):
+    for row in await con.fetch(_LOAD_QUOTA, *columns(keys, 5)):  # locked in ORDER BY order
         quota[(row["tenant_id"], row["user_id"])][
             BucketKey(row["period_type"], row["period_start"], row["bucket"])
         ] = QuotaRow(

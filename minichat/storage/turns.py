@@ -113,7 +113,7 @@ async def load_turns(
 ) -> dict[tuple[UUID, RequestKey], Found]:
     """By (event tenant, (chat, request)): the turn when it is that tenant's, a mismatch flag when
     another tenant's turn or decision holds the key; absent when nothing is stored yet."""
-    wanted = sorted(set(keys))
+    wanted = list(set(keys))  # locked in the statement's ORDER BY order
     found: dict[tuple[UUID, RequestKey], Found] = {}
     for row in await con.fetch(_LOAD_TURNS, *columns(wanted, 3)):
         same = row["same_tenant"]
@@ -391,7 +391,7 @@ async def chat_owners(
 ) -> dict[UUID, tuple[UUID, UUID]]:
     """chat id → (tenant, owner) for the (tenant, chat) pairs that exist: whose quota rows a
     provider or usage event of that chat can settle."""
-    pairs = sorted(set(chats))
+    pairs = list(set(chats))
     if not pairs:
         return {}
     rows = await con.fetch(_CHAT_OWNERS, *columns(pairs, 2))
