@@ -105,7 +105,6 @@ class OrderedEngine:
         self._progress_batches = self._progress_records = self._progress_steps = 0
         self._stall_reported = 0.0
         self._consumer: AIOKafkaConsumer | None = None
-        self.running = asyncio.Event()
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -132,7 +131,6 @@ class OrderedEngine:
         consumer = self._consumer = self._new_consumer()
         consumer.subscribe(self.topics, listener=_Listener(self))
         await consumer.start()
-        self.running.set()
         try:
             while not self._stopping:
                 await self._step(consumer)
