@@ -37,7 +37,6 @@ from minichat.storage.turns import (
     apply_quota_deltas,
     insert_assistant_messages,
     load_turns,
-    lock_requests,
     park,
     update_message_usage,
     update_turns,
@@ -166,8 +165,8 @@ class TurnEvents:
     metrics: Metrics = field(default_factory=Metrics)
 
     async def __call__(self, con: asyncpg.Connection, batch: Sequence[Decoded[TurnEvent]]) -> list[Output]:
+        # The caller (processors.batches) holds the request and user locks of the whole batch.
         items = [(d.record, d.event) for d in batch]
-        await lock_requests(con, {(e.chat_id, e.request_id) for _, e in items})
         return await apply_turn_events(con, items, self.snapshots, self.dead_letters_topic, self.metrics)
 
 

@@ -12,7 +12,7 @@ import asyncpg
 from minichat.domain.admission import RecordedOutcome
 from minichat.domain.commands import Answer, Command, command_id_of, decide_batch, recorded_outcome
 from minichat.domain.turns import TurnEvent
-from minichat.models.events import TurnEdit, TurnRequested, TurnRequestEvent, TurnRetry
+from minichat.models.events import TurnRequestEvent
 from minichat.models.policy import Policy
 from minichat.processors.metrics import Metrics
 from minichat.processors.pipeline import Decoded
@@ -21,7 +21,7 @@ from minichat.processors.turn_events import apply_turn_events, parked_items
 from minichat.storage.policies import PolicySnapshots
 from minichat.storage.recorded import lookup_recorded
 from minichat.storage.turn_requests import load_batch_state, write_changes
-from minichat.storage.turns import lock_requests, unpark
+from minichat.storage.turns import unpark
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,7 @@ class TurnRequests:
         self, con: asyncpg.Connection, batch: Sequence[Decoded[TurnRequestEvent]]
     ) -> list[Output]:
         pending: list[Command] = [(item.event, item.record.timestamp) for item in batch]
-        creating = [e for e, _ in pending if isinstance(e, TurnRequested | TurnRetry | TurnEdit)]
-        # The request locks come first, before any row or user lock (see storage.turns).
-        await lock_requests(con, {(e.chat_id, command_id_of(e)) for e in creating})
+        # The caller (processors.batches) holds the request and user locks of the whole batch.
         answers: list[Answer] = []
         outputs: list[Output] = []
         while pending:

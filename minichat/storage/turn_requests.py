@@ -228,7 +228,7 @@ async def _lock_quota(
     quota: dict[UserKey, dict[BucketKey, QuotaRow]] = {user: {} for user in users}
     if not keys:
         return quota
-    await lock_users(con, users)
+    # The users' advisory locks are held already (processors.batches takes them for the batch).
     for row in await con.fetch(_LOAD_QUOTA, *columns(keys, 5)):  # locked in ORDER BY order
         quota[(row["tenant_id"], row["user_id"])][
             BucketKey(row["period_type"], row["period_start"], row["bucket"])
