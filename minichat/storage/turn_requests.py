@@ -56,24 +56,31 @@ CASE WHEN t.settled_at IS NULL THEN NULL
      ELSE 0 END AS settled_tokens
 """
 
+# Per chat, a walk down `idx_chat_turns_chat_started` that stops at the first rows it needs: the
+# cost follows the batch, not the size of `chat_turns` (a join of every turn of the batch's chats
+# grew with each chat's history).
 _LOAD_LATEST_LIVE = f"""
-SELECT DISTINCT ON (t.chat_id) {_TURN_COLUMNS}, '' AS content
+SELECT {_TURN_COLUMNS}, '' AS content
 FROM unnest($1::uuid[], $2::uuid[]) AS k (tenant_id, chat_id)
-JOIN chat_turns t ON t.tenant_id = k.tenant_id AND t.chat_id = k.chat_id
-WHERE t.deleted_at IS NULL
-ORDER BY t.chat_id, t.started_at DESC, t.id DESC
+CROSS JOIN LATERAL (
+    SELECT * FROM chat_turns c
+    WHERE c.chat_id = k.chat_id AND c.tenant_id = k.tenant_id AND c.deleted_at IS NULL
+    ORDER BY c.started_at DESC, c.id DESC
+    LIMIT 1
+) t
 """
 
 _LOAD_SETTLED = f"""
-SELECT * FROM (
-    SELECT {_TURN_COLUMNS}, '' AS content,
-           row_number() OVER (PARTITION BY t.chat_id ORDER BY t.started_at DESC, t.id DESC) AS rank
-    FROM unnest($1::uuid[], $2::uuid[]) AS k (tenant_id, chat_id)
-    JOIN chat_turns t ON t.tenant_id = k.tenant_id AND t.chat_id = k.chat_id
-    WHERE t.deleted_at IS NULL AND t.settled_at IS NOT NULL
-) ranked
-WHERE rank <= 2
-ORDER BY chat_id, rank
+SELECT {_TURN_COLUMNS}, '' AS content
+FROM unnest($1::uuid[], $2::uuid[]) AS k (tenant_id, chat_id)
+CROSS JOIN LATERAL (
+    SELECT * FROM chat_turns c
+    WHERE c.chat_id = k.chat_id AND c.tenant_id = k.tenant_id
+      AND c.deleted_at IS NULL AND c.settled_at IS NOT NULL
+    ORDER BY c.started_at DESC, c.id DESC
+    LIMIT 2
+) t
+ORDER BY t.chat_id, t.started_at DESC, t.id DESC
 """
 
 # The mutation targets are locked first: the provider and usage agents lock a turn before its
