@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from minichat.simulator import DEMO_POLICY, SimulateOptions, render_traffic, run_simulation
+from minichat.simulator import DEMO_POLICY, LIMIT_CHATS, SimulateOptions, render_traffic, run_simulation
 from minichat.summary import render, summarize
 from tests.conftest import live_deployment
 from tests.support import Endpoints
@@ -64,6 +64,7 @@ async def test_simulated_traffic_settles_every_accepted_turn_once(
         assert outcomes == {"completed", "failed", "aborted"}, report
         assert result.stats["early events seen parked"] >= 1, report
         assert result.stats["replayed decisions"] >= 1, report
-        assert summary.decisions.get(("turn.requested", "reject", "quota_exceeded")) == 1, report
+        # The limit user's chats each stop at their first refusal.
+        assert summary.decisions.get(("turn.requested", "reject", "quota_exceeded")) == LIMIT_CHATS, report
         assert summary.decisions.get(("turn.requested", "downgrade", "-"), 0) >= 2, report
         assert all(code in ("-", "quota_exceeded") for _, _, code in summary.decisions), report
