@@ -153,6 +153,20 @@ async def live_digest(url: str) -> dict[str, str]:
         await con.close()
 
 
+async def assert_refused_nothing_and_rebuilds(
+    settings: Settings, endpoints: Endpoints, template: str
+) -> None:
+    """No command of the gateway's traffic was rejected (no `generation_in_progress` in
+    particular), and a rebuild from the topics into an empty database has the live digest."""
+    url = settings.database_url
+    refused = await count(
+        url, "SELECT count(*) FROM turn_decisions WHERE payload->>'error_code' = 'generation_in_progress'"
+    )
+    rejected = await count(url, "SELECT count(*) FROM turn_decisions WHERE payload->>'decision' = 'reject'")
+    assert (refused, rejected) == (0, 0)
+    assert await live_digest(url) == await rebuilt_digest(settings, endpoints, template)
+
+
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_a_backlog_is_refused_nothing_and_rebuilds_the_live_books(
@@ -166,16 +180,9 @@ async def test_a_backlog_is_refused_nothing_and_rebuilds_the_live_books(
                 stack.enter_context(run_worker(Deployment(settings).env(), tmp_path / f"w{i}.log"))
             await quiet(settings, traffic.commands)
         url = settings.database_url
-        refused = await count(
-            url, "SELECT count(*) FROM turn_decisions WHERE payload->>'error_code' = 'generation_in_progress'"
-        )
-        rejected = await count(
-            url, "SELECT count(*) FROM turn_decisions WHERE payload->>'decision' = 'reject'"
-        )
-        assert (refused, rejected) == (0, 0)
         assert await count(url, "SELECT count(*) FROM chat_turns") == traffic.commands
         assert await count(url, "SELECT coalesce(sum(reserved_credits_micro), 0) FROM quota_usage") == 0
-        assert await live_digest(url) == await rebuilt_digest(settings, endpoints, template_database)
+        await assert_refused_nothing_and_rebuilds(settings, endpoints, template_database)
 
 
 @pytest.mark.timeout(300)
@@ -190,14 +197,7 @@ async def test_live_traffic_sending_the_next_request_at_the_terminal_ack_is_refu
             ) as reader:
                 await traffic.play(decided=reader)
             await quiet(settings, traffic.commands)
-        refused = await count(
-            settings.database_url,
-            "SELECT count(*) FROM turn_decisions WHERE payload->>'error_code' = 'generation_in_progress'",
-        )
-        assert refused == 0
-        assert await live_digest(settings.database_url) == await rebuilt_digest(
-            settings, endpoints, template_database
-        )
+        await assert_refused_nothing_and_rebuilds(settings, endpoints, template_database)
 
 
 async def commit_group_offsets_to_end(settings: Settings) -> dict[TopicPartition, int]:
@@ -349,11 +349,4 @@ async def test_three_workers_joining_and_leaving_keep_each_partition_set_on_one_
             )
             await player
             await quiet(settings, traffic.commands)
-        refused = await count(
-            settings.database_url,
-            "SELECT count(*) FROM turn_decisions WHERE payload->>'decision' = 'reject'",
-        )
-        assert refused == 0
-        assert await live_digest(settings.database_url) == await rebuilt_digest(
-            settings, endpoints, template_database
-        )
+        await assert_refused_nothing_and_rebuilds(settings, endpoints, template_database)
