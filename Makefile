@@ -6,9 +6,11 @@
 #   make up / down / status        the local Kafka + PostgreSQL of scripts/stack.sh (make down PURGE=1 deletes data)
 #   make check                     ruff check, ruff format --check, mypy
 #   make soak                      the long crash tests: >= 50 kill -9 under load (MINICHAT_CRASH_KILLS=N for more)
+#   make bench                     venv + local stack + `minichat bench` (BENCH_ARGS, JSON to BENCH_OUT)
 #
 # Variables: PYTHON (interpreter for the venv, default python3), VENV (.venv), PYTEST_ARGS,
-# ALLOW_NO_TESTS=1 (treat pytest's exit 5, "no tests collected", as success; used by .ci/run).
+# ALLOW_NO_TESTS=1 (treat pytest's exit 5, "no tests collected", as success; used by .ci/run),
+# BENCH_ARGS (e.g. "--turns 5000 --phases drain,replay"), BENCH_OUT (bench.json).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -28,7 +30,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: help venv up down status test check run demo
 
 help:
-	@sed -n '3,11p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '3,13p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 venv: $(STAMP)
 
@@ -95,6 +97,14 @@ soak: venv
 	export MINICHAT_CRASH_KILLS=$${MINICHAT_CRASH_KILLS:-50}; \
 	echo "make soak: $$MINICHAT_CRASH_KILLS kills per test against $$MINICHAT_KAFKA_BOOTSTRAP_SERVERS" >&2; \
 	"$(VENV)/bin/pytest" -m soak tests/integration/test_crash.py $(PYTEST_ARGS)
+
+# docs/performance.md: the ceiling, a backlog drain, decision latency and replay, side by side.
+BENCH_ARGS ?=
+BENCH_OUT ?= bench.json
+.PHONY: bench
+bench: venv
+	@exports=$$($(STACK) up); eval "$$exports"; \
+	"$(VENV)/bin/minichat" bench --out "$(BENCH_OUT)" $(BENCH_ARGS)
 
 ARGS ?=
 demo: venv

@@ -250,6 +250,13 @@ async def _digest(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(settings: Settings, args: argparse.Namespace) -> int:
+    from minichat.bench import run_bench
+    from minichat.bench.options import options_from_args
+
+    return _run(run_bench(settings, options_from_args(args)))
+
+
 def _schema_export(settings: Settings, args: argparse.Namespace) -> int:
     from minichat.models.schema import export_schemas
 
@@ -344,6 +351,18 @@ def _parser() -> argparse.ArgumentParser:
         lambda s, a: _run(_digest(s, a)),
     )
     digest.add_argument("--tables", action="store_true", help="one digest per table, then the total")
+
+    from minichat.bench.options import add_arguments as add_bench_arguments
+
+    add_bench_arguments(
+        command(
+            commands,
+            "bench",
+            "measure the ceiling, a backlog drain, decision latency and replay on scratch "
+            "databases and topics; prints a table (docs/performance.md)",
+            _bench,
+        )
+    )
 
     schema = commands.add_parser("schema", help="JSON Schemas of the events").add_subparsers(
         dest="schema_command", required=True

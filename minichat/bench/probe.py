@@ -1,0 +1,124 @@
+"""What a deployment still has to do, and the correctness figures of what it did (all tenants:
+the bench owns every row of its scratch databases)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer
+
+from minichat.models.topics import INPUT_TOPICS, TopicNames
+from minichat.settings import Settings
+from minichat.storage.db import connect
+from minichat.storage.digest import digest
+from minichat.summary import InputLag, topic_partitions
+
+_BACKLOG = """
+SELECT
+  (SELECT count(*) FROM turn_decisions) AS decided,
+  (SELECT count(*) FROM chat_turns WHERE settled_at IS NULL) AS unsettled,
+  (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS unpublished,
+  (SELECT count(*) FROM parked_events) AS parked
+"""
+
+_DECISIONS = """
+SELECT decision, coalesce(error_code, '-') AS error_code, count(*) AS n
+FROM turn_decisions GROUP BY 1, 2 ORDER BY 1, 2
+"""
+
+_TURNS = """
+SELECT count(*) AS turns,
+       count(*) FILTER (WHERE settled_at IS NOT NULL) AS settled,
+       count(*) FILTER (WHERE settlement_method = 'estimated') AS estimated,
+       count(*) FILTER (WHERE adjusted_at IS NOT NULL) AS adjusted
+FROM chat_turns
+"""
+
+
+@dataclass(frozen=True)
+class Backlog:
+    decided: int
+    unsettled: int
+    unpublished: int
+    parked: int
+    lag: int
+
+    def done(self, commands: int) -> bool:
+        return (
+            self.decided >= commands
+            and not self.unsettled
+            and not self.unpublished
+            and not self.parked
+            and not self.lag
+        )
+
+    def describe(self, commands: int) -> str:
+        return (
+            f"decided {self.decided}/{commands}, unsettled {self.unsettled}, outbox {self.unpublished}, "
+            f"parked {self.parked}, lag {self.lag}"
+        )
+
+
+async def backlog(con: asyncpg.Connection, lag: InputLag) -> Backlog:
+    row = await con.fetchrow(_BACKLOG)
+    assert row is not None
+    return Backlog(
+        decided=int(row["decided"]),
+        unsettled=int(row["unsettled"]),
+        unpublished=int(row["unpublished"]),
+        parked=int(row["parked"]),
+        lag=await lag.measure(),
+    )
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    decisions: dict[str, int]
+    """`decision/error_code` -> stored decisions."""
+    turns: int
+    settled: int
+    estimated: int
+    """Turns settled on an estimate (the watchdog's grace expired before their usage was applied)."""
+    adjusted: int
+
+    @property
+    def generation_in_progress(self) -> int:
+        return self.decisions.get("reject/generation_in_progress", 0)
+
+
+async def outcomes(con: asyncpg.Connection) -> Outcomes:
+    decisions = {f"{r['decision']}/{r['error_code']}": int(r["n"]) for r in await con.fetch(_DECISIONS)}
+    row = await con.fetchrow(_TURNS)
+    assert row is not None
+    return Outcomes(
+        decisions=decisions,
+        turns=int(row["turns"]),
+        settled=int(row["settled"]),
+        estimated=int(row["estimated"]),
+        adjusted=int(row["adjusted"]),
+    )
+
+
+async def digest_of(settings: Settings) -> str:
+    """`minichat digest` of the deployment's database."""
+    con = await connect(settings)
+    try:
+        return (await digest(con)).total
+    finally:
+        await con.close()
+
+
+async def input_records(settings: Settings) -> int:
+    """Records on the deployment's input topics (end offsets; the topics are fresh, so from 0)."""
+    names = TopicNames(settings.topic_prefix)
+    topics = [names.full(t) for t in INPUT_TOPICS]
+    found = await topic_partitions(settings.kafka_bootstrap_servers, topics)
+    tps = [tp for t in topics for tp in found.get(t, [])]
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets(tps)
+    finally:
+        await consumer.stop()
+    return sum(int(v) for v in ends.values())

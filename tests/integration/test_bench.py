@@ -1,0 +1,124 @@
+"""`minichat bench` as CI runs it: a small run of every phase, so the instrument cannot rot.
+
+Checks that every section is there with figures that agree with what was sent, and that the
+bench removed its scratch databases and topics. No speed is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+
+from tests.support import ROOT, Endpoints, worker_env
+
+pytestmark = pytest.mark.integration
+
+TURNS = 200
+RATE = 50
+RATE_SECONDS = 3
+EVENTS_PER_TURN = 5
+"""turn.requested, 2 x turn.progress, turn.completed, usage.reported."""
+
+
+def _run_bench(endpoints: Endpoints, out: Path) -> subprocess.CompletedProcess[str]:
+    env = {
+        "MINICHAT_KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka,
+        "MINICHAT_DATABASE_URL": endpoints.database_url,
+    }
+    args = ["--turns", str(TURNS), "--rates", str(RATE), "--rate-seconds", str(RATE_SECONDS)]
+    args += ["--workers", "1", "--ceiling-rounds", "1", "--out", str(out)]
+    return subprocess.run(
+        [sys.executable, "-m", "minichat.cli", "bench", *args],
+        env=worker_env(env),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
+
+
+def _check_drain(drain: dict[str, Any]) -> None:
+    assert drain["workers"] == 1
+    assert (drain["turns"], drain["events"]) == (TURNS, TURNS * EVENTS_PER_TURN)
+    assert sum(drain["decisions"].values()) == TURNS  # one decision per command
+    rejected = TURNS - drain["turns_stored"]
+    assert drain["generation_in_progress"] == rejected  # the only refusal this traffic can get
+    assert drain["turns_settled"] == drain["turns_stored"]
+    # Each refused request's two progress events, completion and usage are counted as dropped.
+    assert drain["events_dropped_total"] == 4 * rejected
+    assert drain["worker_exit_codes"] == [0]
+    assert drain["events_per_s"] > 0 and drain["drain_s"] > 0
+    assert all(rss > 0 for rss in drain["worker_peak_rss_mib"])
+    assert all(cpu >= 0 for cpu in drain["worker_cpu_s"])
+    assert re.fullmatch("[0-9a-f]{64}", drain["digest_live"])
+    assert re.fullmatch("[0-9a-f]{64}", drain["digest_rebuild"])
+    assert drain["digest_equal"] == (drain["digest_live"] == drain["digest_rebuild"])
+    assert drain["rebuild"]["records"] == TURNS * EVENTS_PER_TURN + drain["watchdog_events"]
+
+
+def _check_latency(latency: dict[str, Any]) -> None:
+    [rate] = latency["rates"]
+    assert rate["offered_per_s"] == RATE
+    assert rate["sent"] == RATE * RATE_SECONDS
+    assert rate["answered"] == rate["sent"]
+    ms = rate["latency_ms"]
+    assert 0 <= ms["p50"] <= ms["p95"] <= ms["p99"] <= ms["max"]
+    assert rate["catch_up_s"] is not None
+    assert sum(rate["decisions"].values()) == rate["sent"]
+
+
+async def _leftovers(endpoints: Endpoints, stderr: str) -> tuple[set[str], set[str]]:
+    """Scratch databases and topics named in the bench's progress lines that still exist."""
+    databases = set(re.findall(r"scratch database (minichat_bench_\w+)", stderr))
+    prefixes = set(re.findall(r"scratch topics (bench\w+\.\w+\.)", stderr))
+    assert databases and prefixes, stderr[-2000:]
+    con = await asyncpg.connect(endpoints.database_url)
+    try:
+        rows = await con.fetch(
+            "SELECT datname FROM pg_database WHERE datname = ANY($1::text[])", sorted(databases)
+        )
+    finally:
+        await con.close()
+    admin = AIOKafkaAdminClient(bootstrap_servers=endpoints.kafka)
+    await admin.start()
+    try:
+        topics = await admin.list_topics()
+    finally:
+        await admin.close()
+    return {r["datname"] for r in rows}, {t for t in topics if t.startswith(tuple(prefixes))}
+
+
+async def test_bench_smoke_run_reports_every_section(endpoints: Endpoints, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = _run_bench(endpoints, out)
+    assert result.returncode == 0, result.stderr[-4000:]
+    doc = json.loads(out.read_text())
+
+    assert doc["machine"]["cores"] >= 1 and doc["machine"]["memory_gib"] > 0
+    assert doc["versions"]["postgresql"] and doc["versions"]["python"] and doc["versions"]["minichat"]
+    assert {"batch_max", "partitions", "pg_fsync", "pg_synchronous_commit"} <= doc["settings"].keys()
+
+    ceiling = doc["ceiling"]
+    assert ceiling["events_per_round"] == TURNS and len(ceiling["rounds_events_per_s"]) == 1
+    assert ceiling["events_per_s"] > 0
+
+    [drain] = doc["drain"]
+    _check_drain(drain)
+    _check_latency(doc["latency"])
+
+    replay = doc["replay"]
+    assert replay["drained"]["applied"] == 0 and replay["drained"]["digest_equal"] is True
+    assert replay["drained"]["records"] == replay["empty"]["records"] == drain["rebuild"]["records"]
+    assert doc["generator"]["bench_process_cpu_s"] > 0
+
+    for heading in ("1. ceiling", "2. backlog drain", "3. decision latency", "4. replay"):
+        assert heading in result.stdout
+    assert await _leftovers(endpoints, result.stderr) == (set(), set())
