@@ -364,15 +364,18 @@ class OrderedEngine:
                 return await load_positions(con, self.settings.group_id, lanes)
 
         stored = await with_retries("load positions", load, self.retry, dependency="PostgreSQL")
-        beginnings = await consumer.beginning_offsets([TopicPartition(*lane) for lane in lanes])
-        for lane in lanes:
-            tp = TopicPartition(*lane)
+        tps = [TopicPartition(*lane) for lane in lanes]
+        beginnings = await consumer.beginning_offsets(tps)
+        committed = {tp: await consumer.committed(tp) for tp in tps}
+        # Every lane opens in one go, with no await in between: a partition set whose other lanes
+        # are not open yet would release its records as if those lanes were empty.
+        for lane, tp in zip(lanes, tps, strict=True):
             position = stored.get(lane)
-            committed = await consumer.committed(tp)
             # Kafka's offset is where acknowledged outputs end; none at all means nothing was
             # acknowledged yet (or it expired): run from the beginning, which re-sends and
             # changes nothing.
-            acknowledged = beginnings[tp] if committed is None else max(committed, beginnings[tp])
+            done = committed[tp]
+            acknowledged = beginnings[tp] if done is None else max(done, beginnings[tp])
             start = beginnings[tp] if position is None else min(position, acknowledged)
             consumer.seek(tp, start)
             self.positions[lane] = position
@@ -380,14 +383,8 @@ class OrderedEngine:
             if lane in self.paused:
                 consumer.resume(tp)
                 self.paused.discard(lane)
-            logger.info(
-                "%s[%d]: resuming at %d (stored %s, committed %s)",
-                tp.topic,
-                tp.partition,
-                start,
-                position,
-                committed,
-            )
+            logger.info("%s[%d]: resuming at %d (stored %s, committed %s)", *lane, start, position, done)
+        self._generation += 1  # what a step took out of the lanes before they opened is void
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -145,7 +145,10 @@ class OrderedMerge:
             if number in blocked:
                 continue
             members = self._sets[number]
-            if any(not lane.buffer and lane.precedes(key) for lane in members):
+            if len(members) < len(self.ranks) or any(
+                not lane.buffer and lane.precedes(key) for lane in members
+            ):
+                # A set with a lane not open (yet) knows nothing of that partition: hold it back.
                 blocked.add(number)
                 continue
             lane = self._lanes[(_topic_of(members, key[1]), number)]

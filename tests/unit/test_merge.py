@@ -62,11 +62,24 @@ def test_a_fact_of_the_same_millisecond_goes_first_and_a_command_frontier_at_the
 
 
 def test_partition_sets_are_independent() -> None:
-    merge = opened(("pr", 0), ("tr", 0), ("pr", 1), ("tr", 1))
+    merge = opened(*((t, p) for t in RANKS for p in (0, 1)))
     merge.add([rec("tr", 0, 0, 5), rec("tr", 1, 0, 9)])
     merge.caught_up("pr", 1, 10)
+    merge.caught_up("us", 1, 10)
     assert ids(merge.release(10)) == [("tr", 1, 0)]
-    assert merge.blocked_lanes() == [("pr", 0)]
+    assert merge.blocked_lanes() == [("pr", 0), ("us", 0)]
+
+
+def test_a_set_with_a_lane_not_open_yet_releases_nothing() -> None:
+    """A rebalance opens a set's lanes one by one: until all are open, nothing is known of the
+    missing partition, so nothing of the set may go."""
+    merge = opened(("tr", 0), ("us", 0))
+    merge.add([rec("tr", 0, 0, 5)])
+    merge.exhausted("us", 0)
+    assert merge.release(10) == []
+    merge.open("pr", 0, 0)
+    merge.exhausted("pr", 0)
+    assert ids(merge.release(10)) == [("tr", 0, 0)]
 
 
 def test_exhausted_lanes_release_everything_in_timestamp_rank_offset_order() -> None:
@@ -92,10 +105,11 @@ def test_exhausted_lanes_release_everything_in_timestamp_rank_offset_order() -> 
 
 
 def test_a_lane_drops_records_it_was_handed_already_and_reopening_forgets_the_buffer() -> None:
-    merge = opened(("pr", 0))
+    merge = opened(("pr", 0), ("us", 0), ("tr", 0))
     merge.add([rec("pr", 0, 0, 1), rec("pr", 0, 1, 2)])
     merge.add([rec("pr", 0, 1, 2), rec("pr", 0, 2, 3)])  # a refetch overlapping the first
-    merge.exhausted("pr", 0)
+    for topic in RANKS:
+        merge.exhausted(topic, 0)
     assert ids(merge.release(10)) == [("pr", 0, 0), ("pr", 0, 1), ("pr", 0, 2)]
     merge.add([rec("pr", 0, 3, 4)])
     merge.open("pr", 0, 10)  # a seek elsewhere
