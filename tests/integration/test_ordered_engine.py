@@ -136,12 +136,7 @@ async def rebuilt_digest(settings: Settings, endpoints: Endpoints, template: str
     async with scratch_database(endpoints.database_url, "rb", template=template) as url:
         rebuilt = settings.model_copy(update={"database_url": url})
         await run_replay(rebuilt, show_progress=False, check_workers=False)
-        con = await asyncpg.connect(url)
-        try:
-            found = await digest(con)
-            return {**found.tables, "total": found.total}
-        finally:
-            await con.close()
+        return await live_digest(url)
 
 
 async def live_digest(url: str) -> dict[str, str]:
