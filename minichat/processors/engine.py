@@ -344,7 +344,10 @@ class OrderedEngine:
         flights = list(self._flights)
         self._flights.clear()
         for flight in flights:
-            await flight.done
+            try:
+                await flight.done
+            except Exception as exc:  # aiokafka would swallow it in a rebalance callback
+                self.on_fatal("engine produce", exc)
 
     async def _reseek(self, consumer: AIOKafkaConsumer, lanes: list[LaneKey]) -> None:
         self._generation += 1
