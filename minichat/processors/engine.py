@@ -49,6 +49,8 @@ from minichat.storage.positions import PositionConflict, claim_positions, load_p
 
 logger = logging.getLogger(__name__)
 
+RESUMED = "engine resumed:"
+"""Logged once a rebalance handed this worker its partitions and they resumed (tests wait on it)."""
 STALL_REPORT_S = 10.0
 PROGRESS_REPORT_S = 30.0
 
@@ -337,6 +339,8 @@ class OrderedEngine:
             lanes = [(tp.topic, tp.partition) for tp in assigned]
             self.assigned.update(lanes)
             await self._seek(consumer, lanes)
+            numbers = sorted({p for _, p in lanes})
+            logger.info("%s %d input partition(s), partition sets %s", RESUMED, len(lanes), numbers)
 
     async def _await_flights(self) -> None:
         """Outputs acknowledged before partitions move (no Kafka commit here: the coordinator is

@@ -6,10 +6,10 @@ user is refused), plays the gateway simulator's traffic (`run_simulation`, in-pr
 seeds) against real `minichat worker` processes, and meanwhile a killer task SIGKILLs one worker
 at random moments and restarts it at once:
 
-* a kill lands a random 0.5-3 s (seeded) after the restarted worker logged `Ready` (it joined the
+* a kill lands a random 0.5-3 s (seeded) after the restarted worker logged `engine resumed:` (it joined the
   group, sought its committed offsets and resumed), so it hits a worker that is processing -
   often while it re-applies the batch the previous kill interrupted; one kill in five (seeded)
-  does not wait for `Ready` and hits a worker that is still starting or joining the group;
+  does not wait for that line and hits a worker that is still starting or joining the group;
 * the simulator plays rounds (seed, seed + 1, ...; fresh ids each round) until the killer is
   done, so every kill lands under load; after the last kill the worker stays up and the round
   in progress finishes.
@@ -75,6 +75,7 @@ import yaml
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from minichat.models.topics import INPUT_TOPICS, TopicNames
+from minichat.processors.engine import RESUMED
 from minichat.processors.topics import create_topics
 from minichat.replay import ReplaySummary, run_replay
 from minichat.settings import Settings
@@ -97,8 +98,9 @@ PAUSE_S = (0.5, 3.0)
 """A kill lands this long (uniform, seeded) after the victim's restart was ready."""
 START_KILL_SHARE = 0.2
 """Share of kills (seeded) that do not wait for the restarted worker to be ready."""
-READY = "[^Worker]: Ready"
-"""faust's line once the worker joined the group, sought its offsets and resumed."""
+READY = RESUMED
+"""The engine's line once the worker joined the group, sought its stored positions and resumed
+(faust's own "Ready" comes before the engine joins the group)."""
 READY_TIMEOUT = 90.0
 SESSION_TIMEOUT_S = "6"
 
