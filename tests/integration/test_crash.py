@@ -6,8 +6,8 @@ user is refused), plays the gateway simulator's traffic (`run_simulation`, in-pr
 seeds) against real `minichat worker` processes, and meanwhile a killer task SIGKILLs one worker
 at random moments and restarts it at once:
 
-* a kill lands a random 0.5-3 s (seeded) after the restarted worker logged `engine resumed:` (it joined the
-  group, sought its committed offsets and resumed), so it hits a worker that is processing -
+* a kill lands a random 0.5-3 s (seeded) after the restarted worker logged `engine resumed:` (it
+  joined the group, sought its stored positions and resumed), so it hits a worker that is processing -
   often while it re-applies the batch the previous kill interrupted; one kill in five (seeded)
   does not wait for that line and hits a worker that is still starting or joining the group;
 * the simulator plays rounds (seed, seed + 1, ...; fresh ids each round) until the killer is
