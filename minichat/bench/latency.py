@@ -12,6 +12,7 @@ answer everything (lag 0) before the next one starts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import time
@@ -27,7 +28,7 @@ from minichat.bench.options import BenchOptions
 from minichat.bench.progress import Ticker, say
 from minichat.bench.scratch import deployment
 from minichat.bench.traffic import Chat, Turn, make_turn, population
-from minichat.bench.workers import Worker, busy_share, cpu_times, running_workers, sample
+from minichat.bench.workers import Worker, busy_share, cpu_times, running_workers, sample, stage_quantiles
 from minichat.models.policy import CatalogModel
 from minichat.settings import Settings
 from minichat.summary import InputLag, topic_partitions
@@ -184,6 +185,8 @@ class RateResult:
     machine_busy: float
     """Share of all cores busy while the rate ran (see `busy_share`)."""
     behind: int
+    worker_stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    """The worker's own p50/p99 per stage (ms, histogram bucket bounds), see `WORKER_STAGES`."""
 
     @property
     def sent_per_s(self) -> float:
@@ -268,6 +271,7 @@ async def _one_rate(
 ) -> RateResult:
     planned = pacer.plan(max(1, round(rate * options.rate_seconds)))
     cpu_worker, cpu_bench, machine = sample(worker.pid).cpu_s, time.process_time(), cpu_times()
+    scrape = await worker.metrics()
 
     def describe() -> str:
         return f"{pacer.gateway.records} records acknowledged, {len(clock.decided)} decisions seen"
@@ -281,7 +285,8 @@ async def _one_rate(
         )
         lag_at_end = await lag.measure()
         caught = await _catch_up(window, clock, lag, worker, options.catch_up_timeout_s)
-    result = summarize(window, clock, lag_at_end, caught, cpu)
+    stages = stage_quantiles(scrape, await worker.metrics())
+    result = dataclasses.replace(summarize(window, clock, lag_at_end, caught, cpu), worker_stages=stages)
     p99 = result.latency_ms.get("p99")
     say(
         f"latency {rate}/s: sent {result.sent_per_s:.0f}/s, decided {result.decided_per_s:.0f}/s, "

@@ -32,6 +32,7 @@ SPEED_SETTINGS: Final = (
     "lane_buffer_max",
     "order_grace_ms",
     "produce_in_flight",
+    "fetch_max_wait_ms",
     "db_pool_min",
     "db_pool_max",
     "relay_interval_s",

@@ -124,6 +124,7 @@ def _rate_json(r: RateResult, result: BenchResult) -> dict[str, Any]:
         "generator_cpu_s": _r(r.generator_cpu_s, 2),
         "machine_busy": r.machine_busy,
         "requests_behind_their_chat": r.behind,
+        "worker_stages_ms": r.worker_stages,
     }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from minichat.bench.workers import WORKER_STAGES
+
 
 def grid(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Columns padded to their widest cell: the first left-aligned, the others right-aligned."""
@@ -39,7 +41,8 @@ def _header(doc: dict[str, Any]) -> list[str]:
         f"PostgreSQL {v['postgresql']} · {libs}",
         f"settings  partitions {s['partitions']} · batch_max {s['batch_max']} · lane_buffer_max "
         f"{s['lane_buffer_max']} · order_grace_ms {s['order_grace_ms']} · produce_in_flight "
-        f"{s['produce_in_flight']} · db pool {s['db_pool_min']}..{s['db_pool_max']} · relay "
+        f"{s['produce_in_flight']} · fetch_max_wait_ms {s.get('fetch_max_wait_ms')} · db pool "
+        f"{s['db_pool_min']}..{s['db_pool_max']} · relay "
         f"{s['relay_interval_s']} s/{s['relay_batch_max']} · log {s['log_level']}",
         f"          PostgreSQL fsync={s['pg_fsync']} synchronous_commit={s['pg_synchronous_commit']} "
         f"full_page_writes={s['pg_full_page_writes']} wal_level={s['pg_wal_level']} "
@@ -127,7 +130,19 @@ def _latency(lat: dict[str, Any]) -> list[str]:
     ]
     if lat["skipped_rates"]:
         lines.append(f"skipped rates (the worker never caught up before them): {lat['skipped_rates']}")
+    stages = [(r["offered_per_s"], r.get("worker_stages_ms") or {}) for r in lat["rates"]]
+    names = sorted({name for _, found in stages for name in found}, key=list(WORKER_STAGES).index)
+    if names:
+        lines.append(
+            "the worker's own timings, p50 / p99 ms (histogram bucket bounds, up to the end of the catch-up)"
+        )
+        rows = [[rate, *(_pair(found.get(n)) for n in names)] for rate, found in stages]
+        lines.append(grid(["offered/s", *names], rows))
     return lines
+
+
+def _pair(q: dict[str, float] | None) -> str | None:
+    return None if q is None else f"{q['p50']:g} / {q['p99']:g}"
 
 
 def _replay(rep: dict[str, Any]) -> list[str]:

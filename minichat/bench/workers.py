@@ -180,3 +180,39 @@ async def running_workers(settings: Settings, count: int, workdir: Path) -> Asyn
     finally:
         for worker in workers:
             await worker.kill()
+
+
+Scrape = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+WORKER_STAGES = {
+    "record wait": ("minichat_record_wait_seconds", ()),
+    "transaction": ("minichat_batch_seconds", (("stage", "transaction"),)),
+    "produce": ("minichat_batch_seconds", (("stage", "produce"),)),
+    "decision": ("minichat_decision_seconds", ()),
+}
+"""The worker's own timings (its histograms), by the stage the bench names them after."""
+
+
+def stage_quantiles(before: Scrape, after: Scrape) -> dict[str, dict[str, float]]:
+    """Per stage, the p50 and p99 (ms, a bucket's upper bound) of what the worker observed
+    between two scrapes."""
+    out: dict[str, dict[str, float]] = {}
+    for stage, (name, labels) in WORKER_STAGES.items():
+        buckets: list[tuple[float, float]] = []
+        for (metric, found), value in after.items():
+            if metric != f"{name}_bucket":
+                continue
+            rest = tuple(kv for kv in found if kv[0] != "le")
+            if rest != labels:
+                continue
+            le = dict(found)["le"]
+            buckets.append((float(le), value - before.get((metric, found), 0.0)))
+        buckets.sort()
+        count = buckets[-1][1] if buckets else 0.0
+        if count <= 0:
+            continue
+        out[stage] = {
+            f"p{q}": next(bound for bound, seen in buckets if seen >= q / 100 * count) * 1000
+            for q in (50, 99)
+        }
+    return out

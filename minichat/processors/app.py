@@ -20,7 +20,6 @@ from minichat.processors.engine import OrderedEngine
 from minichat.processors.errors import stop_worker
 from minichat.processors.metrics import Metrics, render_metrics
 from minichat.processors.outages import BrokerWatch, limit_client_log_repeats, pace_failed_metadata_updates
-from minichat.processors.pipeline import Producer
 from minichat.processors.relay import register_relay
 from minichat.processors.runtime import Runtime
 from minichat.processors.turn_events import TurnEvents
@@ -156,13 +155,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
         web_bind="127.0.0.1",
     )
 
-    async def producer() -> Producer:
-        return app.producer
-
     metrics = Metrics()
-    engine = OrderedEngine(
-        settings, build_batches(settings, policy, metrics), runtime.pool, producer, stop_worker
-    )
+    engine = OrderedEngine(settings, build_batches(settings, policy, metrics), runtime.pool, stop_worker)
     app.service(EngineService(engine, loop=app.loop, beacon=app.beacon))  # type: ignore[arg-type]  # an instance is accepted too
 
     register_relay(app, runtime, settings, policy)

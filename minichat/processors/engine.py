@@ -24,6 +24,7 @@ loop:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
@@ -42,7 +43,7 @@ from minichat.processors.assignor import CoPartitionedAssignor
 from minichat.processors.batches import MergedBatches
 from minichat.processors.errors import RetryPolicy, with_retries
 from minichat.processors.merge import LaneKey, OrderedMerge
-from minichat.processors.pipeline import Producer, send_all
+from minichat.processors.pipeline import send_all
 from minichat.processors.records import Output, SourceRecord, source_record
 from minichat.settings import Settings
 from minichat.storage.positions import PositionConflict, claim_positions, load_positions, store_positions
@@ -82,7 +83,6 @@ class OrderedEngine:
         settings: Settings,
         batches: MergedBatches,
         pool: Callable[[], Awaitable[asyncpg.Pool]],
-        producer: Callable[[], Awaitable[Producer]],
         on_fatal: Callable[[str, BaseException], None],
     ) -> None:
         self.settings = settings
@@ -90,7 +90,6 @@ class OrderedEngine:
         self.topics = [self.names.turn_requests, self.names.provider_responses, self.names.usage]
         self.batches = batches
         self.pool = pool
-        self.producer = producer
         self.on_fatal = on_fatal
         self.retry = RetryPolicy.from_settings(settings)
         self.merge = OrderedMerge(input_ranks(self.names))
@@ -107,6 +106,8 @@ class OrderedEngine:
         self._progress_batches = self._progress_records = self._progress_steps = 0
         self._stall_reported = 0.0
         self._consumer: AIOKafkaConsumer | None = None
+        self._offsets: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -124,23 +125,52 @@ class OrderedEngine:
             max_poll_interval_ms=max(300_000, round(s.retry_give_up_s * 2000)),
             fetch_max_bytes=s.fetch_max_bytes,
             max_partition_fetch_bytes=s.max_partition_fetch_bytes,
-            fetch_max_wait_ms=100,
+            fetch_max_wait_ms=s.fetch_max_wait_ms,
             key_deserializer=None,
             value_deserializer=None,
         )
 
+    def _new_offsets_client(self) -> AIOKafkaConsumer:
+        """A consumer that never fetches, for the end offsets of empty partitions: the broker
+        answers one connection's requests in order, so on the fetching consumer's connection a
+        ListOffsets waits behind the fetch in flight (up to `fetch_max_wait_ms`)."""
+        s = self.settings
+        return AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap_servers,
+            group_id=None,
+            client_id=f"{s.group_id}-engine-offsets",
+            enable_auto_commit=False,
+        )
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        """Idempotent, and patient: while the broker is away aiokafka retries a batch with its
+        sequence numbers (the broker drops a copy it already wrote) until `retry_give_up_s`,
+        rather than failing it to a retry of ours, which could write a decision twice."""
+        s = self.settings
+        return AIOKafkaProducer(
+            bootstrap_servers=s.kafka_bootstrap_servers,
+            client_id=f"{s.group_id}-engine",
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=0,
+            request_timeout_ms=max(30_000, round(s.retry_give_up_s * 1000)),
+        )
+
     async def run(self) -> None:
         consumer = self._consumer = self._new_consumer()
+        offsets = self._offsets = self._new_offsets_client()
+        producer = self._producer = self._new_producer()
         consumer.subscribe(self.topics, listener=_Listener(self))
-        await consumer.start()
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            for client in (producer, offsets):
+                await client.start()
+                stack.push_async_callback(client.stop)
+            await consumer.start()
+            stack.push_async_callback(consumer.stop)
             while not self._stopping:
                 await self._step(consumer)
             async with self._unit:
                 await self._land_flights(consumer)
-        finally:
-            self._consumer = None
-            await consumer.stop()
 
     def stop(self) -> None:
         self._stopping = True
@@ -172,6 +202,10 @@ class OrderedEngine:
         self._report_progress()
         released = self.merge.release(self.settings.batch_max)
         if released:
+            now_ms = time.time() * 1000.0
+            self.batches.metrics.observe(
+                "minichat_record_wait_seconds", ((now_ms - r.timestamp_ms) / 1000.0 for r in released)
+            )
             while len(self._flights) >= self.settings.produce_in_flight:
                 await self._land_one(consumer)
             async with self._unit:
@@ -211,8 +245,24 @@ class OrderedEngine:
                 (steps - self._progress_steps) / done,
                 now - self._progress_at,
             )
+            logger.info("since start, p50/p99 ms: %s", self._stage_quantiles())
         self._progress_at, self._progress_batches = now, batches
         self._progress_records, self._progress_steps = records, steps
+
+    def _stage_quantiles(self) -> str:
+        m = self.batches.metrics
+        stages = {
+            "record wait": ("minichat_record_wait_seconds", {}),
+            "transaction": ("minichat_batch_seconds", {"stage": "transaction"}),
+            "produce": ("minichat_batch_seconds", {"stage": "produce"}),
+            "decision": ("minichat_decision_seconds", {}),
+        }
+        parts = []
+        for label, (name, labels) in stages.items():
+            p50, p99 = m.quantile(name, 0.5, **labels), m.quantile(name, 0.99, **labels)
+            if p50 is not None and p99 is not None:
+                parts.append(f"{label} <={p50 * 1000:g}/<={p99 * 1000:g}")
+        return ", ".join(parts)
 
     def _pace(self, consumer: AIOKafkaConsumer) -> None:
         """Pause partitions whose lane is full (memory stays bounded while another partition of
@@ -234,9 +284,11 @@ class OrderedEngine:
         fetched to its end gets the request's send time (less the grace) as its frontier. Every
         await is followed by a generation check: a lane re-sought meanwhile must not inherit a
         frontier its new position does not justify."""
+        if self._offsets is None:
+            return
         sent_ms = time.time() * 1000.0
         try:
-            ends = await consumer.end_offsets([TopicPartition(*lane) for lane in lanes])
+            ends = await self._offsets.end_offsets([TopicPartition(*lane) for lane in lanes])
             fetched = {tp: await consumer.position(tp) for tp in ends}
         except KafkaError as exc:  # IllegalStateError in a rebalance, or the broker away
             logger.info("end offsets not available (%s); fetching on", type(exc).__name__)
@@ -263,6 +315,7 @@ class OrderedEngine:
                 await store_positions(con, self.settings.group_id, offsets)
                 return outputs
 
+        began = time.monotonic()
         try:
             outputs = await with_retries("engine batch", attempt, self.retry, dependency="PostgreSQL")
         except PositionConflict as conflict:
@@ -277,20 +330,33 @@ class OrderedEngine:
         for lane, next_offset in offsets.items():
             previous = self.positions.get(lane)
             self.positions[lane] = next_offset if previous is None else max(previous, next_offset)
+        self.batches.metrics.observe(
+            "minichat_batch_seconds", (time.monotonic() - began,), stage="transaction"
+        )
         self.batches.count_applied(good, len(dead))
         produced = dead + outputs
-        self._flights.append(_Flight(produced, offsets, asyncio.ensure_future(self._deliver(produced))))
+        commands = [r.timestamp_ms for r in records if r.topic == self.names.turn_requests]
+        delivery = asyncio.ensure_future(self._deliver(produced, commands))
+        self._flights.append(_Flight(produced, offsets, delivery))
 
     # ------------------------------------------------------------------------------ outputs
 
-    async def _deliver(self, outputs: list[Output]) -> None:
+    async def _deliver(self, outputs: list[Output], commands_ms: list[int]) -> None:
+        """Send a batch's outputs; `commands_ms`: the timestamps of its commands, whose decisions
+        count as delivered once every output is acknowledged."""
         if not outputs:
             return
+        began = time.monotonic()
         acked: set[int] = set()
-        producer = await self.producer()
+        producer = self._producer
+        assert producer is not None, "outputs exist only while the engine runs"
         await with_retries(
             "engine produce", lambda: send_all(producer, outputs, acked), self.retry, dependency="Kafka"
         )
+        metrics = self.batches.metrics
+        metrics.observe("minichat_batch_seconds", (time.monotonic() - began,), stage="produce")
+        now_ms = time.time() * 1000.0
+        metrics.observe("minichat_decision_seconds", ((now_ms - ms) / 1000.0 for ms in commands_ms))
 
     async def _land_finished(self, consumer: AIOKafkaConsumer) -> None:
         while self._flights and self._flights[0].done.done():

@@ -7,8 +7,10 @@ page is scraped.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -29,20 +31,63 @@ _HELP = {
     "minichat_parked_oldest_age_seconds": "Age of the oldest parked event (0 when none).",
     "minichat_outbox_unpublished": "Billing events not yet relayed to billing-usage.",
     "minichat_reserved_credits_micro": "Credits reserved by running or unsettled turns, all tenants.",
+    "minichat_record_wait_seconds": (
+        "From an input record's timestamp (its append to the log) until the engine released it in "
+        "merged order: fetch plus the ordering wait."
+    ),
+    "minichat_batch_seconds": "Time of a merged batch's stages: its transaction, and producing its outputs.",
+    "minichat_decision_seconds": (
+        "From a command's append to the log until its batch's decisions were acknowledged by the broker."
+    ),
 }
+
+BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Upper bounds (seconds) of every histogram's buckets."""
+
+
+@dataclass(slots=True)
+class _Histogram:
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS_S) + 1))
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, value: float) -> None:
+        self.buckets[bisect_left(BUCKETS_S, value)] += 1
+        self.total += value
+        self.count += 1
 
 
 class Metrics:
     def __init__(self) -> None:
         self._counters: Counter[tuple[str, Labels]] = Counter()
+        self._histograms: dict[tuple[str, Labels], _Histogram] = {}
+
+    def observe(self, name: str, values: Iterable[float], **labels: str | None) -> None:
+        """Add observations (seconds) to a histogram."""
+        key = (name, _key(labels))
+        histogram = self._histograms.get(key)
+        if histogram is None:
+            histogram = self._histograms[key] = _Histogram()
+        for value in values:
+            histogram.observe(value)
+
+    def quantile(self, name: str, q: float, **labels: str | None) -> float | None:
+        """The bucket bound under which a share `q` of the observations fell (None without any)."""
+        histogram = self._histograms.get((name, _key(labels)))
+        if histogram is None or not histogram.count:
+            return None
+        seen = 0
+        for bound, n in zip((*BUCKETS_S, float("inf")), histogram.buckets, strict=True):
+            seen += n
+            if seen >= q * histogram.count:
+                return bound
+        return float("inf")
 
     def inc(self, name: str, amount: int = 1, **labels: str | None) -> None:
-        key = tuple(sorted((k, "" if v is None else str(v)) for k, v in labels.items()))
-        self._counters[(name, key)] += amount
+        self._counters[(name, _key(labels))] += amount
 
     def value(self, name: str, **labels: str | None) -> int:
-        key = tuple(sorted((k, "" if v is None else str(v)) for k, v in labels.items()))
-        return self._counters[(name, key)]
+        return self._counters[(name, _key(labels))]
 
     def render(self, gauges: StateGauges | None = None) -> str:
         lines: list[str] = []
@@ -52,11 +97,32 @@ class Metrics:
             for (n, labels), value in sorted(self._counters.items()):
                 if n == name:
                     lines.append(f"{name}{_labels(labels)} {value}")
+        for name in sorted({name for name, _ in self._histograms}):
+            lines += _header(name, "histogram")
+            for (n, labels), histogram in sorted(self._histograms.items()):
+                if n == name:
+                    lines += _histogram_lines(name, labels, histogram)
         if gauges is not None:
             for gauge, reading in _gauge_values(gauges).items():
                 lines += _header(gauge, "gauge")
                 lines.append(f"{gauge} {reading}")
         return "\n".join(lines) + "\n"
+
+
+def _key(labels: Mapping[str, str | None]) -> Labels:
+    return tuple(sorted((k, "" if v is None else str(v)) for k, v in labels.items()))
+
+
+def _histogram_lines(name: str, labels: Labels, histogram: _Histogram) -> list[str]:
+    lines: list[str] = []
+    seen = 0
+    for bound, n in zip((*BUCKETS_S, float("inf")), histogram.buckets, strict=True):
+        seen += n
+        le = "+Inf" if bound == float("inf") else repr(bound)
+        lines.append(f"{name}_bucket{_labels((*labels, ('le', le)))} {seen}")
+    lines.append(f"{name}_sum{_labels(labels)} {histogram.total:.6f}")
+    lines.append(f"{name}_count{_labels(labels)} {histogram.count}")
+    return lines
 
 
 def _header(name: str, kind: str) -> list[str]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 import asyncpg
+from aiokafka import AIOKafkaProducer
 
 from minichat.models.events import DeadLetter, DecodeError, to_json_bytes
 from minichat.processors.records import Output, SourceRecord
@@ -57,12 +58,12 @@ def dead_letter_for(record: SourceRecord, error: DecodeError, dead_letters_topic
     return Output(topic=dead_letters_topic, key=record.key, value=to_json_bytes(letter))
 
 
-async def send_all(producer: Producer, outputs: Sequence[Output], acked: set[int]) -> None:
+async def send_all(producer: AIOKafkaProducer, outputs: Sequence[Output], acked: set[int]) -> None:
     """Send what the broker has not acknowledged yet (`acked`: indexes already acknowledged, kept
     across retries): a retry after a partial failure must not send a decision twice (a copy would
     look like a second, first-time answer)."""
     pending = {
-        i: await producer.send(out.topic, out.key, out.value, None, None, None)
+        i: await producer.send(out.topic, value=out.value, key=out.key)
         for i, out in enumerate(outputs)
         if i not in acked
     }
