@@ -71,7 +71,7 @@ from minichat.processors.batches import MergedBatches
 from minichat.processors.engine import input_ranks
 from minichat.processors.errors import RetryPolicy, with_retries
 from minichat.processors.merge import OrderedMerge
-from minichat.processors.pipeline import Decoded, Handler
+from minichat.processors.pipeline import Decoded, Handler, isolating
 from minichat.processors.records import Output, SourceRecord, source_record
 from minichat.settings import Settings
 from minichat.storage.db import columns, connect
@@ -497,23 +497,34 @@ class _Replay:
     summary: ReplaySummary
 
     async def apply(self, records: list[SourceRecord]) -> None:
-        good, dead = self.batches.decode(records)
+        decoded = self.batches.decode(records)
+        outputs: list[Output] = []
+        outcomes: dict[RecordId, str] = {}
 
-        async def attempt() -> list[Output]:
-            self.commands.outcomes = {}
-            self.turn_events.outcomes = {}
-            async with self.con.transaction():
-                return await self.batches.apply(self.con, good)
+        async def commit(run: Sequence[int]) -> None:
+            good = [d for i in run if isinstance(d := decoded[i], Decoded)]
 
-        outputs = await with_retries("replay batch", attempt, RetryPolicy(give_up_after_s=30.0))
+            async def attempt() -> list[Output]:
+                self.commands.outcomes = {}
+                self.turn_events.outcomes = {}
+                async with self.con.transaction():
+                    return await self.batches.apply(self.con, good)
+
+            outputs.extend(d for i in run if isinstance(d := decoded[i], Output))
+            outputs.extend(await with_retries("replay batch", attempt, RetryPolicy(give_up_after_s=30.0)))
+            outcomes.update({**self.commands.outcomes, **self.turn_events.outcomes})
+
+        async def refuse(i: int, exc: BaseException) -> None:  # as the worker does (engine.py)
+            outputs.append(self.batches.refused(records[i], exc))
+
+        await isolating(list(range(len(records))), commit, refuse)
         dead_ids: set[RecordId] = set()
-        for out in dead + outputs:
+        for out in outputs:
             if out.topic == self.names.dead_letters:
                 letter = json.loads(out.value)
                 dead_ids.add((letter["source_topic"], letter["partition"], letter["offset"]))
             elif out.topic == self.names.turn_decisions:
                 self.summary.decisions_discarded += 1
-        outcomes = {**self.commands.outcomes, **self.turn_events.outcomes}
         self.summary.batches += 1
         for record in records:
             rid = _record_id(record)

@@ -88,6 +88,8 @@ DeadLetterCode = Literal[
     "payload_too_large",
     "key_mismatch",
     "tenant_mismatch",
+    "timestamp_type",
+    "unprocessable",
 ]
 PayloadEncoding = Literal["utf-8", "base64"]
 

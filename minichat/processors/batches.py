@@ -27,7 +27,7 @@ from minichat.models.events import DecodeError, TurnDelete, TurnRequestEvent
 from minichat.models.topics import TopicNames
 from minichat.processors.levels import plan_steps
 from minichat.processors.metrics import Metrics
-from minichat.processors.pipeline import Decoded, Handler, dead_letter_for
+from minichat.processors.pipeline import Decoded, Handler, dead_letter_for, refused_detail
 from minichat.processors.records import Output, SourceRecord
 from minichat.storage.turn_requests import lock_users
 from minichat.storage.turns import chat_owners, lock_requests
@@ -56,21 +56,24 @@ class MergedBatches:
             return events.decode_provider_event
         return events.decode_usage_event
 
-    def decode(self, records: Sequence[SourceRecord]) -> tuple[list[Decoded[Any]], list[Output]]:
-        good: list[Decoded[Any]] = []
-        dead: list[Output] = []
-        for record in records:
-            try:
-                good.append(Decoded(record, self._decoder(record.topic)(record.key, record.value)))
-            except DecodeError as error:
-                logger.warning(
-                    "dead-letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, error.code
-                )
-                dead.append(dead_letter_for(record, error, self.topics.dead_letters))
-                self.metrics.inc(
-                    "minichat_dead_letters_total", topic=self.label(record.topic), code=error.code
-                )
-        return good, dead
+    def decode(self, records: Sequence[SourceRecord]) -> list[Decoded[Any] | Output]:
+        """Per record, in order: the decoded event, or its dead letter."""
+        return [self._decode_one(record) for record in records]
+
+    def _decode_one(self, record: SourceRecord) -> Decoded[Any] | Output:
+        try:
+            return Decoded(record, self._decoder(record.topic)(record.key, record.value))
+        except DecodeError as error:
+            return self.dead_letter(record, error)
+
+    def dead_letter(self, record: SourceRecord, error: DecodeError) -> Output:
+        logger.warning("dead-letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, error.code)
+        self.metrics.inc("minichat_dead_letters_total", topic=self.label(record.topic), code=error.code)
+        return dead_letter_for(record, error, self.topics.dead_letters)
+
+    def refused(self, record: SourceRecord, exc: BaseException) -> Output:
+        """The dead letter of a record PostgreSQL refused (isolated from its batch)."""
+        return self.dead_letter(record, DecodeError("unprocessable", refused_detail(exc)))
 
     async def apply(self, con: asyncpg.Connection, good: Sequence[Decoded[Any]]) -> list[Output]:
         """Apply decoded records (merged order) inside the caller's transaction."""

@@ -43,7 +43,7 @@ from minichat.processors.assignor import CoPartitionedAssignor
 from minichat.processors.batches import MergedBatches
 from minichat.processors.errors import RetryPolicy, with_retries
 from minichat.processors.merge import LaneKey, OrderedMerge
-from minichat.processors.pipeline import send_all
+from minichat.processors.pipeline import Decoded, isolating, send_all
 from minichat.processors.records import Output, SourceRecord, source_record
 from minichat.settings import Settings
 from minichat.storage.positions import PositionConflict, claim_positions, load_positions, store_positions
@@ -301,43 +301,86 @@ class OrderedEngine:
                 self.merge.caught_up(tp.topic, tp.partition, sent_ms - self.settings.order_grace_ms)
 
     async def _apply(self, consumer: AIOKafkaConsumer, records: list[SourceRecord]) -> None:
-        good, dead = self.batches.decode(records)
-        offsets: dict[LaneKey, int] = {}
-        for record in records:
-            offsets[(record.topic, record.partition)] = record.offset + 1
+        """Apply released records; a record PostgreSQL refuses is isolated and dead-lettered
+        (`unprocessable`), the others are applied around it."""
+        decoded = self.batches.decode(records)
+        try:
+            await isolating(
+                list(range(len(records))),
+                lambda run: self._commit(records, decoded, run),
+                lambda i, exc: self._refuse(records[i], exc),
+            )
+        except PositionConflict as conflict:
+            logger.warning("%s; re-reading those partitions from the stored positions", conflict)
+            await self._reseek(consumer, list(conflict.moved))
+
+    async def _commit(
+        self, records: list[SourceRecord], decoded: list[Decoded[Any] | Output], run: Sequence[int]
+    ) -> None:
+        """One transaction: claim the positions, apply the records of `run`, store the positions
+        after them; then their outputs leave (a flight)."""
+        good = [d for i in run if isinstance(d := decoded[i], Decoded)]
+        dead = [d for i in run if isinstance(d := decoded[i], Output)]
+        offsets = _next_offsets(records[i] for i in run)
+
+        async def apply(con: asyncpg.Connection) -> list[Output]:
+            return await self.batches.apply(con, good)
+
+        began = time.monotonic()
+        outputs = await self._transaction(offsets, apply)
+        if self.settings.fault_exit_after_commit and any(
+            d.record.topic == self.names.turn_requests for d in good
+        ):
+            logger.critical("fault injection: exiting after a commit, before its outputs are sent")
+            os._exit(FAULT_EXIT)
+        self.batches.metrics.observe(
+            "minichat_batch_seconds", (time.monotonic() - began,), stage="transaction"
+        )
+        self.batches.count_applied(good, len(dead))
+        commands = [records[i].timestamp_ms for i in run if records[i].topic == self.names.turn_requests]
+        self._send(dead + outputs, offsets, commands)
+
+    async def _refuse(self, record: SourceRecord, exc: BaseException) -> None:
+        """Move the positions past a record the database refused; its dead letter says why."""
+        logger.warning(
+            "%s[%d]@%d refused by PostgreSQL (%s); dead-lettered as unprocessable",
+            record.topic,
+            record.partition,
+            record.offset,
+            type(exc).__name__,
+        )
+        offsets = _next_offsets((record,))
+
+        async def nothing(con: asyncpg.Connection) -> list[Output]:
+            return []
+
+        await self._transaction(offsets, nothing)
+        self.batches.metrics.inc("minichat_records_refused_total", topic=self.batches.label(record.topic))
+        self.batches.count_applied((), 1)
+        self._send([self.batches.refused(record, exc)], offsets, [])
+
+    async def _transaction(
+        self, offsets: dict[LaneKey, int], apply: Callable[[asyncpg.Connection], Awaitable[list[Output]]]
+    ) -> list[Output]:
         expected = {lane: self.positions.get(lane) for lane in offsets}
 
         async def attempt() -> list[Output]:
             pool = await self.pool()
             async with pool.acquire() as con, con.transaction():
                 await claim_positions(con, self.settings.group_id, expected)
-                outputs = await self.batches.apply(con, good)
+                outputs = await apply(con)
                 await store_positions(con, self.settings.group_id, offsets)
                 return outputs
 
-        began = time.monotonic()
-        try:
-            outputs = await with_retries("engine batch", attempt, self.retry, dependency="PostgreSQL")
-        except PositionConflict as conflict:
-            logger.warning("%s; re-reading those partitions from the stored positions", conflict)
-            await self._reseek(consumer, list(conflict.moved))
-            return
-        if self.settings.fault_exit_after_commit and any(
-            d.record.topic == self.names.turn_requests for d in good
-        ):
-            logger.critical("fault injection: exiting after a commit, before its outputs are sent")
-            os._exit(FAULT_EXIT)
+        outputs = await with_retries("engine batch", attempt, self.retry, dependency="PostgreSQL")
         for lane, next_offset in offsets.items():
             previous = self.positions.get(lane)
             self.positions[lane] = next_offset if previous is None else max(previous, next_offset)
-        self.batches.metrics.observe(
-            "minichat_batch_seconds", (time.monotonic() - began,), stage="transaction"
-        )
-        self.batches.count_applied(good, len(dead))
-        produced = dead + outputs
-        commands = [r.timestamp_ms for r in records if r.topic == self.names.turn_requests]
-        delivery = asyncio.ensure_future(self._deliver(produced, commands))
-        self._flights.append(_Flight(produced, offsets, delivery))
+        return outputs
+
+    def _send(self, outputs: list[Output], offsets: dict[LaneKey, int], commands_ms: list[int]) -> None:
+        delivery = asyncio.ensure_future(self._deliver(outputs, commands_ms))
+        self._flights.append(_Flight(outputs, offsets, delivery))
 
     # ------------------------------------------------------------------------------ outputs
 
@@ -458,6 +501,11 @@ class OrderedEngine:
                 self.paused.discard(lane)
             logger.info("%s[%d]: resuming at %d (stored %s, committed %s)", *lane, start, position, done)
         self._generation += 1  # what a step took out of the lanes before they opened is void
+
+
+def _next_offsets(records: Iterable[SourceRecord]) -> dict[LaneKey, int]:
+    """Per input partition, the offset after the last of `records` (in offset order per partition)."""
+    return {(r.topic, r.partition): r.offset + 1 for r in records}
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -21,6 +21,7 @@ from typing import NoReturn, TypeVar
 
 import asyncpg
 from aiokafka.errors import KafkaError
+from asyncpg.exceptions import _base as asyncpg_base
 
 from minichat.settings import Settings
 
@@ -31,7 +32,16 @@ T = TypeVar("T")
 
 class Action(enum.Enum):
     RETRY = "retry"
+    ISOLATE = "isolate"
+    """The database refused what a record carries: find that record, dead-letter it, go on."""
     CRASH = "crash"
+
+
+_REFUSED_CONTENT: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,  # class 22: out of range, bad value
+    asyncpg.IntegrityConstraintViolationError,  # class 23: a check, not-null or unique constraint
+    asyncpg_base.DataError,  # client side: a parameter the column's type cannot encode (int32 range)
+)
 
 
 # SQLSTATE classes, matched by asyncpg exception class, never by message text.
@@ -54,6 +64,9 @@ _TRANSIENT: tuple[type[BaseException], ...] = (*_TRANSIENT_DB, OSError, asyncio.
 
 
 def classify(exc: BaseException) -> Action:
+    # Refused content first: asyncpg's client-side DataError is also an InterfaceError.
+    if isinstance(exc, _REFUSED_CONTENT):
+        return Action.ISOLATE
     if isinstance(exc, _TRANSIENT):
         return Action.RETRY
     if isinstance(exc, KafkaError) and getattr(exc, "retriable", False):
@@ -93,7 +106,8 @@ async def with_retries(
     dependency: str | None = None,
     clock: Callable[[], float] | None = None,
 ) -> T:
-    """Run `attempt` until it succeeds; transient failures back off, anything else propagates.
+    """Run `attempt` until it succeeds; transient failures back off, anything else propagates
+    (refused content too: retrying cannot change the record).
 
     After `policy.give_up_after_s` of failures it raises `GaveUp`, naming the dependency (given,
     or guessed from the error). Log lines name the error class only, never its text: an error
@@ -108,7 +122,7 @@ async def with_retries(
         try:
             return await attempt()
         except Exception as exc:
-            if classify(exc) is Action.CRASH:
+            if classify(exc) is not Action.RETRY:
                 raise
             waited = now() - started
             name = dependency or dependency_of(exc)

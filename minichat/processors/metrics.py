@@ -21,6 +21,10 @@ Labels = tuple[tuple[str, str], ...]
 _HELP = {
     "minichat_records_total": "Input records consumed, by topic and outcome (applied or dead_letter).",
     "minichat_dead_letters_total": "Records dead-lettered, by topic and error code.",
+    "minichat_records_refused_total": (
+        "Records PostgreSQL refused for their content (isolated from their batch, dead-lettered "
+        "unprocessable)."
+    ),
     "minichat_decisions_total": "turn.decision answers, by command, decision, error code and replay.",
     "minichat_turn_events_dropped_total": "Provider and usage events that changed nothing, by reason.",
     "minichat_batches_total": "Merged batches applied (one transaction each).",

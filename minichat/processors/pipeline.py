@@ -17,11 +17,13 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 
 from minichat.models.events import DeadLetter, DecodeError, to_json_bytes
+from minichat.processors.errors import Action, classify
 from minichat.processors.records import Output, SourceRecord
 
 logger = logging.getLogger(__name__)
 
 E = TypeVar("E")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,47 @@ def dead_letter_for(record: SourceRecord, error: DecodeError, dead_letters_topic
         received_at=record.timestamp,
     )
     return Output(topic=dead_letters_topic, key=record.key, value=to_json_bytes(letter))
+
+
+def refused_detail(exc: BaseException) -> str:
+    """What the database refused, from the error's fields only: its message or DETAIL can quote the
+    row ("Failing row contains ...") or the parameter, so neither is used."""
+    fields = [type(exc).__name__]
+    for label, attr in (
+        ("sqlstate", "sqlstate"),
+        ("table", "table_name"),
+        ("column", "column_name"),
+        ("constraint", "constraint_name"),
+        ("type", "data_type_name"),
+    ):
+        value = getattr(exc, attr, None)
+        if value:
+            fields.append(f"{label} {value}")
+    if len(fields) == 1:
+        fields.append("a parameter outside its column type's range (refused before it was sent)")
+    return "PostgreSQL refused the record: " + ", ".join(fields)
+
+
+async def isolating(
+    items: Sequence[T],
+    apply: Callable[[Sequence[T]], Awaitable[None]],
+    skip: Callable[[T, BaseException], Awaitable[None]],
+) -> None:
+    """Apply `items` in order as one unit; when the database refuses what one of them carries
+    (`Action.ISOLATE`), halve the unit until that item stands alone and `skip` it: the items before
+    it are applied before it and the ones after it after, so the state is that of the log without
+    it, whatever the batch boundaries (a rebuild isolates the same record)."""
+    try:
+        await apply(items)
+    except Exception as exc:
+        if classify(exc) is not Action.ISOLATE:
+            raise
+        if len(items) == 1:
+            await skip(items[0], exc)
+            return
+        middle = len(items) // 2
+        await isolating(items[:middle], apply, skip)
+        await isolating(items[middle:], apply, skip)
 
 
 async def send_all(producer: AIOKafkaProducer, outputs: Sequence[Output], acked: set[int]) -> None:

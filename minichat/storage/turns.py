@@ -273,7 +273,7 @@ UPDATE quota_usage q SET
     code_interpreter_calls = q.code_interpreter_calls + k.code_interpreter_calls,
     updated_at = GREATEST(q.updated_at, k.at)
 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::date[], $5::text[], $6::bigint[], $7::bigint[],
-            $8::int[], $9::bigint[], $10::bigint[], $11::int[], $12::int[], $13::timestamptz[])
+            $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::timestamptz[])
      AS k (tenant_id, user_id, period_type, period_start, bucket, spent, reserved, calls,
            input_tokens, output_tokens, web_search_calls, code_interpreter_calls, at)
 WHERE q.tenant_id = k.tenant_id AND q.user_id = k.user_id AND q.period_type = k.period_type

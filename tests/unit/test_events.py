@@ -895,6 +895,8 @@ def test_code_vocabularies_match_the_contract() -> None:
         "payload_too_large",
         "key_mismatch",
         "tenant_mismatch",
+        "timestamp_type",
+        "unprocessable",
     }
     assert set(DECISION_ERROR_CODES) == {
         "chat_not_found",
