@@ -85,7 +85,7 @@ async def _topics_create(settings: Settings, args: argparse.Namespace) -> int:
 async def _preflight(settings: Settings) -> list[str]:
     """Reasons the worker must not start; each names what fixes it."""
     from minichat.models.policy import PolicyError, load_policy
-    from minichat.processors.topics import missing_topics
+    from minichat.processors.topics import topic_problems
     from minichat.storage.db import connect
     from minichat.storage.policies import PolicyConflict, ensure_policy_version
     from minichat.storage.schema import pending_migrations
@@ -110,9 +110,7 @@ async def _preflight(settings: Settings) -> list[str]:
                 problems.append(f"{settings.policy_file}: {exc}")
     finally:
         await con.close()
-    missing = await missing_topics(settings)
-    if missing:
-        problems.append(f"topics missing: {', '.join(missing)}: run `minichat topics create`")
+    problems += await topic_problems(settings)
     return problems
 
 

@@ -62,3 +62,7 @@ class TopicNames:
 
     def all(self) -> list[str]:
         return [self.full(name) for name in ALL_TOPICS]
+
+    def inputs(self) -> list[str]:
+        """The topics gateways write and the worker consumes."""
+        return [self.turn_requests, self.provider_responses, self.usage]

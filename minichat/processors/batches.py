@@ -28,11 +28,16 @@ from minichat.models.topics import TopicNames
 from minichat.processors.levels import plan_steps
 from minichat.processors.metrics import Metrics
 from minichat.processors.pipeline import Decoded, Handler, dead_letter_for, refused_detail
-from minichat.processors.records import Output, SourceRecord
+from minichat.processors.records import LOG_APPEND_TIME, Output, SourceRecord
 from minichat.storage.turn_requests import lock_users
 from minichat.storage.turns import chat_owners, lock_requests
 
 logger = logging.getLogger(__name__)
+
+_PRODUCER_TIME = (
+    "the record's timestamp was set by its producer (CreateTime), not by the broker (LogAppendTime): "
+    "event time must not be chosen by a producer; `minichat topics create` sets the topic right"
+)
 
 COMMAND = "command"
 FACT = "fact"
@@ -61,6 +66,8 @@ class MergedBatches:
         return [self._decode_one(record) for record in records]
 
     def _decode_one(self, record: SourceRecord) -> Decoded[Any] | Output:
+        if record.timestamp_type != LOG_APPEND_TIME:
+            return self.dead_letter(record, DecodeError("timestamp_type", _PRODUCER_TIME))
         try:
             return Decoded(record, self._decoder(record.topic)(record.key, record.value))
         except DecodeError as error:

@@ -15,10 +15,15 @@ class SourceRecord:
     key: bytes | None
     value: bytes
     timestamp: datetime  # the record timestamp (LogAppendTime): the event time
+    timestamp_type: int = 1
+    """Kafka's timestamp type: 1 LogAppendTime (the broker's), 0 CreateTime (the producer's)."""
 
     @property
     def timestamp_ms(self) -> int:
         return round(self.timestamp.timestamp() * 1000)
+
+
+LOG_APPEND_TIME = 1
 
 
 def timestamp_from_ms(ms: int) -> datetime:
@@ -35,6 +40,7 @@ def source_record(record: Any) -> SourceRecord:
         key=record.key,
         value=value if isinstance(value, bytes) else bytes(value or b""),
         timestamp=timestamp_from_ms(record.timestamp),
+        timestamp_type=record.timestamp_type,
     )
 
 

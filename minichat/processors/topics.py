@@ -15,6 +15,7 @@ from minichat.settings import Settings
 logger = logging.getLogger(__name__)
 
 _TOPIC_ALREADY_EXISTS = 36
+TIMESTAMP_TYPE = "message.timestamp.type"
 
 
 class TopicError(RuntimeError):
@@ -111,13 +112,27 @@ async def create_topics(settings: Settings, *, replication_factor: int = 1) -> T
         await admin.close()
 
 
-async def missing_topics(settings: Settings) -> list[str]:
-    """Topics the worker needs and the cluster does not have."""
-    names = TopicNames(settings.topic_prefix).all()
+async def topic_problems(settings: Settings) -> list[str]:
+    """Why the worker must not start on these topics, each naming its fix: topics missing, or an
+    input topic whose records carry the producer's timestamp (a producer could then backdate a
+    request into an empty quota period: event time must be the broker's append time)."""
+    names = TopicNames(settings.topic_prefix)
     admin = _admin(settings)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        missing = [n for n in names.all() if n not in existing]
+        inputs = [n for n in names.inputs() if n in existing]
+        drift = await _config_drift(admin, inputs) if inputs else {}
     finally:
         await admin.close()
-    return [n for n in names if n not in existing]
+    problems = []
+    if missing:
+        problems.append(f"topics missing: {', '.join(missing)}: run `minichat topics create`")
+    producer_time = sorted(name for name, wrong in drift.items() if TIMESTAMP_TYPE in wrong)
+    if producer_time:
+        problems.append(
+            f"{', '.join(producer_time)}: {TIMESTAMP_TYPE} is not LogAppendTime, so producers would "
+            "choose event time: run `minichat topics create`, which sets it"
+        )
+    return problems

@@ -7,7 +7,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from minichat.models.topics import TopicNames
-from minichat.processors.topics import TopicError, create_topics, missing_topics
+from minichat.processors.topics import TopicError, create_topics, topic_problems
 from tests.conftest import deployment_settings
 from tests.support import Endpoints
 
@@ -33,14 +33,15 @@ async def _configs(bootstrap: str, names: list[str]) -> dict[str, dict[str, str]
 async def test_topics_are_created_once_with_contract_settings(endpoints: Endpoints) -> None:
     settings = deployment_settings(endpoints, "postgresql://unused/unused", partitions=3)
     names = TopicNames(settings.topic_prefix).all()
-    assert await missing_topics(settings) == names
+    [problem] = await topic_problems(settings)
+    assert problem == f"topics missing: {', '.join(names)}: run `minichat topics create`"
 
     first = await create_topics(settings)
     second = await create_topics(settings)
 
     assert first.created == names and first.existing == []
     assert second.created == [] and second.existing == names and second.reconfigured == []
-    assert await missing_topics(settings) == []
+    assert await topic_problems(settings) == []
     configs = await _configs(endpoints.kafka, names)
     for name in names:
         assert configs[name]["message.timestamp.type"] == "LogAppendTime", name
