@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,37 @@ def build_settings(args: argparse.Namespace) -> Settings:
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
     return asyncio.run(coro)
+
+
+async def _db_grant_reader(settings: Settings, args: argparse.Namespace) -> int:
+    from minichat.storage.db import connect
+    from minichat.storage.readers import ReaderError, grant_reader
+
+    con = await connect(settings)
+    try:
+        await grant_reader(con, args.role, args.tenant)
+    except ReaderError as exc:
+        print(f"minichat db grant-reader: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    finally:
+        await con.close()
+    print(f"{args.role} reads tenant {args.tenant}")
+    return 0
+
+
+async def _db_revoke_reader(settings: Settings, args: argparse.Namespace) -> int:
+    from minichat.storage.db import connect
+    from minichat.storage.readers import revoke_reader
+
+    con = await connect(settings)
+    try:
+        tenant = await revoke_reader(con, args.role)
+    finally:
+        await con.close()
+    print(
+        f"{args.role} no longer reads tenant {tenant}" if tenant else f"{args.role} was not bound to a tenant"
+    )
+    return 0
 
 
 async def _db_migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -277,6 +309,23 @@ def _parser() -> argparse.ArgumentParser:
 
     db = commands.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     command(db, "migrate", "create or upgrade the schema (idempotent)", lambda s, a: _run(_db_migrate(s, a)))
+    grant = command(
+        db,
+        "grant-reader",
+        "let an existing database login read one tenant's rows, and only those, whatever it sets",
+        lambda s, a: _run(_db_grant_reader(s, a)),
+    )
+    grant.add_argument("--tenant", type=uuid.UUID, required=True, help="the tenant the login may read")
+    grant.add_argument(
+        "--role", required=True, help="the login (created beforehand with CREATE ROLE ... LOGIN)"
+    )
+    revoke = command(
+        db,
+        "revoke-reader",
+        "take a login's reader grant and tenant away",
+        lambda s, a: _run(_db_revoke_reader(s, a)),
+    )
+    revoke.add_argument("--role", required=True, help="the login")
 
     topics = commands.add_parser("topics", help="Kafka topics").add_subparsers(
         dest="topics_command", required=True

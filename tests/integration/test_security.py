@@ -9,6 +9,8 @@ rows and nothing else; without the setting nothing at all. See docs/security.md.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,6 +29,7 @@ from tests.support import (
     TopicReader,
     produce,
     wait_until,
+    worker_env,
 )
 
 pytestmark = pytest.mark.integration
@@ -213,7 +216,7 @@ async def test_row_level_security_is_on_with_one_select_policy_per_table(owner: 
     assert sorted(p["tablename"] for p in policies) == sorted(TENANT_TABLES)
     for p in policies:
         assert (p["permissive"], p["roles"], p["cmd"]) == ("PERMISSIVE", [READER], "SELECT"), dict(p)
-        assert "current_setting('minichat.tenant_id'::text, true)" in p["qual"], p["qual"]
+        assert p["qual"] == "(tenant_id = minichat_reader_tenant())", p["qual"]
     # the table owner is the role the worker connects as
     owners = await owner.fetch(
         "SELECT DISTINCT tableowner FROM pg_tables WHERE tablename = ANY($1::text[])", list(TENANT_TABLES)
@@ -337,36 +340,94 @@ async def test_the_setting_and_the_role_end_with_the_transaction(
         assert seen == {a, b}, table
 
 
-async def test_a_login_member_of_the_reader_role_is_scoped_the_same(
-    owner: asyncpg.Connection, tenants: tuple[uuid.UUID, uuid.UUID], database_url: str
-) -> None:
-    """How a read API deploys: its own LOGIN role, a member of minichat_reader, never the owner."""
-    a, b = tenants
+@asynccontextmanager
+async def reader_login(
+    owner: asyncpg.Connection, database_url: str
+) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
+    """A new LOGIN role (not the owner, no grants yet) and a connection of it."""
     name = f"minichat_api_test_{uuid.uuid4().hex[:8]}"
     password = uuid.uuid4().hex
     await owner.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}' INHERIT")
     try:
-        await owner.execute(f"GRANT {READER} TO {name}")
         parts = urlsplit(database_url)
-        api_url = urlunsplit(parts._replace(netloc=f"{name}:{password}@{parts.hostname}:{parts.port}"))
-        api = await asyncpg.connect(api_url)
+        login_url = urlunsplit(parts._replace(netloc=f"{name}:{password}@{parts.hostname}:{parts.port}"))
+        con = await asyncpg.connect(login_url)
         try:
-            assert await visible(api) == {t: [] for t in TENANT_TABLES}
-            async with api.transaction():
-                await api.execute("SELECT set_config('minichat.tenant_id', $1, true)", str(b))
-                assert await visible(api) == {t: [b] * 3 for t in TENANT_TABLES}
-            assert await visible(api) == {t: [] for t in TENANT_TABLES}
-            with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                await api.execute(f"DELETE FROM chats WHERE tenant_id = '{a}'")
-            # unlike a `SET ROLE` on an owner's session, a reader login cannot become the owner
-            with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                await api.execute(f"SET ROLE {await owner.fetchval('SELECT current_user')}")
-            with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                await api.execute("SET row_security = off; SELECT * FROM messages")
+            yield name, con
         finally:
-            await api.close()
+            await con.close()
     finally:
+        await owner.execute("DELETE FROM reader_tenants WHERE role_name = $1", name)
         await owner.execute(f"DROP ROLE {name}")
+
+
+def _cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = worker_env({"MINICHAT_DATABASE_URL": database_url})
+    return subprocess.run(
+        [sys.executable, "-m", "minichat.cli", "db", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_a_reader_login_is_bound_to_one_tenant_whatever_it_sets(
+    owner: asyncpg.Connection, tenants: tuple[uuid.UUID, uuid.UUID], database_url: str
+) -> None:
+    """How people read the database directly (analysts, BI, a read API with its own login): a login
+    bound to tenant A with `minichat db grant-reader` sees A's rows and none of B's, however it
+    sets `minichat.tenant_id` (session-wide, local, or by SET). Until it is bound it sees nothing."""
+    a, b = tenants
+    async with reader_login(owner, database_url) as (name, login):
+        await owner.execute(f"GRANT {READER} TO {name}")  # a member, but not bound: nothing
+        await login.execute("SELECT set_config('minichat.tenant_id', $1, false)", str(b))
+        assert await visible(login) == {t: [] for t in TENANT_TABLES}
+
+        granted = _cli(database_url, "grant-reader", "--tenant", str(a), "--role", name)
+        assert granted.returncode == 0, granted.stderr
+        assert await visible(login) == {t: [a] * 2 for t in TENANT_TABLES}
+        for widen in (
+            "SELECT set_config('minichat.tenant_id', '{b}', false)",
+            "SET minichat.tenant_id = '{b}'",
+            "SET ROLE {reader}",
+            "SELECT set_config('minichat.tenant_id', '', false)",
+        ):
+            await login.execute(widen.format(b=b, reader=READER))
+            assert await visible(login) == {t: [a] * 2 for t in TENANT_TABLES}, widen
+        async with login.transaction():
+            await login.execute("SELECT set_config('minichat.tenant_id', $1, true)", str(b))
+            assert await visible(login) == {t: [a] * 2 for t in TENANT_TABLES}
+        await login.execute("RESET ALL; RESET ROLE")
+        # what it cannot do either: write, read the bindings, become the owner, switch RLS off
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await login.execute(f"DELETE FROM chats WHERE tenant_id = '{a}'")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await login.execute(f"UPDATE reader_tenants SET tenant_id = '{b}'")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await login.fetch("SELECT * FROM reader_tenants")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await login.execute(f"SET ROLE {await owner.fetchval('SELECT current_user')}")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await login.execute("SET row_security = off; SELECT * FROM messages")
+
+        moved = _cli(database_url, "grant-reader", "--tenant", str(b), "--role", name)
+        assert moved.returncode == 0, moved.stderr
+        assert await visible(login) == {t: [b] * 3 for t in TENANT_TABLES}
+        revoked = _cli(database_url, "revoke-reader", "--role", name)
+        assert revoked.returncode == 0 and str(b) in revoked.stdout, revoked.stderr
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await login.fetch("SELECT * FROM chats")
+
+
+async def test_grant_reader_refuses_unknown_logins_and_the_owner(
+    database_url: str, owner: asyncpg.Connection
+) -> None:
+    unknown = _cli(database_url, "grant-reader", "--tenant", str(uuid.uuid4()), "--role", "no_such_login_x")
+    assert unknown.returncode == 2 and "create the login first" in unknown.stderr
+    me = await owner.fetchval("SELECT current_user")
+    refused = _cli(database_url, "grant-reader", "--tenant", str(uuid.uuid4()), "--role", me)
+    assert refused.returncode == 2 and "owns the tables" in refused.stderr
 
 
 # ------------------------------------------------------------------------------ worker logs

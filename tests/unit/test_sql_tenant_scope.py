@@ -38,8 +38,10 @@ STORAGE = Path(__file__).resolve().parents[2] / "minichat" / "storage"
 # (module, name): name is a module-level constant, or `function()` / `Class.method()` for the SQL
 # written inline in that function. `*` covers a whole module.
 SYSTEM_LEVEL: dict[tuple[str, str], str] = {
-    ("schema", "applied_versions()"): "the migrations ledger (`schema_migrations`) has no tenant",
-    ("schema", "migrate()"): "the migrations ledger and the advisory lock that serialises `db migrate`",
+    ("schema", "*"): (
+        "the migrations ledger (`schema_migrations`, no tenant) and the advisory lock that serialises "
+        "`db migrate`"
+    ),
     ("turn_requests", "_LOCK_USERS"): (
         "advisory locks: keyed by `quota:{tenant}:{user}` text, the tenant is in the key, not a column"
     ),
@@ -51,6 +53,10 @@ SYSTEM_LEVEL: dict[tuple[str, str], str] = {
     ("outbox", "_FETCH_UNPUBLISHED"): "the relay's scan: every tenant's unpublished billing rows in id order",
     ("digest", "*"): "`minichat digest` hashes the state of all tenants (operator command, no content out)",
     ("metrics", "_STATE_GAUGES"): "the /metrics gauges: counts over all tenants for the operator",
+    ("readers", "*"): (
+        "`minichat db grant-reader`: roles and the login-to-tenant bindings are cluster and operator "
+        "data; the binding's tenant is a value written, not a scope"
+    ),
     ("positions", "*"): (
         "`consumer_positions`: the input offsets of a consumer group (operator data, no tenant), "
         "scoped by the group instead"

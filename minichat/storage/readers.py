@@ -1,0 +1,49 @@
+"""Reader logins bound to one tenant (`reader_tenants`, migration 0005; docs/security.md §6)."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+import asyncpg
+
+READER_ROLE = "minichat_reader"
+
+
+class ReaderError(RuntimeError):
+    """The login cannot be bound (it does not exist, or it is the tables' owner)."""
+
+
+_ROLE_EXISTS = "SELECT rolname FROM pg_roles WHERE rolname = $1"
+_IS_OWNER = "SELECT pg_get_userbyid(relowner) = $1 FROM pg_class WHERE oid = 'chats'::regclass"
+_BIND = """
+INSERT INTO reader_tenants (role_name, tenant_id) VALUES ($1, $2)
+ON CONFLICT (role_name) DO UPDATE SET tenant_id = EXCLUDED.tenant_id, granted_at = now()
+"""
+_UNBIND = "DELETE FROM reader_tenants WHERE role_name = $1 RETURNING tenant_id"
+
+
+async def grant_reader(con: asyncpg.Connection, role: str, tenant_id: UUID) -> None:
+    """Bind the existing login `role` to `tenant_id` and make it a member of the reader role
+    (re-binding moves it to the new tenant)."""
+    async with con.transaction():
+        if await con.fetchval(_ROLE_EXISTS, role) is None:
+            raise ReaderError(f"no role {role!r}: create the login first (CREATE ROLE ... LOGIN)")
+        if await con.fetchval(_IS_OWNER, role):
+            raise ReaderError(f"{role!r} owns the tables and reads every tenant: bind another login")
+        await con.execute(_BIND, role, tenant_id)
+        await con.execute(
+            await con.fetchval("SELECT format('GRANT %I TO %I', $1::text, $2::text)", READER_ROLE, role)
+        )
+
+
+async def revoke_reader(con: asyncpg.Connection, role: str) -> UUID | None:
+    """Unbind `role` and revoke the reader role from it; returns the tenant it was bound to."""
+    async with con.transaction():
+        tenant: UUID | None = await con.fetchval(_UNBIND, role)
+        if await con.fetchval(_ROLE_EXISTS, role) is not None:
+            await con.execute(
+                await con.fetchval(
+                    "SELECT format('REVOKE %I FROM %I', $1::text, $2::text)", READER_ROLE, role
+                )
+            )
+        return tenant
