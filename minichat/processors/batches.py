@@ -23,7 +23,7 @@ import asyncpg
 
 from minichat.domain.commands import command_id_of
 from minichat.models import events
-from minichat.models.events import DecodeError, TurnDelete, TurnRequestEvent
+from minichat.models.events import DecodeError, TurnDelete, TurnEdit, TurnRequestEvent, TurnRetry
 from minichat.models.topics import TopicNames
 from minichat.processors.levels import plan_steps
 from minichat.processors.metrics import Metrics
@@ -112,9 +112,12 @@ class MergedBatches:
 
         # One lock order for the whole transaction: every request, then every user. The handlers
         # take the same locks again per step, which no longer waits.
+        # A retry, edit or delete also locks the turn it targets: every turn row is then locked
+        # only under its request's lock, which each transaction takes up front in one order.
         await lock_requests(
             con,
             {(d.event.chat_id, command_id_of(d.event)) for d in commands}
+            | {(d.event.chat_id, d.event.request_id) for d in commands if _targets_a_turn(d.event)}
             | {(d.event.chat_id, d.event.request_id) for d in facts},
         )
         await lock_users(con, {u for users in claimants.values() for u in users})
@@ -140,6 +143,10 @@ class MergedBatches:
     def label(self, topic: str) -> str:
         """A metric label: the topic without the deployment's prefix (`turn_requests`)."""
         return topic.removeprefix(self.topics.prefix).replace("-", "_")
+
+
+def _targets_a_turn(event: TurnRequestEvent) -> bool:
+    return isinstance(event, TurnRetry | TurnEdit | TurnDelete)
 
 
 def _reserves(event: TurnRequestEvent) -> bool:

@@ -372,11 +372,16 @@ class OrderedEngine:
                 await store_positions(con, self.settings.group_id, offsets)
                 return outputs
 
-        outputs = await with_retries("engine batch", attempt, self.retry, dependency="PostgreSQL")
+        outputs = await with_retries(
+            "engine batch", attempt, self.retry, dependency="PostgreSQL", on_retry=self._count_retry
+        )
         for lane, next_offset in offsets.items():
             previous = self.positions.get(lane)
             self.positions[lane] = next_offset if previous is None else max(previous, next_offset)
         return outputs
+
+    def _count_retry(self, exc: BaseException) -> None:
+        self.batches.metrics.inc("minichat_batch_retries_total", error=type(exc).__name__)
 
     def _send(self, outputs: list[Output], offsets: dict[LaneKey, int], commands_ms: list[int]) -> None:
         delivery = asyncio.ensure_future(self._deliver(outputs, commands_ms))

@@ -24,6 +24,7 @@ from aiokafka.errors import KafkaError
 from asyncpg.exceptions import _base as asyncpg_base
 
 from minichat.settings import Settings
+from minichat.storage.db import RetryableConflict
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,13 @@ _TRANSIENT_DB: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,
 )
-_TRANSIENT: tuple[type[BaseException], ...] = (*_TRANSIENT_DB, OSError, asyncio.TimeoutError, TimeoutError)
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    *_TRANSIENT_DB,
+    RetryableConflict,
+    OSError,
+    asyncio.TimeoutError,
+    TimeoutError,
+)
 
 
 def classify(exc: BaseException) -> Action:
@@ -105,6 +112,7 @@ async def with_retries(
     *,
     dependency: str | None = None,
     clock: Callable[[], float] | None = None,
+    on_retry: Callable[[BaseException], None] | None = None,
 ) -> T:
     """Run `attempt` until it succeeds; transient failures back off, anything else propagates
     (refused content too: retrying cannot change the record).
@@ -131,6 +139,8 @@ async def with_retries(
                     f"{what}: {name} still failing after {waited:.0f} s ({tries} tries, "
                     f"last error {type(exc).__name__}); giving up after {policy.give_up_after_s:g} s"
                 ) from exc
+            if on_retry is not None:
+                on_retry(exc)
             # Never sleep past the budget: the last try happens when it runs out.
             delay = min(backoff * (0.5 + random.random() / 2), policy.give_up_after_s - waited)
             logger.warning(

@@ -28,6 +28,10 @@ _HELP = {
     "minichat_decisions_total": "turn.decision answers, by command, decision, error code and replay.",
     "minichat_turn_events_dropped_total": "Provider and usage events that changed nothing, by reason.",
     "minichat_batches_total": "Merged batches applied (one transaction each).",
+    "minichat_batch_retries_total": (
+        "Batch transactions retried, by error class (DeadlockDetectedError: a lock cycle, which the "
+        "engine's lock order should make impossible; connection errors: PostgreSQL away)."
+    ),
     "minichat_batch_records_total": "Records in the merged batches applied.",
     "minichat_batch_steps_total": "Steps (runs of commands or of facts) the merged batches were cut into.",
     "minichat_events_parked_total": "Provider and usage events parked until their command is decided.",

@@ -11,6 +11,11 @@ import asyncpg
 from minichat.settings import Settings
 
 
+class RetryableConflict(RuntimeError):
+    """State changed between a transaction's read and its write in a way a retry of the whole
+    transaction resolves (the retry reads the new state). Never expected under the engine's locks."""
+
+
 async def _init_connection(con: asyncpg.Connection) -> None:
     # jsonb in and out as Python objects; one codec for every pool connection.
     await con.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")

@@ -48,8 +48,9 @@ ORDER BY terminal_seen_at, id
 LIMIT $2
 """
 
-# Turns are locked in id order, the order the agents lock them in, so a mark cannot deadlock
-# with an agent's batch.
+# A mark never waits: a turn the engine holds right now is skipped (it is being applied; its
+# signal is sent again next tick, and a repeated signal changes nothing). A mark that waited while
+# holding other turns could close a cycle with an engine batch that locks turns across steps.
 _MARK = """
 UPDATE chat_turns t
 SET {column} = now()
@@ -58,7 +59,7 @@ FROM (
     FROM chat_turns c
     JOIN unnest($1::uuid[], $2::uuid[]) AS k (tenant_id, id) ON c.tenant_id = k.tenant_id AND c.id = k.id
     ORDER BY c.id
-    FOR UPDATE OF c
+    FOR UPDATE OF c SKIP LOCKED
 ) AS s
 WHERE t.id = s.id
 """
