@@ -66,8 +66,15 @@ async def apply_turn_events(
     snapshots: PolicySnapshots,
     dead_letters_topic: str,
     metrics: Metrics,
+    *,
+    park_unknown: bool = True,
 ) -> list[Output]:
-    """Apply provider/usage events in order; the caller holds the request locks of every item."""
+    """Apply provider/usage events in order; the caller holds the request locks of every item.
+
+    An event whose request has nothing stored is parked until its command is decided, unless
+    `park_unknown` is False: the drain after a decision, where nothing stored means the command
+    was answered for another tenant's chat (nothing is stored under a foreign key), so the events
+    could never apply; they are dropped (`foreign_chat`) rather than parked again forever."""
     found = await load_turns(con, {(e.tenant_id, e.chat_id, e.request_id) for _, e in items})
     effects = _Effects()
     outputs: list[Output] = []
@@ -75,7 +82,10 @@ async def apply_turn_events(
         key = (event.tenant_id, (event.chat_id, event.request_id))
         stored = found.get(key)
         if stored is None:
-            effects.parked.append(_parked(record, event))
+            if park_unknown:
+                effects.parked.append(_parked(record, event))
+            else:
+                effects.dropped["foreign_chat"] += 1
         elif not stored.same_tenant:
             outputs.append(_tenant_mismatch(record, dead_letters_topic))
         elif stored.turn is None:

@@ -21,7 +21,7 @@ from minichat.processors.turn_events import apply_turn_events, parked_items
 from minichat.storage.policies import PolicySnapshots
 from minichat.storage.recorded import lookup_recorded
 from minichat.storage.turn_requests import load_batch_state, write_changes
-from minichat.storage.turns import unpark
+from minichat.storage.turns import UNPARK_MAX, unpark
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,16 @@ class TurnRequests:
             for a in answers
             if not a.replay and a.payload["command"] in ("turn.requested", "turn.retry", "turn.edit")
         }
-        parked = await unpark(con, keys)
-        if not parked:
-            return []
-        items = parked_items(parked, self.parked_decoders)
-        return await apply_turn_events(con, items, self.snapshots, self.dead_letters_topic, self.metrics)
+        outputs: list[Output] = []
+        while keys:
+            parked = await unpark(con, keys, UNPARK_MAX)
+            items = parked_items(parked, self.parked_decoders)
+            outputs += await apply_turn_events(
+                con, items, self.snapshots, self.dead_letters_topic, self.metrics, park_unknown=False
+            )
+            if len(parked) < UNPARK_MAX:
+                break
+        return outputs
 
     def _decision(self, answer: Answer) -> Output:
         payload = {**answer.payload, "replay": answer.replay}

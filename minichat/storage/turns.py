@@ -323,8 +323,15 @@ ON CONFLICT (source_topic, source_partition, source_offset) DO NOTHING
 # tenant than the command's is then dead-lettered as a tenant mismatch, never left parked.
 _UNPARK = """
 DELETE FROM parked_events p
-USING unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS k (tenant_id, chat_id, request_id)
-WHERE p.chat_id = k.chat_id AND p.request_id = k.request_id
+USING (
+    SELECT q.source_topic, q.source_partition, q.source_offset
+    FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS k (tenant_id, chat_id, request_id)
+    JOIN parked_events q ON q.chat_id = k.chat_id AND q.request_id = k.request_id
+    ORDER BY q.record_timestamp, q.source_topic, q.source_partition, q.source_offset
+    LIMIT $4
+) AS s
+WHERE p.source_topic = s.source_topic AND p.source_partition = s.source_partition
+  AND p.source_offset = s.source_offset
 RETURNING p.tenant_id, p.chat_id, p.request_id, p.source_topic, p.source_partition, p.source_offset,
           p.payload, p.record_timestamp
 """
@@ -355,12 +362,20 @@ async def park(con: asyncpg.Connection, parked: Sequence[Parked]) -> None:
         await con.execute(_PARK, *columns(rows, 9))
 
 
-async def unpark(con: asyncpg.Connection, keys: Iterable[tuple[UUID, UUID, UUID]]) -> list[Parked]:
-    """Take the parked events of these (tenant, chat, request) keys, in their original order."""
+UNPARK_MAX = 1000
+"""Parked events taken back at once: a request a gateway flooded with early events is drained in
+chunks of this size, in their original order, never all into memory at once."""
+
+
+async def unpark(
+    con: asyncpg.Connection, keys: Iterable[tuple[UUID, UUID, UUID]], limit: int = UNPARK_MAX
+) -> list[Parked]:
+    """Take the first `limit` parked events of these (tenant, chat, request) keys, in their
+    original order (call again until fewer come back)."""
     wanted = sorted(set(keys))
     if not wanted:
         return []
-    rows = await con.fetch(_UNPARK, *columns(wanted, 3))
+    rows = await con.fetch(_UNPARK, *columns(wanted, 3), limit)
     parked = [
         Parked(
             tenant_id=r["tenant_id"],
