@@ -559,7 +559,13 @@ async def _merge_and_apply(
         else:
             merge.exhausted(tp.topic, tp.partition)
     while True:
-        wanted = [tp for tp in active if merge.buffered_of(tp.topic, tp.partition) < settings.lane_buffer_max]
+        sizes = {tp: merge.buffered_of(tp.topic, tp.partition) for tp in active}
+        total = sum(size_bytes for _, size_bytes in sizes.values())
+        wanted = [  # the worker's bounds (`OrderedEngine._pace`): per lane in records, all in bytes
+            tp
+            for tp, (size, _) in sizes.items()
+            if size < settings.lane_buffer_max and (size == 0 or total < settings.input_buffer_max_bytes)
+        ]
         if wanted:
             fetched = await consumer.getmany(*wanted, timeout_ms=200, max_records=settings.batch_max)
             for tp, records in fetched.items():
@@ -570,7 +576,7 @@ async def _merge_and_apply(
                     active.discard(tp)
                     consumer.pause(tp)
                     merge.exhausted(tp.topic, tp.partition)
-        released = merge.release(settings.batch_max)
+        released = merge.release(settings.batch_max, settings.batch_max_bytes)
         if released:
             await replay.apply(released)
             if bar is not None:

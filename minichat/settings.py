@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     # outstanding while the next one applies.
     batch_max: int = Field(default=2000, ge=1, le=20_000)
     lane_buffer_max: int = Field(default=4000, ge=10, le=100_000)
+    # Memory bounds in bytes (keys and values), whatever the records' sizes: what waits in the
+    # lanes, and what one batch takes. README "Memory" states the worker's bound from these.
+    input_buffer_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024 * 1024)
+    batch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024 * 1024)
     order_grace_ms: int = Field(default=5, ge=0, le=60_000)
     produce_in_flight: int = Field(default=4, ge=1, le=64)
     fetch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024 * 1024)

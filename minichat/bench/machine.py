@@ -30,6 +30,8 @@ SPEED_SETTINGS: Final = (
     "partitions",
     "batch_max",
     "lane_buffer_max",
+    "input_buffer_max_bytes",
+    "batch_max_bytes",
     "order_grace_ms",
     "produce_in_flight",
     "fetch_max_wait_ms",

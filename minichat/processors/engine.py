@@ -200,7 +200,7 @@ class OrderedEngine:
             await self._refresh_frontiers(consumer, blocked, generation)
         self._report_stall(blocked)
         self._report_progress()
-        released = self.merge.release(self.settings.batch_max)
+        released = self.merge.release(self.settings.batch_max, self.settings.batch_max_bytes)
         if released:
             now_ms = time.time() * 1000.0
             self.batches.metrics.observe(
@@ -265,15 +265,20 @@ class OrderedEngine:
         return ", ".join(parts)
 
     def _pace(self, consumer: AIOKafkaConsumer) -> None:
-        """Pause partitions whose lane is full (memory stays bounded while another partition of
-        the set holds it back), resume them once drained."""
-        limit = self.settings.lane_buffer_max
-        for lane in self.merge.lanes():
-            size = self.merge.buffered_of(*lane)
-            if size >= limit and lane not in self.paused:
+        """Bound what waits in the lanes: a lane holding `lane_buffer_max` records pauses its
+        partition (another lane of its set holds it back), and while all lanes together hold
+        `input_buffer_max_bytes` every lane with records pauses (big records wait for their
+        batches). Empty lanes keep fetching: a set waits on them. Resumed once half drained."""
+        most, budget = self.settings.lane_buffer_max, self.settings.input_buffer_max_bytes
+        lanes = {lane: self.merge.buffered_of(*lane) for lane in self.merge.lanes()}
+        total = sum(size_bytes for _, size_bytes in lanes.values())
+        for lane, (size, _) in lanes.items():
+            full = size >= most or (size and total >= budget)
+            drained = size < most // 2 and total < budget // 2
+            if full and lane not in self.paused:
                 consumer.pause(TopicPartition(*lane))
                 self.paused.add(lane)
-            elif size < limit // 2 and lane in self.paused:
+            elif drained and lane in self.paused:
                 consumer.resume(TopicPartition(*lane))
                 self.paused.discard(lane)
 

@@ -37,6 +37,8 @@ class _Lane:
     next_offset: int
     """The offset after the last record handed to the lane (what it has been fetched to)."""
     buffer: deque[SourceRecord] = field(default_factory=deque)
+    bytes: int = 0
+    """Size of the buffered records' keys and values."""
     frontier_ms: float = -math.inf
     """No record the lane has not been handed yet can carry a timestamp below this."""
 
@@ -84,9 +86,10 @@ class OrderedMerge:
     def buffered(self) -> int:
         return sum(len(lane.buffer) for lane in self._lanes.values())
 
-    def buffered_of(self, topic: str, partition: int) -> int:
+    def buffered_of(self, topic: str, partition: int) -> tuple[int, int]:
+        """(records, bytes) buffered in a lane."""
         lane = self._lanes.get((topic, partition))
-        return len(lane.buffer) if lane is not None else 0
+        return (len(lane.buffer), lane.bytes) if lane is not None else (0, 0)
 
     # --------------------------------------------------------------------------- feeding
 
@@ -98,6 +101,7 @@ class OrderedMerge:
             if lane is None or record.offset < lane.next_offset:
                 continue
             lane.buffer.append(record)
+            lane.bytes += _size(record)
             lane.next_offset = record.offset + 1
 
     def caught_up(self, topic: str, partition: int, as_of_ms: float) -> bool:
@@ -132,13 +136,15 @@ class OrderedMerge:
             )
         return sorted(waiting)
 
-    def release(self, limit: int) -> list[SourceRecord]:
-        """Up to `limit` records that no record still to come can precede, in merged order."""
+    def release(self, limit: int, max_bytes: int | None = None) -> list[SourceRecord]:
+        """Up to `limit` records (and about `max_bytes`: at least one record, then none that would
+        pass it) that no record still to come can precede, in merged order."""
         heap: list[tuple[OrderKey, int]] = []
         for number, members in self._sets.items():
             heap.extend((lane.head_key(), number) for lane in members if lane.buffer)
         heapq.heapify(heap)
         released: list[SourceRecord] = []
+        size = 0
         blocked: set[int] = set()
         while heap and len(released) < limit:
             key, number = heapq.heappop(heap)
@@ -152,10 +158,19 @@ class OrderedMerge:
                 blocked.add(number)
                 continue
             lane = self._lanes[(_topic_of(members, key[1]), number)]
+            record_size = _size(lane.buffer[0])
+            if max_bytes is not None and released and size + record_size > max_bytes:
+                break
             released.append(lane.buffer.popleft())
+            lane.bytes -= record_size
+            size += record_size
             if lane.buffer:
                 heapq.heappush(heap, (lane.head_key(), number))
         return released
+
+
+def _size(record: SourceRecord) -> int:
+    return len(record.value) + len(record.key or b"")
 
 
 def _topic_of(members: list[_Lane], rank: int) -> str:

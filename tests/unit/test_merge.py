@@ -178,3 +178,19 @@ def test_every_partition_number_of_every_topic_goes_to_one_member() -> None:
                 owners.setdefault(p, set()).add(member)
         assert sorted(owners) == list(range(8))
         assert all(len(o) == 1 for o in owners.values())
+
+
+def test_release_stops_before_a_record_that_would_pass_the_byte_limit() -> None:
+    merge = OrderedMerge(RANKS)
+    for topic in RANKS:
+        merge.open(topic, 0, 0)
+    big = [SourceRecord("tr", 0, i, b"k", b"x" * 1000, timestamp_from_ms(10 + i)) for i in range(5)]
+    merge.add(big)
+    for topic in ("pr", "us"):
+        merge.exhausted(topic, 0)
+    assert merge.buffered_of("tr", 0) == (5, 5 * 1001)
+    assert ids(merge.release(10, max_bytes=2500)) == [("tr", 0, 0), ("tr", 0, 1)]
+    assert ids(merge.release(10, max_bytes=10)) == [("tr", 0, 2)]  # at least one, whatever its size
+    assert merge.buffered_of("tr", 0) == (2, 2 * 1001)
+    assert ids(merge.release(10)) == [("tr", 0, 3), ("tr", 0, 4)]
+    assert merge.buffered_of("tr", 0) == (0, 0)
