@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from minichat.processors.errors import EXIT_FATAL
+from minichat.processors.errors import EXIT_FATAL, failure_report
 from minichat.settings import Settings
 
 logger = logging.getLogger("minichat")
@@ -247,9 +247,9 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
             "minichat replay: interrupted (each batch is its own transaction: run it again)", file=sys.stderr
         )
         return 130
-    except Exception:
+    except Exception as exc:
         # Each applied batch committed on its own and re-applying is a no-op: running it again is safe.
-        logger.critical("replay failed; it is safe to run it again", exc_info=True)
+        logger.critical("replay failed; it is safe to run it again: %s", failure_report(exc))
         return EXIT_FATAL
     if args.json:
         print(json.dumps(summary.as_dict(), sort_keys=True))
@@ -431,8 +431,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # aiokafka logs every produced record's key and value at DEBUG: message content, never logged.
     logging.getLogger("aiokafka.producer.producer").setLevel(max(logging.INFO, logging.root.level))
-    result: int = args.run(settings, args)
+    try:
+        result: int = args.run(settings, args)
+    except Exception as exc:  # every command's last resort: no exception text (it can quote a row)
+        logger.critical("minichat %s failed: %s", _command_name(args), failure_report(exc))
+        return EXIT_FATAL
     return result
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    return " ".join(str(v) for k, v in vars(args).items() if k == "command" or (k.endswith("_command") and v))
 
 
 if __name__ == "__main__":

@@ -46,13 +46,14 @@ is behind the end offsets.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TextIO, TypeVar
@@ -385,17 +386,12 @@ async def run_replay(
         try:
             partitions = await _topic_partitions(admin, topics)
             decision_partitions = await _topic_partitions(admin, [names.turn_decisions])
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=settings.kafka_bootstrap_servers,
-                group_id=None,  # no group: nothing is ever committed, the workers' group is untouched
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                client_id="minichat-replay",
-            )
-            await consumer.start()
-            try:
-                recorded = await _read_decisions(con, consumer, decision_partitions)
-                logger.info("read %d recorded decisions of %s", recorded, names.turn_decisions)
+            # One consumer per pass: aiokafka's fetcher dies when a consumer's assignment is
+            # emptied and replaced (the replay then hung when turn-decisions was empty).
+            async with _replay_consumer(settings, "decisions") as decisions:
+                recorded = await _read_decisions(con, decisions, decision_partitions)
+            logger.info("read %d recorded decisions of %s", recorded, names.turn_decisions)
+            async with _replay_consumer(settings, "inputs") as consumer:
                 ranges = await _offset_ranges(consumer, partitions, from_time)
                 total = sum(max(0, end - start) for start, end in ranges.values())
                 logger.info(
@@ -415,8 +411,6 @@ async def run_replay(
                 await _merge_and_apply(consumer, ranges, replay, settings, bar)
                 if bar is not None:
                     bar.finish()
-            finally:
-                await consumer.stop()
         finally:
             await admin.close()
         summary.parked_at_end = await _parked_count(con)
@@ -463,8 +457,23 @@ async def _read_decisions(
         for tp in list(todo):
             if await consumer.position(tp) >= ends[tp]:
                 todo.discard(tp)
-    consumer.unsubscribe()
     return read
+
+
+@contextlib.asynccontextmanager
+async def _replay_consumer(settings: Settings, purpose: str) -> AsyncIterator[AIOKafkaConsumer]:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        group_id=None,  # no group: nothing is ever committed, the workers' group is untouched
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        client_id=f"minichat-replay-{purpose}",
+    )
+    await consumer.start()
+    try:
+        yield consumer
+    finally:
+        await consumer.stop()
 
 
 def _decision_row(value: bytes) -> tuple[uuid.UUID, uuid.UUID, uuid.UUID, bool, dict[str, Any]] | None:

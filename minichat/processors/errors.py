@@ -160,6 +160,24 @@ async def with_retries(
 EXIT_FATAL = 70
 
 
+def failure_report(exc: BaseException) -> str:
+    """An unexpected failure for a log line: its class, SQLSTATE and where it was raised, for it
+    and its causes, never their text (a database error's message or DETAIL can quote a row, and
+    rows hold message content; so can a trigger's RAISE)."""
+    parts: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(parts) < 5:
+        sqlstate = getattr(seen, "sqlstate", None)
+        where = "".join(traceback.format_tb(seen.__traceback__)).rstrip()
+        parts.append(
+            f"{type(seen).__name__}" + (f" (sqlstate {sqlstate})" if sqlstate else "") + f"\n{where}"
+        )
+        seen = seen.__cause__ or seen.__context__
+    return (
+        "\nwhich came from ".join(parts) + "\n(the error's text is not logged: it can carry message content)"
+    )
+
+
 def stop_worker(name: str, exc: BaseException) -> NoReturn:
     """Leave at once, without letting faust commit offsets of a batch that was not applied.
 
@@ -170,16 +188,7 @@ def stop_worker(name: str, exc: BaseException) -> NoReturn:
     if isinstance(exc, GaveUp):
         logger.critical("%s: stopping the worker (exit %d): %s", name, EXIT_FATAL, exc)
     else:
-        # Where it failed, but not the exception's text: a database error can quote a row, and
-        # rows hold message content.
-        logger.critical(
-            "%s: unexpected %s (sqlstate %s), stopping the worker (exit %d)\n%s",
-            name,
-            type(exc).__name__,
-            getattr(exc, "sqlstate", None),
-            EXIT_FATAL,
-            "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
-        )
+        logger.critical("%s: stopping the worker (exit %d): %s", name, EXIT_FATAL, failure_report(exc))
     logging.shutdown()
     sys.stderr.flush()
     os._exit(EXIT_FATAL)

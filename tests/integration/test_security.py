@@ -8,6 +8,7 @@ rows and nothing else; without the setting nothing at all. See docs/security.md.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -24,10 +25,12 @@ import pytest
 
 from minichat.models.topics import TopicNames
 from tests.conftest import live_deployment
+from tests.gateway import Gateway
 from tests.support import (
     Endpoints,
     TopicReader,
     produce,
+    run_worker,
     wait_until,
     worker_env,
 )
@@ -520,3 +523,56 @@ async def test_message_content_never_reaches_the_log_even_at_debug(
     assert leaks == [], f"message content in the worker log ({len(leaks)} lines), e.g.:\n{leaks[0]}"
     for letter in letters:
         assert MARKER not in letter["error_detail"], letter
+
+
+LEAKING_TRIGGER = f"""
+CREATE FUNCTION leak_content() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'refusing the row %', NEW.content;
+END $$;
+CREATE TRIGGER leak_content BEFORE INSERT ON messages FOR EACH ROW
+    WHEN (NEW.content LIKE '%{MARKER}%') EXECUTE FUNCTION leak_content();
+"""
+
+
+async def test_no_command_logs_message_content_when_it_fails(
+    deployment: Any, database_url: str, tmp_path: Path
+) -> None:
+    """Issue 10, item 8: a failure whose text quotes a row (here a trigger's RAISE with the
+    message's content; a constraint's DETAIL does the same) stops the worker and `minichat replay`
+    with a report of where and what class, never the text; at DEBUG too."""
+    owner = await asyncpg.connect(database_url)
+    try:
+        await owner.execute(LEAKING_TRIGGER)
+    finally:
+        await owner.close()
+    env = {**deployment.env(), "MINICHAT_LOG_LEVEL": "DEBUG"}
+    names = TopicNames(deployment.settings.topic_prefix)
+    tenant, user, chat = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    request = Gateway(deployment.settings, None).requested(  # type: ignore[arg-type]  # builds only
+        tenant, user, chat, content=f"hello {MARKER}"
+    )
+    await produce(
+        deployment.settings.kafka_bootstrap_servers,
+        names.turn_requests,
+        [(str(chat).encode(), json.dumps(request).encode())],
+    )
+
+    replayed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "minichat.cli", "replay", "--no-progress"],
+        env=worker_env(env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert replayed.returncode == 70, replayed.stderr[-2000:]
+    assert "replay failed" in replayed.stderr and "RaiseError" in replayed.stderr
+    assert MARKER not in replayed.stdout + replayed.stderr
+
+    with run_worker(env, tmp_path / "worker.log") as worker:
+        status = await asyncio.to_thread(worker.proc.wait, 120)
+        log = worker.log()
+    assert status == 70, log[-2000:]
+    assert "stopping the worker" in log and "RaiseError" in log
+    assert MARKER not in log
