@@ -26,7 +26,15 @@ from minichat.bench.progress import Ticker, say
 from minichat.bench.replays import ReplayRun, rebuild, replay_drained
 from minichat.bench.scratch import deployment
 from minichat.bench.traffic import Chat, make_turn, population, sizes, turns_per_chat
-from minichat.bench.workers import Worker, busy_share, cpu_times, metric_total, running_workers, sample
+from minichat.bench.workers import (
+    Worker,
+    busy_share,
+    cpu_times,
+    histogram_quantiles,
+    metric_total,
+    running_workers,
+    sample,
+)
 from minichat.models.policy import CatalogModel
 from minichat.settings import Settings
 from minichat.summary import InputLag
@@ -67,6 +75,10 @@ class Drained:
     """`minichat_turn_events_dropped_total` by reason, summed over the workers."""
     parked: int = 0
     """`minichat_events_parked_total`, summed over the workers."""
+    billing_published: int = 0
+    """Billing events the relay published (acknowledged), summed over the workers."""
+    billing_lag_ms: dict[str, float] = field(default_factory=dict)
+    """p50/p99 of the relay's lag, outbox commit to acknowledged on billing-usage."""
     machine_busy: float = 0.0
     """Share of all cores busy during the drain (see `busy_share`)."""
 
@@ -176,6 +188,8 @@ async def drain(settings: Settings, count: int, commands: int, deadline_s: float
         exit_codes=codes,
         dropped=metric_total(scrapes, "minichat_turn_events_dropped_total"),
         parked=sum(metric_total(scrapes, "minichat_events_parked_total").values()),
+        billing_published=sum(metric_total(scrapes, "minichat_billing_published_total").values()),
+        billing_lag_ms=histogram_quantiles(scrapes, "minichat_billing_lag_seconds"),
         machine_busy=busy_share(machine_before, machine_after),
     )
 

@@ -81,12 +81,15 @@ def _drain(drains: list[dict[str, Any]]) -> list[str]:
                 d["events_dropped_total"],
                 d["events_parked_total"],
                 d["watchdog_events"],
+                d.get("billing_per_s"),
+                _pair(d.get("billing_lag_ms") or None),
                 "yes" if d["digest_equal"] else "NO",
                 _pct(d["machine_busy"]),
             ]
         )
     headers = ["workers", "events/s", "turns/s", "of ceiling", "drain s", "start s", "peak RSS MiB"]
-    headers += ["worker CPU s", "gen_in_progress", "dropped", "parked", "watchdog", "digest = rebuild"]
+    headers += ["worker CPU s", "gen_in_progress", "dropped", "parked", "watchdog", "billing/s"]
+    headers += ["billing lag p50 / p99 ms", "digest = rebuild"]
     headers += ["machine busy"]
     return [
         f"2. backlog drain: {d0['turns']} turns = {d0['events']} events ({d0['chats']} chats, "

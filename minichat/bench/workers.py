@@ -198,21 +198,31 @@ def stage_quantiles(before: Scrape, after: Scrape) -> dict[str, dict[str, float]
     between two scrapes."""
     out: dict[str, dict[str, float]] = {}
     for stage, (name, labels) in WORKER_STAGES.items():
-        buckets: list[tuple[float, float]] = []
-        for (metric, found), value in after.items():
-            if metric != f"{name}_bucket":
-                continue
-            rest = tuple(kv for kv in found if kv[0] != "le")
-            if rest != labels:
-                continue
-            le = dict(found)["le"]
-            buckets.append((float(le), value - before.get((metric, found), 0.0)))
-        buckets.sort()
-        count = buckets[-1][1] if buckets else 0.0
-        if count <= 0:
-            continue
-        out[stage] = {
-            f"p{q}": next(bound for bound, seen in buckets if seen >= q / 100 * count) * 1000
-            for q in (50, 99)
-        }
+        found = _quantiles(_buckets([after], name, labels), _buckets([before], name, labels))
+        if found:
+            out[stage] = found
     return out
+
+
+def histogram_quantiles(scrapes: list[Scrape], name: str) -> dict[str, float]:
+    """p50 and p99 (ms, bucket bounds) of a histogram summed over the workers; empty without data."""
+    return _quantiles(_buckets(scrapes, name, ()), {})
+
+
+def _buckets(scrapes: list[Scrape], name: str, labels: tuple[tuple[str, str], ...]) -> dict[float, float]:
+    """Cumulative counts by upper bound, summed over `scrapes`."""
+    out: dict[float, float] = {}
+    for scrape in scrapes:
+        for (metric, found), value in scrape.items():
+            if metric == f"{name}_bucket" and tuple(kv for kv in found if kv[0] != "le") == labels:
+                le = float(dict(found)["le"])
+                out[le] = out.get(le, 0.0) + value
+    return out
+
+
+def _quantiles(after: dict[float, float], before: dict[float, float]) -> dict[str, float]:
+    buckets = sorted((le, n - before.get(le, 0.0)) for le, n in after.items())
+    count = buckets[-1][1] if buckets else 0.0
+    if count <= 0:
+        return {}
+    return {f"p{q}": next(le for le, seen in buckets if seen >= q / 100 * count) * 1000 for q in (50, 99)}

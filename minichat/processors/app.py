@@ -159,7 +159,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
     engine = OrderedEngine(settings, build_batches(settings, policy, metrics), runtime.pool, stop_worker)
     app.service(EngineService(engine, loop=app.loop, beacon=app.beacon))  # type: ignore[arg-type]  # an instance is accepted too
 
-    register_relay(app, runtime, settings, policy)
+    register_relay(app, runtime, settings, metrics)
     register_watchdog(app, runtime, settings, policy)
     register_broker_watch(app, settings)
     register_metrics_page(app, metrics, runtime)

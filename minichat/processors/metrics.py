@@ -38,6 +38,10 @@ _HELP = {
     "minichat_parked_events": "Provider and usage events waiting for their command's decision.",
     "minichat_parked_oldest_age_seconds": "Age of the oldest parked event (0 when none).",
     "minichat_outbox_unpublished": "Billing events not yet relayed to billing-usage.",
+    "minichat_billing_published_total": "Billing events this worker relayed to billing-usage (acknowledged).",
+    "minichat_billing_lag_seconds": (
+        "From a billing event's commit to the outbox until billing-usage acknowledged it (the relay's lag)."
+    ),
     "minichat_reserved_credits_micro": "Credits reserved by running or unsettled turns, all tenants.",
     "minichat_record_wait_seconds": (
         "From an input record's timestamp (its append to the log) until the engine released it in "

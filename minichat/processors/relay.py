@@ -13,13 +13,14 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 
 import asyncpg
 import faust
 
-from minichat.models.policy import Policy
 from minichat.processors.errors import RetryPolicy, stop_worker, with_retries
+from minichat.processors.metrics import Metrics
 from minichat.processors.pipeline import Producer
 from minichat.processors.records import Output
 from minichat.processors.runtime import Runtime
@@ -149,6 +150,7 @@ class OutboxRelay:
     topic: str
     batch_max: int = 500
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    metrics: Metrics = field(default_factory=Metrics)
 
     async def run_once(self) -> int:
         """Publish every committed unpublished row; returns how many were published (0 if not leader)."""
@@ -163,8 +165,14 @@ class OutboxRelay:
                     return
                 outputs = [Output(self.topic, str(r.tenant_id).encode("ascii"), r.payload) for r in batch]
                 await send_all(await self.producer(), outputs)
+                acked = datetime.now(UTC)
                 await mark_published(con, batch)
                 published += len(batch)
+                self.metrics.inc("minichat_billing_published_total", len(batch))
+                self.metrics.observe(
+                    "minichat_billing_lag_seconds",
+                    ((acked - r.stored_seen_at).total_seconds() for r in batch),
+                )
                 logger.debug("outbox relay: published %d (ids %d..%d)", len(batch), batch[0].id, batch[-1].id)
                 if len(batch) == len(rows) and len(rows) < self.batch_max:
                     return
@@ -180,25 +188,41 @@ def leader_timer(
     body: Callable[[], Awaitable[Any]],
     session: ExclusiveSession,
     on_fatal: FatalHandler,
+    *,
+    drain: bool = False,
 ) -> None:
     """Run `body` every `interval_s` on the leader; its dedicated connection closes on shutdown.
+
+    With `drain`, `body` returns how much it did and runs again at once while that is not 0: a
+    loop that never overlaps itself (a faust timer fires on schedule even while the last tick
+    still runs, and a relay tick under a drain took 0.2-0.75 s of a 0.2 s interval).
 
     Transient failures are retried inside `body`; what escapes is fatal, except while the worker
     stops: then the connection or producer going away under a tick is expected, and harmless
     (unmarked rows and unsent signals are simply picked up by the next leader).
     """
 
-    async def tick() -> None:
+    async def tick() -> Any:
         try:
-            await body()
+            return await body()
         except Exception as exc:
             if app.should_stop or session.closing:
                 logger.info("%s: tick cut short by shutdown (%s)", name, type(exc).__name__)
-                return
+                return None
             on_fatal(name, exc)
 
-    tick.__name__ = tick.__qualname__ = name
-    app.timer(interval_s, name=name)(tick)  # the advisory lock elects: one runs at a time
+    if drain:
+
+        async def loop() -> None:
+            while not (app.should_stop or session.closing):
+                if not await tick():
+                    await asyncio.sleep(interval_s)  # idle, or another worker leads
+
+        loop.__name__ = loop.__qualname__ = name
+        app.task(loop)
+    else:
+        tick.__name__ = tick.__qualname__ = name
+        app.timer(interval_s, name=name)(tick)  # the advisory lock elects: one runs at a time
 
     @app.on_before_shutdown.connect
     async def _close_session(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
@@ -209,12 +233,12 @@ def register_relay(
     app: faust.App,
     runtime: Runtime,
     settings: Settings,
-    policy: Policy,
+    metrics: Metrics,
     *,
     on_fatal: FatalHandler = stop_worker,
 ) -> OutboxRelay:
-    """Register the outbox relay as a leader timer of `app` (every `settings.relay_interval_s`)."""
-    del policy  # same signature as register_watchdog; the relay needs no policy
+    """Register the outbox relay as a leader loop of `app`: it drains while there is work and
+    looks again `settings.relay_interval_s` after finding none."""
 
     async def producer() -> Producer:
         return app.producer
@@ -225,6 +249,9 @@ def register_relay(
         topic=runtime.topics.billing_usage,
         batch_max=settings.relay_batch_max,
         retry=RetryPolicy.from_settings(settings),
+        metrics=metrics,
     )
-    leader_timer(app, "outbox_relay", settings.relay_interval_s, relay.run_once, relay.session, on_fatal)
+    leader_timer(
+        app, "outbox_relay", settings.relay_interval_s, relay.run_once, relay.session, on_fatal, drain=True
+    )
     return relay

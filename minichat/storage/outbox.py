@@ -39,6 +39,7 @@ class OutboxRow:
     event_type: str
     payload: bytes  # the stored jsonb as text, UTF-8: the record value, byte for byte
     created_at: datetime
+    stored_seen_at: datetime  # processing clock: when the settling transaction stored it
 
 
 def outbox_entry(event: UsageSettled | UsageAdjusted) -> OutboxEntry:
@@ -62,7 +63,7 @@ ON CONFLICT (dedupe_key) DO NOTHING
 """
 
 _FETCH_UNPUBLISHED = """
-SELECT id, tenant_id, dedupe_key, event_type, payload::text AS payload, created_at
+SELECT id, tenant_id, dedupe_key, event_type, payload::text AS payload, created_at, stored_seen_at
 FROM outbox
 WHERE published_at IS NULL
 ORDER BY id
@@ -105,6 +106,7 @@ async def fetch_unpublished(con: asyncpg.Connection, limit: int) -> list[OutboxR
             event_type=r["event_type"],
             payload=r["payload"].encode("utf-8"),
             created_at=r["created_at"],
+            stored_seen_at=r["stored_seen_at"],
         )
         for r in await con.fetch(_FETCH_UNPUBLISHED, limit)
     ]

@@ -48,20 +48,13 @@ ORDER BY terminal_seen_at, id
 LIMIT $2
 """
 
-# A mark never waits: a turn the engine holds right now is skipped (it is being applied; its
-# signal is sent again next tick, and a repeated signal changes nothing). A mark that waited while
-# holding other turns could close a cycle with an engine batch that locks turns across steps.
+# One turn per statement, each its own transaction: a mark holds at most the one row it waits
+# for, so it can never close a cycle with an engine batch, which locks turns across its steps in
+# no fixed order. (One statement over many rows holds the rows it has while it waits for the
+# next.) The watchdog sends at most `batch_max` signals a tick and rarely any: the round trips are
+# cheap next to that.
 _MARK = """
-UPDATE chat_turns t
-SET {column} = now()
-FROM (
-    SELECT c.id
-    FROM chat_turns c
-    JOIN unnest($1::uuid[], $2::uuid[]) AS k (tenant_id, id) ON c.tenant_id = k.tenant_id AND c.id = k.id
-    ORDER BY c.id
-    FOR UPDATE OF c SKIP LOCKED
-) AS s
-WHERE t.id = s.id
+UPDATE chat_turns SET {column} = now() WHERE tenant_id = $1 AND id = $2
 """
 _MARK_ORPHAN_SENT = _MARK.format(column="orphan_sent_at")
 _MARK_GRACE_SENT = _MARK.format(column="grace_sent_at")
@@ -92,10 +85,10 @@ async def find_grace_expired(con: asyncpg.Connection, grace_s: float, limit: int
 
 
 async def mark_orphan_sent(con: asyncpg.Connection, turns: Sequence[StaleTurn]) -> None:
-    if turns:
-        await con.execute(_MARK_ORPHAN_SENT, [t.tenant_id for t in turns], [t.id for t in turns])
+    for turn in sorted(turns, key=lambda t: t.id):
+        await con.execute(_MARK_ORPHAN_SENT, turn.tenant_id, turn.id)
 
 
 async def mark_grace_sent(con: asyncpg.Connection, turns: Sequence[StaleTurn]) -> None:
-    if turns:
-        await con.execute(_MARK_GRACE_SENT, [t.tenant_id for t in turns], [t.id for t in turns])
+    for turn in sorted(turns, key=lambda t: t.id):
+        await con.execute(_MARK_GRACE_SENT, turn.tenant_id, turn.id)

@@ -55,6 +55,9 @@ def _check_drain(drain: dict[str, Any]) -> None:
     # Each refused request's two progress events, completion and usage are counted as dropped.
     assert drain["events_dropped_total"] == 4 * rejected
     assert drain["worker_exit_codes"] == [0]
+    # one billing event per settled turn, plus one per adjustment; the relay's lag is measured
+    assert drain["billing_published"] == drain["turns_settled"] + drain["adjusted"]
+    assert drain["billing_per_s"] > 0 and 0 < drain["billing_lag_ms"]["p50"] <= drain["billing_lag_ms"]["p99"]
     assert drain["events_per_s"] > 0 and drain["drain_s"] > 0
     assert all(rss > 0 for rss in drain["worker_peak_rss_mib"])
     assert all(cpu >= 0 for cpu in drain["worker_cpu_s"])
@@ -121,4 +124,5 @@ async def test_bench_smoke_run_reports_every_section(endpoints: Endpoints, tmp_p
 
     for heading in ("1. ceiling", "2. backlog drain", "3. decision latency", "4. replay"):
         assert heading in result.stdout
+    assert "billing lag" in result.stdout and "the worker's own timings" in result.stdout
     assert await _leftovers(endpoints, result.stderr) == (set(), set())

@@ -35,6 +35,7 @@ EXPECTED_EXCLUDED = {
     ("chat_turns", "grace_sent_at"),
     ("outbox", "id"),
     ("outbox", "published_at"),
+    ("outbox", "stored_seen_at"),
 }
 
 

@@ -123,13 +123,13 @@ def test_a_decision_conflict_is_retried_not_fatal() -> None:
     assert classify(DecisionConflict("2 decisions, 1 stored")) is Action.RETRY
 
 
-async def test_the_watchdog_never_waits_for_a_turn_the_engine_holds(
+async def test_a_watchdog_mark_never_closes_a_lock_cycle_with_the_engine(
     endpoints: Endpoints, database_url: str
 ) -> None:
-    """Issue 10, item 5: an engine batch locks turn rows across its steps in no fixed order, so a
-    watchdog mark that waited for one turn while holding another could close a cycle (PostgreSQL
-    then aborts one of the two). The mark skips a turn the engine holds instead; that turn is
-    marked on a later tick."""
+    """Issue 10, item 5: an engine batch locks turn rows across its steps in no fixed order. A
+    watchdog mark that held one turn while it waited for another closed a cycle with such a batch
+    (PostgreSQL then aborts one of the two). Marks now take one turn per statement: the mark waits
+    for the turn the engine holds while holding nothing, and both finish."""
     settings = deployment_settings(endpoints, database_url)
     names = TopicNames(settings.topic_prefix)
     policy = load_policy(settings.policy_file)
@@ -137,7 +137,7 @@ async def test_the_watchdog_never_waits_for_a_turn_the_engine_holds(
     gw = Gateway(settings, None)  # type: ignore[arg-type]  # builds events only
     tenant = uuid.uuid4()
     requests = [gw.requested(tenant, uuid.uuid4(), uuid.uuid4()) for _ in range(2)]
-    engine, watchdog = await connect(settings), await connect(settings)
+    engine, watchdog, observer = await connect(settings), await connect(settings), await connect(settings)
     try:
         await ensure_policy_version(engine, policy)
         await apply(engine, batches, as_records(names, requests, 0))
@@ -152,16 +152,29 @@ async def test_the_watchdog_never_waits_for_a_turn_the_engine_holds(
             await engine.execute(
                 "SELECT 1 FROM chat_turns WHERE tenant_id = $1 AND id = $2 FOR UPDATE", tenant, high.id
             )
-            # ... the watchdog marks both (it locks in id order: the lower one first) ...
-            await asyncio.wait_for(mark_orphan_sent(watchdog, [low, high]), 10)
-            # ... and the engine's next step locks the lower one: no cycle, no wait
-            await engine.execute(
-                "SELECT 1 FROM chat_turns WHERE tenant_id = $1 AND id = $2 FOR UPDATE", tenant, low.id
+            # ... the watchdog marks both, in id order: it waits for the higher one ...
+            mark = asyncio.create_task(mark_orphan_sent(watchdog, [low, high]))
+
+            async def mark_waits() -> bool:
+                waiting = await observer.fetchval(
+                    "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
+                    watchdog.get_server_pid(),
+                )
+                return mark.done() or bool(waiting)
+
+            await wait_until(mark_waits, timeout=30, what="the watchdog's mark to wait")
+            # ... and the engine's next step locks the lower one: free, no cycle
+            await asyncio.wait_for(
+                engine.execute(
+                    "SELECT 1 FROM chat_turns WHERE tenant_id = $1 AND id = $2 FOR UPDATE", tenant, low.id
+                ),
+                10,
             )
+        await asyncio.wait_for(mark, 10)
         marked = await engine.fetch(
             "SELECT id, orphan_sent_at IS NOT NULL AS marked FROM chat_turns WHERE tenant_id = $1", tenant
         )
-        assert {r["id"]: r["marked"] for r in marked} == {low.id: True, high.id: False}
+        assert {r["id"]: r["marked"] for r in marked} == {low.id: True, high.id: True}
     finally:
-        await engine.close()
-        await watchdog.close()
+        for con in (engine, watchdog, observer):
+            await con.close()
