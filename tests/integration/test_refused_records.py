@@ -117,3 +117,57 @@ async def test_a_record_postgres_refuses_is_dead_lettered_alone_and_the_rest_app
 
         await wait_until(logged, timeout=10, what="the refusal in the log")
         assert marker not in live.logs() and "secret words" not in live.logs()
+
+
+async def test_every_integer_field_at_its_maximum_is_applied_or_refused_with_a_reason(
+    endpoints: Endpoints, template_database: str, tmp_path: Any
+) -> None:
+    """The hostile corpus' numeric extremes: each integer field of the input events at the largest
+    value its model accepts. None stops the worker; each is applied exactly or refused with a
+    decision code."""
+    async with live_deployment(endpoints, template_database, tmp_path) as live:
+        gw = live.gateway
+        tenant, user = uuid.uuid4(), uuid.uuid4()
+        [images] = await gw.decide(gw.requested(tenant, user, uuid.uuid4(), image_count=2**31 - 1))
+        assert (images["decision"], images["error_code"]) in {
+            ("reject", "too_many_images"),
+            ("reject", "images_disabled"),
+        }
+        command = gw.requested(tenant, user, uuid.uuid4())
+        [allowed] = await gw.decide(command)
+        assert allowed["decision"] == "allow"
+        await gw.send_provider(gw.provider("turn.orphaned", command, progress_seq=2**63 - 1))
+        counts = (
+            "input_tokens",
+            "output_tokens",
+            "cache_read_input_tokens",
+            "cache_write_input_tokens",
+            "reasoning_tokens",
+            "web_search_calls",
+            "code_interpreter_calls",
+        )
+        maximal = dict.fromkeys(counts, MAX_TOKEN_COUNT)
+        await gw.send_provider(gw.provider("turn.completed", command, content="done", usage=maximal))
+
+        async def settled() -> Any:
+            assert all(w.proc.poll() is None for w in live.workers), live.logs()[-3000:]
+            return await live.db.fetchrow(
+                "SELECT * FROM chat_turns"
+                " WHERE tenant_id = $1 AND request_id = $2 AND settled_at IS NOT NULL",
+                tenant,
+                uuid.UUID(command["request_id"]),
+            )
+
+        turn = await wait_until(settled, timeout=60, what="the maximal turn to settle")
+        assert turn["state"] == "completed", "the orphan signal with a foreign progress_seq changed nothing"
+        assert {c: turn[c] for c in counts} == maximal
+        assert turn["overshoot_capped"] is True
+        rows = await live.db.fetch(
+            "SELECT input_tokens, output_tokens, web_search_calls FROM quota_usage"
+            " WHERE tenant_id = $1 AND user_id = $2 AND bucket = 'total'",
+            tenant,
+            user,
+        )
+        assert [tuple(r) for r in rows] == [(MAX_TOKEN_COUNT,) * 3] * 2
+        await other_tenant_is_served(live)
+        assert "refused by PostgreSQL" not in live.logs()
