@@ -84,6 +84,16 @@ async def _db_revoke_reader(settings: Settings, args: argparse.Namespace) -> int
     return 0
 
 
+def _tokens_add(settings: Settings, args: argparse.Namespace) -> int:
+    from minichat.processors.read_api import add_token
+
+    if settings.read_tokens_file is None:
+        print("minichat tokens add: set MINICHAT_READ_TOKENS_FILE (where the digests go)", file=sys.stderr)
+        return EXIT_SETUP
+    print(add_token(settings.read_tokens_file, args.tenant))
+    return 0
+
+
 async def _db_migrate(settings: Settings, args: argparse.Namespace) -> int:
     from minichat.storage.db import connect
     from minichat.storage.schema import migrate
@@ -326,6 +336,17 @@ def _parser() -> argparse.ArgumentParser:
         lambda s, a: _run(_db_revoke_reader(s, a)),
     )
     revoke.add_argument("--role", required=True, help="the login")
+
+    tokens = commands.add_parser("tokens", help="read API tokens").add_subparsers(
+        dest="tokens_command", required=True
+    )
+    add_token = command(
+        tokens,
+        "add",
+        "print a new read-API token for one tenant and record its digest in MINICHAT_READ_TOKENS_FILE",
+        _tokens_add,
+    )
+    add_token.add_argument("--tenant", type=uuid.UUID, required=True, help="the tenant the token reads")
 
     topics = commands.add_parser("topics", help="Kafka topics").add_subparsers(
         dest="topics_command", required=True

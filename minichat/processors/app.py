@@ -20,6 +20,7 @@ from minichat.processors.engine import OrderedEngine
 from minichat.processors.errors import stop_worker
 from minichat.processors.metrics import Metrics, render_metrics
 from minichat.processors.outages import BrokerWatch, limit_client_log_repeats, pace_failed_metadata_updates
+from minichat.processors.read_api import TokenStore, register_read_api
 from minichat.processors.relay import register_relay
 from minichat.processors.runtime import Runtime
 from minichat.processors.turn_events import TurnEvents
@@ -152,7 +153,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
         table_standby_replicas=0,
         web_enabled=settings.web_enabled,
         web_port=settings.web_port,
-        web_bind="127.0.0.1",
+        web_bind=settings.web_host,
     )
 
     metrics = Metrics()
@@ -163,6 +164,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
     register_watchdog(app, runtime, settings, policy)
     register_broker_watch(app, settings)
     register_metrics_page(app, metrics, runtime)
+    register_read_api(app, policy, runtime.pool, TokenStore(settings.read_tokens_file), engine.not_ready)
 
     @app.on_before_shutdown.connect
     async def _close_runtime(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:

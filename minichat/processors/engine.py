@@ -106,6 +106,7 @@ class OrderedEngine:
         self._progress_batches = self._progress_records = self._progress_steps = 0
         self._stall_reported = 0.0
         self._consumer: AIOKafkaConsumer | None = None
+        self._started = False
         self._offsets: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
 
@@ -167,6 +168,7 @@ class OrderedEngine:
                 stack.push_async_callback(client.stop)
             await consumer.start()
             stack.push_async_callback(consumer.stop)
+            self._started = True
             while not self._stopping:
                 await self._step(consumer)
             async with self._unit:
@@ -174,6 +176,15 @@ class OrderedEngine:
 
     def stop(self) -> None:
         self._stopping = True
+
+    def not_ready(self) -> str | None:
+        """Why `/ready` answers 503: None once the consumer is in the group (owning partitions,
+        or waiting for them while the group rebalances) and until the worker stops."""
+        if self._stopping:
+            return "stopping"
+        if not self._started:
+            return "starting: not in the consumer group yet"
+        return None
 
     @property
     def stopping(self) -> bool:

@@ -22,6 +22,13 @@ ON CONFLICT (role_name) DO UPDATE SET tenant_id = EXCLUDED.tenant_id, granted_at
 _UNBIND = "DELETE FROM reader_tenants WHERE role_name = $1 RETURNING tenant_id"
 
 
+async def read_as_tenant(con: asyncpg.Connection, tenant_id: UUID) -> None:
+    """Inside the caller's transaction: become `minichat_reader` for `tenant_id` until it ends
+    (the owner's path of docs/security.md §6; both settings are LOCAL)."""
+    await con.execute(f"SET LOCAL ROLE {READER_ROLE}")
+    await con.execute("SELECT set_config('minichat.tenant_id', $1, true)", str(tenant_id))
+
+
 async def grant_reader(con: asyncpg.Connection, role: str, tenant_id: UUID) -> None:
     """Bind the existing login `role` to `tenant_id` and make it a member of the reader role
     (re-binding moves it to the new tenant)."""

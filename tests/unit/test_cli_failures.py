@@ -23,6 +23,7 @@ COMMANDS = [
     ["db", "migrate"],
     ["db", "grant-reader", "--tenant", str(uuid.uuid4()), "--role", "someone"],
     ["db", "revoke-reader", "--role", "someone"],
+    ["tokens", "add", "--tenant", str(uuid.uuid4())],
     ["topics", "create"],
     ["schema", "export"],
 ]
@@ -36,7 +37,7 @@ def _leaves(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
 
 
 def _path(argv: list[str]) -> str:
-    return " ".join(argv[:2]) if argv[0] in ("db", "topics", "schema") else argv[0]
+    return " ".join(argv[:2]) if argv[0] in ("db", "tokens", "topics", "schema") else argv[0]
 
 
 def test_the_list_covers_every_command() -> None:

@@ -54,8 +54,8 @@ SYSTEM_LEVEL: dict[tuple[str, str], str] = {
     ("digest", "*"): "`minichat digest` hashes the state of all tenants (operator command, no content out)",
     ("metrics", "_STATE_GAUGES"): "the /metrics gauges: counts over all tenants for the operator",
     ("readers", "*"): (
-        "`minichat db grant-reader`: roles and the login-to-tenant bindings are cluster and operator "
-        "data; the binding's tenant is a value written, not a scope"
+        "reader roles: `minichat db grant-reader` writes login-to-tenant bindings (operator data, the "
+        "tenant a value written), and `read_as_tenant` sets the tenant that row-level security scopes by"
     ),
     ("positions", "*"): (
         "`consumer_positions`: the input offsets of a consumer group (operator data, no tenant), "

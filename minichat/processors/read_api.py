@@ -1,0 +1,286 @@
+"""The read API on the worker's web port (CONTRACT section 10): health, readiness, a chat's
+messages, a turn, a user's quota. `/v1/` routes need a bearer token of one tenant; reads run as
+`minichat_reader` with that tenant (row-level security), so another tenant's chat, turn or user
+answers exactly as an unknown one does: 404.
+
+Access logs carry paths (ids) only; message content is only ever in a response body.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+import secrets
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import faust
+
+from minichat.domain.periods import periods_for
+from minichat.domain.quota_view import quota_view
+from minichat.models.policy import Policy
+from minichat.storage.read_api import Cursor, chat_messages, chat_turn, reading_as, user_quota
+
+logger = logging.getLogger(__name__)
+
+PAGE_DEFAULT = 50
+PAGE_MAX = 500
+
+
+# ----------------------------------------------------------------------------------------- tokens
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class TokenStore:
+    """Token digests to tenants, from `MINICHAT_READ_TOKENS_FILE`; re-read when the file changes
+    (so `minichat tokens add` needs no restart)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._tenants: dict[str, UUID] = {}
+
+    def tenant_for(self, authorization: str | None) -> UUID | None:
+        if not authorization or not authorization.startswith("Bearer "):
+            return None
+        token = authorization.removeprefix("Bearer ").strip()
+        if not token:
+            return None
+        return self._load().get(token_digest(token))
+
+    def _load(self) -> dict[str, UUID]:
+        if self.path is None:
+            return {}
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return {}
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if stamp != self._stamp:
+            self._tenants = read_tokens(self.path)
+            self._stamp = stamp
+        return self._tenants
+
+
+def read_tokens(path: Path) -> dict[str, UUID]:
+    if not path.exists():
+        return {}
+    raw = json.loads(path.read_text() or "{}")
+    return {str(digest): UUID(str(tenant)) for digest, tenant in raw.items()}
+
+
+def add_token(path: Path, tenant_id: UUID) -> str:
+    """A new token for `tenant_id`; only its digest is stored (the file replaced atomically,
+    readable by its owner only). Returns the token: it is shown once."""
+    token = secrets.token_urlsafe(32)
+    tokens = {digest: str(tenant) for digest, tenant in read_tokens(path).items()}
+    tokens[token_digest(token)] = str(tenant_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as out:
+        json.dump(tokens, out, indent=2, sort_keys=True)
+        out.write("\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return token
+
+
+# ------------------------------------------------------------------------------------- responses
+
+
+def _json(view: Any, body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Any:
+    payload = json.dumps(body, default=_encode, separators=(",", ":")).encode()
+    return view.bytes(payload, content_type="application/json", status=status, headers=dict(headers or {}))
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(value, UUID):
+        return str(value)
+    raise TypeError(type(value).__name__)
+
+
+def _unauthorized(view: Any) -> Any:
+    return _json(view, {"error": "unauthorized"}, 401, {"WWW-Authenticate": 'Bearer realm="minichat"'})
+
+
+def _not_found(view: Any) -> Any:
+    return _json(view, {"error": "not_found"}, 404)
+
+
+def _bad_request(view: Any, detail: str) -> Any:
+    return _json(view, {"error": "bad_request", "detail": detail}, 400)
+
+
+def _uuid(text: str) -> UUID | None:
+    try:
+        return UUID(text)
+    except ValueError:
+        return None
+
+
+def encode_cursor(cursor: Cursor) -> str:
+    raw = f"{cursor.created_at.astimezone(UTC).isoformat()}|{cursor.message_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> Cursor | None:
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+        at, message_id = raw.split("|")
+        return Cursor(datetime.fromisoformat(at), UUID(message_id))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------- routes
+
+
+def register_read_api(
+    app: faust.App,
+    policy: Policy,
+    pool: Callable[[], Awaitable[asyncpg.Pool]],
+    tokens: TokenStore,
+    not_ready: Callable[[], str | None],
+) -> None:
+    """The contract's routes on `app`'s web server. `not_ready` says why the worker is not ready
+    (None when it is)."""
+
+    async def health(view: Any, request: Any) -> Any:
+        return _json(view, {"status": "ok"})
+
+    async def ready(view: Any, request: Any) -> Any:
+        reason = not_ready()
+        if reason is None:
+            try:
+                db = await pool()
+                async with db.acquire(timeout=2) as con:
+                    await con.fetchval("SELECT 1")
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                reason = f"database not answering ({type(exc).__name__})"
+        if reason is not None:
+            return _json(view, {"status": "not_ready", "reason": reason}, 503)
+        return _json(view, {"status": "ready"})
+
+    async def messages(view: Any, request: Any, chat_id: str) -> Any:
+        tenant = tokens.tenant_for(request.headers.get("Authorization"))
+        if tenant is None:
+            return _unauthorized(view)
+        chat = _uuid(chat_id)
+        if chat is None:
+            return _not_found(view)
+        try:
+            limit = int(request.query.get("limit", PAGE_DEFAULT))
+        except ValueError:
+            return _bad_request(view, "limit must be an integer")
+        if not 1 <= limit <= PAGE_MAX:
+            return _bad_request(view, f"limit must be between 1 and {PAGE_MAX}")
+        after = None
+        if "after" in request.query:
+            after = decode_cursor(request.query["after"])
+            if after is None:
+                return _bad_request(view, "after is not a cursor of this listing")
+        async with reading_as(await pool(), tenant) as con:
+            found = await chat_messages(con, tenant, chat, limit, after)
+        if found is None:
+            return _not_found(view)
+        page, cursor = found
+        items = [
+            {
+                "message_id": m["id"],
+                "request_id": m["request_id"],
+                "role": m["role"],
+                "content": m["content"],
+                "model": m["model"],
+                "input_tokens": m["input_tokens"],
+                "output_tokens": m["output_tokens"],
+                "created_at": m["created_at"],
+            }
+            for m in page
+        ]
+        return _json(view, {"messages": items, "next": encode_cursor(cursor) if cursor else None})
+
+    async def turn(view: Any, request: Any, chat_id: str, request_id: str) -> Any:
+        tenant = tokens.tenant_for(request.headers.get("Authorization"))
+        if tenant is None:
+            return _unauthorized(view)
+        chat, req = _uuid(chat_id), _uuid(request_id)
+        if chat is None or req is None:
+            return _not_found(view)
+        async with reading_as(await pool(), tenant) as con:
+            row = await chat_turn(con, tenant, chat, req)
+        if row is None:
+            return _not_found(view)
+        decision = row["decision"]
+        usage = None
+        if row.get("input_tokens") is not None:
+            usage = {
+                k: row[k]
+                for k in (
+                    "input_tokens",
+                    "output_tokens",
+                    "cache_read_input_tokens",
+                    "cache_write_input_tokens",
+                    "reasoning_tokens",
+                    "web_search_calls",
+                    "code_interpreter_calls",
+                )
+            }
+        return _json(
+            view,
+            {
+                "chat_id": chat,
+                "request_id": req,
+                "state": row["state"],
+                "decision": {**decision, "replay": False} if decision is not None else None,
+                "billing_outcome": row.get("billing_outcome"),
+                "settlement_method": row.get("settlement_method"),
+                "committed_credits_micro": row.get("committed_credits_micro"),
+                "usage": usage,
+                "settled_at": row.get("settled_at"),
+            },
+        )
+
+    async def quota(view: Any, request: Any, user_id: str) -> Any:
+        tenant = tokens.tenant_for(request.headers.get("Authorization"))
+        if tenant is None:
+            return _unauthorized(view)
+        user = _uuid(user_id)
+        if user is None:
+            return _not_found(view)
+        periods = periods_for(datetime.now(UTC))
+        async with reading_as(await pool(), tenant) as con:
+            stored = await user_quota(con, tenant, user, periods.daily, periods.monthly)
+        if stored is None:
+            return _not_found(view)
+        shown = quota_view(policy, tenant, periods, stored)
+        return _json(
+            view,
+            {
+                "user_id": user,
+                "policy_version": policy.version,
+                "buckets": [{**asdict(b), "remaining": b.remaining} for b in shown.buckets],
+                "tools": [asdict(t) for t in shown.tools],
+                "blocked": asdict(shown.blocked) if shown.blocked is not None else None,
+            },
+        )
+
+    app.page("/health", name="health")(health)
+    app.page("/ready", name="ready")(ready)
+    app.page("/v1/chats/{chat_id}/messages", name="chat_messages")(messages)
+    app.page("/v1/chats/{chat_id}/turns/{request_id}", name="chat_turn")(turn)
+    app.page("/v1/users/{user_id}/quota", name="user_quota")(quota)
