@@ -1,0 +1,159 @@
+"""`minichat.client` against a live worker: every command and fact, replays for repeated ids,
+timeouts that say what to do, only the partitions of the chats in flight read, and the example
+gateway run as a user would run it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from minichat.client import DecisionTimeout, GatewayClient, partition_of
+from minichat.models.events import Usage
+from tests.conftest import Live
+from tests.support import wait_until
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def client_of(live: Live, **options: float) -> GatewayClient:
+    return GatewayClient(live.settings.kafka_bootstrap_servers, live.settings.topic_prefix, **options)
+
+
+async def test_a_conversation_through_the_client(live: Live) -> None:
+    tenant, user, chat = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    async with client_of(live) as client:
+        first, second = uuid.uuid4(), uuid.uuid4()
+        decision = await client.request_turn(
+            tenant_id=tenant, chat_id=chat, user_id=user, request_id=first, content="hi", model="gpt-5-mini"
+        )
+        assert (decision.decision, decision.request_id, decision.replay) == ("allow", first, False)
+        assert decision.reserved_credits_micro and decision.effective_model == "gpt-5-mini"
+        await client.progress(tenant_id=tenant, chat_id=chat, request_id=first)
+        await client.completed(
+            tenant_id=tenant,
+            chat_id=chat,
+            request_id=first,
+            content="hello",
+            usage=Usage(input_tokens=3, output_tokens=5),
+        )
+        # the next message right after the completion's ack: ordered, never generation_in_progress
+        nxt = await client.request_turn(
+            tenant_id=tenant, chat_id=chat, user_id=user, request_id=second, content="more"
+        )
+        assert nxt.decision == "allow", nxt
+        await client.completed(
+            tenant_id=tenant, chat_id=chat, request_id=second, content="partial", usage=None
+        )
+        await client.usage(
+            tenant_id=tenant, chat_id=chat, request_id=second, usage=Usage(input_tokens=2, output_tokens=2)
+        )
+        retried = uuid.uuid4()
+        again = await client.retry_turn(
+            tenant_id=tenant, chat_id=chat, user_id=user, request_id=second, new_request_id=retried
+        )
+        assert (again.command, again.decision, again.request_id) == ("turn.retry", "allow", retried)
+        spent = Usage(input_tokens=1, output_tokens=1)
+        await client.failed(
+            tenant_id=tenant, chat_id=chat, request_id=retried, error_code="provider_error", usage=spent
+        )
+        edited = uuid.uuid4()
+        edit = await client.edit_turn(
+            tenant_id=tenant,
+            chat_id=chat,
+            user_id=user,
+            request_id=retried,
+            new_request_id=edited,
+            content="fixed",
+        )
+        assert edit.decision == "allow", edit
+        await client.cancelled(
+            tenant_id=tenant, chat_id=chat, request_id=edited, content="stopped", usage=spent
+        )
+        gone = await client.delete_turn(tenant_id=tenant, chat_id=chat, user_id=user, request_id=edited)
+        assert (gone.command, gone.decision) == ("turn.delete", "done")
+        closed = await client.delete_chat(tenant_id=tenant, chat_id=chat, user_id=user)
+        assert (closed.command, closed.decision) == ("chat.delete", "done")
+
+        async def all_settled() -> bool:
+            count = await live.db.fetchval(
+                "SELECT count(*) FROM chat_turns WHERE tenant_id = $1 AND settled_at IS NOT NULL", tenant
+            )
+            return bool(count == 4)
+
+        await wait_until(all_settled, timeout=30, what="every turn of the conversation settled")
+        # only the decision partition of this one chat was read
+        assert list(client.decision_partitions()) == [partition_of(chat, live.settings.partitions)]
+
+
+async def test_repeating_a_command_returns_the_stored_decision(live: Live) -> None:
+    tenant, user, chat, request = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    async with client_of(live) as client:
+        ask = {"tenant_id": tenant, "chat_id": chat, "user_id": user, "request_id": request}
+        first = await client.request_turn(**ask, content="hi", model="gpt-5-mini")
+        second = await client.request_turn(**ask, content="hi", model="gpt-5-mini")
+        assert (first.replay, second.replay) == (False, True)
+        assert second.model_copy(update={"replay": False}) == first
+        # concurrent calls for many chats, each answered with its own decision
+        chats = [uuid.uuid4() for _ in range(20)]
+        answers = await asyncio.gather(
+            *(
+                client.request_turn(
+                    tenant_id=tenant,
+                    chat_id=c,
+                    user_id=user,
+                    request_id=uuid.uuid4(),
+                    content="x",
+                    model="gpt-5-mini",
+                )
+                for c in chats
+            )
+        )
+        assert [a.chat_id for a in answers] == chats and {a.decision for a in answers} == {"allow"}
+
+
+async def test_a_timeout_says_the_command_will_still_be_decided(live: Live) -> None:
+    tenant, user, chat, request = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    async with client_of(live) as client:
+        with pytest.raises(DecisionTimeout) as caught:
+            await client.request_turn(
+                tenant_id=tenant,
+                chat_id=chat,
+                user_id=user,
+                request_id=request,
+                content="hi",
+                model="gpt-5-mini",
+                timeout_s=0.001,
+            )
+        assert "will be decided" in str(caught.value) and f"/v1/chats/{chat}/turns/{request}" in str(
+            caught.value
+        )
+        again = await client.request_turn(
+            tenant_id=tenant, chat_id=chat, user_id=user, request_id=request, content="hi", model="gpt-5-mini"
+        )
+        assert again.decision == "allow" and again.request_id == request
+
+
+async def test_the_example_gateway_plays_its_conversation(live: Live) -> None:
+    env = {
+        **os.environ,
+        "MINICHAT_KAFKA_BOOTSTRAP_SERVERS": live.settings.kafka_bootstrap_servers,
+        "MINICHAT_TOPIC_PREFIX": live.settings.topic_prefix,
+    }
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(ROOT / "examples" / "gateway.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(": allow on gpt-5-mini") == 2 and "chat deleted: done" in result.stdout
