@@ -54,6 +54,14 @@ Fact = (
     | events.UsageReported
 )
 
+FACT_TYPES = (
+    events.TurnProgress,
+    events.TurnCompleted,
+    events.TurnFailed,
+    events.TurnCancelled,
+    events.UsageReported,
+)
+
 
 class DecisionTimeout(TimeoutError):
     """No decision within the timeout. The command was acknowledged by the broker, so it will be

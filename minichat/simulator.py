@@ -22,8 +22,6 @@ Message content is generated text; it is produced to Kafka and never logged or p
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import random
 import sys
 import time
@@ -37,9 +35,9 @@ from typing import Any, Final, Literal, TextIO
 from uuid import UUID
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import BaseModel, ValidationError
 
+from minichat.client import FACT_TYPES, Command, DecisionTimeout, GatewayClient, decision_json
 from minichat.domain.settlement import RELEASED_CODES, USAGE_CODES
 from minichat.models import events
 from minichat.models.policy import CatalogModel, Policy, load_policy
@@ -51,7 +49,6 @@ from minichat.summary import (
     Summary,
     render,
     summarize,
-    topic_partitions,
     wait_quiescent,
 )
 
@@ -539,73 +536,6 @@ class Progress:
             self.stream.flush()
 
 
-class DecisionRouter:
-    """Reads `turn-decisions` from its end (taken before anything is sent) and hands each decision
-    to whoever waits for its `command_event_id`."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self.topic = topic
-        self._bootstrap = bootstrap
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-        self._seen: dict[str, list[dict[str, Any]]] = {}
-        self._events: dict[str, asyncio.Event] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        tps = (await topic_partitions(self._bootstrap, [self.topic])).get(self.topic)
-        if not tps:
-            raise SetupError(f"topic {self.topic} does not exist: run `minichat topics create`")
-        await self._consumer.start()
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_end(*tps)
-        for tp in tps:  # resolve the positions now, before the first command is produced
-            await self._consumer.position(tp)
-        self._task = asyncio.create_task(self._run(), name="decision-router")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self._consumer.stop()
-
-    async def _run(self) -> None:
-        while True:
-            batches = await self._consumer.getmany(timeout_ms=200)
-            for records in batches.values():
-                for record in records:
-                    try:
-                        value = json.loads(record.value)
-                    except (TypeError, ValueError):
-                        continue
-                    key = value.get("command_event_id") if isinstance(value, dict) else None
-                    if not isinstance(key, str):
-                        continue
-                    self._seen.setdefault(key, []).append(value)
-                    event = self._events.get(key)
-                    if event is not None:
-                        event.set()
-
-    async def wait(self, event_id: UUID, *, count: int = 1, within: float) -> list[dict[str, Any]] | None:
-        """The first `count` decisions of a command, or None when they did not come `within` seconds."""
-        key = str(event_id)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + within
-        try:
-            while len(self._seen.get(key, ())) < count:
-                if self._task is not None and self._task.done():
-                    self._task.result()  # the reader died: raise its error
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return None
-                event = self._events.setdefault(key, asyncio.Event())
-                event.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), min(remaining, 1.0))
-            return self._seen[key][:count]
-        finally:
-            self._events.pop(key, None)
-
-
 WaitKind = Literal["terminal", "settled", "usage", "parked"]
 
 _TURNS_SQL: Final = """
@@ -713,15 +643,17 @@ def _envelope(tenant: UUID, chat: UUID) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Record:
-    """One record to produce: a topic (without prefix), the encoded event, and what it is."""
+    """One record to produce: a topic (without prefix), the encoded event, and what it is; `event`
+    is the model itself (the simulator sends it through `minichat.client`, the bench the bytes)."""
 
     topic: str
     value: bytes
     kind: str
+    event: BaseModel | None = field(default=None, compare=False)
 
 
 def _record(topic: str, event: BaseModel) -> Record:
-    return Record(topic, events.to_json_bytes(event), str(getattr(event, "type", "")))
+    return Record(topic, events.to_json_bytes(event), str(getattr(event, "type", "")), event)
 
 
 @dataclass(frozen=True)
@@ -865,8 +797,7 @@ class _Run:
         policy: Policy,
         plan: Plan,
         options: SimulateOptions,
-        producer: Any,
-        router: DecisionRouter,
+        client: GatewayClient,
         watcher: TurnWatcher,
         progress: Progress,
     ) -> None:
@@ -875,8 +806,7 @@ class _Run:
         self.names = TopicNames(settings.topic_prefix)
         self.plan = plan
         self.options = options
-        self.producer = producer
-        self.router = router
+        self.client = client
         self.watcher = watcher
         self.progress = progress
         self.tenants: tuple[UUID, ...] = (*(uuid.uuid4() for _ in range(plan.tenants)), DEMO_TENANT_ID)
@@ -895,36 +825,41 @@ class _Run:
         self.stats["problems"] += 1
 
     async def send(self, record: Record, chat: UUID) -> None:
-        await self.producer.send_and_wait(
-            self.names.full(record.topic), value=record.value, key=str(chat).encode()
-        )
+        """A provider or usage fact, through the client (acknowledged by the broker)."""
+        fact = record.event
+        if not isinstance(fact, FACT_TYPES):
+            raise TypeError(f"not a provider or usage fact: {record.kind}")
+        await self.client.send_fact(fact)
         self.stats[f"sent {record.topic}"] += 1
 
     async def pause(self, rng: random.Random, low_ms: int = 5, high_ms: int = 30) -> None:
         await asyncio.sleep(rng.randint(low_ms, high_ms) / 1000)  # a gateway's pacing, not a wait
 
     async def command(
-        self, event: BaseModel, state: _ChatState, *, duplicate: bool = False
+        self, event: Command, state: _ChatState, *, duplicate: bool = False
     ) -> dict[str, Any] | None:
-        """Send a command, wait for its decision; a duplicate is sent again and must be replayed."""
-        record = _record(TURN_REQUESTS, event)
-        event_id: UUID = getattr(event, "event_id")  # noqa: B009 (every command has one)
-        await self.send(record, state.chat_id)
-        answers = await self.router.wait(event_id, within=self.options.step_timeout)
-        if not answers:
-            self.problem(f"no decision for a {record.kind} within {self.options.step_timeout:.0f}s")
+        """Send a command through the client and return its decision; a duplicate is the same
+        command sent again, which must be answered with the stored decision (`replay: true`)."""
+        timeout = self.options.step_timeout
+        try:
+            answer = await self.client.send_command(event, timeout_s=timeout)
+        except DecisionTimeout:
+            self.problem(f"no decision for a {event.type} within {timeout:.0f}s")
             return None
-        decision = answers[0]
+        self.stats[f"sent {TURN_REQUESTS}"] += 1
+        decision = decision_json(answer)
         self.stats[f"decision {decision['decision']}"] += 1
         if duplicate:
-            await self.send(record, state.chat_id)
             self.stats["duplicate commands"] += 1
-            both = await self.router.wait(event_id, count=2, within=self.options.step_timeout)
-            if not both:
-                self.problem(f"no replayed decision for a duplicate {record.kind}")
-            elif not both[1].get("replay") or {**both[1], "replay": False} != decision:
+            try:
+                again = decision_json(await self.client.send_command(event, timeout_s=timeout))
+            except DecisionTimeout:
+                self.problem(f"no replayed decision for a duplicate {event.type}")
+                return decision
+            self.stats[f"sent {TURN_REQUESTS}"] += 1
+            if not again.get("replay") or {**again, "replay": False} != decision:
                 self.problem(
-                    f"the decision re-sent for a duplicate {record.kind} is not a replay of the first"
+                    f"the decision re-sent for a duplicate {event.type} is not a replay of the first"
                 )
             else:
                 self.stats["replayed decisions"] += 1
@@ -1103,9 +1038,7 @@ async def run_simulation(
             f"the limit user will not reach a limit (use {DEMO_POLICY.name})\n"
         )
     start = time.monotonic()
-    names = TopicNames(settings.topic_prefix)
-    router = DecisionRouter(settings.kafka_bootstrap_servers, names.turn_decisions)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all", linger_ms=2)
+    client = GatewayClient(settings.kafka_bootstrap_servers, settings.topic_prefix, linger_ms=2)
     try:
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=3)
     except (OSError, asyncpg.PostgresError) as exc:
@@ -1115,10 +1048,12 @@ async def run_simulation(
     run: _Run | None = None
     backlog: Backlog | None = None
     try:
-        await router.start()
-        await producer.start()
+        try:
+            await client.__aenter__()
+        except RuntimeError as exc:  # a topic is missing
+            raise SetupError(str(exc)) from exc
         watcher.start()
-        run = _Run(settings, policy, plan, options, producer, router, watcher, progress)
+        run = _Run(settings, policy, plan, options, client, watcher, progress)
         slots = asyncio.Semaphore(max(1, options.concurrency))
         await asyncio.gather(*(run.play(i, chat, slots) for i, chat in enumerate(plan.chats)))
         progress.finish()
@@ -1140,8 +1075,7 @@ async def run_simulation(
         err.write(f"settling: {'done' if backlog.quiescent else 'gave up'}: {backlog.describe()}\n")
     finally:
         await watcher.stop()
-        await router.stop()
-        await producer.stop()
+        await client.__aexit__(None, None, None)
         await pool.close()
 
     assert run is not None
