@@ -18,7 +18,7 @@ from minichat.models.topics import TopicNames
 from minichat.processors.batches import MergedBatches
 from minichat.processors.engine import OrderedEngine
 from minichat.processors.errors import stop_worker
-from minichat.processors.metrics import Metrics, render_metrics
+from minichat.processors.metrics import Lag, Metrics, render_metrics
 from minichat.processors.outages import BrokerWatch, limit_client_log_repeats, pace_failed_metadata_updates
 from minichat.processors.read_api import TokenStore, register_read_api
 from minichat.processors.relay import register_relay
@@ -119,11 +119,13 @@ def register_broker_watch(
     return watch
 
 
-def register_metrics_page(app: faust.App, metrics: Metrics, runtime: Runtime) -> None:
+def register_metrics_page(
+    app: faust.App, metrics: Metrics, runtime: Runtime, lag: Callable[[], Lag] | None = None
+) -> None:
     """`GET /metrics` on the worker's web port: counters of this process, gauges of the state."""
 
     async def metrics_page(view: Any, request: Any) -> Any:
-        body = await render_metrics(metrics, runtime.pool)
+        body = await render_metrics(metrics, runtime.pool, lag)
         return view.text(body, content_type="text/plain; version=0.0.4")
 
     app.page("/metrics", name="metrics")(metrics_page)
@@ -163,7 +165,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
     register_relay(app, runtime, settings, metrics)
     register_watchdog(app, runtime, settings, policy)
     register_broker_watch(app, settings)
-    register_metrics_page(app, metrics, runtime)
+    register_metrics_page(app, metrics, runtime, engine.lag)
     register_read_api(app, policy, runtime.pool, TokenStore(settings.read_tokens_file), engine.not_ready)
 
     @app.on_before_shutdown.connect

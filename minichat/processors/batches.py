@@ -139,6 +139,7 @@ class MergedBatches:
             self.metrics.inc("minichat_records_total", dead, topic="all", outcome="dead_letter")
         self.metrics.inc("minichat_batches_total", agent="engine")
         self.metrics.inc("minichat_batch_records_total", len(good) + dead)
+        self.metrics.observe("minichat_batch_size_records", (len(good) + dead,))
 
     def label(self, topic: str) -> str:
         """A metric label: the topic without the deployment's prefix (`turn_requests`)."""

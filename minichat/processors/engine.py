@@ -177,6 +177,21 @@ class OrderedEngine:
     def stop(self) -> None:
         self._stopping = True
 
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Per owned input partition: records in the log not applied yet (the end offset the last
+        fetch saw, less the stored position); what `/metrics` shows as `minichat_consumer_lag`."""
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        out: dict[tuple[str, int], int] = {}
+        for lane in sorted(self.assigned):
+            end = consumer.highwater(TopicPartition(*lane))
+            if end is None:
+                continue
+            position = self.positions.get(lane)
+            out[(self.batches.label(lane[0]), lane[1])] = max(0, end - (position or 0))
+        return out
+
     def not_ready(self) -> str | None:
         """Why `/ready` answers 503: None once the consumer is in the group (owning partitions,
         or waiting for them while the group rebalances) and until the worker stops."""

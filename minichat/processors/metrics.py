@@ -1,18 +1,30 @@
-"""Process-local counters and the worker's `/metrics` page (Prometheus text format).
+"""Process-local counters and histograms, and the worker's `/metrics` page, exposed with
+`prometheus_client` (with its process, platform and GC collectors).
 
-Counters are per process (as Prometheus expects: it sums the workers); gauges that describe the
-shared state (parked events, the outbox backlog, reserves held) are read from Postgres when the
-page is scraped.
+Counters and histograms are per process (as Prometheus expects: it sums the workers); gauges that
+describe the shared state (parked events, the outbox backlog, reserves held) are read from
+Postgres when the page is scraped, the consumer lag per input partition from the engine. The hot
+path only adds to plain Python counters; the exposition objects are built at scrape time.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from minichat.storage.metrics import StateGauges, state_gauges
 
@@ -38,6 +50,13 @@ _HELP = {
     "minichat_parked_events": "Provider and usage events waiting for their command's decision.",
     "minichat_parked_oldest_age_seconds": "Age of the oldest parked event (0 when none).",
     "minichat_outbox_unpublished": "Billing events not yet relayed to billing-usage.",
+    "minichat_outbox_oldest_age_seconds": "Age of the oldest billing event not yet relayed (0 when none).",
+    "minichat_consumer_lag": (
+        "Input records not applied yet, per owned input partition (the log end seen by the last fetch "
+        "minus the stored position)."
+    ),
+    "minichat_batch_stage_seconds": "Time of a batch step's stages in the transaction: load, decide, write.",
+    "minichat_batch_size_records": "Records per merged batch.",
     "minichat_billing_published_total": "Billing events this worker relayed to billing-usage (acknowledged).",
     "minichat_billing_lag_seconds": (
         "From a billing event's commit to the outbox until billing-usage acknowledged it (the relay's lag)."
@@ -54,19 +73,34 @@ _HELP = {
 }
 
 BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-"""Upper bounds (seconds) of every histogram's buckets."""
+"""Upper bounds (seconds) of the histograms of durations."""
+BUCKETS_RECORDS = (1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0)
+"""Upper bounds of the batch-size histogram."""
+_BOUNDS = {"minichat_batch_size_records": BUCKETS_RECORDS}
 
 
 @dataclass(slots=True)
 class _Histogram:
-    buckets: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS_S) + 1))
+    bounds: tuple[float, ...] = BUCKETS_S
+    buckets: list[int] = field(default_factory=list)
     total: float = 0.0
     count: int = 0
 
+    def __post_init__(self) -> None:
+        self.buckets = [0] * (len(self.bounds) + 1)
+
     def observe(self, value: float) -> None:
-        self.buckets[bisect_left(BUCKETS_S, value)] += 1
+        self.buckets[bisect_left(self.bounds, value)] += 1
         self.total += value
         self.count += 1
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        seen = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.buckets, strict=True):
+            seen += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), float(seen)))
+        return out
 
 
 class Metrics:
@@ -79,7 +113,7 @@ class Metrics:
         key = (name, _key(labels))
         histogram = self._histograms.get(key)
         if histogram is None:
-            histogram = self._histograms[key] = _Histogram()
+            histogram = self._histograms[key] = _Histogram(_BOUNDS.get(name, BUCKETS_S))
         for value in values:
             histogram.observe(value)
 
@@ -89,7 +123,7 @@ class Metrics:
         if histogram is None or not histogram.count:
             return None
         seen = 0
-        for bound, n in zip((*BUCKETS_S, float("inf")), histogram.buckets, strict=True):
+        for bound, n in zip((*histogram.bounds, float("inf")), histogram.buckets, strict=True):
             seen += n
             if seen >= q * histogram.count:
                 return bound
@@ -101,53 +135,66 @@ class Metrics:
     def value(self, name: str, **labels: str | None) -> int:
         return self._counters[(name, _key(labels))]
 
-    def render(self, gauges: StateGauges | None = None) -> str:
-        lines: list[str] = []
-        names = sorted({name for name, _ in self._counters})
-        for name in names:
-            lines += _header(name, "counter")
+    def render(self, gauges: StateGauges | None = None, lag: Lag | None = None) -> str:
+        """The page: this process's counters and histograms, the state gauges, the lag, and
+        `prometheus_client`'s process, platform and GC metrics."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Snapshot(self, gauges, lag or {}))
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=registry)
+        return generate_latest(registry).decode()
+
+    def families(self) -> Iterator[Metric]:
+        for name in sorted({name for name, _ in self._counters}):
+            family = CounterMetricFamily(
+                name, _HELP.get(name, name), labels=self._label_names(self._counters, name)
+            )
             for (n, labels), value in sorted(self._counters.items()):
                 if n == name:
-                    lines.append(f"{name}{_labels(labels)} {value}")
+                    family.add_metric([v for _, v in labels], value)
+            yield family
         for name in sorted({name for name, _ in self._histograms}):
-            lines += _header(name, "histogram")
-            for (n, labels), histogram in sorted(self._histograms.items()):
+            histogram = HistogramMetricFamily(
+                name, _HELP.get(name, name), labels=self._label_names(self._histograms, name)
+            )
+            for (n, labels), h in sorted(self._histograms.items()):
                 if n == name:
-                    lines += _histogram_lines(name, labels, histogram)
-        if gauges is not None:
-            for gauge, reading in _gauge_values(gauges).items():
-                lines += _header(gauge, "gauge")
-                lines.append(f"{gauge} {reading}")
-        return "\n".join(lines) + "\n"
+                    histogram.add_metric([v for _, v in labels], h.cumulative(), h.total)
+            yield histogram
+
+    @staticmethod
+    def _label_names(store: Mapping[tuple[str, Labels], Any], name: str) -> list[str]:
+        for n, labels in store:
+            if n == name:
+                return [k for k, _ in labels]
+        return []
+
+
+Lag = Mapping[tuple[str, int], int]
+"""(topic label, partition) -> records not applied yet."""
+
+
+class _Snapshot(Collector):
+    """One scrape's view: what `Metrics` holds now, and the gauges read for this scrape."""
+
+    def __init__(self, metrics: Metrics, gauges: StateGauges | None, lag: Lag) -> None:
+        self.metrics, self.gauges, self.lag = metrics, gauges, lag
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.metrics.families()
+        if self.gauges is not None:
+            for name, reading in _gauge_values(self.gauges).items():
+                yield GaugeMetricFamily(name, _HELP[name], value=reading)
+        lag = GaugeMetricFamily(
+            "minichat_consumer_lag", _HELP["minichat_consumer_lag"], labels=["topic", "partition"]
+        )
+        for (topic, partition), records in sorted(self.lag.items()):
+            lag.add_metric([topic, str(partition)], records)
+        yield lag
 
 
 def _key(labels: Mapping[str, str | None]) -> Labels:
     return tuple(sorted((k, "" if v is None else str(v)) for k, v in labels.items()))
-
-
-def _histogram_lines(name: str, labels: Labels, histogram: _Histogram) -> list[str]:
-    lines: list[str] = []
-    seen = 0
-    for bound, n in zip((*BUCKETS_S, float("inf")), histogram.buckets, strict=True):
-        seen += n
-        le = "+Inf" if bound == float("inf") else repr(bound)
-        lines.append(f"{name}_bucket{_labels((*labels, ('le', le)))} {seen}")
-    lines.append(f"{name}_sum{_labels(labels)} {histogram.total:.6f}")
-    lines.append(f"{name}_count{_labels(labels)} {histogram.count}")
-    return lines
-
-
-def _header(name: str, kind: str) -> list[str]:
-    return [f"# HELP {name} {_HELP.get(name, name)}", f"# TYPE {name} {kind}"]
-
-
-def _labels(labels: Labels) -> str:
-    if not labels:
-        return ""
-    escaped = ",".join(
-        f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in labels
-    )
-    return "{" + escaped + "}"
 
 
 def _gauge_values(g: StateGauges) -> Mapping[str, int | float]:
@@ -155,12 +202,15 @@ def _gauge_values(g: StateGauges) -> Mapping[str, int | float]:
         "minichat_parked_events": g.parked_events,
         "minichat_parked_oldest_age_seconds": round(g.parked_oldest_age_s, 3),
         "minichat_outbox_unpublished": g.outbox_unpublished,
+        "minichat_outbox_oldest_age_seconds": round(g.outbox_oldest_age_s, 3),
         "minichat_reserved_credits_micro": g.reserved_credits_micro,
     }
 
 
-async def render_metrics(metrics: Metrics, pool: Callable[[], Awaitable[asyncpg.Pool]]) -> str:
+async def render_metrics(
+    metrics: Metrics, pool: Callable[[], Awaitable[asyncpg.Pool]], lag: Callable[[], Lag] | None = None
+) -> str:
     db = await pool()
     async with db.acquire() as con:
         gauges = await state_gauges(con)
-    return metrics.render(gauges)
+    return metrics.render(gauges, lag() if lag is not None else None)

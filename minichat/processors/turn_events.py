@@ -7,6 +7,7 @@ parked and applied by the turn-requests agent right after it decides (same locks
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -75,7 +76,9 @@ async def apply_turn_events(
     `park_unknown` is False: the drain after a decision, where nothing stored means the command
     was answered for another tenant's chat (nothing is stored under a foreign key), so the events
     could never apply; they are dropped (`foreign_chat`) rather than parked again forever."""
+    began = time.perf_counter()
     found = await load_turns(con, {(e.tenant_id, e.chat_id, e.request_id) for _, e in items})
+    loaded = time.perf_counter()
     effects = _Effects()
     outputs: list[Output] = []
     for record, event in items:
@@ -110,7 +113,11 @@ async def apply_turn_events(
                 effects.message_usage[turn.id] = step.turn
             if step.billing is not None:
                 _add_billing(effects, step.turn, step.billing)
+    decided = time.perf_counter()
     await _write(con, effects)
+    stages = {"load": loaded - began, "decide": decided - loaded, "write": time.perf_counter() - decided}
+    for stage, seconds in stages.items():
+        metrics.observe("minichat_batch_stage_seconds", (seconds,), stage=stage, step="facts")
     for reason, count in effects.dropped.items():
         metrics.inc("minichat_turn_events_dropped_total", count, reason=reason)
     metrics.inc("minichat_events_parked_total", len(effects.parked))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from uuid import UUID
@@ -46,11 +47,21 @@ class TurnRequests:
         answers: list[Answer] = []
         outputs: list[Output] = []
         while pending:
+            began = time.perf_counter()
             state = await load_batch_state(con, pending)
             if self.follow_recorded:
                 state.recorded = await self._recorded(con, pending)
+            loaded = time.perf_counter()
             result = decide_batch(state, pending, self.policy)
+            decided = time.perf_counter()
             await write_changes(con, result.changes)
+            stages = {
+                "load": loaded - began,
+                "decide": decided - loaded,
+                "write": time.perf_counter() - decided,
+            }
+            for stage, seconds in stages.items():
+                self.metrics.observe("minichat_batch_stage_seconds", (seconds,), stage=stage, step="commands")
             answers.extend(result.answers)
             outputs.extend(await self._drain_parked(con, result.answers))
             pending = pending[result.consumed :]

@@ -12,6 +12,8 @@ SELECT
     (SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(parked_seen_at)), 0) FROM parked_events)
         AS parked_oldest_age_s,
     (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS outbox_unpublished,
+    (SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(stored_seen_at)), 0) FROM outbox
+     WHERE published_at IS NULL) AS outbox_oldest_age_s,
     (SELECT COALESCE(sum(reserved_credits_micro), 0) FROM quota_usage WHERE period_type = 'daily')
         AS reserved_credits_micro
 """
@@ -22,6 +24,7 @@ class StateGauges:
     parked_events: int
     parked_oldest_age_s: float
     outbox_unpublished: int
+    outbox_oldest_age_s: float
     reserved_credits_micro: int
 
 
@@ -32,5 +35,6 @@ async def state_gauges(con: asyncpg.Connection) -> StateGauges:
         parked_events=row["parked_events"],
         parked_oldest_age_s=float(row["parked_oldest_age_s"]),
         outbox_unpublished=row["outbox_unpublished"],
+        outbox_oldest_age_s=float(row["outbox_oldest_age_s"]),
         reserved_credits_micro=int(row["reserved_credits_micro"]),
     )

@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from minichat.bench.workers import parse_metrics, stage_quantiles
 from minichat.processors.metrics import BUCKETS_S, Metrics
+from minichat.storage.metrics import StateGauges
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The page as prometheus_client's own parser reads it."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def test_histogram_renders_cumulative_buckets_sum_and_count() -> None:
@@ -11,13 +24,48 @@ def test_histogram_renders_cumulative_buckets_sum_and_count() -> None:
     m.observe("minichat_batch_seconds", [0.002, 0.02, 0.02, 40.0], stage="transaction")
     text = m.render()
     assert "# TYPE minichat_batch_seconds histogram" in text
-    assert 'minichat_batch_seconds_bucket{stage="transaction",le="0.001"} 0' in text
-    assert 'minichat_batch_seconds_bucket{stage="transaction",le="0.0025"} 1' in text
-    assert 'minichat_batch_seconds_bucket{stage="transaction",le="0.025"} 3' in text
-    assert 'minichat_batch_seconds_bucket{stage="transaction",le="30.0"} 3' in text
-    assert 'minichat_batch_seconds_bucket{stage="transaction",le="+Inf"} 4' in text
-    assert 'minichat_batch_seconds_count{stage="transaction"} 4' in text
-    assert 'minichat_batch_seconds_sum{stage="transaction"} 40.042000' in text
+    found = samples(text)
+
+    def bucket(le: str) -> float:
+        return found[("minichat_batch_seconds_bucket", (("le", le), ("stage", "transaction")))]
+
+    assert (bucket("0.001"), bucket("0.0025"), bucket("0.025"), bucket("30.0"), bucket("+Inf")) == (
+        0,
+        1,
+        3,
+        3,
+        4,
+    )
+    assert found[("minichat_batch_seconds_count", (("stage", "transaction"),))] == 4
+    assert found[("minichat_batch_seconds_sum", (("stage", "transaction"),))] == pytest.approx(40.042)
+
+
+def test_counters_gauges_lag_and_process_metrics_are_on_the_page() -> None:
+    m = Metrics()
+    m.inc(
+        "minichat_decisions_total",
+        3,
+        command="turn.requested",
+        decision="allow",
+        error_code=None,
+        replay="false",
+    )
+    m.observe("minichat_batch_size_records", [1, 700, 700])
+    gauges = StateGauges(
+        parked_events=2,
+        parked_oldest_age_s=1.5,
+        outbox_unpublished=4,
+        outbox_oldest_age_s=0.25,
+        reserved_credits_micro=10,
+    )
+    found = samples(m.render(gauges, {("turn_requests", 3): 17}))
+    labels = (("command", "turn.requested"), ("decision", "allow"), ("error_code", ""), ("replay", "false"))
+    assert found[("minichat_decisions_total", labels)] == 3
+    assert found[("minichat_batch_size_records_bucket", (("le", "1000.0"),))] == 3
+    assert found[("minichat_batch_size_records_bucket", (("le", "500.0"),))] == 1
+    assert found[("minichat_outbox_oldest_age_seconds", ())] == 0.25
+    assert found[("minichat_consumer_lag", (("partition", "3"), ("topic", "turn_requests")))] == 17
+    assert ("process_resident_memory_bytes", ()) in found
 
 
 def test_a_value_on_a_bound_falls_in_that_bucket() -> None:
