@@ -15,6 +15,7 @@ WORKDIR /app
 # working while that file does not exist yet.
 COPY pyproject.toml README.m[d] ./
 COPY minichat ./minichat
+COPY scripts/container-worker.sh ./scripts/
 RUN pip install . \
     && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin minichat
 

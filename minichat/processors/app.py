@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -152,6 +154,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
         topic_replication_factor=1,
         producer_acks=-1,
         store="memory://",
+        # faust makes a data directory even with no tables: not in the working directory
+        datadir=str(Path(tempfile.gettempdir()) / "minichat-faust" / "{conf.name}-data"),
         table_standby_replicas=0,
         web_enabled=settings.web_enabled,
         web_port=settings.web_port,

@@ -83,3 +83,26 @@ def test_quantiles_count_only_what_happened_between_two_scrapes() -> None:
     stages = stage_quantiles(before, parse_metrics(m.render()))
     assert stages == {"decision": {"p50": 5.0, "p99": 250.0}}
     assert stage_quantiles(before, before) == {}
+
+
+def test_alerts_and_dashboard_name_only_metrics_the_worker_exports() -> None:
+    """docs/alerts.yml and docs/grafana/minichat.json drift with the code: every minichat_* name
+    they use is one the worker documents (a histogram's _bucket/_count/_sum included)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from minichat.processors.metrics import _HELP
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    rules = yaml.safe_load((docs / "alerts.yml").read_text())
+    exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    exprs.append((docs / "grafana" / "minichat.json").read_text())
+    used = {re.sub(r"_(bucket|count|sum)$", "", n) for e in exprs for n in re.findall(r"minichat_[a-z_]+", e)}
+    assert used and used <= set(_HELP), sorted(used - set(_HELP))
+    assert {
+        "minichat_consumer_lag",
+        "minichat_decision_seconds",
+        "minichat_outbox_oldest_age_seconds",
+    } <= used
