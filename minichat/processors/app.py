@@ -155,7 +155,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
         producer_acks=-1,
         store="memory://",
         # faust makes a data directory even with no tables: not in the working directory
-        datadir=str(Path(tempfile.gettempdir()) / "minichat-faust" / "{conf.name}-data"),
+        datadir=str(Path(tempfile.gettempdir()) / "minichat-faust-{conf.name}"),
         table_standby_replicas=0,
         web_enabled=settings.web_enabled,
         web_port=settings.web_port,

@@ -36,6 +36,46 @@ logger = logging.getLogger(__name__)
 PAGE_DEFAULT = 50
 PAGE_MAX = 500
 
+ROUTES = (
+    ("/health", "health"),
+    ("/ready", "ready"),
+    ("/v1/chats/{chat_id}/messages", "chat_messages"),
+    ("/v1/chats/{chat_id}/turns/{request_id}", "chat_turn"),
+    ("/v1/users/{user_id}/quota", "user_quota"),
+)
+"""Paths and view names; docs/openapi.yaml documents exactly these (and /metrics)."""
+MESSAGE_FIELDS = (
+    "message_id",
+    "request_id",
+    "role",
+    "content",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "created_at",
+)
+USAGE_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cache_write_input_tokens",
+    "reasoning_tokens",
+    "web_search_calls",
+    "code_interpreter_calls",
+)
+TURN_FIELDS = (
+    "chat_id",
+    "request_id",
+    "state",
+    "decision",
+    "billing_outcome",
+    "settlement_method",
+    "committed_credits_micro",
+    "usage",
+    "settled_at",
+)
+QUOTA_FIELDS = ("user_id", "policy_version", "buckets", "tools", "blocked")
+
 
 # ----------------------------------------------------------------------------------------- tokens
 
@@ -200,17 +240,7 @@ def register_read_api(
             return _not_found(view)
         page, cursor = found
         items = [
-            {
-                "message_id": m["id"],
-                "request_id": m["request_id"],
-                "role": m["role"],
-                "content": m["content"],
-                "model": m["model"],
-                "input_tokens": m["input_tokens"],
-                "output_tokens": m["output_tokens"],
-                "created_at": m["created_at"],
-            }
-            for m in page
+            {field: m["id" if field == "message_id" else field] for field in MESSAGE_FIELDS} for m in page
         ]
         return _json(view, {"messages": items, "next": encode_cursor(cursor) if cursor else None})
 
@@ -226,34 +256,15 @@ def register_read_api(
         if row is None:
             return _not_found(view)
         decision = row["decision"]
-        usage = None
-        if row.get("input_tokens") is not None:
-            usage = {
-                k: row[k]
-                for k in (
-                    "input_tokens",
-                    "output_tokens",
-                    "cache_read_input_tokens",
-                    "cache_write_input_tokens",
-                    "reasoning_tokens",
-                    "web_search_calls",
-                    "code_interpreter_calls",
-                )
-            }
-        return _json(
-            view,
-            {
-                "chat_id": chat,
-                "request_id": req,
-                "state": row["state"],
-                "decision": {**decision, "replay": False} if decision is not None else None,
-                "billing_outcome": row.get("billing_outcome"),
-                "settlement_method": row.get("settlement_method"),
-                "committed_credits_micro": row.get("committed_credits_micro"),
-                "usage": usage,
-                "settled_at": row.get("settled_at"),
-            },
-        )
+        usage = {k: row[k] for k in USAGE_FIELDS} if row.get("input_tokens") is not None else None
+        shown = {
+            **{field: row.get(field) for field in TURN_FIELDS},
+            "chat_id": chat,
+            "request_id": req,
+            "decision": {**decision, "replay": False} if decision is not None else None,
+            "usage": usage,
+        }
+        return _json(view, shown)
 
     async def quota(view: Any, request: Any, user_id: str) -> Any:
         tenant = tokens.tenant_for(request.headers.get("Authorization"))
@@ -268,19 +279,22 @@ def register_read_api(
         if stored is None:
             return _not_found(view)
         shown = quota_view(policy, tenant, periods, stored)
-        return _json(
-            view,
-            {
-                "user_id": user,
-                "policy_version": policy.version,
-                "buckets": [{**asdict(b), "remaining": b.remaining} for b in shown.buckets],
-                "tools": [asdict(t) for t in shown.tools],
-                "blocked": asdict(shown.blocked) if shown.blocked is not None else None,
-            },
-        )
+        body = {
+            "user_id": user,
+            "policy_version": policy.version,
+            "buckets": [{**asdict(b), "remaining": b.remaining} for b in shown.buckets],
+            "tools": [asdict(t) for t in shown.tools],
+            "blocked": asdict(shown.blocked) if shown.blocked is not None else None,
+        }
+        assert tuple(body) == QUOTA_FIELDS
+        return _json(view, body)
 
-    app.page("/health", name="health")(health)
-    app.page("/ready", name="ready")(ready)
-    app.page("/v1/chats/{chat_id}/messages", name="chat_messages")(messages)
-    app.page("/v1/chats/{chat_id}/turns/{request_id}", name="chat_turn")(turn)
-    app.page("/v1/users/{user_id}/quota", name="user_quota")(quota)
+    views: dict[str, Any] = {
+        "health": health,
+        "ready": ready,
+        "chat_messages": messages,
+        "chat_turn": turn,
+        "user_quota": quota,
+    }
+    for path, name in ROUTES:
+        app.page(path, name=name)(views[name])
