@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -78,6 +79,10 @@ class DecisionTimeout(TimeoutError):
         self.command = command
 
 
+IDLE_S = 2.0
+"""How long a decision partition with nothing in flight stays read."""
+
+
 def partition_of(chat_id: uuid.UUID, partitions: int) -> int:
     """Where Kafka's default partitioner puts a record keyed by this chat (murmur2, positive)."""
     hashed: int = murmur2(str(chat_id).encode())
@@ -97,14 +102,20 @@ def _envelope(tenant_id: uuid.UUID, chat_id: uuid.UUID) -> dict[str, Any]:
 class _Decisions:
     """Reads the `turn-decisions` partitions that in-flight commands need, and nothing else."""
 
-    def __init__(self, consumer: AIOKafkaConsumer, topic: str, partitions: int) -> None:
+    def __init__(
+        self, consumer: AIOKafkaConsumer, offsets: AIOKafkaConsumer, topic: str, partitions: int
+    ) -> None:
         self._consumer = consumer
+        self._offsets = offsets
         self._topic = topic
         self._partitions = partitions
         self._waiting: dict[uuid.UUID, list[asyncio.Future[TurnDecision]]] = {}
         self._by_request: dict[tuple[uuid.UUID, str, uuid.UUID], uuid.UUID] = {}
         self._users: dict[int, int] = {}  # partition -> commands in flight on it
         self._assigned: set[TopicPartition] = set()
+        self.peak = 0
+        """The most partitions read at once."""
+        self._last_used: dict[int, float] = {}
         self._change = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -137,19 +148,13 @@ class _Decisions:
         async with self._change:
             tp = TopicPartition(self._topic, partition)
             if tp not in self._assigned:
-                # Keep what is assigned (reading on from its position), add the new partition at its
-                # end, resolved before the command is produced so its decision cannot be missed.
-                positions = {t: await self._consumer.position(t) for t in self._assigned}
-                self._consumer.assign(sorted(self._assigned | {tp}, key=lambda t: t.partition))
-                for t, offset in positions.items():
-                    self._consumer.seek(t, offset)
-                await self._consumer.seek_to_end(tp)
-                await self._consumer.position(tp)
-                self._assigned.add(tp)
+                await self._reassign(self._assigned | {tp}, new=tp)
         return future
 
-    def done(self, command: Command) -> None:
-        """The command's wait ended (answered or given up)."""
+    async def release(self, command: Command) -> None:
+        """The command's wait ended (answered or given up). A partition with no command in flight
+        for `IDLE_S` is no longer read (the last one stays assigned: an empty assignment stops
+        aiokafka's fetcher for good); the grace keeps a busy instance from re-assigning per call."""
         partition = partition_of(command.chat_id, self._partitions)
         self._users[partition] -= 1
         if not self._users[partition]:
@@ -158,8 +163,32 @@ class _Decisions:
         if all(f.done() for f in futures):
             self._waiting.pop(command.event_id, None)
             self._by_request = {k: v for k, v in self._by_request.items() if v != command.event_id}
-        # Partitions stay assigned while idle (cheap: an idle fetch); a rebalance of what an
-        # instance reads happens only when it starts talking about chats elsewhere.
+        now = time.monotonic()
+        self._last_used[partition] = now
+        async with self._change:
+            idle = {
+                tp
+                for tp in self._assigned
+                if tp.partition not in self._users and now - self._last_used.get(tp.partition, now) >= IDLE_S
+            }
+            if idle and len(self._assigned) > 1:
+                keep = (self._assigned - idle) or {min(self._assigned, key=lambda t: t.partition)}
+                await self._reassign(keep)
+
+    async def _reassign(self, wanted: set[TopicPartition], new: TopicPartition | None = None) -> None:
+        """Read `wanted`: the partitions kept read on from their positions, `new` from its end
+        offset, resolved before the caller produces (so its decision cannot be missed)."""
+        kept = {tp: await self._consumer.position(tp) for tp in self._assigned & wanted}
+        self._consumer.assign(sorted(wanted, key=lambda t: t.partition))
+        for tp, offset in kept.items():
+            self._consumer.seek(tp, offset)
+        if new is not None:
+            # The end offset from a consumer that never fetches: on the reading consumer's
+            # connection the broker would answer it only after the fetch in flight returns.
+            end = (await self._offsets.end_offsets([new]))[new]
+            self._consumer.seek(new, end)
+        self._assigned = set(wanted)
+        self.peak = max(self.peak, len(self._assigned))
 
     async def _run(self) -> None:
         while True:
@@ -208,6 +237,7 @@ class GatewayClient:
         self._linger_ms = linger_ms
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
+        self._offsets: AIOKafkaConsumer | None = None
         self._decisions: _Decisions | None = None
 
     async def __aenter__(self) -> Self:
@@ -223,15 +253,24 @@ class GatewayClient:
             client_id=f"{self._client_id}-decisions",
             group_id=None,
             enable_auto_commit=False,
+            # short: after an assignment change the new fetch waits on the connection behind the
+            # cancelled one's long-poll
+            fetch_max_wait_ms=10,
+        )
+        self._offsets = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap, client_id=f"{self._client_id}-offsets", group_id=None
         )
         await self._producer.start()
         await self._consumer.start()
+        await self._offsets.start()
         partitions = await self._producer.partitions_for(self.topics.turn_decisions)
         if not partitions:
             raise RuntimeError(
                 f"topic {self.topics.turn_decisions} does not exist: run `minichat topics create`"
             )
-        self._decisions = _Decisions(self._consumer, self.topics.turn_decisions, len(partitions))
+        self._decisions = _Decisions(
+            self._consumer, self._offsets, self.topics.turn_decisions, len(partitions)
+        )
         self._decisions.start()
         return self
 
@@ -240,7 +279,7 @@ class GatewayClient:
     ) -> None:
         if self._decisions is not None:
             await self._decisions.stop()
-        for client in (self._consumer, self._producer):
+        for client in (self._offsets, self._consumer, self._producer):
             if client is not None:
                 with contextlib.suppress(Exception):
                     await client.stop()
@@ -260,7 +299,7 @@ class GatewayClient:
                 raise DecisionTimeout(command, wait) from None
         finally:
             future.cancel()
-            decisions.done(command)
+            await decisions.release(command)
 
     async def request_turn(
         self,
@@ -431,8 +470,13 @@ class GatewayClient:
     # ---------------------------------------------------------------------------------- inside
 
     def decision_partitions(self) -> Iterable[int]:
-        """The `turn-decisions` partitions this instance reads (for tests and monitoring)."""
+        """The `turn-decisions` partitions this instance reads now (for tests and monitoring)."""
         return sorted(tp.partition for tp in self._require_decisions().assigned)
+
+    @property
+    def most_partitions_read(self) -> int:
+        """The most `turn-decisions` partitions this instance read at once."""
+        return self._require_decisions().peak
 
     def _require_decisions(self) -> _Decisions:
         if self._decisions is None:

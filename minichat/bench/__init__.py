@@ -66,6 +66,10 @@ async def _measure(settings: Settings, options: BenchOptions, result: BenchResul
     if options.wants("latency"):
         result.latency = await run_latency(settings, policy_file, model, options, workdir)
     result.replay = replay
+    if options.wants("client"):
+        from minichat.bench.client_overhead import run_client_overhead
+
+        result.client = await run_client_overhead(settings, policy_file, model, options, workdir)
 
 
 async def run_bench(settings: Settings, options: BenchOptions, *, out: TextIO | None = None) -> int:

@@ -10,7 +10,7 @@ from typing import Final, TypeVar
 
 T = TypeVar("T")
 
-PHASES: Final[tuple[str, ...]] = ("ceiling", "drain", "latency", "replay")
+PHASES: Final[tuple[str, ...]] = ("ceiling", "drain", "latency", "replay", "client")
 
 TENANTS: Final = 5
 """Tenants of every generated population."""
@@ -42,6 +42,8 @@ class BenchOptions:
     ceiling_rounds: int = 3
     drain_timeout_s: float | None = None
     """None: 120 s plus 4 ms per event of the backlog."""
+    client_requests: int = 200
+    """Requests per gateway instance of the client-overhead phase."""
     catch_up_timeout_s: float = 300.0
     """How long the latency phase waits, after a rate, for the worker to answer everything."""
 
@@ -122,6 +124,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--seed", type=int, default=d.seed, help=f"seed of the generated traffic (default {d.seed})")
     add(
+        "--client-requests",
+        type=_arg(_positive_int),
+        default=d.client_requests,
+        help=f"requests per gateway instance of the client-overhead phase (default {d.client_requests})",
+    )
+    add(
         "--ceiling-rounds",
         type=_arg(_positive_int),
         default=d.ceiling_rounds,
@@ -154,4 +162,5 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         seed=args.seed,
         in_flight=args.in_flight,
         ceiling_rounds=args.ceiling_rounds,
+        client_requests=args.client_requests,
     )

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from minichat.bench.ceiling import CeilingResult
+from minichat.bench.client_overhead import OverheadResult
 from minichat.bench.drain import DrainResult
 from minichat.bench.latency import EVENTS_PER_REQUEST, LatencyResult, RateResult
 from minichat.bench.options import TENANTS
@@ -25,6 +26,7 @@ class BenchResult:
     drains: list[DrainResult] = field(default_factory=list)
     latency: LatencyResult | None = None
     replay: bool = False
+    client: OverheadResult | None = None
     elapsed_s: float = 0.0
     bench_cpu_s: float = 0.0
 
@@ -143,6 +145,7 @@ def to_json(result: BenchResult) -> dict[str, Any]:
         "drain": [_drain_json(d, result) for d in result.drains],
         "latency": None,
         "replay": None,
+        "client": None,
         "generator": {"bench_process_cpu_s": _r(result.bench_cpu_s, 2)},
     }
     if result.latency is not None:
@@ -154,6 +157,21 @@ def to_json(result: BenchResult) -> dict[str, Any]:
             "rates": [_rate_json(r, result) for r in lat.rates],
             "skipped_rates": lat.skipped,
         }
+    if result.client is not None:
+        doc["client"] = [
+            {
+                "instances": r.instances,
+                "requests": r.requests,
+                "client_ms": r.client_ms,
+                "raw_ms": r.raw_ms,
+                "overhead_ms": {
+                    k: round(r.client_ms[k] - r.raw_ms[k], 3) for k in r.client_ms if k in r.raw_ms
+                },
+                "client_partitions_read": r.client_partitions_read,
+                "partitions": r.partitions,
+            }
+            for r in result.client.rounds
+        ]
     first = result.drains[0] if result.drains else None
     if result.replay and first is not None and first.noop_replay is not None:
         doc["replay"] = {

@@ -144,6 +144,29 @@ def _latency(lat: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _client(rounds: list[dict[str, Any]]) -> list[str]:
+    rows = []
+    for r in rounds:
+        c, w, o = r["client_ms"], r["raw_ms"], r["overhead_ms"]
+        rows.append(
+            [
+                r["instances"],
+                r["requests"],
+                f"{c['p50']:.1f} / {c['p99']:.1f}",
+                f"{w['p50']:.1f} / {w['p99']:.1f}",
+                f"{o['p50']:+.1f} / {o['p99']:+.1f}",
+                f"{r['client_partitions_read']:g} of {r['partitions']}",
+            ]
+        )
+    headers = ["instances", "requests", "client p50 / p99 ms", "raw p50 / p99 ms", "overhead ms"]
+    headers.append("decision partitions read (client)")
+    return [
+        "5. client overhead: request_turn against a raw produce + consume of every decision partition, "
+        "one request at a time per instance, each to a new chat (the decision time included in both)",
+        grid(headers, rows),
+    ]
+
+
 def _pair(q: dict[str, float] | None) -> str | None:
     return None if q is None else f"{q['p50']:g} / {q['p99']:g}"
 
@@ -176,6 +199,8 @@ def render(doc: dict[str, Any]) -> str:
         parts.append("\n".join(_latency(doc["latency"])))
     if doc["replay"]:
         parts.append("\n".join(_replay(doc["replay"])))
+    if doc.get("client"):
+        parts.append("\n".join(_client(doc["client"])))
     gen = [f"bench process (the generator and the probes): {doc['generator']['bench_process_cpu_s']} CPU s"]
     for d in doc["drain"]:
         b = d["backlog"]

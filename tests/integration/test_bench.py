@@ -34,7 +34,7 @@ def _run_bench(endpoints: Endpoints, out: Path) -> subprocess.CompletedProcess[s
         "MINICHAT_DATABASE_URL": endpoints.database_url,
     }
     args = ["--turns", str(TURNS), "--rates", str(RATE), "--rate-seconds", str(RATE_SECONDS)]
-    args += ["--workers", "1", "--ceiling-rounds", "1", "--out", str(out)]
+    args += ["--workers", "1", "--ceiling-rounds", "1", "--client-requests", "5", "--out", str(out)]
     return subprocess.run(
         [sys.executable, "-m", "minichat.cli", "bench", *args],
         env=worker_env(env),
@@ -125,4 +125,13 @@ async def test_bench_smoke_run_reports_every_section(endpoints: Endpoints, tmp_p
     for heading in ("1. ceiling", "2. backlog drain", "3. decision latency", "4. replay"):
         assert heading in result.stdout
     assert "billing lag" in result.stdout and "the worker's own timings" in result.stdout
+    assert "5. client overhead" in result.stdout
+    rounds = {r["instances"]: r for r in doc["client"]}
+    assert set(rounds) == {1, 8} and rounds[8]["requests"] == 8 * 5
+    for r in rounds.values():
+        assert (
+            0 < r["raw_ms"]["p50"] <= r["raw_ms"]["p99"]
+            and 0 < r["client_ms"]["p50"] <= r["client_ms"]["p99"]
+        )
+        assert 1 <= r["client_partitions_read"] <= r["partitions"]
     assert await _leftovers(endpoints, result.stderr) == (set(), set())
