@@ -159,6 +159,18 @@ class WorkerProcess:
         self.proc.wait()
 
 
+def run_cli(env: Mapping[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`minichat <args>` as a user runs it, with `env` (plus the test run's own PATH and the like)."""
+    return subprocess.run(
+        [sys.executable, "-m", "minichat.cli", *args],
+        env=worker_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
 def worker_env(env: Mapping[str, str]) -> dict[str, str]:
     merged = {k: v for k, v in os.environ.items() if not k.startswith("MINICHAT_")}
     merged.update(env)

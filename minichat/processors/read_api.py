@@ -216,13 +216,22 @@ def register_read_api(
             return _json(view, {"status": "not_ready", "reason": reason}, 503)
         return _json(view, {"status": "ready"})
 
-    async def messages(view: Any, request: Any, chat_id: str) -> Any:
+    def caller(view: Any, request: Any, *ids: str) -> tuple[UUID, list[UUID]] | Any:
+        """The token's tenant and the path's ids, or the response that refuses the request: 401
+        without a known token, 404 for an id that is not a UUID (as for an unknown one)."""
         tenant = tokens.tenant_for(request.headers.get("Authorization"))
         if tenant is None:
             return _unauthorized(view)
-        chat = _uuid(chat_id)
-        if chat is None:
+        parsed = [_uuid(i) for i in ids]
+        if any(p is None for p in parsed):
             return _not_found(view)
+        return tenant, [p for p in parsed if p is not None]
+
+    async def messages(view: Any, request: Any, chat_id: str) -> Any:
+        found_caller = caller(view, request, chat_id)
+        if not isinstance(found_caller, tuple):
+            return found_caller
+        tenant, [chat] = found_caller
         try:
             limit = int(request.query.get("limit", PAGE_DEFAULT))
         except ValueError:
@@ -245,12 +254,10 @@ def register_read_api(
         return _json(view, {"messages": items, "next": encode_cursor(cursor) if cursor else None})
 
     async def turn(view: Any, request: Any, chat_id: str, request_id: str) -> Any:
-        tenant = tokens.tenant_for(request.headers.get("Authorization"))
-        if tenant is None:
-            return _unauthorized(view)
-        chat, req = _uuid(chat_id), _uuid(request_id)
-        if chat is None or req is None:
-            return _not_found(view)
+        found_caller = caller(view, request, chat_id, request_id)
+        if not isinstance(found_caller, tuple):
+            return found_caller
+        tenant, [chat, req] = found_caller
         async with reading_as(await pool(), tenant) as con:
             row = await chat_turn(con, tenant, chat, req)
         if row is None:
@@ -267,12 +274,10 @@ def register_read_api(
         return _json(view, shown)
 
     async def quota(view: Any, request: Any, user_id: str) -> Any:
-        tenant = tokens.tenant_for(request.headers.get("Authorization"))
-        if tenant is None:
-            return _unauthorized(view)
-        user = _uuid(user_id)
-        if user is None:
-            return _not_found(view)
+        found_caller = caller(view, request, user_id)
+        if not isinstance(found_caller, tuple):
+            return found_caller
+        tenant, [user] = found_caller
         periods = periods_for(datetime.now(UTC))
         async with reading_as(await pool(), tenant) as con:
             stored = await user_quota(con, tenant, user, periods.daily, periods.monthly)

@@ -8,8 +8,6 @@ changed on its own.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import date, datetime, timedelta, timezone
@@ -20,7 +18,7 @@ import pytest
 
 from minichat.storage.digest import DIGEST_TABLES, Digest, combine, covered_columns, digest
 from tests.conftest import Deployment, deployment_settings
-from tests.support import ROOT, Endpoints, scratch_database, worker_env
+from tests.support import Endpoints, run_cli, scratch_database
 
 pytestmark = pytest.mark.integration
 
@@ -254,26 +252,15 @@ async def test_same_content_in_another_order_and_time_zone_gives_the_same_digest
         await other.close()
 
 
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "minichat.cli", *args],
-        env=worker_env(env),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
-
-
 async def test_cli_prints_the_total_or_every_table(
     endpoints: Endpoints, database_url: str, filled: asyncpg.Connection
 ) -> None:
     env = Deployment(deployment_settings(endpoints, database_url)).env()
     expected = await digest(filled)
-    plain = _cli(env, "digest")
+    plain = run_cli(env, "digest")
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout == expected.total + "\n"
-    per_table = _cli(env, "digest", "--tables")
+    per_table = run_cli(env, "digest", "--tables")
     assert per_table.returncode == 0, per_table.stderr
     lines = [line.split() for line in per_table.stdout.splitlines()]
     assert lines == [[t, v] for t, v in expected.tables.items()] + [["total", expected.total]]
@@ -281,6 +268,6 @@ async def test_cli_prints_the_total_or_every_table(
 
 async def test_cli_names_the_fix_on_an_empty_database(endpoints: Endpoints, empty_database_url: str) -> None:
     env = Deployment(deployment_settings(endpoints, empty_database_url)).env()
-    result = _cli(env, "digest")
+    result = run_cli(env, "digest")
     assert result.returncode == 2
     assert "run `minichat db migrate`" in result.stderr

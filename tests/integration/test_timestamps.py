@@ -9,8 +9,6 @@ any record that carries a producer's timestamp anyway (a topic changed while it 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -23,23 +21,12 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from minichat.models.topics import TOPIC_CONFIG, TopicNames
 from minichat.processors.topics import create_topics, topic_problems
 from tests.conftest import Deployment, Live, deployment_settings, live_deployment
-from tests.support import Endpoints, TopicReader, worker_env
+from tests.support import Endpoints, TopicReader, run_cli
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 FORTY_DAYS_MS = 40 * 86_400_000
-
-
-def _run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "minichat.cli", *args],
-        env=worker_env(env),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
 
 
 async def _set_timestamp_type(bootstrap: str, topics: list[str], value: str) -> None:
@@ -66,7 +53,7 @@ async def test_the_worker_refuses_input_topics_where_producers_set_the_time(
     finally:
         await admin.close()
 
-    result = _run_cli(Deployment(settings).env(), "worker")
+    result = run_cli(Deployment(settings).env(), "worker")
     assert result.returncode == 2, result.stderr
     for topic in names.inputs():
         assert topic in result.stderr

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from minichat.models.topics import TopicNames
 from tests.conftest import Deployment, deployment_settings
-from tests.support import ROOT, Endpoints, TopicReader, produce, run_worker, worker_env
+from tests.support import Endpoints, TopicReader, produce, run_cli, run_worker
 
 pytestmark = pytest.mark.integration
-
-
-def _run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "minichat.cli", *args],
-        env=worker_env(env),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
 
 
 async def test_worker_refuses_to_start_without_schema_or_topics(
@@ -31,13 +18,13 @@ async def test_worker_refuses_to_start_without_schema_or_topics(
 ) -> None:
     deployment = Deployment(deployment_settings(endpoints, empty_database_url))
 
-    result = _run_cli(deployment.env(), "worker")
+    result = run_cli(deployment.env(), "worker")
     assert result.returncode == 2
     assert "run `minichat db migrate`" in result.stderr
     assert "run `minichat topics create`" in result.stderr
 
-    assert _run_cli(deployment.env(), "db", "migrate").returncode == 0
-    result = _run_cli(deployment.env(), "worker")
+    assert run_cli(deployment.env(), "db", "migrate").returncode == 0
+    result = run_cli(deployment.env(), "worker")
     assert result.returncode == 2
     assert "minichat db migrate" not in result.stderr
     assert "run `minichat topics create`" in result.stderr
@@ -89,7 +76,7 @@ async def test_policy_versions_are_stored_once_and_a_changed_version_is_refused(
         **deployment.env(),
         "MINICHAT_POLICY_FILE": str(changed_path := policy_file(tmp_path, max_images=9)),
     }
-    result = _run_cli(env, "worker")
+    result = run_cli(env, "worker")
     assert result.returncode == 2
     assert str(changed_path) in result.stderr and "new version number" in result.stderr
 
@@ -100,7 +87,7 @@ async def test_a_bad_policy_file_stops_the_worker_with_the_field_path(
     from tests.gateway import policy_file
 
     bad = policy_file(tmp_path, max_images="four")
-    result = _run_cli({**deployment.env(), "MINICHAT_POLICY_FILE": str(bad)}, "worker")
+    result = run_cli({**deployment.env(), "MINICHAT_POLICY_FILE": str(bad)}, "worker")
     assert result.returncode == 2
     assert str(bad) in result.stderr and "max_images" in result.stderr
 
