@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
-from uuid import UUID, uuid5
+from uuid import UUID
 
 from minichat.domain.admission import (
     REPLAY,
@@ -35,6 +35,7 @@ from minichat.domain.admission import (
     decide_request,
     decide_turn_delete,
 )
+from minichat.domain.ids import message_id_for, turn_id_for
 from minichat.domain.periods import periods_for
 from minichat.domain.quota import BucketKey, QuotaRow, apply_reserve
 from minichat.models.events import (
@@ -48,18 +49,8 @@ from minichat.models.events import (
 )
 from minichat.models.policy import Policy
 
-ID_NAMESPACE = UUID("9adf340e-8e36-5009-a11f-afe188bf1e3a")
-
 UserKey = tuple[UUID, UUID]
 """(tenant_id, user_id): whose quota rows."""
-
-
-def turn_id_for(chat_id: UUID, request_id: UUID) -> UUID:
-    return uuid5(ID_NAMESPACE, f"turn:{chat_id}:{request_id}")
-
-
-def message_id_for(chat_id: UUID, request_id: UUID, role: str) -> UUID:
-    return uuid5(ID_NAMESPACE, f"message:{chat_id}:{request_id}:{role}")
 
 
 def command_id_of(event: TurnRequestEvent) -> UUID:

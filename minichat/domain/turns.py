@@ -15,7 +15,7 @@ from datetime import date, datetime
 from typing import Any, Literal
 from uuid import UUID
 
-from minichat.domain.commands import message_id_for
+from minichat.domain.ids import message_id_for
 from minichat.domain.periods import Periods
 from minichat.domain.quota import BucketKey, QuotaDelta
 from minichat.domain.settlement import (

@@ -14,12 +14,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from uuid import UUID, uuid5
 
 import asyncpg
 import faust
 
-from minichat.domain.commands import ID_NAMESPACE
+from minichat.domain.ids import grace_expired_event_id, orphaned_event_id
 from minichat.models.events import TurnOrphaned, UsageGraceExpired, to_json_bytes
 from minichat.models.policy import Policy
 from minichat.models.topics import TopicNames
@@ -44,15 +43,6 @@ from minichat.storage.watchdog import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def orphaned_event_id(turn_id: UUID, progress_seq: int) -> UUID:
-    """Same turn, same progress: same id, so a re-sent signal is recognisably the same one."""
-    return uuid5(ID_NAMESPACE, f"turn.orphaned:{turn_id}:{progress_seq}")
-
-
-def grace_expired_event_id(turn_id: UUID) -> UUID:
-    return uuid5(ID_NAMESPACE, f"usage.grace_expired:{turn_id}")
 
 
 def orphaned_event(turn: StaleTurn) -> TurnOrphaned:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from uuid import UUID, uuid5
+from uuid import UUID
 
 import asyncpg
 
 from minichat.domain.admission import ChatFacts
 from minichat.domain.commands import (
-    ID_NAMESPACE,
     BatchState,
     Changes,
     ChatView,
@@ -23,6 +22,7 @@ from minichat.domain.commands import (
     UserKey,
     command_id_of,
 )
+from minichat.domain.ids import quota_row_id
 from minichat.domain.periods import periods_for
 from minichat.domain.quota import BUCKET_PREMIUM, BUCKET_TOTAL, BucketKey, QuotaRow
 from minichat.models.events import TurnDelete, TurnEdit, TurnRequested, TurnRetry
@@ -350,12 +350,6 @@ class DecisionConflict(RetryableConflict):
     """A decision key was taken between loading and writing. Unreachable under the batch's request
     locks and the positions claim (test_overlapping_owners.py); retried, not fatal, if it ever is:
     the retry loads the stored decision and answers it as a replay."""
-
-
-def quota_row_id(tenant_id: UUID, user_id: UUID, key: BucketKey) -> UUID:
-    return uuid5(
-        ID_NAMESPACE, f"quota:{tenant_id}:{user_id}:{key.period_type}:{key.period_start}:{key.bucket}"
-    )
 
 
 async def write_changes(con: asyncpg.Connection, changes: Changes) -> None:

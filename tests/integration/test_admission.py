@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from minichat.domain.commands import message_id_for, turn_id_for
+from minichat.domain.ids import message_id_for, turn_id_for
 from tests.conftest import Live
 from tests.support import wait_until
 

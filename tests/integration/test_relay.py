@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from minichat.domain.commands import turn_id_for
+from minichat.domain.ids import turn_id_for
 from minichat.models.events import OUTPUT_ADAPTER, UsageAdjusted, UsageSettled, dedupe_key
 from minichat.models.topics import TopicNames
 from minichat.processors.errors import RetryPolicy

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from minichat.domain.commands import message_id_for
+from minichat.domain.ids import message_id_for
 from minichat.models.events import dedupe_key
 from minichat.models.topics import TopicNames
 from tests.conftest import Live, live_deployment

@@ -10,13 +10,13 @@ from datetime import UTC, date, datetime, timedelta
 import asyncpg
 import pytest
 
-from minichat.domain.commands import turn_id_for
+from minichat.domain.ids import grace_expired_event_id, orphaned_event_id, turn_id_for
 from minichat.models.events import TurnOrphaned, UsageGraceExpired, decode_provider_event, decode_usage_event
 from minichat.models.topics import TopicNames
 from minichat.processors.errors import RetryPolicy
 from minichat.processors.pipeline import Producer
 from minichat.processors.relay import WATCHDOG_LOCK, ExclusiveSession
-from minichat.processors.watchdog import Sweep, Watchdog, grace_expired_event_id, orphaned_event_id
+from minichat.processors.watchdog import Sweep, Watchdog
 from tests.conftest import Deployment
 from tests.integration.test_relay import KafkaProducer, read_to_end
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from minichat.domain.ids import quota_row_id
 from minichat.domain.quota import BucketKey
-from minichat.storage.turn_requests import quota_row_id
 from tests.conftest import Live, live_deployment
 from tests.gateway import policy_file
 from tests.support import Endpoints, wait_until

@@ -22,7 +22,6 @@ import pytest
 
 from minichat.domain.admission import ChatFacts, TurnState
 from minichat.domain.commands import (
-    ID_NAMESPACE,
     Answer,
     BatchResult,
     BatchState,
@@ -35,9 +34,8 @@ from minichat.domain.commands import (
     TurnRemoval,
     command_id_of,
     decide_batch,
-    message_id_for,
-    turn_id_for,
 )
+from minichat.domain.ids import ID_NAMESPACE, message_id_for, turn_id_for
 from minichat.domain.quota import BucketKey, QuotaRow
 from minichat.models.events import TurnDecision, TurnRequestEvent
 from minichat.models.policy import Policy

@@ -5,15 +5,10 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-from minichat.domain.commands import ID_NAMESPACE, turn_id_for
+from minichat.domain.ids import ID_NAMESPACE, grace_expired_event_id, orphaned_event_id, turn_id_for
 from minichat.models.events import TurnOrphaned, UsageGraceExpired, decode_provider_event, decode_usage_event
 from minichat.models.events import to_json_bytes as encode
-from minichat.processors.watchdog import (
-    grace_expired_event,
-    grace_expired_event_id,
-    orphaned_event,
-    orphaned_event_id,
-)
+from minichat.processors.watchdog import grace_expired_event, orphaned_event
 from minichat.storage.watchdog import StaleTurn
 
 NOW = datetime(2026, 3, 14, 9, 26, 53, 589_793, tzinfo=UTC)
