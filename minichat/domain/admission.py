@@ -13,7 +13,6 @@ from datetime import datetime
 from typing import Literal
 from uuid import UUID
 
-from minichat.domain.credits import MAX_TOKENS
 from minichat.domain.estimation import estimate_input
 from minichat.domain.periods import Periods, periods_for
 from minichat.domain.quota import (
@@ -25,6 +24,7 @@ from minichat.domain.quota import (
     choose_tier,
     tool_quota_scope,
 )
+from minichat.models.bounds import MAX_TOKENS
 from minichat.models.policy import Policy
 
 TurnState = Literal["running", "completed", "failed", "cancelled"]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
+from minichat.models.bounds import MAX_MULTIPLIER, MAX_TOKENS
+
 MICRO_DIVISOR = 1_000_000
 """Multipliers are micro-credits per million tokens (CONTRACT §7, decided)."""
-MAX_TOKENS = 10_000_000
-"""Upper bound of any token or call count (CONTRACT §4)."""
-MAX_MULTIPLIER = 10_000_000_000
-"""Upper bound of a credit multiplier; with MAX_TOKENS the largest charge is 2·10^11."""
 
 
 class CreditError(ValueError):

@@ -29,6 +29,8 @@ from pydantic import (
 from pydantic.config import JsonDict
 from pydantic_core import ErrorDetails, PydanticCustomError, PydanticUseDefault
 
+from minichat.models.bounds import INT4_MAX, INT8_MAX, MAX_TOKENS
+
 # --------------------------------------------------------------------------------------------
 # Limits and vocabularies
 # --------------------------------------------------------------------------------------------
@@ -39,9 +41,9 @@ MAX_PAYLOAD_BYTES: Final = 1_048_576
 DEAD_LETTER_PAYLOAD_BYTES: Final = 65_536
 """A dead letter keeps at most this many bytes of the original value."""
 
-MAX_TOKEN_COUNT: Final = 10_000_000
-_INT4_MAX: Final = 2_147_483_647
-_INT8_MAX: Final = 9_223_372_036_854_775_807
+MAX_TOKEN_COUNT: Final = MAX_TOKENS
+_INT4_MAX: Final = INT4_MAX
+_INT8_MAX: Final = INT8_MAX
 
 TopicKind = Literal["turn-requests", "provider-responses", "usage"]
 

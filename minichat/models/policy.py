@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from minichat.domain.credits import MAX_MULTIPLIER, MAX_TOKENS
+from minichat.models.bounds import MAX_MULTIPLIER, MAX_TOKENS
 
 Tier = Literal["standard", "premium"]
 

@@ -30,8 +30,8 @@ from minichat.domain.admission import (
     decide_request,
     decide_turn_delete,
 )
-from minichat.domain.credits import MAX_TOKENS
 from minichat.domain.quota import BucketKey, QuotaRow, apply_reserve, candidate_model, tier_available
+from minichat.models.bounds import MAX_TOKENS
 from minichat.models.policy import Policy, load_policy
 from minichat.settings import PACKAGED_POLICY
 

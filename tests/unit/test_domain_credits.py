@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from minichat.domain.credits import MAX_MULTIPLIER, MAX_TOKENS, CreditError, credits_micro
+from minichat.domain.credits import CreditError, credits_micro
+from minichat.models.bounds import MAX_MULTIPLIER, MAX_TOKENS
 
 
 @pytest.mark.parametrize(
