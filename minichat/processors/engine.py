@@ -6,7 +6,7 @@ on three workers), and commit offsets themselves, which can skip records after a
 (docs/architecture.md has the source lines). Here one consumer per worker owns partition numbers
 (`assignor.py`), merges the three partitions of each number into one ordered stream (`merge.py`),
 and applies merged batches in one transaction each, writing the next offset of every partition it
-consumed in that same transaction (`storage/positions.py`). Kafka's committed offsets follow, after
+consumed in that same transaction (`storage/coordination.py`). Kafka's committed offsets follow, after
 the batch's outputs were acknowledged, for monitoring; they never decide where a worker resumes
 past the stored positions.
 
@@ -46,7 +46,7 @@ from minichat.processors.merge import LaneKey, OrderedMerge
 from minichat.processors.pipeline import Decoded, isolating, send_all
 from minichat.processors.records import Output, SourceRecord, source_record
 from minichat.settings import Settings
-from minichat.storage.positions import PositionConflict, claim_positions, load_positions, store_positions
+from minichat.storage.coordination import PositionConflict, claim_positions, load_positions, store_positions
 
 logger = logging.getLogger(__name__)
 

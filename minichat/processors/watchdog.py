@@ -23,15 +23,10 @@ from minichat.models.events import TurnOrphaned, UsageGraceExpired, to_json_byte
 from minichat.models.policy import Policy
 from minichat.models.topics import TopicNames
 from minichat.processors.errors import RetryPolicy, stop_worker, with_retries
+from minichat.processors.leadership import WATCHDOG_LOCK, ExclusiveSession, FatalHandler, leader_timer
 from minichat.processors.pipeline import Producer
 from minichat.processors.records import Output
-from minichat.processors.relay import (
-    WATCHDOG_LOCK,
-    ExclusiveSession,
-    FatalHandler,
-    leader_timer,
-    send_all,
-)
+from minichat.processors.relay import send_all
 from minichat.processors.runtime import Runtime
 from minichat.settings import Settings
 from minichat.storage.watchdog import (

@@ -17,8 +17,9 @@ from minichat.domain.ids import turn_id_for
 from minichat.models.events import OUTPUT_ADAPTER, UsageAdjusted, UsageSettled, dedupe_key
 from minichat.models.topics import TopicNames
 from minichat.processors.errors import RetryPolicy
+from minichat.processors.leadership import RELAY_LOCK, ExclusiveSession
 from minichat.processors.pipeline import Producer
-from minichat.processors.relay import RELAY_LOCK, ExclusiveSession, OutboxRelay, one_per_turn
+from minichat.processors.relay import OutboxRelay, one_per_turn
 from minichat.storage.db import create_pool
 from minichat.storage.outbox import OutboxRow, insert_outbox, outbox_entry
 from tests.conftest import Deployment

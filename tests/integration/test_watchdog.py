@@ -14,8 +14,8 @@ from minichat.domain.ids import grace_expired_event_id, orphaned_event_id, turn_
 from minichat.models.events import TurnOrphaned, UsageGraceExpired, decode_provider_event, decode_usage_event
 from minichat.models.topics import TopicNames
 from minichat.processors.errors import RetryPolicy
+from minichat.processors.leadership import WATCHDOG_LOCK, ExclusiveSession
 from minichat.processors.pipeline import Producer
-from minichat.processors.relay import WATCHDOG_LOCK, ExclusiveSession
 from minichat.processors.watchdog import Sweep, Watchdog
 from tests.conftest import Deployment
 from tests.integration.test_relay import KafkaProducer, read_to_end

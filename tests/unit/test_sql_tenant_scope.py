@@ -57,9 +57,9 @@ SYSTEM_LEVEL: dict[tuple[str, str], str] = {
         "reader roles: `minichat db grant-reader` writes login-to-tenant bindings (operator data, the "
         "tenant a value written), and `read_as_tenant` sets the tenant that row-level security scopes by"
     ),
-    ("positions", "*"): (
-        "`consumer_positions`: the input offsets of a consumer group (operator data, no tenant), "
-        "scoped by the group instead"
+    ("coordination", "*"): (
+        "how workers share the work: `consumer_positions` (a consumer group's input offsets, scoped by "
+        "the group) and the advisory locks that elect the timers' leaders (operator data, no tenant)"
     ),
 }
 

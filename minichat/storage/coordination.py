@@ -1,7 +1,8 @@
-"""The input positions kept with the state: read on assignment, written in every batch.
+"""How workers share the work: the input positions kept with the state (read on assignment,
+written in every batch), and the advisory locks that elect the leader of each timer.
 
-`consumer_positions` is operator data (no tenant), so its statements carry the consumer group
-instead of a tenant (see tests/unit/test_sql_tenant_scope.py).
+Both are operator data (no tenant): the positions' statements carry the consumer group instead of
+a tenant, the locks name a timer (see tests/unit/test_sql_tenant_scope.py).
 """
 
 from __future__ import annotations
@@ -77,3 +78,18 @@ async def store_positions(
     if next_offsets:
         keys = sorted(next_offsets)
         await con.execute(_UPSERT, group_id, *columns([(t, p, next_offsets[(t, p)]) for t, p in keys], 3))
+
+
+# ------------------------------------------------------------------- leaders of the timers
+_TRY_LOCK: Final = "SELECT pg_try_advisory_lock($1, $2)"
+_UNLOCK: Final = "SELECT pg_advisory_unlock($1, $2)"
+
+
+async def try_lock(con: asyncpg.Connection, lock: tuple[int, int]) -> bool:
+    """Take the session lock if nobody holds it; never waits."""
+    taken: bool = await con.fetchval(_TRY_LOCK, *lock)
+    return taken
+
+
+async def unlock(con: asyncpg.Connection, lock: tuple[int, int]) -> None:
+    await con.execute(_UNLOCK, *lock)
