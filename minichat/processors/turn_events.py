@@ -25,9 +25,9 @@ from minichat.domain.turns import (
     apply_event,
     billing_event,
 )
-from minichat.models.events import DeadLetter, to_json_bytes
+from minichat.models.events import DecodeError
 from minichat.processors.metrics import Metrics
-from minichat.processors.pipeline import Decoded
+from minichat.processors.pipeline import Decoded, dead_letter_for
 from minichat.processors.records import Output, SourceRecord
 from minichat.storage.outbox import OutboxEntry, insert_outbox, outbox_entry
 from minichat.storage.policies import PolicySnapshots
@@ -160,17 +160,13 @@ def _parked(record: SourceRecord, event: TurnEvent) -> Parked:
     )
 
 
+_TENANT_MISMATCH = DecodeError(
+    "tenant_mismatch", "tenant_id is not the tenant of the turn or command with this request_id"
+)
+
+
 def _tenant_mismatch(record: SourceRecord, dead_letters_topic: str) -> Output:
-    letter = DeadLetter.for_record(
-        source_topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        error_code="tenant_mismatch",
-        error_detail="tenant_id is not the tenant of the turn or command with this request_id",
-        value=record.value,
-        received_at=record.timestamp,
-    )
-    return Output(topic=dead_letters_topic, key=record.key, value=to_json_bytes(letter))
+    return dead_letter_for(record, _TENANT_MISMATCH, dead_letters_topic)
 
 
 @dataclass(frozen=True)
