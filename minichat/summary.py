@@ -28,6 +28,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from minichat.models.events import dedupe_key
 from minichat.models.topics import INPUT_TOPICS, TopicNames
 from minichat.settings import Settings
+from minichat.storage.summary import backlog_counts, summary_rows
 
 MICRO_PER_CREDIT = 1_000_000
 
@@ -223,13 +224,6 @@ def render(s: Summary, *, verdict: bool = True) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _tenant_filter(tenants: Collection[UUID] | None) -> tuple[str, list[Any]]:
-    """A `WHERE` fragment on `tenant_id` and its argument (all tenants when `tenants` is None)."""
-    if tenants is None:
-        return "TRUE", []
-    return "tenant_id = ANY($1::uuid[])", [list(tenants)]
-
-
 async def topic_partitions(bootstrap: str, topics: Sequence[str]) -> dict[str, list[TopicPartition]]:
     """The partitions of each existing topic (a missing topic is left out)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
@@ -348,23 +342,12 @@ class Backlog:
 
 async def backlog(con: asyncpg.Connection, lag: InputLag, tenants: Collection[UUID] | None) -> Backlog:
     """One look at what is left to do (database first, then the consumer group's lag)."""
-    where, args = _tenant_filter(tenants)
-    row = await con.fetchrow(
-        f"""
-        SELECT
-          (SELECT count(*) FROM chat_turns WHERE {where} AND settled_at IS NULL) AS unsettled,
-          (SELECT coalesce(sum(reserved_credits_micro), 0) FROM quota_usage WHERE {where}) AS reserved,
-          (SELECT count(*) FROM outbox WHERE {where} AND published_at IS NULL) AS unpublished,
-          (SELECT count(*) FROM parked_events WHERE {where}) AS parked
-        """,
-        *args,
-    )
-    assert row is not None
+    counts = await backlog_counts(con, tenants)
     return Backlog(
-        unsettled_turns=int(row["unsettled"]),
-        reserved_credits_micro=int(row["reserved"]),
-        unpublished_outbox=int(row["unpublished"]),
-        parked_events=int(row["parked"]),
+        unsettled_turns=counts.unsettled_turns,
+        reserved_credits_micro=counts.reserved_credits_micro,
+        unpublished_outbox=counts.unpublished_outbox,
+        parked_events=counts.parked_events,
         input_lag=await lag.measure(),
     )
 
@@ -423,41 +406,15 @@ def _in_scope(tenant: object, tenants: Collection[str] | None) -> bool:
 async def summarize(settings: Settings, tenants: Collection[UUID] | None = None) -> Summary:
     """Read the database and the billing and dead-letter topics; `tenants` limits it to those."""
     names = TopicNames(settings.topic_prefix)
-    where, args = _tenant_filter(tenants)
     con = await asyncpg.connect(settings.database_url)
     try:
-        turn_rows = await con.fetch(
-            f"""
-            SELECT tenant_id, id, request_id, requester_user_id, state, billing_outcome,
-                   committed_credits_micro, settled_at IS NOT NULL AS settled,
-                   adjusted_at IS NOT NULL AS adjusted, period_daily, period_monthly
-            FROM chat_turns WHERE {where}
-            """,
-            *args,
-        )
-        decision_rows = await con.fetch(
-            f"""
-            SELECT command, decision, coalesce(error_code, '-') AS error_code, count(*) AS n
-            FROM turn_decisions WHERE {where} GROUP BY 1, 2, 3
-            """,
-            *args,
-        )
-        quota_rows = await con.fetch(
-            f"""
-            SELECT tenant_id, user_id, period_type, period_start, spent_credits_micro, reserved_credits_micro
-            FROM quota_usage WHERE {where} AND bucket = 'total'
-            """,
-            *args,
-        )
-        reserved = await con.fetchval(
-            f"SELECT coalesce(sum(reserved_credits_micro), 0) FROM quota_usage WHERE {where}", *args
-        )
-        unpublished = await con.fetchval(
-            f"SELECT count(*) FROM outbox WHERE {where} AND published_at IS NULL", *args
-        )
-        parked = await con.fetchval(f"SELECT count(*) FROM parked_events WHERE {where}", *args)
+        rows = await summary_rows(con, tenants)
     finally:
         await con.close()
+    turn_rows, decision_rows, quota_rows = rows.turns, rows.decisions, rows.quota
+    reserved = rows.backlog.reserved_credits_micro
+    unpublished = rows.backlog.unpublished_outbox
+    parked = rows.backlog.parked_events
 
     scope = None if tenants is None else {str(t) for t in tenants}
     billing = [
