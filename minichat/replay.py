@@ -75,10 +75,16 @@ from minichat.processors.merge import OrderedMerge
 from minichat.processors.pipeline import Decoded, Handler, isolating
 from minichat.processors.records import Output, SourceRecord, source_record
 from minichat.settings import Settings
-from minichat.storage.db import columns, connect
-from minichat.storage.digest import row_expression, table_spec
+from minichat.storage.db import connect
+from minichat.storage.metrics import state_gauges
 from minichat.storage.policies import ensure_policy_version
 from minichat.storage.recorded import create_recorded, insert_recorded
+from minichat.storage.replay import (
+    decisions_present,
+    parked_of_batch,
+    turn_fingerprint_sql,
+    turn_fingerprints,
+)
 from minichat.storage.schema import pending_migrations
 
 logger = logging.getLogger(__name__)
@@ -179,14 +185,6 @@ def _record_id(record: SourceRecord) -> RecordId:
     return (record.topic, record.partition, record.offset)
 
 
-_DECISIONS_PRESENT = """
-SELECT d.chat_id, d.command_id
-FROM turn_decisions d
-JOIN unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS k (tenant_id, chat_id, command_id)
-  ON d.tenant_id = k.tenant_id AND d.chat_id = k.chat_id AND d.command_id = k.command_id
-"""
-
-
 @dataclass
 class CommandOutcomes:
     """Wraps the turn-requests handler: a command is applied when its decision row is new."""
@@ -199,9 +197,9 @@ class CommandOutcomes:
     ) -> list[Output]:
         keys = [(d.event.tenant_id, d.event.chat_id, command_id_of(d.event)) for d in batch]
         unique = sorted(set(keys))
-        before = await self._present(con, unique)
+        before = await decisions_present(con, unique)
         outputs = await self.inner(con, batch)
-        after = await self._present(con, unique)
+        after = await decisions_present(con, unique)
         outcomes: dict[RecordId, str] = {}
         counted: set[tuple[uuid.UUID, uuid.UUID]] = set()
         for item, (_, chat_id, command_id) in zip(batch, keys, strict=True):
@@ -211,24 +209,6 @@ class CommandOutcomes:
             outcomes[_record_id(item.record)] = APPLIED if new else UNCHANGED
         self.outcomes.update(outcomes)  # reset per batch attempt by the caller
         return outputs
-
-    @staticmethod
-    async def _present(
-        con: asyncpg.Connection, keys: Sequence[tuple[uuid.UUID, uuid.UUID, uuid.UUID]]
-    ) -> set[tuple[uuid.UUID, uuid.UUID]]:
-        if not keys:
-            return set()
-        rows = await con.fetch(_DECISIONS_PRESENT, *columns(keys, 3))
-        return {(r["chat_id"], r["command_id"]) for r in rows}
-
-
-_PARKED_OF_BATCH = """
-SELECT p.source_topic, p.source_partition, p.source_offset
-FROM parked_events p
-JOIN unnest($1::uuid[], $2::text[], $3::int[], $4::bigint[]) AS k (tenant_id, topic, part, off)
-  ON p.tenant_id = k.tenant_id AND p.source_topic = k.topic
- AND p.source_partition = k.part AND p.source_offset = k.off
-"""
 
 
 @dataclass
@@ -242,10 +222,11 @@ class TurnEventOutcomes:
 
     async def __call__(self, con: asyncpg.Connection, batch: Sequence[Decoded[TurnEvent]]) -> list[Output]:
         turns = sorted({(d.event.tenant_id, d.event.chat_id, d.event.request_id) for d in batch})
-        before = await self._fingerprints(con, turns)
+        before = await turn_fingerprints(con, self.turn_row_sql, turns)
         outputs = await self.inner(con, batch)
-        after = await self._fingerprints(con, turns)
-        parked = await self._parked(con, batch)
+        after = await turn_fingerprints(con, self.turn_row_sql, turns)
+        keys = [(d.event.tenant_id, d.record.topic, d.record.partition, d.record.offset) for d in batch]
+        parked = await parked_of_batch(con, keys)
         outcomes: dict[RecordId, str] = {}
         for item in batch:
             rid = _record_id(item.record)
@@ -258,31 +239,6 @@ class TurnEventOutcomes:
                 outcomes[rid] = UNCHANGED
         self.outcomes.update(outcomes)
         return outputs
-
-    async def _fingerprints(
-        self, con: asyncpg.Connection, turns: Sequence[tuple[uuid.UUID, uuid.UUID, uuid.UUID]]
-    ) -> dict[tuple[uuid.UUID, uuid.UUID, uuid.UUID], str]:
-        if not turns:
-            return {}
-        rows = await con.fetch(self.turn_row_sql, *columns(turns, 3))
-        return {(r["tenant_id"], r["chat_id"], r["request_id"]): r["fingerprint"] for r in rows}
-
-    @staticmethod
-    async def _parked(con: asyncpg.Connection, batch: Sequence[Decoded[TurnEvent]]) -> set[RecordId]:
-        keys = [(d.event.tenant_id, d.record.topic, d.record.partition, d.record.offset) for d in batch]
-        rows = await con.fetch(_PARKED_OF_BATCH, *columns(keys, 4))
-        return {(r["source_topic"], r["source_partition"], r["source_offset"]) for r in rows}
-
-
-async def turn_fingerprint_sql(con: asyncpg.Connection) -> str:
-    """md5 of each `chat_turns` row over the digest's covered columns, for a set of turn keys."""
-    spec = await table_spec(con, "chat_turns")
-    return f"""
-SELECT t.tenant_id, t.chat_id, t.request_id, md5({row_expression(spec.columns, "t")}) AS fingerprint
-FROM chat_turns t
-JOIN unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS k (tenant_id, chat_id, request_id)
-  ON t.tenant_id = k.tenant_id AND t.chat_id = k.chat_id AND t.request_id = k.request_id
-"""
 
 
 # ----------------------------------------------------------------------------------------- replay
@@ -344,12 +300,6 @@ async def _workers_behind(admin: Any, group_id: str, ranges: Mapping[TopicPartit
     return behind
 
 
-async def _parked_count(pool: asyncpg.Connection) -> int:
-    # Operator command, all tenants: how many events wait for their command.
-    count: int = await pool.fetchval("SELECT count(*) FROM parked_events")
-    return count
-
-
 async def run_replay(
     settings: Settings,
     *,
@@ -372,7 +322,7 @@ async def run_replay(
     con = await connect(settings)
     try:
         await _prepare(con, policy)
-        summary.parked_at_start = await _parked_count(con)
+        summary.parked_at_start = (await state_gauges(con)).parked_events
         batches = build_batches(settings, policy, follow_recorded=True)
         commands = CommandOutcomes(batches.turn_requests)
         turn_events = TurnEventOutcomes(batches.turn_events, await turn_fingerprint_sql(con))
@@ -413,7 +363,7 @@ async def run_replay(
                     bar.finish()
         finally:
             await admin.close()
-        summary.parked_at_end = await _parked_count(con)
+        summary.parked_at_end = (await state_gauges(con)).parked_events
     finally:
         await con.close()
     summary.elapsed_s = time.monotonic() - started
