@@ -52,6 +52,8 @@ async def scratch_database(admin_url: str, tag: str, *, template: str | None = N
     """A database of its own (a copy of `template`, else empty), dropped afterwards; yields its URL."""
     import asyncpg
 
+    from minichat.bench.scratch import drop_database
+
     name = f"minichat_{tag}_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(admin_url)
     try:
@@ -60,25 +62,10 @@ async def scratch_database(admin_url: str, tag: str, *, template: str | None = N
         yield database_url_for(admin_url, name)
     finally:
         try:
-            await _drop(admin, name)
+            # plain DROP first: it cancels an autovacuum worker, which FORCE may not signal
+            await drop_database(admin, name)
         finally:
             await admin.close()
-
-
-async def _drop(admin: Any, name: str, within: float = 30.0) -> None:
-    """`DROP DATABASE ... WITH (FORCE)`, again while a session this role may not end is still in
-    it (a background process of the server, seen once in a CI run): it goes away by itself."""
-    import asyncpg
-
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            return
-        except asyncpg.InsufficientPrivilegeError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.5)  # retry pacing, not a wait for a condition we could poll
 
 
 @dataclass(frozen=True)
