@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import asyncpg
@@ -51,3 +53,38 @@ def columns(rows: Iterable[tuple[object, ...]], width: int) -> list[list[object]
     if not rows:
         return [[] for _ in range(width)]
     return [list(column) for column in zip(*rows, strict=True)]
+
+
+@dataclass(frozen=True)
+class Unnest:
+    """The columns of an `unnest($1::t[], $2::t[], ...) AS k (a, b, ...)` row source, declared
+    once: the SQL and the parameter order come from the same list, so they cannot drift apart.
+    Column names are the attribute names of the objects written (`params_of`)."""
+
+    declared: tuple[tuple[str, str], ...]
+    """(name, PostgreSQL element type)"""
+
+    @classmethod
+    def of(cls, *declared: str) -> Unnest:
+        """`Unnest.of("id uuid", "tenant_id uuid", ...)`."""
+        return cls(tuple((name, pg_type) for name, pg_type in (d.split(maxsplit=1) for d in declared)))
+
+    @property
+    def names(self) -> str:
+        return ", ".join(name for name, _ in self.declared)
+
+    @property
+    def source(self) -> str:
+        """`unnest(...) AS k (...)`, for a statement's FROM."""
+        arrays = ", ".join(f"${i}::{pg_type}[]" for i, (_, pg_type) in enumerate(self.declared, 1))
+        return f"unnest({arrays}) AS k ({self.names})"
+
+    def params(self, rows: Iterable[tuple[object, ...]]) -> list[list[object]]:
+        return columns(rows, len(self.declared))
+
+    def params_of(self, items: Iterable[object]) -> list[list[object]]:
+        """The column arrays of objects that carry every declared column as an attribute."""
+        row = attrgetter(*(name for name, _ in self.declared))
+        if len(self.declared) == 1:
+            return self.params((row(item),) for item in items)
+        return self.params(map(row, items))

@@ -18,6 +18,7 @@ from minichat.domain.commands import (
     Changes,
     ChatView,
     Command,
+    StoredDecision,
     StoredTurn,
     UserKey,
     command_id_of,
@@ -26,7 +27,7 @@ from minichat.domain.ids import quota_row_id
 from minichat.domain.periods import periods_for
 from minichat.domain.quota import BUCKET_PREMIUM, BUCKET_TOTAL, BucketKey, QuotaRow
 from minichat.models.events import TurnDelete, TurnEdit, TurnRequested, TurnRetry
-from minichat.storage.db import RetryableConflict, columns
+from minichat.storage.db import RetryableConflict, Unnest, columns
 
 _NIL = UUID(int=0)
 
@@ -156,10 +157,22 @@ async def lock_users(con: asyncpg.Connection, users: Iterable[UserKey]) -> None:
 async def load_batch_state(con: asyncpg.Connection, commands: Sequence[Command]) -> BatchState:
     """Everything `decide_batch` reads, with the batch's users locked for the transaction."""
     pairs = list({(e.tenant_id, e.chat_id) for e, _ in commands})
-    tenants = [t for t, _ in pairs]
-    chat_ids = [c for _, c in pairs]
-    views: dict[UUID, ChatView] = {c: ChatView() for c in chat_ids}
+    views: dict[UUID, ChatView] = {chat: ChatView() for _, chat in pairs}
+    await _load_targets(con, commands, views)  # turn locks before any quota row lock
+    await _load_chats(con, pairs, views)
+    await _load_latest_turns(con, pairs, views)
+    decisions, foreign = await _load_decisions(con, commands)
+    parked = await _parked_requests(con, commands)
+    quota = await _lock_quota(con, commands)  # last: the user locks are held, rows follow
+    return BatchState(
+        chats=views, decisions=decisions, quota=quota, foreign_decisions=foreign, parked_requests=parked
+    )
 
+
+async def _load_targets(
+    con: asyncpg.Connection, commands: Sequence[Command], views: dict[UUID, ChatView]
+) -> None:
+    """The turns retry/edit/delete commands name, locked."""
     targets = sorted(
         {
             (e.tenant_id, e.chat_id, e.request_id)
@@ -171,7 +184,11 @@ async def load_batch_state(con: asyncpg.Connection, commands: Sequence[Command])
         for row in await con.fetch(_LOAD_TARGETS, *columns(targets, 3)):
             views[row["chat_id"]].targets[row["request_id"]] = _stored_turn(row)
 
-    for row in await con.fetch(_LOAD_CHATS, chat_ids, tenants):
+
+async def _load_chats(
+    con: asyncpg.Connection, pairs: list[tuple[UUID, UUID]], views: dict[UUID, ChatView]
+) -> None:
+    for row in await con.fetch(_LOAD_CHATS, [c for _, c in pairs], [t for t, _ in pairs]):
         view = views[row["id"]]
         if row["same_tenant"]:
             view.facts = ChatFacts(
@@ -184,6 +201,12 @@ async def load_batch_state(con: asyncpg.Connection, commands: Sequence[Command])
             # Another tenant's chat: only the fact that it is not the caller's is loaded.
             view.facts = ChatFacts(tenant_id=_NIL, owner_user_id=_NIL, model="", deleted=True)
 
+
+async def _load_latest_turns(
+    con: asyncpg.Connection, pairs: list[tuple[UUID, UUID]], views: dict[UUID, ChatView]
+) -> None:
+    """Each chat's latest live turn and its latest two settled ones."""
+    tenants, chat_ids = [t for t, _ in pairs], [c for _, c in pairs]
     for row in await con.fetch(_LOAD_LATEST_LIVE, tenants, chat_ids):
         view = views[row["chat_id"]]
         view.latest_live = _stored_turn(row)
@@ -191,16 +214,24 @@ async def load_batch_state(con: asyncpg.Connection, commands: Sequence[Command])
     for row in await con.fetch(_LOAD_SETTLED, tenants, chat_ids):
         views[row["chat_id"]].settled.append(_stored_turn(row))
 
-    decision_keys = list({(e.tenant_id, e.chat_id, command_id_of(e)) for e, _ in commands})
+
+async def _load_decisions(
+    con: asyncpg.Connection, commands: Sequence[Command]
+) -> tuple[dict[tuple[UUID, UUID], dict[str, object]], set[tuple[UUID, UUID]]]:
+    """The commands' stored decisions of their own tenant, and the keys another tenant holds."""
+    keys = list({(e.tenant_id, e.chat_id, command_id_of(e)) for e, _ in commands})
     decisions: dict[tuple[UUID, UUID], dict[str, object]] = {}
     foreign: set[tuple[UUID, UUID]] = set()
-    for row in await con.fetch(_LOAD_DECISIONS, *columns(decision_keys, 3)):
+    for row in await con.fetch(_LOAD_DECISIONS, *columns(keys, 3)):
         key = (row["chat_id"], row["command_id"])
         if row["same_tenant"]:
             decisions[key] = _payload(row["payload"])
         else:
             foreign.add(key)
+    return decisions, foreign
 
+
+async def _parked_requests(con: asyncpg.Connection, commands: Sequence[Command]) -> set[tuple[UUID, UUID]]:
     creating = list(
         {
             (e.chat_id, command_id_of(e))
@@ -208,15 +239,10 @@ async def load_batch_state(con: asyncpg.Connection, commands: Sequence[Command])
             if isinstance(e, TurnRequested | TurnRetry | TurnEdit)
         }
     )
-    parked = {
+    return {
         (row["chat_id"], row["request_id"])
         for row in await con.fetch(_PARKED_REQUESTS, *columns(creating, 2))
     }
-
-    quota = await _lock_quota(con, commands)
-    return BatchState(
-        chats=views, decisions=decisions, quota=quota, foreign_decisions=foreign, parked_requests=parked
-    )
 
 
 async def _lock_quota(
@@ -262,86 +288,87 @@ def _payload(value: object) -> dict[str, object]:
 
 # -------------------------------------------------------------------------------------- writing
 
-_INSERT_CHATS = """
-INSERT INTO chats (id, tenant_id, user_id, model, title, created_at, updated_at)
-SELECT id, tenant_id, user_id, model, title, created_at, created_at
-FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[])
-     AS k (id, tenant_id, user_id, model, title, created_at)
+_CHATS = Unnest.of(
+    "id uuid", "tenant_id uuid", "user_id uuid", "model text", "title text", "created_at timestamptz"
+)
+_INSERT_CHATS = f"""
+INSERT INTO chats ({_CHATS.names}, updated_at)
+SELECT {_CHATS.names}, created_at FROM {_CHATS.source}
 ON CONFLICT (id) DO NOTHING
 """
 
-_REMOVE_TURNS = """
+_REMOVED_TURNS = Unnest.of(
+    "tenant_id uuid", "chat_id uuid", "request_id uuid", "replaced_by_request_id uuid", "at timestamptz"
+)
+_REMOVE_TURNS = f"""
 UPDATE chat_turns t
-SET deleted_at = k.at, replaced_by_request_id = k.replaced_by, updated_at = GREATEST(t.updated_at, k.at)
-FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::timestamptz[])
-     AS k (tenant_id, chat_id, request_id, replaced_by, at)
+SET deleted_at = k.at, replaced_by_request_id = k.replaced_by_request_id,
+    updated_at = GREATEST(t.updated_at, k.at)
+FROM {_REMOVED_TURNS.source}
 WHERE t.tenant_id = k.tenant_id AND t.chat_id = k.chat_id AND t.request_id = k.request_id
   AND t.deleted_at IS NULL
 """
-
-_REMOVE_MESSAGES = """
+_REMOVE_MESSAGES = f"""
 UPDATE messages m
 SET deleted_at = k.at
-FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[]) AS k (tenant_id, chat_id, request_id, at)
+FROM {_REMOVED_TURNS.source}
 WHERE m.tenant_id = k.tenant_id AND m.chat_id = k.chat_id AND m.request_id = k.request_id
   AND m.deleted_at IS NULL
 """
 
-_REMOVE_CHATS = """
+_REMOVED_CHATS = Unnest.of("tenant_id uuid", "chat_id uuid", "at timestamptz")
+_REMOVE_CHATS = f"""
 UPDATE chats c
 SET deleted_at = k.at, updated_at = GREATEST(c.updated_at, k.at)
-FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[]) AS k (tenant_id, chat_id, at)
+FROM {_REMOVED_CHATS.source}
 WHERE c.tenant_id = k.tenant_id AND c.id = k.chat_id AND c.deleted_at IS NULL
 """
 
-_INSERT_TURNS = """
-INSERT INTO chat_turns (
-    id, tenant_id, chat_id, request_id, requester_type, requester_user_id, state,
-    selected_model, effective_model, reserve_tokens, max_output_tokens_applied, reserved_credits_micro,
-    policy_version_applied, minimal_generation_floor_applied, period_daily, period_monthly,
-    web_search_enabled, code_interpreter_enabled, image_count,
-    started_at, last_progress_at, updated_at)
-SELECT id, tenant_id, chat_id, request_id, requester_type, requester_user_id, 'running',
-    selected_model, effective_model, reserve_tokens, max_output_tokens_applied, reserved_credits_micro,
-    policy_version_applied, minimal_generation_floor_applied, period_daily, period_monthly,
-    web_search_enabled, code_interpreter_enabled, image_count,
-    started_at, started_at, started_at
-FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[], $6::uuid[],
-            $7::text[], $8::text[], $9::bigint[], $10::int[], $11::bigint[],
-            $12::bigint[], $13::int[], $14::date[], $15::date[],
-            $16::bool[], $17::bool[], $18::int[], $19::timestamptz[])
-     AS k (id, tenant_id, chat_id, request_id, requester_type, requester_user_id,
-           selected_model, effective_model, reserve_tokens, max_output_tokens_applied, reserved_credits_micro,
-           policy_version_applied, minimal_generation_floor_applied, period_daily, period_monthly,
-           web_search_enabled, code_interpreter_enabled, image_count, started_at)
+# The admission's columns of a turn, named as `NewTurn` names them.
+_TURNS = Unnest.of(
+    "id uuid", "tenant_id uuid", "chat_id uuid", "request_id uuid", "requester_type text",
+    "requester_user_id uuid", "selected_model text", "effective_model text", "reserve_tokens bigint",
+    "max_output_tokens_applied int", "reserved_credits_micro bigint", "policy_version_applied bigint",
+    "minimal_generation_floor_applied int", "period_daily date", "period_monthly date",
+    "web_search_enabled bool", "code_interpreter_enabled bool", "image_count int", "started_at timestamptz",
+)  # fmt: skip
+_INSERT_TURNS = f"""
+INSERT INTO chat_turns ({_TURNS.names}, state, last_progress_at, updated_at)
+SELECT {_TURNS.names}, 'running', started_at, started_at FROM {_TURNS.source}
 ON CONFLICT (chat_id, request_id) DO NOTHING
 """
 
-_INSERT_USER_MESSAGES = """
+_USER_MESSAGES = Unnest.of(
+    "user_message_id uuid", "tenant_id uuid", "chat_id uuid", "request_id uuid", "content text",
+    "started_at timestamptz",
+)  # fmt: skip
+_INSERT_USER_MESSAGES = f"""
 INSERT INTO messages (id, tenant_id, chat_id, request_id, role, content, request_kind, created_at)
-SELECT id, tenant_id, chat_id, request_id, 'user', content, 'chat', created_at
-FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[], $6::timestamptz[])
-     AS k (id, tenant_id, chat_id, request_id, content, created_at)
+SELECT user_message_id, tenant_id, chat_id, request_id, 'user', content, 'chat', started_at
+FROM {_USER_MESSAGES.source}
 ON CONFLICT DO NOTHING
 """
 
-_ADD_RESERVES = """
+_RESERVES = Unnest.of(
+    "id uuid", "tenant_id uuid", "user_id uuid", "period_type text", "period_start date", "bucket text",
+    "amount bigint", "at timestamptz",
+)  # fmt: skip
+_ADD_RESERVES = f"""
 INSERT INTO quota_usage (id, tenant_id, user_id, period_type, period_start, bucket,
                          reserved_credits_micro, updated_at)
-SELECT id, tenant_id, user_id, period_type, period_start, bucket, amount, at
-FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::date[], $6::text[], $7::bigint[],
-            $8::timestamptz[])
-     AS k (id, tenant_id, user_id, period_type, period_start, bucket, amount, at)
+SELECT {_RESERVES.names} FROM {_RESERVES.source}
 ON CONFLICT (tenant_id, user_id, period_type, period_start, bucket) DO UPDATE
 SET reserved_credits_micro = quota_usage.reserved_credits_micro + EXCLUDED.reserved_credits_micro,
     updated_at = GREATEST(quota_usage.updated_at, EXCLUDED.updated_at)
 """
 
-_INSERT_DECISIONS = """
-INSERT INTO turn_decisions (tenant_id, chat_id, command_id, command, command_event_id, request_id,
-                            decision, error_code, payload, decided_at)
-SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::uuid[], $6::uuid[],
-                     $7::text[], $8::text[], $9::jsonb[], $10::timestamptz[])
+_DECISIONS = Unnest.of(
+    "tenant_id uuid", "chat_id uuid", "command_id uuid", "command text", "command_event_id uuid",
+    "request_id uuid", "decision text", "error_code text", "payload jsonb", "decided_at timestamptz",
+)  # fmt: skip
+_INSERT_DECISIONS = f"""
+INSERT INTO turn_decisions ({_DECISIONS.names})
+SELECT {_DECISIONS.names} FROM {_DECISIONS.source}
 ON CONFLICT (chat_id, command_id) DO NOTHING
 """
 
@@ -353,115 +380,44 @@ class DecisionConflict(RetryableConflict):
 
 
 async def write_changes(con: asyncpg.Connection, changes: Changes) -> None:
+    """The batch's changes, one set-based statement per table and kind."""
     if changes.chats:
-        await con.execute(
-            _INSERT_CHATS,
-            *columns(
-                ((c.id, c.tenant_id, c.user_id, c.model, c.title, c.created_at) for c in changes.chats), 6
-            ),
-        )
+        await con.execute(_INSERT_CHATS, *_CHATS.params_of(changes.chats))
     if changes.removed_turns:
-        removed = changes.removed_turns
-        await con.execute(
-            _REMOVE_TURNS,
-            *columns(
-                ((r.tenant_id, r.chat_id, r.request_id, r.replaced_by_request_id, r.at) for r in removed), 5
-            ),
-        )
-        await con.execute(
-            _REMOVE_MESSAGES, *columns(((r.tenant_id, r.chat_id, r.request_id, r.at) for r in removed), 4)
-        )
+        removed = _REMOVED_TURNS.params_of(changes.removed_turns)
+        await con.execute(_REMOVE_TURNS, *removed)
+        await con.execute(_REMOVE_MESSAGES, *removed)
     if changes.removed_chats:
-        await con.execute(
-            _REMOVE_CHATS, *columns(((r.tenant_id, r.chat_id, r.at) for r in changes.removed_chats), 3)
-        )
+        await con.execute(_REMOVE_CHATS, *_REMOVED_CHATS.params_of(changes.removed_chats))
     if changes.turns:
-        turns = changes.turns
-        await con.execute(
-            _INSERT_TURNS,
-            *columns(
-                (
-                    (
-                        t.id,
-                        t.tenant_id,
-                        t.chat_id,
-                        t.request_id,
-                        t.requester_type,
-                        t.requester_user_id,
-                        t.selected_model,
-                        t.effective_model,
-                        t.reserve_tokens,
-                        t.max_output_tokens_applied,
-                        t.reserved_credits_micro,
-                        t.policy_version_applied,
-                        t.minimal_generation_floor_applied,
-                        t.period_daily,
-                        t.period_monthly,
-                        t.web_search_enabled,
-                        t.code_interpreter_enabled,
-                        t.image_count,
-                        t.started_at,
-                    )
-                    for t in turns
-                ),
-                19,
-            ),
-        )
-        await con.execute(
-            _INSERT_USER_MESSAGES,
-            *columns(
-                (
-                    (t.user_message_id, t.tenant_id, t.chat_id, t.request_id, t.content, t.started_at)
-                    for t in turns
-                ),
-                6,
-            ),
-        )
+        await con.execute(_INSERT_TURNS, *_TURNS.params_of(changes.turns))
+        await con.execute(_INSERT_USER_MESSAGES, *_USER_MESSAGES.params_of(changes.turns))
     if changes.reserves:
-        await con.execute(
-            _ADD_RESERVES,
-            *columns(
-                (
-                    (
-                        quota_row_id(tenant, user, key),
-                        tenant,
-                        user,
-                        key.period_type,
-                        key.period_start,
-                        key.bucket,
-                        amount,
-                        at,
-                    )
-                    for (tenant, user, key), (amount, at) in sorted(
-                        changes.reserves.items(), key=lambda item: (item[0][0], item[0][1], item[0][2])
-                    )
-                ),
-                8,
-            ),
-        )
+        await con.execute(_ADD_RESERVES, *_RESERVES.params(_reserve_rows(changes)))
     if changes.decisions:
-        status = await con.execute(
-            _INSERT_DECISIONS,
-            *columns(
-                (
-                    (
-                        d.tenant_id,
-                        d.chat_id,
-                        d.command_id,
-                        d.decision.command,
-                        d.decision.command_event_id,
-                        d.decision.request_id,
-                        d.decision.decision,
-                        d.decision.error_code,
-                        d.payload,
-                        d.decision.decided_at,
-                    )
-                    for d in changes.decisions
-                ),
-                10,
-            ),
+        await _insert_decisions(con, changes.decisions)
+
+
+def _reserve_rows(changes: Changes) -> Iterable[tuple[object, ...]]:
+    """In the one key order every quota writer takes rows in."""
+    for (tenant, user, key), (amount, at) in sorted(
+        changes.reserves.items(), key=lambda item: (item[0][0], item[0][1], item[0][2])
+    ):
+        row_id = quota_row_id(tenant, user, key)
+        yield (row_id, tenant, user, key.period_type, key.period_start, key.bucket, amount, at)
+
+
+async def _insert_decisions(con: asyncpg.Connection, decisions: Sequence[StoredDecision]) -> None:
+    rows = (
+        (
+            d.tenant_id, d.chat_id, d.command_id, d.decision.command, d.decision.command_event_id,
+            d.decision.request_id, d.decision.decision, d.decision.error_code, d.payload,
+            d.decision.decided_at,
         )
-        if int(status.split()[-1]) != len(changes.decisions):
-            # The loaded state said these keys were free: a decision that cannot be stored would
-            # let a redelivered command reserve again. Roll back and retry the batch instead.
-            raise DecisionConflict(f"{len(changes.decisions)} decisions, {status.split()[-1]} stored")
+        for d in decisions
+    )  # fmt: skip
+    status = await con.execute(_INSERT_DECISIONS, *_DECISIONS.params(rows))
+    if int(status.split()[-1]) != len(decisions):
+        # The loaded state said these keys were free: a decision that cannot be stored would
+        # let a redelivered command reserve again. Roll back and retry the batch instead.
+        raise DecisionConflict(f"{len(decisions)} decisions, {status.split()[-1]} stored")

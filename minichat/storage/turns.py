@@ -5,9 +5,11 @@ All functions run inside the caller's transaction and carry the tenant.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from operator import attrgetter
 from uuid import UUID
 
 import asyncpg
@@ -15,7 +17,10 @@ import asyncpg
 from minichat.domain.quota import BucketKey, QuotaDelta
 from minichat.domain.settlement import Usage
 from minichat.domain.turns import AssistantMessage, TurnRecord
-from minichat.storage.db import columns
+from minichat.storage.db import Unnest, columns
+
+_RECORD_COLUMNS = tuple(f.name for f in dataclasses.fields(TurnRecord) if f.name != "usage")
+_USAGE_COLUMNS = tuple(f.name for f in dataclasses.fields(Usage))
 
 RequestKey = tuple[UUID, UUID]
 """(chat_id, request_id): a turn, and the key its provider and usage events carry."""
@@ -60,52 +65,11 @@ class Found:
 
 
 def _record(row: asyncpg.Record) -> TurnRecord:
+    """A `chat_turns` row as the turn record: its columns are named as the record's fields."""
     usage = None
     if row["input_tokens"] is not None:
-        usage = Usage(
-            input_tokens=row["input_tokens"],
-            output_tokens=row["output_tokens"],
-            cache_read_input_tokens=row["cache_read_input_tokens"],
-            cache_write_input_tokens=row["cache_write_input_tokens"],
-            reasoning_tokens=row["reasoning_tokens"],
-            web_search_calls=row["web_search_calls"],
-            code_interpreter_calls=row["code_interpreter_calls"],
-        )
-    return TurnRecord(
-        id=row["id"],
-        tenant_id=row["tenant_id"],
-        chat_id=row["chat_id"],
-        request_id=row["request_id"],
-        requester_user_id=row["requester_user_id"],
-        selected_model=row["selected_model"],
-        effective_model=row["effective_model"],
-        reserve_tokens=row["reserve_tokens"],
-        max_output_tokens_applied=row["max_output_tokens_applied"],
-        reserved_credits_micro=row["reserved_credits_micro"],
-        policy_version_applied=row["policy_version_applied"],
-        minimal_generation_floor_applied=row["minimal_generation_floor_applied"],
-        period_daily=row["period_daily"],
-        period_monthly=row["period_monthly"],
-        state=row["state"],
-        updated_at=row["updated_at"],
-        progress_seq=row["progress_seq"],
-        progress_offset=row["progress_offset"],
-        last_progress_at=row["last_progress_at"],
-        error_code=row["error_code"],
-        error_detail=row["error_detail"],
-        finish_reason=row["finish_reason"],
-        provider_response_id=row["provider_response_id"],
-        assistant_message_id=row["assistant_message_id"],
-        completed_at=row["completed_at"],
-        usage=usage,
-        usage_model=row["usage_model"],
-        billing_outcome=row["billing_outcome"],
-        settlement_method=row["settlement_method"],
-        committed_credits_micro=row["committed_credits_micro"],
-        overshoot_capped=row["overshoot_capped"],
-        settled_at=row["settled_at"],
-        adjusted_at=row["adjusted_at"],
-    )
+        usage = Usage(**{name: row[name] for name in _USAGE_COLUMNS})
+    return TurnRecord(usage=usage, **{name: row[name] for name in _RECORD_COLUMNS})
 
 
 async def load_turns(
@@ -131,7 +95,26 @@ async def load_turns(
 
 # ------------------------------------------------------------------------------------ writing
 
-_UPDATE_TURNS = """
+_TURN_STATE = (
+    "id uuid", "tenant_id uuid", "state text", "error_code text", "error_detail text", "finish_reason text",
+    "provider_response_id text", "assistant_message_id uuid", "completed_at timestamptz",
+    "updated_at timestamptz", "progress_seq bigint", "progress_offset bigint", "last_progress_at timestamptz",
+    "usage_model text", "billing_outcome text", "settlement_method text", "committed_credits_micro bigint",
+    "overshoot_capped bool", "settled_at timestamptz", "adjusted_at timestamptz",
+)  # fmt: skip
+"""The columns of a turn provider and usage events change, named as `TurnRecord` names them."""
+_USAGE_FIGURES = (
+    "input_tokens bigint", "output_tokens bigint", "cache_read_input_tokens bigint",
+    "cache_write_input_tokens bigint", "reasoning_tokens bigint", "web_search_calls int",
+    "code_interpreter_calls int",
+)  # fmt: skip
+"""A usage report's figures, named as `Usage` names them (NULL while no report arrived)."""
+_TURN_UPDATES = Unnest.of(*_TURN_STATE, *_USAGE_FIGURES, "progressed bool", "awaiting_usage bool")
+_turn_state = attrgetter(*(d.split()[0] for d in _TURN_STATE))
+_reported_figures = attrgetter(*(d.split()[0] for d in _USAGE_FIGURES))
+_NO_USAGE = (None,) * len(_USAGE_FIGURES)
+
+_UPDATE_TURNS = f"""
 UPDATE chat_turns t SET
     state = k.state, error_code = k.error_code, error_detail = k.error_detail,
     finish_reason = k.finish_reason, provider_response_id = k.provider_response_id,
@@ -140,27 +123,18 @@ UPDATE chat_turns t SET
     progress_seq = k.progress_seq, progress_offset = k.progress_offset, last_progress_at = k.last_progress_at,
     usage_known = COALESCE(k.input_tokens + k.output_tokens > 0, false),
     input_tokens = k.input_tokens, output_tokens = k.output_tokens,
-    cache_read_input_tokens = k.cache_read, cache_write_input_tokens = k.cache_write,
-    reasoning_tokens = k.reasoning, web_search_calls = k.web_search_calls,
+    cache_read_input_tokens = k.cache_read_input_tokens,
+    cache_write_input_tokens = k.cache_write_input_tokens,
+    reasoning_tokens = k.reasoning_tokens, web_search_calls = k.web_search_calls,
     code_interpreter_calls = k.code_interpreter_calls, usage_model = k.usage_model,
     web_search_completed_count = COALESCE(k.web_search_calls, t.web_search_completed_count),
     code_interpreter_completed_count = COALESCE(k.code_interpreter_calls, t.code_interpreter_completed_count),
     billing_outcome = k.billing_outcome, settlement_method = k.settlement_method,
-    committed_credits_micro = k.committed, overshoot_capped = k.overshoot_capped,
+    committed_credits_micro = k.committed_credits_micro, overshoot_capped = k.overshoot_capped,
     settled_at = k.settled_at, adjusted_at = k.adjusted_at,
     last_progress_seen_at = CASE WHEN k.progressed THEN now() ELSE t.last_progress_seen_at END,
     terminal_seen_at = CASE WHEN k.awaiting_usage THEN now() ELSE t.terminal_seen_at END
-FROM unnest(
-    $1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::uuid[],
-    $9::timestamptz[], $10::timestamptz[], $11::bigint[], $12::bigint[], $13::timestamptz[],
-    $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[], $18::bigint[], $19::int[], $20::int[],
-    $21::text[], $22::text[], $23::text[], $24::bigint[], $25::bool[], $26::timestamptz[],
-    $27::timestamptz[], $28::bool[], $29::bool[]
-) AS k (id, tenant_id, state, error_code, error_detail, finish_reason, provider_response_id,
-        assistant_message_id, completed_at, updated_at, progress_seq, progress_offset, last_progress_at,
-        input_tokens, output_tokens, cache_read, cache_write, reasoning, web_search_calls,
-        code_interpreter_calls, usage_model, billing_outcome, settlement_method, committed,
-        overshoot_capped, settled_at, adjusted_at, progressed, awaiting_usage)
+FROM {_TURN_UPDATES.source}
 WHERE t.id = k.id AND t.tenant_id = k.tenant_id
 """
 
@@ -173,25 +147,17 @@ class TurnWrite:
 
 
 async def update_turns(con: asyncpg.Connection, writes: Sequence[TurnWrite]) -> None:
-    if not writes:
-        return
-    rows = []
-    for w in writes:
-        t, u = w.turn, w.turn.usage
-        rows.append(
+    if writes:
+        rows = (
             (
-                t.id, t.tenant_id, t.state, t.error_code, t.error_detail, t.finish_reason,
-                t.provider_response_id, t.assistant_message_id, t.completed_at, t.updated_at,
-                t.progress_seq, t.progress_offset, t.last_progress_at,
-                u.input_tokens if u else None, u.output_tokens if u else None,
-                u.cache_read_input_tokens if u else None, u.cache_write_input_tokens if u else None,
-                u.reasoning_tokens if u else None, u.web_search_calls if u else None,
-                u.code_interpreter_calls if u else None, t.usage_model,
-                t.billing_outcome, t.settlement_method, t.committed_credits_micro, t.overshoot_capped,
-                t.settled_at, t.adjusted_at, w.progressed, w.awaiting_usage,
+                *_turn_state(w.turn),
+                *(_reported_figures(w.turn.usage) if w.turn.usage else _NO_USAGE),
+                w.progressed,
+                w.awaiting_usage,
             )
-        )  # fmt: skip
-    await con.execute(_UPDATE_TURNS, *columns(rows, 29))
+            for w in writes
+        )
+        await con.execute(_UPDATE_TURNS, *_TURN_UPDATES.params(rows))
 
 
 _INSERT_ASSISTANT_MESSAGES = """
