@@ -28,22 +28,20 @@ import contextlib
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
-from aiokafka.structs import OffsetAndMetadata
 
 from minichat.models.topics import TopicNames
 from minichat.processors.assignor import CoPartitionedAssignor
 from minichat.processors.batches import MergedBatches
 from minichat.processors.errors import RetryPolicy, with_retries
+from minichat.processors.flights import Flights
 from minichat.processors.merge import LaneKey, OrderedMerge
-from minichat.processors.pipeline import Decoded, isolating, send_all
+from minichat.processors.pipeline import Decoded, isolating
 from minichat.processors.records import Output, SourceRecord, source_record
 from minichat.settings import Settings
 from minichat.storage.coordination import PositionConflict, claim_positions, load_positions, store_positions
@@ -64,15 +62,6 @@ INPUT_RANKS = ("provider_responses", "usage", "turn_requests")
 
 def input_ranks(names: TopicNames) -> dict[str, int]:
     return {getattr(names, attr): rank for rank, attr in enumerate(INPUT_RANKS)}
-
-
-@dataclass
-class _Flight:
-    """A committed batch whose outputs are on their way; Kafka offsets commit after its acks."""
-
-    outputs: list[Output]
-    offsets: dict[LaneKey, int]
-    done: asyncio.Task[None]
 
 
 class OrderedEngine:
@@ -99,7 +88,7 @@ class OrderedEngine:
         self.paused: set[LaneKey] = set()
         self._generation = 0
         self._unit = asyncio.Lock()  # a batch, or a rebalance step: never both
-        self._flights: deque[_Flight] = deque()
+        self._flights = Flights(lambda: self._producer, batches.metrics, self.retry, on_fatal)
         self._stopping = False
         self._blocking: dict[LaneKey, float] = {}
         self._progress_at = time.monotonic()
@@ -172,7 +161,7 @@ class OrderedEngine:
             while not self._stopping:
                 await self._step(consumer)
             async with self._unit:
-                await self._land_flights(consumer)
+                await self._flights.land_all(consumer, self.assigned)
 
     def stop(self) -> None:
         self._stopping = True
@@ -233,13 +222,13 @@ class OrderedEngine:
                 "minichat_record_wait_seconds", ((now_ms - r.timestamp_ms) / 1000.0 for r in released)
             )
             while len(self._flights) >= self.settings.produce_in_flight:
-                await self._land_one(consumer)
+                await self._flights.land_one(consumer, self.assigned)
             async with self._unit:
                 if generation == self._generation:
                     await self._apply(consumer, released)
                 else:
                     return
-        await self._land_finished(consumer)
+        await self._flights.land_finished(consumer, self.assigned)
 
     def _report_stall(self, blocked: Sequence[LaneKey]) -> None:
         """A lane that holds its set back for long neither delivers nor catches up (the broker is
@@ -369,7 +358,7 @@ class OrderedEngine:
         )
         self.batches.count_applied(good, len(dead))
         commands = [records[i].timestamp_ms for i in run if records[i].topic == self.names.turn_requests]
-        self._send(dead + outputs, offsets, commands)
+        self._flights.send(dead + outputs, offsets, commands)
 
     async def _refuse(self, record: SourceRecord, exc: BaseException) -> None:
         """Move the positions past a record the database refused; its dead letter says why."""
@@ -388,7 +377,7 @@ class OrderedEngine:
         await self._transaction(offsets, nothing)
         self.batches.metrics.inc("minichat_records_refused_total", topic=self.batches.label(record.topic))
         self.batches.count_applied((), 1)
-        self._send([self.batches.refused(record, exc)], offsets, [])
+        self._flights.send([self.batches.refused(record, exc)], offsets, [])
 
     async def _transaction(
         self, offsets: dict[LaneKey, int], apply: Callable[[asyncpg.Connection], Awaitable[list[Output]]]
@@ -414,61 +403,12 @@ class OrderedEngine:
     def _count_retry(self, exc: BaseException) -> None:
         self.batches.metrics.inc("minichat_batch_retries_total", error=type(exc).__name__)
 
-    def _send(self, outputs: list[Output], offsets: dict[LaneKey, int], commands_ms: list[int]) -> None:
-        delivery = asyncio.ensure_future(self._deliver(outputs, commands_ms))
-        self._flights.append(_Flight(outputs, offsets, delivery))
-
-    # ------------------------------------------------------------------------------ outputs
-
-    async def _deliver(self, outputs: list[Output], commands_ms: list[int]) -> None:
-        """Send a batch's outputs; `commands_ms`: the timestamps of its commands, whose decisions
-        count as delivered once every output is acknowledged."""
-        if not outputs:
-            return
-        began = time.monotonic()
-        acked: set[int] = set()
-        producer = self._producer
-        assert producer is not None, "outputs exist only while the engine runs"
-        await with_retries(
-            "engine produce", lambda: send_all(producer, outputs, acked), self.retry, dependency="Kafka"
-        )
-        metrics = self.batches.metrics
-        metrics.observe("minichat_batch_seconds", (time.monotonic() - began,), stage="produce")
-        now_ms = time.time() * 1000.0
-        metrics.observe("minichat_decision_seconds", ((now_ms - ms) / 1000.0 for ms in commands_ms))
-
-    async def _land_finished(self, consumer: AIOKafkaConsumer) -> None:
-        while self._flights and self._flights[0].done.done():
-            await self._land_one(consumer)
-
-    async def _land_flights(self, consumer: AIOKafkaConsumer) -> None:
-        while self._flights:
-            await self._land_one(consumer)
-
-    async def _land_one(self, consumer: AIOKafkaConsumer) -> None:
-        """Wait for the oldest batch's acknowledgements, then commit its offsets to Kafka."""
-        flight = self._flights[0]
-        await flight.done  # a failure here is fatal: the worker restarts and re-sends
-        if not self._flights or self._flights[0] is not flight:
-            return  # a rebalance landed it meanwhile
-        self._flights.popleft()
-        offsets = {
-            TopicPartition(*lane): OffsetAndMetadata(offset, "")
-            for lane, offset in flight.offsets.items()
-            if lane in self.assigned
-        }
-        if offsets:
-            try:
-                await consumer.commit(offsets)
-            except KafkaError as exc:  # monitoring only: the stored positions are the truth
-                logger.info("Kafka offset commit skipped (%s)", type(exc).__name__)
-
     # ---------------------------------------------------------------------------- rebalance
 
     async def on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         async with self._unit:
             self._generation += 1
-            await self._await_flights()
+            await self._flights.await_all()
             for tp in revoked:
                 lane = (tp.topic, tp.partition)
                 self.merge.close(*lane)
@@ -487,20 +427,9 @@ class OrderedEngine:
             numbers = sorted({p for _, p in lanes})
             logger.info("%s %d input partition(s), partition sets %s", RESUMED, len(lanes), numbers)
 
-    async def _await_flights(self) -> None:
-        """Outputs acknowledged before partitions move (no Kafka commit here: the coordinator is
-        rebalancing; the stored positions are what counts)."""
-        flights = list(self._flights)
-        self._flights.clear()
-        for flight in flights:
-            try:
-                await flight.done
-            except Exception as exc:  # aiokafka would swallow it in a rebalance callback
-                self.on_fatal("engine produce", exc)
-
     async def _reseek(self, consumer: AIOKafkaConsumer, lanes: list[LaneKey]) -> None:
         self._generation += 1
-        await self._await_flights()
+        await self._flights.await_all()
         await self._seek(consumer, [lane for lane in lanes if lane in self.assigned])
 
     async def _seek(self, consumer: AIOKafkaConsumer, lanes: list[LaneKey]) -> None:

@@ -1,0 +1,114 @@
+"""Committed batches whose outputs are on their way to Kafka (the engine's output side).
+
+A batch's outputs leave after its transaction committed; the engine goes on with the next batch
+meanwhile. Once a batch's outputs are acknowledged, its input offsets are committed to Kafka, in
+batch order: for monitoring, and as the lower bound a re-assigned partition resumes from
+(`min(stored, committed)`), so that outputs lost in a crash between commit and produce are re-sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Container
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from minichat.processors.errors import RetryPolicy, with_retries
+from minichat.processors.merge import LaneKey
+from minichat.processors.metrics import Metrics
+from minichat.processors.pipeline import send_all
+from minichat.processors.records import Output
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Flight:
+    outputs: list[Output]
+    offsets: dict[LaneKey, int]
+    done: asyncio.Task[None]
+
+
+class Flights:
+    """Batches whose outputs are being produced, oldest first."""
+
+    def __init__(
+        self,
+        producer: Callable[[], AIOKafkaProducer | None],
+        metrics: Metrics,
+        retry: RetryPolicy,
+        on_fatal: Callable[[str, BaseException], None],
+    ) -> None:
+        self._producer = producer
+        self._metrics = metrics
+        self._retry = retry
+        self._on_fatal = on_fatal
+        self._flights: deque[_Flight] = deque()
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    def send(self, outputs: list[Output], offsets: dict[LaneKey, int], commands_ms: list[int]) -> None:
+        """Start producing a committed batch's outputs; `offsets`: its next input offsets."""
+        delivery = asyncio.ensure_future(self._deliver(outputs, commands_ms))
+        self._flights.append(_Flight(outputs, offsets, delivery))
+
+    async def _deliver(self, outputs: list[Output], commands_ms: list[int]) -> None:
+        """`commands_ms`: the timestamps of the batch's commands, whose decisions count as
+        delivered once every output is acknowledged."""
+        if not outputs:
+            return
+        began = time.monotonic()
+        acked: set[int] = set()
+        producer = self._producer()
+        assert producer is not None, "outputs exist only while the engine runs"
+        await with_retries(
+            "engine produce", lambda: send_all(producer, outputs, acked), self._retry, dependency="Kafka"
+        )
+        self._metrics.observe("minichat_batch_seconds", (time.monotonic() - began,), stage="produce")
+        now_ms = time.time() * 1000.0
+        self._metrics.observe("minichat_decision_seconds", ((now_ms - ms) / 1000.0 for ms in commands_ms))
+
+    async def land_finished(self, consumer: AIOKafkaConsumer, owned: Container[LaneKey]) -> None:
+        while self._flights and self._flights[0].done.done():
+            await self.land_one(consumer, owned)
+
+    async def land_all(self, consumer: AIOKafkaConsumer, owned: Container[LaneKey]) -> None:
+        while self._flights:
+            await self.land_one(consumer, owned)
+
+    async def land_one(self, consumer: AIOKafkaConsumer, owned: Container[LaneKey]) -> None:
+        """Wait for the oldest batch's acknowledgements, then commit its offsets of the partitions
+        still `owned` to Kafka."""
+        flight = self._flights[0]
+        await flight.done  # a failure here is fatal: the worker restarts and re-sends
+        if not self._flights or self._flights[0] is not flight:
+            return  # a rebalance landed it meanwhile
+        self._flights.popleft()
+        offsets = {
+            TopicPartition(*lane): OffsetAndMetadata(offset, "")
+            for lane, offset in flight.offsets.items()
+            if lane in owned
+        }
+        if offsets:
+            try:
+                await consumer.commit(offsets)
+            except KafkaError as exc:  # monitoring only: the stored positions are the truth
+                logger.info("Kafka offset commit skipped (%s)", type(exc).__name__)
+
+    async def await_all(self) -> None:
+        """Every output acknowledged before partitions move (no Kafka commit here: the coordinator
+        is rebalancing; the stored positions are what counts)."""
+        flights = list(self._flights)
+        self._flights.clear()
+        for flight in flights:
+            try:
+                await flight.done
+            except Exception as exc:  # aiokafka would swallow it in a rebalance callback
+                self._on_fatal("engine produce", exc)
