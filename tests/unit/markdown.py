@@ -104,6 +104,16 @@ class Document:
             if line.strip():
                 previous = line
 
+    def prose(self) -> str:
+        """The text without its fenced blocks (so backticks pair up as code spans)."""
+        lines, fence = [], False
+        for line in self.text.splitlines():
+            if _FENCE.match(line):
+                fence = not fence
+            elif not fence:
+                lines.append(line)
+        return "\n".join(lines)
+
     def section(self, title: str) -> Section:
         """The one section whose heading reads `title` (backticks ignored)."""
         found = [s for s in self.sections if plain(s.title) == plain(title)]
