@@ -262,3 +262,10 @@ def test_the_exit_codes_are_the_codes() -> None:
     documented = {int(code) for code in names(OPERATIONS.section("Exit codes").table())}
     interrupted, invariants_failed = 130, 1  # `minichat replay` on Ctrl-C; `minichat simulate`
     assert documented == {0, invariants_failed, cli.EXIT_SETUP, errors.EXIT_FATAL, FAULT_EXIT, interrupted}
+
+
+def test_the_readmes_first_screen_says_what_it_is_for_the_two_commands_and_the_guides() -> None:
+    first_screen = "\n".join((ROOT / "README.md").read_text().splitlines()[:40])
+    for link in ("docs/contract.md", "docs/gateway-guide.md", "docs/operations.md"):
+        assert f"]({link})" in first_screen, f"the README's first screen does not link {link}"
+    assert "make demo" in first_screen and "make test" in first_screen
