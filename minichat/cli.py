@@ -102,7 +102,11 @@ def _tokens_add(settings: Settings, args: argparse.Namespace) -> int:
     from minichat.processors.read_api import add_token
 
     if settings.read_tokens_file is None:
-        print("minichat tokens add: set MINICHAT_READ_TOKENS_FILE (where the digests go)", file=sys.stderr)
+        print(
+            "minichat tokens add: set MINICHAT_READ_TOKENS_FILE or --read-tokens-file "
+            "(the file the token's digest goes to)",
+            file=sys.stderr,
+        )
         return EXIT_SETUP
     print(add_token(settings.read_tokens_file, args.tenant))
     return 0
