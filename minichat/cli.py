@@ -1,4 +1,7 @@
-"""The `minichat` command: the only place that reads the environment and starts things."""
+"""The `minichat` command line: parses the options, builds the settings once, runs one command.
+
+Every command's own code is imported when it runs, so `minichat --help` stays quick.
+"""
 
 from __future__ import annotations
 
@@ -22,25 +25,36 @@ logger = logging.getLogger("minichat")
 EXIT_SETUP = 2
 
 _SETTING_OPTIONS: dict[str, tuple[str, type]] = {
-    "kafka_bootstrap_servers": ("Kafka brokers, host:port[,host:port]", str),
-    "database_url": ("PostgreSQL DSN", str),
-    "topic_prefix": ("prefix of every topic name", str),
-    "group_id": ("consumer group of the workers", str),
-    "partitions": ("partitions of every topic created", int),
-    "policy_file": ("quota policy YAML file", Path),
-    "web_port": ("health and metrics port of a worker", int),
+    "kafka_bootstrap_servers": ("Kafka brokers to connect to, host:port[,host:port...]", str),
+    "database_url": ("PostgreSQL connection URL", str),
+    "topic_prefix": ("prefix of every topic name, to run several deployments on one cluster", str),
+    "group_id": ("consumer group the workers share", str),
+    "partitions": ("partitions of every topic, and the count the worker expects", int),
+    "policy_file": ("the quota policy, a YAML file", Path),
+    "web_port": ("port of a worker's health checks, metrics and read API", int),
+    "web_host": ("address a worker's web server listens on", str),
+    "read_tokens_file": ("file of read API token digests, written by `minichat tokens add`", Path),
+}
+
+_DEFAULT_IN_WORDS = {
+    "policy_file": "the packaged example policy",
+    "read_tokens_file": "none, and the read API refuses every token",
 }
 
 
 def _add_setting_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("settings (default: MINICHAT_* environment, then built-in)")
+    group = parser.add_argument_group(
+        "settings", "Each setting is also read from its MINICHAT_* environment variable; an option wins."
+    )
     for field, (text, kind) in _SETTING_OPTIONS.items():
+        default = _DEFAULT_IN_WORDS.get(field, Settings.model_fields[field].default)
         group.add_argument(
             "--" + field.replace("_", "-"),
             dest=field,
             type=kind,
             default=None,
-            help=f"{text} [MINICHAT_{field.upper()}]",
+            metavar=field.split("_")[-1].upper(),
+            help=f"{text} (default: $MINICHAT_{field.upper()}, else {default})",
         )
 
 
@@ -88,7 +102,11 @@ def _tokens_add(settings: Settings, args: argparse.Namespace) -> int:
     from minichat.processors.read_api import add_token
 
     if settings.read_tokens_file is None:
-        print("minichat tokens add: set MINICHAT_READ_TOKENS_FILE (where the digests go)", file=sys.stderr)
+        print(
+            "minichat tokens add: set MINICHAT_READ_TOKENS_FILE or --read-tokens-file "
+            "(the file the token's digest goes to)",
+            file=sys.stderr,
+        )
         return EXIT_SETUP
     print(add_token(settings.read_tokens_file, args.tenant))
     return 0
@@ -305,100 +323,128 @@ def _schema_export(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minichat", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+_Run = Callable[[Settings, argparse.Namespace], Any]
+_Group = Any  # what add_subparsers returns (argparse keeps its class private)
 
-    def command(
-        sub: Any, name: str, help_text: str, run: Callable[[Settings, argparse.Namespace], Any]
-    ) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
-        _add_setting_options(p)
-        p.set_defaults(run=run)
-        return p
+_DESCRIPTION = (
+    "minichat decides, reserves, stores and settles the chat turns of multi-tenant LLM gateways: a "
+    "Kafka stream processor that keeps its books in PostgreSQL. To run it: `minichat db migrate`, "
+    "`minichat topics create`, then `minichat worker`. Every command also takes the settings "
+    "options (--database-url, ...); each setting can come from a MINICHAT_* environment variable instead."
+)
+_EPILOG = (
+    "The contract, the gateway guide and the operator's guide are docs/contract.md, "
+    "docs/gateway-guide.md and docs/operations.md in the project. Run `minichat COMMAND --help` "
+    "for a command's options."
+)
 
-    db = commands.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
-    command(db, "migrate", "create or upgrade the schema (idempotent)", lambda s, a: _run(_db_migrate(s, a)))
-    grant = command(
+
+def _command(group: _Group, name: str, summary: str, description: str, run: _Run) -> argparse.ArgumentParser:
+    """A command: one line for the list, a paragraph for its own --help, and the settings options."""
+    parser: argparse.ArgumentParser = group.add_parser(name, help=summary, description=description)
+    _add_setting_options(parser)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _subcommands(group: _Group, name: str, summary: str) -> _Group:
+    """A command that only groups others (`minichat db ...`)."""
+    parser = group.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+    return parser.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND", title="commands")
+
+
+def _add_worker(group: _Group) -> None:
+    _command(
+        group,
+        "worker",
+        "run the processor until SIGTERM",
+        "Run the processor: consume the gateways' topics, decide, reserve, store and settle every "
+        "turn, and publish the decisions and billing events, until SIGTERM (it finishes the batch in "
+        "hand, commits and exits 0). It refuses to start, naming the command to run, when the schema "
+        "or the topics are missing or the policy file is invalid. Exit status: 0 after SIGTERM; 2 when "
+        "the setup is wrong (the message names the fix); 70 when PostgreSQL or Kafka stayed away "
+        "longer than the give-up time or an unexpected error stopped it (restart it: nothing is lost).",
+        _worker,
+    )
+
+
+def _add_db(group: _Group) -> None:
+    db = _subcommands(group, "db", "manage the database: schema and reader logins")
+    _command(
+        db,
+        "migrate",
+        "create or upgrade the database schema (safe to run again)",
+        "Create the database schema, or upgrade it to this version's. Applied migrations are "
+        "recorded with their checksums, so running it again changes nothing.",
+        lambda s, a: _run(_db_migrate(s, a)),
+    )
+    grant = _command(
         db,
         "grant-reader",
-        "let an existing database login read one tenant's rows, and only those, whatever it sets",
+        "let an existing database login read one tenant's rows, and only those",
+        "Bind an existing database login to one tenant: it may then read that tenant's rows and no "
+        "others, whatever it sets in its session (row-level security). Create the login first, "
+        "with CREATE ROLE ... LOGIN.",
         lambda s, a: _run(_db_grant_reader(s, a)),
     )
-    grant.add_argument("--tenant", type=uuid.UUID, required=True, help="the tenant the login may read")
     grant.add_argument(
-        "--role", required=True, help="the login (created beforehand with CREATE ROLE ... LOGIN)"
+        "--tenant", type=uuid.UUID, required=True, help="the tenant (a UUID) whose rows the login may read"
     )
-    revoke = command(
+    grant.add_argument("--role", required=True, help="the database login, created beforehand")
+    revoke = _command(
         db,
         "revoke-reader",
         "take a login's reader grant and tenant away",
+        "Take a database login's reader grant and its tenant away; it reads nothing afterwards.",
         lambda s, a: _run(_db_revoke_reader(s, a)),
     )
-    revoke.add_argument("--role", required=True, help="the login")
+    revoke.add_argument("--role", required=True, help="the database login")
 
-    tokens = commands.add_parser("tokens", help="read API tokens").add_subparsers(
-        dest="tokens_command", required=True
+
+def _add_topics(group: _Group) -> None:
+    topics = _subcommands(group, "topics", "manage the Kafka topics")
+    create = _command(
+        topics,
+        "create",
+        "create the topics with their settings (safe to run again)",
+        "Create the six topics with MINICHAT_PARTITIONS partitions, broker-stamped timestamps "
+        "(LogAppendTime) and infinite retention. An existing topic is checked: a wrong partition "
+        "count is an error, and settings that differ are set again.",
+        lambda s, a: _run(_topics_create(s, a)),
     )
-    add_token = command(
+    create.add_argument(
+        "--replication-factor",
+        type=int,
+        default=1,
+        metavar="N",
+        help="copies of each new topic's partitions (default: 1; 3 on a production cluster)",
+    )
+
+
+def _add_tokens(group: _Group) -> None:
+    tokens = _subcommands(group, "tokens", "manage read API tokens")
+    add = _command(
         tokens,
         "add",
-        "print a new read-API token for one tenant and record its digest in MINICHAT_READ_TOKENS_FILE",
+        "print a new read API token for one tenant",
+        "Print a new read API token for one tenant, and record its SHA-256 digest in "
+        "MINICHAT_READ_TOKENS_FILE (created if missing). The token itself is not stored: keep the "
+        "printed one. Running workers take a new token without a restart.",
         _tokens_add,
     )
-    add_token.add_argument("--tenant", type=uuid.UUID, required=True, help="the tenant the token reads")
+    add.add_argument("--tenant", type=uuid.UUID, required=True, help="the tenant (a UUID) the token reads")
 
-    topics = commands.add_parser("topics", help="Kafka topics").add_subparsers(
-        dest="topics_command", required=True
-    )
-    create = command(
-        topics, "create", "create the contract's topics (idempotent)", lambda s, a: _run(_topics_create(s, a))
-    )
-    create.add_argument("--replication-factor", type=int, default=1)
 
-    command(commands, "worker", "run the processor until SIGTERM", _worker)
-
-    simulate = command(
-        commands,
-        "simulate",
-        "play realistic gateway traffic through a running deployment, then check its books "
-        "(exit 0 when every invariant holds, 1 otherwise)",
-        _simulate,
-    )
-    simulate.add_argument("--tenants", type=_positive_int, default=4, help="tenants (default 4)")
-    simulate.add_argument(
-        "--users-per-tenant", type=_positive_int, default=5, help="users per tenant (default 5)"
-    )
-    simulate.add_argument(
-        "--chats-per-user", type=_positive_int, default=3, help="chats per user (default 3)"
-    )
-    simulate.add_argument(
-        "--turns-per-chat", type=_positive_int, default=4, help="turns per chat (default 4)"
-    )
-    simulate.add_argument(
-        "--seed", type=int, default=None, help="seed of every choice (default: random, printed)"
-    )
-    simulate.add_argument(
-        "--timeout",
-        type=_positive_float,
-        default=120.0,
-        help="seconds to wait, after the traffic, for the processor to settle everything (default 120)",
-    )
-    simulate.add_argument(
-        "--step-timeout",
-        type=_positive_float,
-        default=30.0,
-        help="seconds to wait for one decision or one turn to leave running (default 30)",
-    )
-    simulate.add_argument(
-        "--concurrency", type=_positive_int, default=32, help="chats played at once (default 32)"
-    )
-
-    replay = command(
-        commands,
+def _add_replay(group: _Group) -> None:
+    replay = _command(
+        group,
         "replay",
-        "re-consume the input topics up to their current end into the database; no decision, "
-        "dead letter or billing event is re-sent; prints a summary",
+        "apply the input topics to the database again, sending nothing",
+        "Re-consume the input topics, from the beginning or from --from-time, up to their end when it "
+        "starts, and apply them through the worker's own processors; a command with a recorded "
+        "decision is applied as it was decided. Nothing is sent: no decision, dead letter or billing "
+        "event. Over the live database it changes nothing; into an empty, migrated database it "
+        "rebuilds the books. Run it while the workers are caught up or stopped. Prints a summary.",
         _replay,
     )
     replay.add_argument(
@@ -406,37 +452,123 @@ def _parser() -> argparse.ArgumentParser:
         type=_from_time,
         default=None,
         metavar="RFC3339",
-        help="start at the first record at or after this time (e.g. 2025-01-31T12:00:00Z); "
-        "default: the beginning of the topics",
+        help="start at the first record at or after this time, with its offset, e.g. "
+        "2025-01-31T12:00:00Z (default: the beginning of the topics)",
     )
-    replay.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    replay.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    replay.add_argument(
+        "--no-progress", action="store_true", help="do not draw the progress bar on stderr (default: drawn)"
+    )
+    replay.add_argument(
+        "--json", action="store_true", help="print the summary as one JSON object (default: as lines)"
+    )
 
-    digest = command(
-        commands,
+
+def _add_digest(group: _Group) -> None:
+    digest = _command(
+        group,
         "digest",
-        "print a sha256 of the stored state, all tenants (CONTRACT section 9)",
+        "print a digest of the stored state, to compare two databases",
+        "Print one SHA-256 hex digest of the stored state of all tenants: chats, turns, messages, "
+        "quota rows, decisions and billing events, every column except the processing-clock ones. "
+        "Equal digests mean equal books: compare the live database with a rebuild by `minichat replay`.",
         lambda s, a: _run(_digest(s, a)),
     )
-    digest.add_argument("--tables", action="store_true", help="one digest per table, then the total")
-
-    from minichat.bench.options import add_arguments as add_bench_arguments
-
-    add_bench_arguments(
-        command(
-            commands,
-            "bench",
-            "measure the ceiling, a backlog drain, decision latency and replay on scratch "
-            "databases and topics; prints a table (docs/performance.md)",
-            _bench,
-        )
+    digest.add_argument(
+        "--tables", action="store_true", help="one digest per table, then the total (default: the total)"
     )
 
-    schema = commands.add_parser("schema", help="JSON Schemas of the events").add_subparsers(
-        dest="schema_command", required=True
+
+def _add_simulate(group: _Group) -> None:
+    simulate = _command(
+        group,
+        "simulate",
+        "play realistic gateway traffic through a running deployment, then check its books",
+        "Play realistic gateway traffic through a running deployment (completions, failures, "
+        "cancellations, retries, edits, deletes, duplicates, late usage, a user who runs out of "
+        "quota), wait until the processor is quiet, then check the books. Exit status: 0 when every "
+        "invariant holds, 1 otherwise.",
+        _simulate,
     )
-    export = command(schema, "export", "write docs/schemas/*.json from the models", _schema_export)
-    export.add_argument("--out", type=Path, default=Path("docs/schemas"))
+    add = simulate.add_argument
+    add("--tenants", type=_positive_int, default=4, metavar="N", help="tenants (default: 4)")
+    add(
+        "--users-per-tenant", type=_positive_int, default=5, metavar="N", help="users per tenant (default: 5)"
+    )
+    add("--chats-per-user", type=_positive_int, default=3, metavar="N", help="chats per user (default: 3)")
+    add("--turns-per-chat", type=_positive_int, default=4, metavar="N", help="turns per chat (default: 4)")
+    add("--seed", type=int, default=None, help="seed of every choice (default: random, and printed)")
+    add(
+        "--timeout",
+        type=_positive_float,
+        default=120.0,
+        metavar="S",
+        help="seconds to wait, after the traffic, for the processor to settle everything (default: 120)",
+    )
+    add(
+        "--step-timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="S",
+        help="seconds to wait for one decision, or for one turn to end (default: 30)",
+    )
+    add(
+        "--concurrency",
+        type=_positive_int,
+        default=32,
+        metavar="N",
+        help="chats played at once (default: 32)",
+    )
+
+
+def _add_bench(group: _Group) -> None:
+    from minichat.bench.options import add_arguments
+
+    bench = _command(
+        group,
+        "bench",
+        "measure throughput, decision latency and rebuilds on scratch databases and topics",
+        "Measure, on scratch databases and topics that are removed afterwards: what PostgreSQL takes "
+        "(the ceiling), how fast workers drain a backlog, how long a command waits for its decision "
+        "at given rates, and how fast a replay runs. Prints tables; takes minutes.",
+        _bench,
+    )
+    add_arguments(bench)
+
+
+def _add_schema(group: _Group) -> None:
+    schema = _subcommands(group, "schema", "JSON Schemas of the events")
+    export = _command(
+        schema,
+        "export",
+        "write the JSON Schemas of the events and the policy file",
+        "Write one JSON Schema per event type, and one of the policy file, into a directory; other "
+        "*.json files there are deleted.",
+        _schema_export,
+    )
+    export.add_argument(
+        "--out",
+        type=Path,
+        default=Path("docs/schemas"),
+        metavar="DIR",
+        help="directory to write into (default: docs/schemas)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minichat", description=_DESCRIPTION, epilog=_EPILOG)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    for add in (
+        _add_worker,
+        _add_db,
+        _add_topics,
+        _add_replay,
+        _add_digest,
+        _add_tokens,
+        _add_simulate,
+        _add_bench,
+        _add_schema,
+    ):
+        add(commands)
     return parser
 
 

@@ -11,7 +11,7 @@ PACKAGED_POLICY = Path(__file__).with_name("policy.example.yaml")
 
 
 class Settings(BaseSettings):
-    """CONTRACT section 1, plus tuning knobs that keep their defaults in production."""
+    """docs/contract.md, "Settings" and "Tuning settings" (tuning knobs keep their defaults in production)."""
 
     model_config = SettingsConfigDict(env_prefix="MINICHAT_", frozen=True, extra="ignore")
 

@@ -88,33 +88,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--turns",
         type=_arg(_positive_int),
         default=d.turns,
-        help=f"turns of the drain's backlog and events per ceiling round (default {d.turns})",
+        help=f"turns of the drain's backlog and events per ceiling round (default: {d.turns})",
     )
     add(
         "--rates",
         type=_arg(parse_int_list),
         default=d.rates,
-        help="offered turn.requested per second of the latency phase (default 100,300,1000,3000)",
+        help="offered turn.requested per second of the latency phase (default: 100,300,1000,3000)",
     )
     add(
         "--rate-seconds",
         type=_arg(_positive_float),
         default=d.rate_seconds,
-        help=f"seconds per rate (default {d.rate_seconds:g})",
+        help=f"seconds per rate (default: {d.rate_seconds:g})",
     )
     add(
         "--workers",
         type=_arg(parse_int_list),
         default=d.workers,
-        help="worker process counts of the drain, one drain each (default 1,2)",
+        help="worker process counts of the drain, one drain each (default: 1,2)",
     )
     add(
         "--phases",
         type=_arg(parse_phases),
         default=d.phases,
-        help=f"what to run, a subset of {','.join(PHASES)} (default all)",
+        help=f"what to run, a subset of {','.join(PHASES)} (default: all)",
     )
-    add("--out", type=Path, default=None, help="also write the results as JSON to this file")
+    add("--out", type=Path, default=None, help="also write the results as JSON to this file (default: none)")
     add(
         "--in-flight",
         type=_arg(_positive_int),
@@ -122,18 +122,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="chats the drain's backlog plays at once, each from its first turn to its last "
         "(default: half of the backlog's turns/4 chats; that many or more: all at once)",
     )
-    add("--seed", type=int, default=d.seed, help=f"seed of the generated traffic (default {d.seed})")
+    add("--seed", type=int, default=d.seed, help=f"seed of the generated traffic (default: {d.seed})")
     add(
         "--client-requests",
         type=_arg(_positive_int),
         default=d.client_requests,
-        help=f"requests per gateway instance of the client-overhead phase (default {d.client_requests})",
+        help=f"requests per gateway instance of the client-overhead phase (default: {d.client_requests})",
     )
     add(
         "--ceiling-rounds",
         type=_arg(_positive_int),
         default=d.ceiling_rounds,
-        help=f"rounds of the ceiling, the median is reported (default {d.ceiling_rounds})",
+        help=f"rounds of the ceiling, the median is reported (default: {d.ceiling_rounds})",
     )
 
 

@@ -1,4 +1,5 @@
-"""Decisions for the commands on `turn-requests` (CONTRACT §7 "Admission", "Retry and edit").
+"""Decisions for the commands on `turn-requests` (docs/contract.md, "Admission" and
+"Retry, edit and delete").
 
 Each function is pure: (command, state of its chat and user, policy, event time) → decision. The
 caller loads the state for a whole batch, applies commands in order, and after an accepted reserve
@@ -97,7 +98,7 @@ class RecordedOutcome:
 
     In a rebuild the quota rows a decision read (shared by the user's chats on every partition)
     can hold other values than they did live, so rules 6-7 are not re-run: the recorded tier,
-    model and reserve are applied as they were (CONTRACT section 1, `replay`)."""
+    model and reserve are applied as they were (docs/contract.md, "Commands": `minichat replay`)."""
 
     decision: Literal["allow", "downgrade", "reject"]
     policy_version: int
@@ -281,7 +282,7 @@ def decide_chat_delete(tenant_id: UUID, user_id: UUID, state: ChatState) -> Muta
 
 
 def _mutation_target(state: ChatState, request_id: UUID, user_id: UUID) -> TurnFacts | ErrorCode:
-    """The turn a retry/edit/delete may act on, or why not, in reference §2.7 M2 order:
+    """The turn a retry/edit/delete may act on, or why not, in the reference design's order:
     turn_not_found, forbidden, invalid_turn_state, not_latest_turn."""
     turn = state.target_turn
     if turn is None:

@@ -54,7 +54,7 @@ UserKey = tuple[UUID, UUID]
 
 
 def command_id_of(event: TurnRequestEvent) -> UUID:
-    """The key of the stored decision (CONTRACT section 8)."""
+    """The key of the stored decision (docs/contract.md, "Storage")."""
     if isinstance(event, TurnRequested):
         return event.request_id
     if isinstance(event, TurnRetry | TurnEdit):

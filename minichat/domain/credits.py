@@ -1,11 +1,11 @@
-"""Credit arithmetic (CONTRACT §7 "Credits"): integer micro-credits, one ceiling per part."""
+"""Credit arithmetic (docs/contract.md, "Credits"): integer micro-credits, one ceiling per part."""
 
 from __future__ import annotations
 
 from minichat.models.bounds import MAX_MULTIPLIER, MAX_TOKENS
 
 MICRO_DIVISOR = 1_000_000
-"""Multipliers are micro-credits per million tokens (CONTRACT §7, decided)."""
+"""Multipliers are micro-credits per million tokens (docs/contract.md, "Credits")."""
 
 
 class CreditError(ValueError):

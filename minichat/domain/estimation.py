@@ -1,4 +1,4 @@
-"""Input estimation and reserve sizing (CONTRACT §7 admission rules 5 and 6)."""
+"""Input estimation and reserve sizing (docs/contract.md, "Admission", rules 5 and 6)."""
 
 from __future__ import annotations
 

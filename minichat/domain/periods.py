@@ -1,4 +1,4 @@
-"""Quota periods (CONTRACT §7 "Periods"): UTC day and month of the admitting command's event time."""
+"""Quota periods (docs/contract.md, "Periods"): UTC day and month of the admitting command's event time."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Quota buckets, rows and the tier cascade (CONTRACT §7 "Buckets", admission rules 6 and 7)."""
+"""Quota buckets, rows and the tier cascade (docs/contract.md, "Buckets" and
+"Admission", rules 6 and 7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Settlement of a terminal turn (CONTRACT §7 "Settlement") and late-usage re-pricing.
+"""Settlement of a terminal turn (docs/contract.md, "Settlement") and late-usage re-pricing.
 
 A function of the turn's stored preflight values, its terminal event, the usage (if known) and the
 policy snapshot of the version it was admitted under; never of the live policy or the clock.

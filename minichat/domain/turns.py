@@ -350,7 +350,7 @@ def _settle(turn: TurnRecord, at: datetime, snapshot: Policy) -> Step:
 
 
 def billing_event(turn: TurnRecord, billing: Billing) -> UsageSettled | UsageAdjusted:
-    """The `usage.settled` / `usage.adjusted` event of a settled turn (CONTRACT section 5)."""
+    """The `usage.settled` / `usage.adjusted` event of a settled turn (docs/contract.md, "Output events")."""
     assert turn.settled_at is not None
     settlement = billing.settlement
     usage = turn.usage

@@ -1,4 +1,5 @@
-"""Wire models of every event (CONTRACT sections 3-5) and the decoder that guards the input topics.
+"""Wire models of every event (docs/contract.md, "Envelope", "Input events",
+"Output events") and the decoder that guards the input topics.
 
 Inputs are decoded once, from the record's bytes, with `validate_json`. Everything is strict (no
 `"5"` -> 5, no `1` -> true, no `1.0` token counts); UUIDs and datetimes still parse from JSON
@@ -143,7 +144,7 @@ ProviderResponseId = Annotated[str, StringConstraints(max_length=128), AfterVali
 ErrorCode = Annotated[str, StringConstraints(max_length=64), AfterValidator(_reject_nul)]
 
 TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKEN_COUNT, strict=True)]
-"""Token and call counts: integers in 0..=10_000_000 (CONTRACT section 4)."""
+"""Token and call counts: integers in 0..=10_000_000 (docs/contract.md, "Input events")."""
 
 OptionalCount = Annotated[TokenCount, BeforeValidator(_null_is_default)]
 """A count that may be omitted (or null) and then is 0."""
@@ -200,12 +201,12 @@ class Usage(_UsageCounts):
 
     @property
     def known(self) -> bool:
-        """CONTRACT section 7: usage counts as known when `in + out > 0`."""
+        """Usage counts as known when `in + out > 0` (docs/contract.md, "Usage object")."""
         return self.input_tokens + self.output_tokens > 0
 
 
 class Envelope(_Input):
-    """CONTRACT section 3. Event time is the record timestamp, never `occurred_at`."""
+    """docs/contract.md, "Envelope". Event time is the record timestamp, never `occurred_at`."""
 
     model_config = ConfigDict(json_schema_extra=_require_type)
 
@@ -287,7 +288,7 @@ class TurnCompleted(Envelope):
 
 
 class TurnFailed(Envelope):
-    """The turn failed; `error_code` picks the settlement path (CONTRACT section 7)."""
+    """The turn failed; `error_code` picks the settlement path (docs/contract.md, "Failure codes")."""
 
     type: Literal["turn.failed"] = "turn.failed"
     request_id: UUID
@@ -409,7 +410,7 @@ class TurnDecision(_Output):
 
     @model_validator(mode="after")
     def _consistent(self) -> TurnDecision:
-        # Each rule is a sentence of CONTRACT sections 5 and 7; breaking one is a processor bug.
+        # Each rule is a sentence of docs/contract.md, "`turn.decision`"; breaking one is a processor bug.
         if (self.decision == "reject") != (self.error_code is not None):
             raise ValueError("error_code is set exactly when decision is reject")
         if self.decision == "reject" and self.turn_id is not None:

@@ -1,4 +1,5 @@
-"""The quota policy file (CONTRACT §6): its pydantic model, loading, and canonical snapshot."""
+"""The quota policy file (docs/contract.md, "Policy file"): its pydantic model, loading, and
+canonical snapshot."""
 
 from __future__ import annotations
 

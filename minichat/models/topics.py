@@ -1,4 +1,4 @@
-"""Topic names and settings of CONTRACT section 2 (names are given without the prefix)."""
+"""Topic names and settings (docs/contract.md, "Topics"; names are given without the prefix)."""
 
 from __future__ import annotations
 

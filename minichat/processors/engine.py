@@ -57,7 +57,7 @@ FAULT_EXIT = 86
 """Exit status of `fault_exit_after_commit` (tests only)."""
 
 INPUT_RANKS = ("provider_responses", "usage", "turn_requests")
-"""CONTRACT section 2: on equal timestamps facts come before commands."""
+"""docs/contract.md, "Order of processing": on equal timestamps facts come before commands."""
 
 
 def input_ranks(names: TopicNames) -> dict[str, int]:

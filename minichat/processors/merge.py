@@ -1,9 +1,10 @@
 """The input partitions of one partition number, merged into one ordered stream (pure, no I/O).
 
-Order (CONTRACT section 2): (record timestamp, topic rank, offset), ranks `provider-responses` 0,
-`usage` 1, `turn-requests` 2, each partition in offset order. A record is released only when no
-earlier record of its partition set can still arrive: every other input partition of the set either
-has a buffered record after it, or is known to hold nothing before it (its *frontier*).
+Order (docs/contract.md, "Order of processing"): (record timestamp, topic rank, offset), ranks
+`provider-responses` 0, `usage` 1, `turn-requests` 2, each partition in offset order. A record is
+released only when no earlier record of its partition set can still arrive: every other input
+partition of the set either has a buffered record after it, or is known to hold nothing before it
+(its *frontier*).
 
 Frontiers come from the outside: the worker sets one when a ListOffsets request sent at wall time T
 found the partition fetched to its end (a record appended later carries a LogAppendTime of at least

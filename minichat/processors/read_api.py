@@ -1,4 +1,4 @@
-"""The read API on the worker's web port (CONTRACT section 10): health, readiness, a chat's
+"""The read API on the worker's web port (docs/contract.md, "Read API"): health, readiness, a chat's
 messages, a turn, a user's quota. `/v1/` routes need a bearer token of one tenant; reads run as
 `minichat_reader` with that tenant (row-level security), so another tenant's chat, turn or user
 answers exactly as an unknown one does: 404.

@@ -1,4 +1,4 @@
-"""`minichat digest`: one sha256 of the stored state (CONTRACT section 9).
+"""`minichat digest`: one sha256 of the stored state (docs/contract.md, "Guarantees").
 
 What is covered: the tables of `DIGEST_TABLES` (`chats`, `chat_turns`, `messages`,
 `quota_usage`, `turn_decisions` and the `outbox` payloads), every column except the

@@ -1,4 +1,4 @@
-"""SQL of the read API (CONTRACT section 10). Every read runs in `reading_as`: a read-only
+"""SQL of the read API (docs/contract.md, "Read API"). Every read runs in `reading_as`: a read-only
 transaction as `minichat_reader` with the caller's tenant, so row-level security shows that tenant's
 rows and no other's even if a query forgot its tenant filter (they all have one too)."""
 

@@ -1,4 +1,4 @@
-"""Admission through the real broker and database: CONTRACT section 7, rules 1-8."""
+"""Admission through the real broker and database: docs/contract.md, "Admission", rules 1-8."""
 
 from __future__ import annotations
 

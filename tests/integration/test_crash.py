@@ -1,4 +1,4 @@
-"""kill -9 loses nothing, and the log rebuilds the same books (CONTRACT section 9), measured.
+"""kill -9 loses nothing, and the log rebuilds the same books (docs/contract.md, "Guarantees"), measured.
 
 Each test runs its own deployment (topics, consumer group, database) with a policy whose usage
 grace and watchdog period are short (and the demo tenant's tiny limits, so the simulator's limit

@@ -1,4 +1,5 @@
-"""`minichat digest` against a real PostgreSQL: what it covers and what it ignores (CONTRACT section 9).
+"""`minichat digest` against a real PostgreSQL: what it covers and what it ignores
+(docs/contract.md, "Guarantees").
 
 The rows are generated from the catalog (every column of every covered table, by data type), so a
 column added by a later migration is exercised here without editing this file; an unknown data
@@ -25,7 +26,8 @@ pytestmark = pytest.mark.integration
 NS = uuid.UUID("0b5c1e43-7f0e-4d59-9f1a-3c2d7c7f5e10")
 ROWS = 3
 
-# The processing-clock columns of the schema today, plus the outbox's sequence (CONTRACT §9).
+# The processing-clock columns of the schema today, plus the outbox's sequence
+# (docs/contract.md, "Storage").
 EXPECTED_EXCLUDED = {
     ("chat_turns", "last_progress_seen_at"),
     ("chat_turns", "terminal_seen_at"),

@@ -1,4 +1,5 @@
-"""Hostile and broken records between valid traffic, through a live worker (CONTRACT sections 5, 7, 9).
+"""Hostile and broken records between valid traffic, through a live worker (docs/contract.md,
+"Dead-letter codes", "Admission", "Guarantees").
 
 The corpus (`tests/data/hostile_records.py`) says what each record must produce. Here every record
 is produced between valid turns of the same partition of the same topic, and the test checks:

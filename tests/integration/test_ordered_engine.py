@@ -1,4 +1,4 @@
-"""The ordered engine against the real broker and database (CONTRACT section 2, issue 9).
+"""The ordered engine against the real broker and database (docs/contract.md, "Order of processing"; issue 9).
 
 * a backlog of gateway-paced turns (a chat's next request appended only after its previous turn's
   completion and usage were acknowledged) is drained by one worker and by two: no request is

@@ -1,4 +1,4 @@
-"""The read API against a live worker (CONTRACT section 10): every route, pagination over a few
+"""The read API against a live worker (docs/contract.md, "Read API"): every route, pagination over a few
 hundred messages, 401 without or with a bad token, 404 (identical) for another tenant's or unknown
 ids, `blocked` from the stored rows, and no content in the worker's log."""
 

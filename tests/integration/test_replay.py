@@ -1,4 +1,4 @@
-"""`minichat replay` through the real broker and database (CONTRACT sections 1 and 9).
+"""`minichat replay` through the real broker and database (docs/contract.md, "Commands" and "Guarantees").
 
 One live worker serves the module; `traffic` runs once: two tenants, requests, completions with
 inline usage, a usage that comes after its completion, a retry, a rejection, a duplicate

@@ -1,4 +1,4 @@
-"""Completion and settlement through the real broker and database: CONTRACT section 7.
+"""Completion and settlement through the real broker and database: docs/contract.md, "Settlement".
 
 One worker with short watchdog timers (orphan 3 s, usage grace 2 s, tick 1 s) serves the module;
 each test uses its own tenant, user and chat.

@@ -1,4 +1,4 @@
-"""Migrations against a real PostgreSQL: idempotent, recorded, and shaped as CONTRACT section 8."""
+"""Migrations against a real PostgreSQL: idempotent, recorded, and shaped as docs/contract.md, "Storage"."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Producers must not choose event time (issue 10, item 2; CONTRACT sections 1 and 5).
+"""Producers must not choose event time (issue 10, item 2; docs/contract.md, "Topic settings"
+and "Dead-letter codes").
 
 Event time is the record timestamp, and only the broker's `LogAppendTime` is one a gateway cannot
 forge. On a topic set to `CreateTime` a producer could backdate a request into an empty quota

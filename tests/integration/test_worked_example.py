@@ -1,4 +1,4 @@
-"""The reference's worked quota example (quota-and-turns.md section 8.3, items 22-26), end to end
+"""The reference's worked quota example (the design notes' worked example, items 22-26), end to end
 through Kafka and Postgres at the contract's scale (divisor 1,000,000: the reference's
 multipliers are taken x1000 so its micro-credit figures hold).
 """

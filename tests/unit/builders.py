@@ -47,7 +47,7 @@ R2 = UUID("4e900000-0000-4000-8000-000000000002")
 R3 = UUID("4e900000-0000-4000-8000-000000000003")
 
 OCCURRED_AT = datetime(1999, 12, 31, 23, 59, tzinfo=UTC)
-"""Informational only (CONTRACT §3): nothing may come out of it."""
+"""Informational only (docs/contract.md, "Envelope"): nothing may come out of it."""
 
 _event_ids = itertools.count(1)
 

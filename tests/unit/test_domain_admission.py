@@ -398,7 +398,7 @@ def test_code_interpreter_kill_switch_drops_the_tool() -> None:
     assert (result.code_interpreter, result.estimated_input_tokens) == (False, 110)
 
 
-# --- admission order (contract §7 rules 1-5) -----------------------------------------------------
+# --- admission order (docs/contract.md, "Admission", rules 1-5) ----------------------------------
 
 
 @pytest.mark.parametrize(

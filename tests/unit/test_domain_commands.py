@@ -1,9 +1,9 @@
 """`decide_batch`: a micro-batch of turn-requests commands folded over a `BatchState`.
 
-Contract §4-§5 (commands and `turn.decision`), §7 (admission, retry/edit/delete, ids), §8
-(`turn_decisions` keyed by `(chat_id, command id)`). Reference behaviours (test ids `bNN`): 14, 19,
-20, 63, 71, 72, 75-81 and 89 as far as they concern deciding a batch; the pure per-command rules
-are in `test_domain_admission.py`.
+docs/contract.md: "Input events" and "`turn.decision`", "Admission", "Retry, edit and delete",
+"Ids", "Storage" (`turn_decisions` keyed by `(chat_id, command id)`). Reference behaviours (test ids
+`bNN`): 14, 19, 20, 63, 71, 72, 75-81 and 89 as far as they concern deciding a batch; the pure
+per-command rules are in `test_domain_admission.py`.
 
 Catalog (from `test_domain_admission`): `prem` (premium, max output 8192), `std` (standard default,
 2048), `std-alt` (standard, 1024), all at 1M/1M, so one token costs one micro-credit. An empty
@@ -320,7 +320,8 @@ def test_downgrade_is_stored_with_its_reason() -> None:
     ],
 )
 def test_event_time_decides_periods_and_decided_at(at: datetime, daily: date, monthly: date) -> None:
-    """Contract §3/§7: event time is the record timestamp, never `occurred_at` (1999 in builders)."""
+    """docs/contract.md, "Envelope": event time is the record timestamp, never `occurred_at` (1999
+    in builders)."""
     result = run(batch_state(), (requested(), at))
     [decision] = decisions(result)
     assert decision.decided_at == at
@@ -461,7 +462,8 @@ def test_duplicate_across_batches_resends_the_stored_decision(
 
 
 def test_a_stored_reject_stays_rejected() -> None:
-    """Contract §7 rule 2: a decision is final, even when the request would now be accepted."""
+    """docs/contract.md, "Admission", rule 2: a decision is final, even when the request would now
+    be accepted."""
     first = run(batch_state(), requested(R1), policy=make_policy(standard=(0, BIG)))
     [payload] = [a.payload for a in first.answers]
     result = run(batch_state(decisions={(CHAT, R1): dict(payload)}), requested(R1))
@@ -598,7 +600,7 @@ def test_chat_delete_then_request_in_one_batch() -> None:
 
 
 def test_chat_delete_leaves_a_running_turn_alone() -> None:
-    """Contract §7: its running turn, if any, still finishes and settles."""
+    """docs/contract.md, "Retry, edit and delete": its running turn, if any, still finishes and settles."""
     result = run(batch_state(chats={CHAT: chat_view(stored_turn(R1, "running"))}), chat_delete())
     assert outcome(result) == [("done", None, None, False)]
     assert result.changes.removed_turns == []
@@ -629,8 +631,8 @@ def test_second_chat_delete_in_the_batch() -> None:
 
 
 def test_a_duplicate_after_chat_delete_is_replayed() -> None:
-    """Every copy of a command gets the one decision it was given (CONTRACT section 2: re-sent on
-    duplicates; "a decision is final"): the caller's own deleted chat is checked after rule 2, so a
+    """Every copy of a command gets the one decision it was given (docs/contract.md, "Topics": re-sent
+    on duplicates; "a decision is final"): the caller's own deleted chat is checked after rule 2, so a
     copy of an accepted request redelivered after `chat.delete` re-sends the `allow`. A new
     command on the deleted chat is still chat_not_found."""
     first = requested(R1)

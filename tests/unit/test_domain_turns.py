@@ -1,7 +1,7 @@
 """`apply_event`: a turn's life after admission, and `billing_event`, the wire form of its charge.
 
-Contract §7 "Provider events", "Settlement" (the table), late usage (`usage.adjusted`) and §5 (the
-`usage.settled` / `usage.adjusted` fields). Reference behaviours (test ids `bNN`): 42-62 through
+docs/contract.md, "Provider events and parking", "Settlement" (the table and late usage) and
+"`usage.settled`" / "`usage.adjusted`" (the fields). Reference behaviours (test ids `bNN`): 42-62 through
 the turn's events, 66-68 and 70 (first terminal wins, cancel message), 73-74, 84-87 (orphan and
 liveness) and 89 (settlement uses the stored periods).
 

@@ -1,4 +1,4 @@
-"""Every SQL statement of `minichat/storage` carries the tenant (CONTRACT section 8).
+"""Every SQL statement of `minichat/storage` carries the tenant (docs/contract.md, "Storage").
 
 The statements are collected from the source, not from a hand-kept list, so a new query is checked
 the day it is written:
