@@ -26,9 +26,9 @@ from minichat.domain.quota import (
     tool_quota_scope,
 )
 from minichat.models.bounds import MAX_TOKENS
+from minichat.models.events import TurnState
 from minichat.models.policy import Policy
 
-TurnState = Literal["running", "completed", "failed", "cancelled"]
 ErrorCode = Literal[
     "chat_not_found",
     "generation_in_progress",

@@ -29,7 +29,6 @@ from minichat.domain.admission import (
     Regenerate,
     TurnAsk,
     TurnFacts,
-    TurnState,
     decide_chat_delete,
     decide_regenerate,
     decide_request,
@@ -46,6 +45,7 @@ from minichat.models.events import (
     TurnRequested,
     TurnRequestEvent,
     TurnRetry,
+    TurnState,
 )
 from minichat.models.policy import Policy
 

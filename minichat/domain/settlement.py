@@ -13,11 +13,9 @@ from typing import Literal
 from minichat.domain.credits import credits_micro
 from minichat.domain.periods import Periods
 from minichat.domain.quota import BUCKET_TOTAL, BucketKey, QuotaDelta, QuotaRow, bucket_keys
+from minichat.models.events import BillingOutcome, SettlementMethod, TerminalState
 from minichat.models.policy import CatalogModel, Policy
 
-TerminalState = Literal["completed", "failed", "cancelled"]
-Outcome = Literal["completed", "failed", "aborted"]
-Method = Literal["actual", "estimated", "released"]
 BillingPath = Literal["usage", "estimated", "released"]
 """`usage`: actual when usage is known, else estimated (after waiting for it)."""
 
@@ -39,7 +37,9 @@ class SettlementError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class Usage:
+class UsageFigures:
+    """The figures of a usage report that pricing reads (the wire `Usage` without its model)."""
+
     input_tokens: int
     output_tokens: int
     cache_read_input_tokens: int = 0
@@ -68,15 +68,15 @@ class TurnCharge:
 
 @dataclass(frozen=True, slots=True)
 class BillingRule:
-    outcome: Outcome
+    outcome: BillingOutcome
     path: BillingPath
     unknown_error_code: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Settlement:
-    outcome: Outcome
-    method: Method
+    outcome: BillingOutcome
+    method: SettlementMethod
     committed_credits_micro: int
     overshoot_capped: bool = False
     input_tokens: int = 0
@@ -102,7 +102,7 @@ def billing_rule(terminal_state: TerminalState, error_code: str | None) -> Billi
     return BillingRule("failed", "estimated", unknown_error_code=True)
 
 
-def awaits_usage(terminal_state: TerminalState, error_code: str | None, usage: Usage | None) -> bool:
+def awaits_usage(terminal_state: TerminalState, error_code: str | None, usage: UsageFigures | None) -> bool:
     """True when the turn must wait for usage (up to `usage_grace_s`) before it settles; False when
     it settles now (usage known, or a row of the table that ignores usage)."""
     return billing_rule(terminal_state, error_code).path == "usage" and not (
@@ -119,7 +119,7 @@ def exceeds_tolerance(actual_tokens: int, reserve_tokens: int, tolerance: float)
 
 def settle(
     turn: TurnCharge,
-    usage: Usage | None,
+    usage: UsageFigures | None,
     terminal_state: TerminalState,
     error_code: str | None,
     policy: Policy,
@@ -161,7 +161,7 @@ def settle(
 def reprice(
     turn: TurnCharge,
     previous: Settlement,
-    usage: Usage,
+    usage: UsageFigures,
     terminal_state: TerminalState,
     error_code: str | None,
     policy: Policy,
@@ -206,7 +206,7 @@ def _model(turn: TurnCharge, policy: Policy) -> CatalogModel:
 
 
 def _actual(
-    turn: TurnCharge, usage: Usage, rule: BillingRule, model: CatalogModel, policy: Policy
+    turn: TurnCharge, usage: UsageFigures, rule: BillingRule, model: CatalogModel, policy: Policy
 ) -> Settlement:
     charge = credits_micro(
         usage.input_tokens,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 from uuid import UUID
 
 from minichat.domain.ids import message_id_for
@@ -21,9 +21,8 @@ from minichat.domain.quota import BucketKey, QuotaDelta
 from minichat.domain.settlement import (
     ORPHAN_TIMEOUT,
     Settlement,
-    TerminalState,
     TurnCharge,
-    Usage,
+    UsageFigures,
     adjustment_deltas,
     awaits_usage,
     reprice,
@@ -31,12 +30,16 @@ from minichat.domain.settlement import (
     settlement_deltas,
 )
 from minichat.models.events import (
+    BillingOutcome,
     ProviderEvent,
+    SettlementMethod,
+    TerminalState,
     TurnCancelled,
     TurnCompleted,
     TurnFailed,
     TurnOrphaned,
     TurnProgress,
+    TurnState,
     UsageAdjusted,
     UsageEvent,
     UsageGraceExpired,
@@ -48,7 +51,6 @@ from minichat.models.events import Usage as WireUsage
 from minichat.models.policy import Policy
 
 TurnEvent = ProviderEvent | UsageEvent
-TurnStateName = Literal["running", "completed", "failed", "cancelled"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +71,7 @@ class TurnRecord:
     minimal_generation_floor_applied: int
     period_daily: date
     period_monthly: date
-    state: TurnStateName
+    state: TurnState
     updated_at: datetime
     progress_seq: int = 0
     progress_offset: int = -1
@@ -80,12 +82,12 @@ class TurnRecord:
     provider_response_id: str | None = None
     assistant_message_id: UUID | None = None
     completed_at: datetime | None = None
-    usage: Usage | None = None
+    usage: UsageFigures | None = None
     """The first usage report with figures (inline or `usage.reported`); a report of zeros is kept
     until a real one replaces it. None until one arrived."""
     usage_model: str | None = None
-    billing_outcome: str | None = None
-    settlement_method: str | None = None
+    billing_outcome: BillingOutcome | None = None
+    settlement_method: SettlementMethod | None = None
     committed_credits_micro: int | None = None
     overshoot_capped: bool | None = None
     settled_at: datetime | None = None
@@ -102,6 +104,14 @@ class TurnRecord:
     @property
     def running(self) -> bool:
         return self.state == "running"
+
+    @property
+    def terminal_state(self) -> TerminalState:
+        """The state of a turn that ended (settlement and re-pricing read only those)."""
+        state = self.state
+        if state == "running":
+            raise ValueError(f"turn {self.id} is still running")
+        return state
 
     @property
     def charge(self) -> TurnCharge:
@@ -121,8 +131,8 @@ class TurnRecord:
         assert self.billing_outcome and self.settlement_method and self.committed_credits_micro is not None
         actual = self.settlement_method == "actual" and self.usage is not None
         return Settlement(
-            outcome=self.billing_outcome,  # type: ignore[arg-type]
-            method=self.settlement_method,  # type: ignore[arg-type]
+            outcome=self.billing_outcome,
+            method=self.settlement_method,
             committed_credits_micro=self.committed_credits_micro,
             overshoot_capped=bool(self.overshoot_capped),
             input_tokens=self.usage.input_tokens if actual and self.usage else 0,
@@ -144,7 +154,7 @@ class AssistantMessage:
     content: str
     model: str
     provider_response_id: str | None
-    usage: Usage | None
+    usage: UsageFigures | None
     created_at: datetime
 
 
@@ -180,8 +190,8 @@ def _noop(turn: TurnRecord, why: str) -> Step:
     return Step(turn, changed=False, dropped=why)
 
 
-def domain_usage(usage: WireUsage | UsageReported) -> Usage:
-    return Usage(
+def domain_usage(usage: WireUsage | UsageReported) -> UsageFigures:
+    return UsageFigures(
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,
         cache_read_input_tokens=usage.cache_read_input_tokens,
@@ -292,7 +302,7 @@ def _finish(turn: TurnRecord, terminal: _Terminal, at: datetime, snapshot: Polic
     return dataclasses.replace(settled, message=message)
 
 
-def _first_known(stored: Usage | None, arriving: Usage | None) -> Usage | None:
+def _first_known(stored: UsageFigures | None, arriving: UsageFigures | None) -> UsageFigures | None:
     """The first report wins, but a report of zeros (usage not known) gives way to a real one."""
     if stored is not None and (stored.known or arriving is None or not arriving.known):
         return stored
@@ -300,7 +310,7 @@ def _first_known(stored: Usage | None, arriving: Usage | None) -> Usage | None:
 
 
 def _usage_reported(
-    turn: TurnRecord, usage: Usage, model: str | None, at: datetime, snapshot: Policy
+    turn: TurnRecord, usage: UsageFigures, model: str | None, at: datetime, snapshot: Policy
 ) -> Step:
     if turn.usage is not None and (turn.usage.known or not usage.known):
         return _noop(turn, "usage_already_reported")
@@ -314,8 +324,7 @@ def _usage_reported(
         return dataclasses.replace(_settle(reported, at, snapshot), message_usage=has_message)
     previous = turn.settlement
     assert previous is not None and turn.committed_credits_micro is not None
-    state: TerminalState = turn.state  # type: ignore[assignment]
-    adjusted = reprice(turn.charge, previous, usage, state, turn.error_code, snapshot)
+    adjusted = reprice(turn.charge, previous, usage, turn.terminal_state, turn.error_code, snapshot)
     if adjusted is None or turn.adjusted_at is not None:
         return Step(reported, changed=True, message_usage=has_message)
     repriced = reported.evolve(
@@ -334,8 +343,7 @@ def _usage_reported(
 
 
 def _settle(turn: TurnRecord, at: datetime, snapshot: Policy) -> Step:
-    state: TerminalState = turn.state  # type: ignore[assignment]
-    settlement = settle(turn.charge, turn.usage, state, turn.error_code, snapshot)
+    settlement = settle(turn.charge, turn.usage, turn.terminal_state, turn.error_code, snapshot)
     settled = turn.evolve(
         billing_outcome=settlement.outcome,
         settlement_method=settlement.method,
@@ -349,12 +357,39 @@ def _settle(turn: TurnRecord, at: datetime, snapshot: Policy) -> Step:
     return Step(settled, changed=True, billing=billing)
 
 
+class _SettlementFields(TypedDict):
+    """What `usage.settled` and `usage.adjusted` share, typed as the models type it."""
+
+    dedupe_key: str
+    tenant_id: UUID
+    user_id: UUID
+    chat_id: UUID
+    turn_id: UUID
+    request_id: UUID
+    selected_model: str
+    effective_model: str
+    terminal_state: TerminalState
+    billing_outcome: BillingOutcome
+    settlement_method: SettlementMethod
+    error_code: str | None
+    usage: WireUsage | None
+    reserve_tokens: int
+    reserved_credits_micro: int
+    committed_credits_micro: int
+    overshoot_capped: bool
+    policy_version_applied: int
+    web_search_calls: int
+    code_interpreter_calls: int
+    period_daily: date
+    period_monthly: date
+
+
 def billing_event(turn: TurnRecord, billing: Billing) -> UsageSettled | UsageAdjusted:
     """The `usage.settled` / `usage.adjusted` event of a settled turn (docs/contract.md, "Output events")."""
     assert turn.settled_at is not None
     settlement = billing.settlement
     usage = turn.usage
-    fields = {
+    fields: _SettlementFields = {
         "dedupe_key": dedupe_key(turn.tenant_id, turn.id, turn.request_id, billing.kind == "usage.adjusted"),
         "tenant_id": turn.tenant_id,
         "user_id": turn.requester_user_id,
@@ -363,7 +398,7 @@ def billing_event(turn: TurnRecord, billing: Billing) -> UsageSettled | UsageAdj
         "request_id": turn.request_id,
         "selected_model": turn.selected_model,
         "effective_model": turn.effective_model,
-        "terminal_state": turn.state,
+        "terminal_state": turn.terminal_state,
         "billing_outcome": settlement.outcome,
         "settlement_method": settlement.method,
         "error_code": turn.error_code,
@@ -392,8 +427,8 @@ def billing_event(turn: TurnRecord, billing: Billing) -> UsageSettled | UsageAdj
     if billing.kind == "usage.adjusted":
         assert turn.adjusted_at is not None and billing.previous_committed_credits_micro is not None
         return UsageAdjusted(
-            **fields,  # type: ignore[arg-type]
+            **fields,
             settled_at=turn.adjusted_at,
             previous_committed_credits_micro=billing.previous_committed_credits_micro,
         )
-    return UsageSettled(**fields, settled_at=turn.settled_at)  # type: ignore[arg-type]
+    return UsageSettled(**fields, settled_at=turn.settled_at)

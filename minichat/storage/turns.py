@@ -15,12 +15,12 @@ from uuid import UUID
 import asyncpg
 
 from minichat.domain.quota import BucketKey, QuotaDelta
-from minichat.domain.settlement import Usage
+from minichat.domain.settlement import UsageFigures
 from minichat.domain.turns import AssistantMessage, TurnRecord
 from minichat.storage.db import Unnest, columns
 
 _RECORD_COLUMNS = tuple(f.name for f in dataclasses.fields(TurnRecord) if f.name != "usage")
-_USAGE_COLUMNS = tuple(f.name for f in dataclasses.fields(Usage))
+_USAGE_COLUMNS = tuple(f.name for f in dataclasses.fields(UsageFigures))
 
 RequestKey = tuple[UUID, UUID]
 """(chat_id, request_id): a turn, and the key its provider and usage events carry."""
@@ -68,7 +68,7 @@ def _record(row: asyncpg.Record) -> TurnRecord:
     """A `chat_turns` row as the turn record: its columns are named as the record's fields."""
     usage = None
     if row["input_tokens"] is not None:
-        usage = Usage(**{name: row[name] for name in _USAGE_COLUMNS})
+        usage = UsageFigures(**{name: row[name] for name in _USAGE_COLUMNS})
     return TurnRecord(usage=usage, **{name: row[name] for name in _RECORD_COLUMNS})
 
 
@@ -108,7 +108,7 @@ _USAGE_FIGURES = (
     "cache_write_input_tokens bigint", "reasoning_tokens bigint", "web_search_calls int",
     "code_interpreter_calls int",
 )  # fmt: skip
-"""A usage report's figures, named as `Usage` names them (NULL while no report arrived)."""
+"""A usage report's figures, named as `UsageFigures` names them (NULL while no report arrived)."""
 _TURN_UPDATES = Unnest.of(*_TURN_STATE, *_USAGE_FIGURES, "progressed bool", "awaiting_usage bool")
 _turn_state = attrgetter(*(d.split()[0] for d in _TURN_STATE))
 _reported_figures = attrgetter(*(d.split()[0] for d in _USAGE_FIGURES))
@@ -184,7 +184,7 @@ WHERE m.id = k.id AND m.tenant_id = k.tenant_id
 """
 
 
-def _usage_figures(usage: Usage | None) -> tuple[int, int, int, int, int]:
+def _usage_figures(usage: UsageFigures | None) -> tuple[int, int, int, int, int]:
     if usage is None:
         return (0, 0, 0, 0, 0)
     return (

@@ -16,7 +16,7 @@ from minichat.domain.settlement import (
     SettlementError,
     TerminalState,
     TurnCharge,
-    Usage,
+    UsageFigures,
     adjustment_deltas,
     awaits_usage,
     billing_rule,
@@ -55,7 +55,7 @@ def turn(
     return TurnCharge(model, reserve_tokens, max_out, reserved, floor, PERIODS)
 
 
-def completed(charge: TurnCharge, usage: Usage | None, policy: Policy = POLICY) -> Settlement:
+def completed(charge: TurnCharge, usage: UsageFigures | None, policy: Policy = POLICY) -> Settlement:
     return settle(charge, usage, "completed", None, policy)
 
 
@@ -71,7 +71,7 @@ TURN_510 = TurnCharge("S", 1500, 500, 1_500_000, 50, PERIODS)
 def test_b25_settle_the_downgraded_turn() -> None:
     admitted = request(POLICY_510, ChatState(quota=ROWS_510), model="P", content=CONTENT_1000)
     rows = apply_reserve(ROWS_510, admitted.reserve_deltas)
-    result = completed(TURN_510, Usage(900, 300), POLICY_510)
+    result = completed(TURN_510, UsageFigures(900, 300), POLICY_510)
     assert summary(result) == ("completed", "actual", 1_200_000, False)
     rows = apply_deltas(rows, settlement_deltas(TURN_510, result, POLICY_510))
     assert rows[D_TOTAL] == QuotaRow(26_200_000, 0, 1, 900, 300)
@@ -80,7 +80,7 @@ def test_b25_settle_the_downgraded_turn() -> None:
 
 
 def test_b26_exact_use_charges_the_reserve() -> None:
-    assert completed(TURN_510, Usage(1000, 500), POLICY_510).committed_credits_micro == 1_500_000
+    assert completed(TURN_510, UsageFigures(1000, 500), POLICY_510).committed_credits_micro == 1_500_000
 
 
 # --- §8.4 amounts ----------------------------------------------------------------------------------
@@ -89,18 +89,30 @@ def test_b26_exact_use_charges_the_reserve() -> None:
 @pytest.mark.parametrize(
     ("charge", "usage", "expected"),
     [
-        pytest.param(turn(2000), Usage(800, 200), ("completed", "actual", 1000, False), id="b42-actual"),
         pytest.param(
-            turn(1000), Usage(800, 250), ("completed", "actual", 1050, False), id="b43-within-tolerance"
+            turn(2000), UsageFigures(800, 200), ("completed", "actual", 1000, False), id="b42-actual"
         ),
-        pytest.param(turn(1000), Usage(1000, 500), ("completed", "actual", 10_000, True), id="b44-capped"),
         pytest.param(
-            turn(1000), Usage(600, 500), ("completed", "actual", 1100, False), id="b45-boundary-inclusive"
+            turn(1000),
+            UsageFigures(800, 250),
+            ("completed", "actual", 1050, False),
+            id="b43-within-tolerance",
         ),
-        pytest.param(turn(1000), Usage(601, 500), ("completed", "actual", 10_000, True), id="b45-one-over"),
+        pytest.param(
+            turn(1000), UsageFigures(1000, 500), ("completed", "actual", 10_000, True), id="b44-capped"
+        ),
+        pytest.param(
+            turn(1000),
+            UsageFigures(600, 500),
+            ("completed", "actual", 1100, False),
+            id="b45-boundary-inclusive",
+        ),
+        pytest.param(
+            turn(1000), UsageFigures(601, 500), ("completed", "actual", 10_000, True), id="b45-one-over"
+        ),
         pytest.param(
             turn(10_000, reserved=2_500_000),
-            Usage(11_000, 500),
+            UsageFigures(11_000, 500),
             ("completed", "actual", 2_500_000, True),
             id="b46",
         ),
@@ -113,7 +125,7 @@ def test_b26_exact_use_charges_the_reserve() -> None:
         ),
     ],
 )
-def test_amounts(charge: TurnCharge, usage: Usage | None, expected: tuple[object, ...]) -> None:
+def test_amounts(charge: TurnCharge, usage: UsageFigures | None, expected: tuple[object, ...]) -> None:
     """b47/b49: the reference also reports charged tokens (1050, 50); the contract's settlement
     event has no such field, so only the credits are asserted."""
     assert summary(completed(charge, usage)) == expected
@@ -121,7 +133,7 @@ def test_amounts(charge: TurnCharge, usage: Usage | None, expected: tuple[object
 
 def test_b44_b46_capped_turn_keeps_real_token_telemetry() -> None:
     charge = turn(10_000, reserved=2_500_000)
-    result = completed(charge, Usage(11_000, 500))
+    result = completed(charge, UsageFigures(11_000, 500))
     assert (result.input_tokens, result.output_tokens) == (11_000, 500)
     deltas = dict(settlement_deltas(charge, result, POLICY))
     assert deltas[D_TOTAL] == QuotaRow(2_500_000, -2_500_000, 1, 11_000, 500)
@@ -136,7 +148,7 @@ def test_b48_settlement_is_deterministic() -> None:
 
 def test_b50_released_returns_the_whole_reserve() -> None:
     charge = turn(reserved=4321)
-    result = settle(charge, Usage(10, 10), "failed", "context_length_exceeded", POLICY)
+    result = settle(charge, UsageFigures(10, 10), "failed", "context_length_exceeded", POLICY)
     assert summary(result) == ("failed", "released", 0, False)
     reserved = {key: QuotaRow(reserved_credits_micro=4321) for key in (D_TOTAL, M_TOTAL)}
     rows = apply_deltas(reserved, settlement_deltas(charge, result, POLICY))
@@ -146,7 +158,7 @@ def test_b50_released_returns_the_whole_reserve() -> None:
 def test_b51_total_row_update() -> None:
     policy = make_policy(entry("ten", "standard", mult=10_000_000, default=True))
     charge = turn(2000, reserved=2000, model="ten")
-    result = completed(charge, Usage(100, 50), policy)
+    result = completed(charge, UsageFigures(100, 50), policy)
     assert result.committed_credits_micro == 1500
     reserved = {key: QuotaRow(reserved_credits_micro=2000) for key in (D_TOTAL, M_TOTAL)}
     rows = apply_deltas(reserved, settlement_deltas(charge, result, policy))
@@ -155,7 +167,7 @@ def test_b51_total_row_update() -> None:
 
 def test_b52_b54_premium_rows_get_credits_but_no_telemetry() -> None:
     charge = turn(5000, model="prem")
-    result = completed(charge, Usage(999, 999, web_search_calls=1))
+    result = completed(charge, UsageFigures(999, 999, web_search_calls=1))
     deltas = dict(settlement_deltas(charge, result, POLICY))
     assert list(deltas) == [D_PREM, D_TOTAL, M_PREM, M_TOTAL]
     assert deltas[D_PREM] == deltas[M_PREM] == QuotaRow(1998, -10_000, 1)
@@ -164,7 +176,9 @@ def test_b52_b54_premium_rows_get_credits_but_no_telemetry() -> None:
 
 @pytest.mark.parametrize(("web", "code"), [(2, 0), (0, 3), (0, 0)], ids=["b53-web", "b53-code", "b53-none"])
 def test_b53_tool_calls_only_on_total(web: int, code: int) -> None:
-    result = completed(turn(model="prem"), Usage(10, 10, web_search_calls=web, code_interpreter_calls=code))
+    result = completed(
+        turn(model="prem"), UsageFigures(10, 10, web_search_calls=web, code_interpreter_calls=code)
+    )
     deltas = dict(settlement_deltas(turn(model="prem"), result, POLICY))
     assert (deltas[D_TOTAL].web_search_calls, deltas[D_TOTAL].code_interpreter_calls) == (web, code)
     assert (deltas[M_TOTAL].web_search_calls, deltas[M_TOTAL].code_interpreter_calls) == (web, code)
@@ -175,13 +189,15 @@ def test_b53_tool_calls_only_on_total(web: int, code: int) -> None:
     ("model", "usage", "keys"),
     [
         pytest.param(
-            "prem", Usage(300, 200), [D_PREM, D_TOTAL, M_PREM, M_TOTAL], id="b54-b55-premium-actual"
+            "prem", UsageFigures(300, 200), [D_PREM, D_TOTAL, M_PREM, M_TOTAL], id="b54-b55-premium-actual"
         ),
-        pytest.param("std", Usage(300, 200), [D_TOTAL, M_TOTAL], id="b54-b55-standard-actual"),
+        pytest.param("std", UsageFigures(300, 200), [D_TOTAL, M_TOTAL], id="b54-b55-standard-actual"),
         pytest.param("prem", None, [D_PREM, D_TOTAL, M_PREM, M_TOTAL], id="b55-premium-estimated"),
     ],
 )
-def test_b54_b55_round_trip_leaves_no_reserve(model: str, usage: Usage | None, keys: list[BucketKey]) -> None:
+def test_b54_b55_round_trip_leaves_no_reserve(
+    model: str, usage: UsageFigures | None, keys: list[BucketKey]
+) -> None:
     admitted = request(model=model)
     rows = apply_reserve({}, admitted.reserve_deltas)
     assert admitted.effective_model is not None and admitted.reserve_tokens is not None
@@ -208,14 +224,14 @@ def test_b56_forced_downgrade_is_priced_at_the_standard_model() -> None:
     admitted = request(policy, model="p3")
     assert (admitted.decision, admitted.effective_model) == ("downgrade", "s1")
     charge = turn(model="s1")
-    result = completed(charge, Usage(500, 200), policy)
+    result = completed(charge, UsageFigures(500, 200), policy)
     assert result.committed_credits_micro == 700
     assert [key for key, _ in settlement_deltas(charge, result, policy)] == [D_TOTAL, M_TOTAL]
 
 
 def test_missing_model_in_snapshot_is_an_error() -> None:
     with pytest.raises(SettlementError, match="gone"):
-        completed(turn(model="gone"), Usage(1, 1))
+        completed(turn(model="gone"), UsageFigures(1, 1))
 
 
 @pytest.mark.parametrize(
@@ -234,8 +250,8 @@ def test_overshoot_comparison_is_exact(actual: int, reserve: int, tolerance: flo
 
 # --- §8.5 outcome and method by terminal event ----------------------------------------------------
 
-SOME = Usage(10, 5)
-ZERO = Usage(0, 0)
+SOME = UsageFigures(10, 5)
+ZERO = UsageFigures(0, 0)
 
 
 @pytest.mark.parametrize(
@@ -269,7 +285,7 @@ ZERO = Usage(0, 0)
     ],
 )
 def test_outcome_and_method(
-    state: TerminalState, code: str | None, usage: Usage | None, expected: tuple[object, ...]
+    state: TerminalState, code: str | None, usage: UsageFigures | None, expected: tuple[object, ...]
 ) -> None:
     """b57: the reference calls a completed turn always `actual`; the contract's table settles a
     completed turn without usage (after the grace) as `estimated`. code-cap: the reference code
@@ -291,7 +307,9 @@ def test_outcome_and_method(
         pytest.param("failed", "something_new", None, False, id="unknown-code-immediately"),
     ],
 )
-def test_awaits_usage(state: TerminalState, code: str | None, usage: Usage | None, waits: bool) -> None:
+def test_awaits_usage(
+    state: TerminalState, code: str | None, usage: UsageFigures | None, waits: bool
+) -> None:
     assert awaits_usage(state, code, usage) is waits
 
 
@@ -300,7 +318,11 @@ def test_b87_reported_tool_calls_count_on_the_estimated_path() -> None:
     count on the `total` rows (they feed the daily tool quota)."""
     charge = turn(100, 4096, floor=10)
     result = settle(
-        charge, Usage(5, 5, web_search_calls=3, code_interpreter_calls=2), "failed", "orphan_timeout", POLICY
+        charge,
+        UsageFigures(5, 5, web_search_calls=3, code_interpreter_calls=2),
+        "failed",
+        "orphan_timeout",
+        POLICY,
     )
     assert summary(result) == ("aborted", "estimated", 10, False)
     deltas = dict(settlement_deltas(charge, result, POLICY))
@@ -314,7 +336,9 @@ def test_late_usage_reprices_an_estimated_settlement() -> None:
     charge = turn(2000, 1000, model="prem")
     estimated = completed(charge, None)
     assert estimated.committed_credits_micro == 1050
-    adjusted = reprice(charge, estimated, Usage(800, 200, web_search_calls=1), "completed", None, POLICY)
+    adjusted = reprice(
+        charge, estimated, UsageFigures(800, 200, web_search_calls=1), "completed", None, POLICY
+    )
     assert adjusted is not None and summary(adjusted) == ("completed", "actual", 1000, False)
     deltas = dict(adjustment_deltas(charge, estimated, adjusted, POLICY))
     assert deltas[D_TOTAL] == deltas[M_TOTAL] == QuotaRow(-50, 0, 0, 800, 200, 1)
@@ -327,7 +351,7 @@ def test_late_usage_reprices_an_estimated_settlement() -> None:
 
 def test_late_usage_over_tolerance_is_capped() -> None:
     charge = turn(2000, 1000)
-    adjusted = reprice(charge, completed(charge, None), Usage(2000, 1000), "completed", None, POLICY)
+    adjusted = reprice(charge, completed(charge, None), UsageFigures(2000, 1000), "completed", None, POLICY)
     assert adjusted is not None and summary(adjusted) == ("completed", "actual", 10_000, True)
 
 
@@ -337,12 +361,12 @@ def test_late_usage_over_tolerance_is_capped() -> None:
         pytest.param("failed", "orphan_timeout", None, SOME, id="orphan-ignores-usage"),
         pytest.param("failed", "some_code", None, SOME, id="unknown-code-ignores-usage"),
         pytest.param("failed", "validation_error", None, SOME, id="released-stays-released"),
-        pytest.param("completed", None, SOME, Usage(20, 20), id="already-actual"),
+        pytest.param("completed", None, SOME, UsageFigures(20, 20), id="already-actual"),
         pytest.param("completed", None, None, ZERO, id="usage-still-unknown"),
     ],
 )
 def test_late_usage_changes_nothing(
-    state: TerminalState, code: str | None, previous: Usage | None, usage: Usage
+    state: TerminalState, code: str | None, previous: UsageFigures | None, usage: UsageFigures
 ) -> None:
     first = settle(turn(), previous, state, code, POLICY)
     assert reprice(turn(), first, usage, state, code, POLICY) is None

@@ -23,18 +23,17 @@ from uuid import uuid5
 import pytest
 
 from minichat.domain.quota import BUCKET_TOTAL, BucketKey, QuotaRow, apply_deltas
-from minichat.domain.settlement import Usage
+from minichat.domain.settlement import UsageFigures
 from minichat.domain.turns import (
     AssistantMessage,
     Billing,
     Step,
     TurnEvent,
     TurnRecord,
-    TurnStateName,
     apply_event,
     billing_event,
 )
-from minichat.models.events import UsageAdjusted, UsageSettled, to_json_bytes
+from minichat.models.events import TurnState, UsageAdjusted, UsageSettled, to_json_bytes
 from minichat.models.policy import Policy
 from tests.unit.builders import (
     CHAT,
@@ -84,7 +83,7 @@ def running_turn(
     reserved: int = RESERVED,
     floor: int = 50,
     policy_version: int = 1,
-    state: TurnStateName = "running",
+    state: TurnState = "running",
     **fields: Any,
 ) -> TurnRecord:
     return TurnRecord(
@@ -294,7 +293,7 @@ def test_waiting_turn_settles_on_the_usage_report(terminal: TurnEvent, message_u
     assert settling.changed and not settling.awaiting_usage
     assert settling.message_usage is message_usage
     assert charge(settling)[2:] == ("actual", ACTUAL_800_200, False)
-    assert settling.turn.usage == Usage(800, 200)
+    assert settling.turn.usage == UsageFigures(800, 200)
     assert (settling.turn.usage_model, settling.turn.settled_at, settling.turn.completed_at) == (
         "provider-model",
         at(1),
@@ -351,7 +350,7 @@ def test_usage_before_the_terminal_event(terminal: TurnEvent, expected: tuple[ob
     assert early.changed and early.billing is None and not early.awaiting_usage and early.message is None
     assert (early.turn.state, early.turn.usage, early.turn.settled_at) == (
         "running",
-        Usage(800, 200, 0, 0, 0, 3, 2),
+        UsageFigures(800, 200, 0, 0, 0, 3, 2),
         None,
     )
     assert not final.awaiting_usage
@@ -614,7 +613,7 @@ def test_late_usage_that_does_not_reprice(ending: list[TurnEvent]) -> None:
     turn = running_turn()
     *_, settled, late = play(turn, *ending, reported(800, 200))
     assert late.changed and late.billing is None
-    assert late.turn.usage == Usage(800, 200)
+    assert late.turn.usage == UsageFigures(800, 200)
     assert stored_charge(late.turn) == stored_charge(settled.turn)
     assert late.turn.adjusted_at is None
 
@@ -656,7 +655,7 @@ def test_assistant_message(terminal: TurnEvent, content: str | None) -> None:
         content=content,
         model="std",
         provider_response_id="resp-1" if terminal.type == "turn.completed" else None,
-        usage=Usage(800, 200) if terminal.type == "turn.completed" else None,
+        usage=UsageFigures(800, 200) if terminal.type == "turn.completed" else None,
         created_at=at(0),
     )
     assert step.turn.assistant_message_id == ASSISTANT_ID

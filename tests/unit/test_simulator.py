@@ -13,7 +13,7 @@ import yaml
 
 from minichat.domain.admission import Admission, ChatState, TurnAsk, decide_request
 from minichat.domain.quota import QuotaRow, apply_deltas, apply_reserve
-from minichat.domain.settlement import RELEASED_CODES, TurnCharge, Usage, settle, settlement_deltas
+from minichat.domain.settlement import RELEASED_CODES, TurnCharge, UsageFigures, settle, settlement_deltas
 from minichat.models import events
 from minichat.models.policy import Policy, load_policy
 from minichat.models.topics import PROVIDER_RESPONSES, USAGE
@@ -317,7 +317,9 @@ def test_limit_user_is_downgraded_then_refused_under_the_demo_policy(policy: Pol
         assert admission.reserved_credits_micro is not None and admission.effective_model is not None
         assert admission.minimal_generation_floor_applied is not None
         rows = apply_reserve(rows, admission.reserve_deltas)
-        usage = Usage(step.tokens.input_tokens, min(step.tokens.output_tokens, admission.max_output_tokens))
+        usage = UsageFigures(
+            step.tokens.input_tokens, min(step.tokens.output_tokens, admission.max_output_tokens)
+        )
         turn = TurnCharge(
             admission.effective_model,
             admission.reserve_tokens,
