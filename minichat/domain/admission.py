@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 from uuid import UUID
 
 from minichat.domain.estimation import estimate_input
@@ -21,6 +21,7 @@ from minichat.domain.quota import (
     DowngradeReason,
     QuotaRow,
     QuotaScope,
+    TierChoice,
     bucket_keys,
     choose_tier,
     tool_quota_scope,
@@ -315,16 +316,11 @@ def _decide_quota(
             "reject", policy.version, periods, selected_model, error_code=code, quota_scope=scope
         )
 
-    switches = policy.kill_switches
-    if image_count > policy.max_images:
-        return reject("too_many_images")
-    if image_count > 0 and switches.disable_images:
-        return reject("images_disabled")
-    if web_search and switches.disable_web_search:
-        return reject("web_search_disabled")
-    # Code interpreter under its kill switch is dropped, not refused (reference K4).
-    code_interpreter = code_interpreter and not switches.disable_code_interpreter
-
+    refused = _refused_inputs(policy, image_count=image_count, web_search=web_search)
+    if refused is not None:
+        return reject(refused)
+    # Code interpreter under its kill switch is dropped, not refused (docs/rules.md, K4).
+    code_interpreter = code_interpreter and not policy.kill_switches.disable_code_interpreter
     estimate = estimate_input(
         policy.estimation,
         content_bytes=len(content.encode("utf-8")),
@@ -338,19 +334,9 @@ def _decide_quota(
         return reject("input_too_long")
     if estimate.input_tokens > MAX_TOKENS:
         return reject("input_too_long")  # beyond the arithmetic bound: no reserve can be priced
-
+    inputs = _Inputs(content, image_count, web_search, code_interpreter)
     if state.recorded is not None:
-        return _as_recorded(
-            state.recorded,
-            policy,
-            periods,
-            selected_model,
-            estimate.input_tokens,
-            content=content,
-            image_count=image_count,
-            web_search=web_search,
-            code_interpreter=code_interpreter,
-        )
+        return _as_recorded(state.recorded, policy, periods, selected_model, estimate.input_tokens, inputs)
     choice = choose_tier(
         policy, selected_model, policy.limits_for(tenant_id), state.quota, periods, estimate.input_tokens
     )
@@ -361,9 +347,41 @@ def _decide_quota(
     )
     if scope is not None:
         return reject("quota_exceeded", scope)
+    return _admitted(policy, periods, selected_model, choice, estimate.input_tokens, inputs)
 
-    effective = choice.model
-    reserve = choice.reserve
+
+class _Inputs(NamedTuple):
+    """The request's own facts an admission carries to the turn it starts."""
+
+    content: str
+    image_count: int
+    web_search: bool
+    code_interpreter: bool
+
+
+def _refused_inputs(policy: Policy, *, image_count: int, web_search: bool) -> ErrorCode | None:
+    """Rule 4: what the policy's limits and kill switches refuse outright."""
+    switches = policy.kill_switches
+    if image_count > policy.max_images:
+        return "too_many_images"
+    if image_count > 0 and switches.disable_images:
+        return "images_disabled"
+    if web_search and switches.disable_web_search:
+        return "web_search_disabled"
+    return None
+
+
+def _admitted(
+    policy: Policy,
+    periods: Periods,
+    selected_model: str,
+    choice: TierChoice,
+    estimated_input_tokens: int,
+    inputs: _Inputs,
+) -> Admission:
+    """The allow or downgrade of a request the quota admits (rules 6-8)."""
+    effective, reserve = choice.model, choice.reserve
+    assert effective is not None and reserve is not None
     downgraded = effective.id != selected_model or choice.reason is not None
     return Admission(
         "downgrade" if downgraded else "allow",
@@ -373,15 +391,12 @@ def _decide_quota(
         effective_model=effective.id,
         downgrade_from=selected_model if downgraded else None,
         downgrade_reason=(choice.reason or "premium_quota_exhausted") if downgraded else None,
-        estimated_input_tokens=estimate.input_tokens,
+        estimated_input_tokens=estimated_input_tokens,
         max_output_tokens=reserve.max_output_tokens,
         reserve_tokens=reserve.reserve_tokens,
         reserved_credits_micro=reserve.credits_micro,
         minimal_generation_floor_applied=policy.estimation.minimal_generation_floor,
-        content=content,
-        image_count=image_count,
-        web_search=web_search,
-        code_interpreter=code_interpreter,
+        **inputs._asdict(),
         reserve_deltas=tuple((key, reserve.credits_micro) for key in bucket_keys(periods, effective.tier)),
     )
 
@@ -392,11 +407,7 @@ def _as_recorded(
     periods: Periods,
     selected_model: str,
     estimated_input_tokens: int,
-    *,
-    content: str,
-    image_count: int,
-    web_search: bool,
-    code_interpreter: bool,
+    inputs: _Inputs,
 ) -> Admission:
     """The quota outcome a command got live, with the request's own facts (rules 1-5 were re-run)."""
     if recorded.decision == "reject":
@@ -424,9 +435,6 @@ def _as_recorded(
         reserve_tokens=recorded.reserve_tokens,
         reserved_credits_micro=credits,
         minimal_generation_floor_applied=policy.estimation.minimal_generation_floor,
-        content=content,
-        image_count=image_count,
-        web_search=web_search,
-        code_interpreter=code_interpreter,
+        **inputs._asdict(),
         reserve_deltas=tuple((key, credits) for key in bucket_keys(periods, tier)),
     )

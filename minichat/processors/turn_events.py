@@ -20,6 +20,7 @@ from minichat.domain.quota import EMPTY_ROW, QuotaDelta
 from minichat.domain.turns import (
     AssistantMessage,
     Billing,
+    Step,
     TurnEvent,
     TurnRecord,
     apply_event,
@@ -97,33 +98,42 @@ async def apply_turn_events(
             turn = stored.turn
             snapshot = await snapshots.get(con, turn.policy_version_applied)
             step = apply_event(turn, event, record.timestamp, record.offset, snapshot)
-            if not step.changed:
+            if step.changed:
+                found[key] = type(stored)(step.turn, True)
+                _add_step(effects, turn.id, step)
+            else:
                 effects.dropped[step.dropped or "unchanged"] += 1
-                continue
-            found[key] = type(stored)(step.turn, True)
-            previous = effects.turns.get(turn.id)
-            effects.turns[turn.id] = TurnWrite(
-                step.turn,
-                progressed=step.progressed or bool(previous and previous.progressed),
-                awaiting_usage=step.awaiting_usage or bool(previous and previous.awaiting_usage),
-            )
-            if step.message is not None:
-                effects.messages.append(step.message)
-            if step.message_usage:
-                effects.message_usage[turn.id] = step.turn
-            if step.billing is not None:
-                _add_billing(effects, step.turn, step.billing)
     decided = time.perf_counter()
     await _write(con, effects)
     stages = {"load": loaded - began, "decide": decided - loaded, "write": time.perf_counter() - decided}
+    _count(metrics, effects, stages, dead_letters=len(outputs))
+    return outputs
+
+
+def _add_step(effects: _Effects, turn_id: UUID, step: Step) -> None:
+    """One applied event's writes, folded into the batch's (a turn is written once, as it ends up)."""
+    previous = effects.turns.get(turn_id)
+    effects.turns[turn_id] = TurnWrite(
+        step.turn,
+        progressed=step.progressed or bool(previous and previous.progressed),
+        awaiting_usage=step.awaiting_usage or bool(previous and previous.awaiting_usage),
+    )
+    if step.message is not None:
+        effects.messages.append(step.message)
+    if step.message_usage:
+        effects.message_usage[turn_id] = step.turn
+    if step.billing is not None:
+        _add_billing(effects, step.turn, step.billing)
+
+
+def _count(metrics: Metrics, effects: _Effects, stages: dict[str, float], *, dead_letters: int) -> None:
     for stage, seconds in stages.items():
         metrics.observe("minichat_batch_stage_seconds", (seconds,), stage=stage, step="facts")
     for reason, count in effects.dropped.items():
         metrics.inc("minichat_turn_events_dropped_total", count, reason=reason)
     metrics.inc("minichat_events_parked_total", len(effects.parked))
-    if outputs:
-        metrics.inc("minichat_dead_letters_total", len(outputs), topic="turn_events", code="tenant_mismatch")
-    return outputs
+    if dead_letters:
+        metrics.inc("minichat_dead_letters_total", dead_letters, topic="turn_events", code="tenant_mismatch")
 
 
 def _add_billing(effects: _Effects, turn: TurnRecord, billing: Billing) -> None:
