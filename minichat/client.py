@@ -43,6 +43,7 @@ from aiokafka.partitioner import murmur2
 from minichat.models import events
 from minichat.models.events import TurnDecision, Usage
 from minichat.models.topics import TopicNames
+from minichat.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +124,7 @@ class _Decisions:
         self._task = asyncio.create_task(self._run(), name="minichat-client-decisions")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
         for futures in self._waiting.values():
             for future in futures:
                 future.cancel()

@@ -51,6 +51,7 @@ from minichat.summary import (
     summarize,
     wait_quiescent,
 )
+from minichat.tasks import cancel_and_wait
 
 DEMO_POLICY: Final = Path(__file__).with_name("demo_policy.yaml")
 DEMO_TENANT_ID: Final = UUID("de300000-0000-4000-8000-00000000de30")
@@ -567,9 +568,7 @@ class TurnWatcher:
         self._task = asyncio.create_task(self._run(), name="turn-watcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
 
     async def wait(self, kind: WaitKind, tenant: UUID, chat: UUID, request: UUID, *, within: float) -> bool:
         """True once the condition holds, False when it did not within `within` seconds."""

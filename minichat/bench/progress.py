@@ -9,6 +9,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TextIO
 
+from minichat.tasks import cancel_and_wait
+
 
 def say(text: str, stream: TextIO | None = None) -> None:
     out = stream if stream is not None else sys.stderr
@@ -34,9 +36,7 @@ class Ticker:
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
