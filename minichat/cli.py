@@ -197,7 +197,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _simulate(settings: Settings, args: argparse.Namespace) -> int:
-    from minichat.simulator import SimulateOptions, simulate
+    from minichat.tools.simulator import SimulateOptions, simulate
 
     options = SimulateOptions(
         tenants=args.tenants,

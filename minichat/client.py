@@ -90,7 +90,7 @@ def partition_of(chat_id: uuid.UUID, partitions: int) -> int:
     return (hashed & 0x7FFFFFFF) % partitions
 
 
-def _envelope(tenant_id: uuid.UUID, chat_id: uuid.UUID) -> dict[str, Any]:
+def envelope(tenant_id: uuid.UUID, chat_id: uuid.UUID) -> dict[str, Any]:
     return {
         "event_id": uuid.uuid4(),
         "schema_version": 1,
@@ -317,7 +317,7 @@ class GatewayClient:
     ) -> TurnDecision:
         """A user's message. `model` is required for a new chat and ignored afterwards."""
         command = events.TurnRequested(
-            **_envelope(tenant_id, chat_id),
+            **envelope(tenant_id, chat_id),
             user_id=user_id,
             request_id=request_id,
             content=content,
@@ -341,7 +341,7 @@ class GatewayClient:
     ) -> TurnDecision:
         """Regenerate the chat's latest turn `request_id` as a new turn `new_request_id`."""
         command = events.TurnRetry(
-            **_envelope(tenant_id, chat_id),
+            **envelope(tenant_id, chat_id),
             user_id=user_id,
             request_id=request_id,
             new_request_id=new_request_id,
@@ -361,7 +361,7 @@ class GatewayClient:
     ) -> TurnDecision:
         """Replace the latest turn's message with `content`, as a new turn `new_request_id`."""
         command = events.TurnEdit(
-            **_envelope(tenant_id, chat_id),
+            **envelope(tenant_id, chat_id),
             user_id=user_id,
             request_id=request_id,
             new_request_id=new_request_id,
@@ -378,13 +378,13 @@ class GatewayClient:
         request_id: uuid.UUID,
         timeout_s: float | None = None,
     ) -> TurnDecision:
-        command = events.TurnDelete(**_envelope(tenant_id, chat_id), user_id=user_id, request_id=request_id)
+        command = events.TurnDelete(**envelope(tenant_id, chat_id), user_id=user_id, request_id=request_id)
         return await self.send_command(command, timeout_s=timeout_s)
 
     async def delete_chat(
         self, *, tenant_id: uuid.UUID, chat_id: uuid.UUID, user_id: uuid.UUID, timeout_s: float | None = None
     ) -> TurnDecision:
-        command = events.ChatDelete(**_envelope(tenant_id, chat_id), user_id=user_id)
+        command = events.ChatDelete(**envelope(tenant_id, chat_id), user_id=user_id)
         return await self.send_command(command, timeout_s=timeout_s)
 
     # ---------------------------------------------------------------------------------- facts
@@ -397,7 +397,7 @@ class GatewayClient:
         await self._produce(topic, fact)
 
     async def progress(self, *, tenant_id: uuid.UUID, chat_id: uuid.UUID, request_id: uuid.UUID) -> None:
-        await self.send_fact(events.TurnProgress(**_envelope(tenant_id, chat_id), request_id=request_id))
+        await self.send_fact(events.TurnProgress(**envelope(tenant_id, chat_id), request_id=request_id))
 
     async def completed(
         self,
@@ -412,7 +412,7 @@ class GatewayClient:
     ) -> None:
         await self.send_fact(
             events.TurnCompleted(
-                **_envelope(tenant_id, chat_id),
+                **envelope(tenant_id, chat_id),
                 request_id=request_id,
                 content=content,
                 usage=usage,
@@ -433,7 +433,7 @@ class GatewayClient:
     ) -> None:
         await self.send_fact(
             events.TurnFailed(
-                **_envelope(tenant_id, chat_id),
+                **envelope(tenant_id, chat_id),
                 request_id=request_id,
                 error_code=error_code,
                 error_detail=error_detail,
@@ -452,7 +452,7 @@ class GatewayClient:
     ) -> None:
         await self.send_fact(
             events.TurnCancelled(
-                **_envelope(tenant_id, chat_id), request_id=request_id, content=content, usage=usage
+                **envelope(tenant_id, chat_id), request_id=request_id, content=content, usage=usage
             )
         )
 
@@ -462,7 +462,7 @@ class GatewayClient:
         """The provider's usage of a turn, when it comes after the terminal event."""
         await self.send_fact(
             events.UsageReported(
-                **_envelope(tenant_id, chat_id), request_id=request_id, **usage.model_dump(exclude_none=True)
+                **envelope(tenant_id, chat_id), request_id=request_id, **usage.model_dump(exclude_none=True)
             )
         )
 

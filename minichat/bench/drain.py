@@ -37,7 +37,7 @@ from minichat.bench.workers import (
 )
 from minichat.models.policy import CatalogModel
 from minichat.settings import Settings
-from minichat.summary import InputLag
+from minichat.tools.kafka import InputLag
 
 PROGRESS_EVENTS = 2
 EVENTS_PER_TURN = 3 + PROGRESS_EVENTS

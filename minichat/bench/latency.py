@@ -31,8 +31,8 @@ from minichat.bench.traffic import Chat, Turn, make_turn, population
 from minichat.bench.workers import Worker, busy_share, cpu_times, running_workers, sample, stage_quantiles
 from minichat.models.policy import CatalogModel
 from minichat.settings import Settings
-from minichat.summary import InputLag, topic_partitions
 from minichat.tasks import cancel_and_wait
+from minichat.tools.kafka import InputLag, topic_partitions
 
 EVENTS_PER_REQUEST = 3
 """turn.requested, turn.completed, usage.reported."""

@@ -12,7 +12,7 @@ from minichat.models.topics import INPUT_TOPICS, TopicNames
 from minichat.settings import Settings
 from minichat.storage.db import connect
 from minichat.storage.digest import digest
-from minichat.summary import InputLag, topic_partitions
+from minichat.tools.kafka import InputLag, topic_partitions
 
 _BACKLOG = """
 SELECT

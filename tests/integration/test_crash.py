@@ -79,9 +79,10 @@ from minichat.processors.engine import RESUMED
 from minichat.processors.topics import create_topics
 from minichat.replay import ReplaySummary, run_replay
 from minichat.settings import Settings
-from minichat.simulator import DEMO_POLICY, SimulateOptions, SimulationResult, run_simulation
 from minichat.storage.digest import DIGEST_TABLES, Digest, digest, row_expression, table_spec
-from minichat.summary import Summary, read_topic, render, summarize, wait_quiescent
+from minichat.tools.kafka import read_topic
+from minichat.tools.simulator import DEMO_POLICY, SimulateOptions, SimulationResult, run_simulation
+from minichat.tools.summary import Summary, render, summarize, wait_quiescent
 from tests.conftest import Deployment, deployment_settings
 from tests.gateway import policy_file
 from tests.support import Endpoints, WorkerProcess, run_worker, scratch_database, wait_until
