@@ -227,7 +227,7 @@ def _positive_float(text: str) -> float:
 
 
 def _from_time(text: str) -> Any:
-    from minichat.replay import parse_time
+    from minichat.tools.rebuild import parse_time
 
     try:
         return parse_time(text)
@@ -239,8 +239,9 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
     import json
 
     from minichat.models.policy import PolicyError
-    from minichat.replay import ReplaySetupError, run_replay
     from minichat.storage.policies import PolicyConflict
+    from minichat.tools.rebuild import RebuildSetupError as ReplaySetupError
+    from minichat.tools.rebuild import run_rebuild as run_replay
 
     refused = _checked_start("replay", settings)
     if refused is not None:

@@ -19,9 +19,14 @@ async def topic_partitions(bootstrap: str, topics: Sequence[str]) -> dict[str, l
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        described = await admin.describe_topics(list(topics))
+        return await partitions_of(admin, topics)
     finally:
         await admin.close()
+
+
+async def partitions_of(admin: Any, topics: Sequence[str]) -> dict[str, list[TopicPartition]]:
+    """`topic_partitions` with an admin client the caller started."""
+    described = await admin.describe_topics(list(topics))
     return {
         t["topic"]: [
             TopicPartition(t["topic"], p["partition"]) for p in sorted(t["partitions"], key=_partition)
