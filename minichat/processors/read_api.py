@@ -29,6 +29,7 @@ import faust
 from minichat.domain.periods import periods_for
 from minichat.domain.quota_view import quota_view
 from minichat.models.policy import Policy
+from minichat.storage.db import ping
 from minichat.storage.read_api import Cursor, chat_messages, chat_turn, reading_as, user_quota
 
 logger = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ def register_read_api(
             try:
                 db = await pool()
                 async with db.acquire(timeout=2) as con:
-                    await con.fetchval("SELECT 1")
+                    await ping(con)
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 reason = f"database not answering ({type(exc).__name__})"
         if reason is not None:
