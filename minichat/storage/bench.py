@@ -89,11 +89,7 @@ class TurnCounts:
 
 async def drain_counts(con: asyncpg.Connection) -> DrainCounts:
     """What a draining deployment has decided, and still has to settle, publish or unpark."""
-    row = await con.fetchrow(_DRAIN)
-    assert row is not None
-    return DrainCounts(
-        int(row["decided"]), int(row["unsettled"]), int(row["unpublished"]), int(row["parked"])
-    )
+    return DrainCounts(**await _counts(con, _DRAIN))
 
 
 async def decision_counts(con: asyncpg.Connection) -> dict[str, int]:
@@ -102,9 +98,14 @@ async def decision_counts(con: asyncpg.Connection) -> dict[str, int]:
 
 
 async def turn_counts(con: asyncpg.Connection) -> TurnCounts:
-    row = await con.fetchrow(_TURNS)
+    return TurnCounts(**await _counts(con, _TURNS))
+
+
+async def _counts(con: asyncpg.Connection, sql: str) -> dict[str, int]:
+    """The one row of a counting statement, by column name (the dataclass's field names)."""
+    row = await con.fetchrow(sql)
     assert row is not None
-    return TurnCounts(int(row["turns"]), int(row["settled"]), int(row["estimated"]), int(row["adjusted"]))
+    return {name: int(value) for name, value in row.items()}
 
 
 # ------------------------------------------------------------------- the ceiling's writes
