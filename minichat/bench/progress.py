@@ -19,7 +19,8 @@ def say(text: str, stream: TextIO | None = None) -> None:
 
 
 class Ticker:
-    """While entered, writes `label Ns: describe()` every `every` seconds (never message content)."""
+    """While entered, writes `label Ns: describe()` every `every` seconds (never message content):
+    a phase's status with no total to count against (the tools' progress bar is tools/progress.py)."""
 
     def __init__(self, label: str, describe: Callable[[], str], every: float = 3.0) -> None:
         self.label = label
