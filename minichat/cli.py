@@ -215,7 +215,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _simulate(settings: Settings, args: argparse.Namespace) -> int:
-    from minichat.simulator import SimulateOptions, simulate
+    from minichat.tools.simulator import SimulateOptions, simulate
 
     options = SimulateOptions(
         tenants=args.tenants,
@@ -245,7 +245,7 @@ def _positive_float(text: str) -> float:
 
 
 def _from_time(text: str) -> Any:
-    from minichat.replay import parse_time
+    from minichat.tools.rebuild import parse_time
 
     try:
         return parse_time(text)
@@ -257,8 +257,9 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
     import json
 
     from minichat.models.policy import PolicyError
-    from minichat.replay import ReplaySetupError, run_replay
     from minichat.storage.policies import PolicyConflict
+    from minichat.tools.rebuild import RebuildSetupError as ReplaySetupError
+    from minichat.tools.rebuild import run_rebuild as run_replay
 
     refused = _checked_start("replay", settings)
     if refused is not None:

@@ -53,7 +53,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
-from minichat.summary import format_table
+from minichat.tools.tables import format_table
 
 report, junit, elapsed = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 

@@ -52,7 +52,7 @@ async def scratch_database(admin_url: str, tag: str, *, template: str | None = N
     """A database of its own (a copy of `template`, else empty), dropped afterwards; yields its URL."""
     import asyncpg
 
-    from minichat.bench.scratch import drop_database
+    from minichat.storage.bench import drop_database
 
     name = f"minichat_{tag}_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(admin_url)

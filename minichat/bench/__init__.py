@@ -5,7 +5,7 @@ Phases (each on its own scratch database and topic prefix, all removed afterward
 1. `ceiling`: what the PostgreSQL takes of admission-shaped writes (`ceiling.py`);
 2. `drain`: a backlog of turns drained by 1, then 2, worker processes (`drain.py`);
 3. `latency`: decision latency at fixed offered rates, one worker (`latency.py`);
-4. `replay`: `minichat replay` over the first drain's database and into an empty one (`replays.py`).
+4. `replay`: `minichat replay` over the first drain's database and into an empty one (`rebuilds.py`).
 
 The results are printed as tables (`table.py`) and, with `--out`, written as JSON (`report.py`).
 Progress goes to stderr. Nothing asserts a speed: this is an instrument.
@@ -60,7 +60,7 @@ async def _measure(settings: Settings, options: BenchOptions, result: BenchResul
     counts = options.workers if options.wants("drain") else options.workers[:1] if replay else ()
     for i, count in enumerate(counts):
         drained = await run_drain(
-            settings, policy_file, model, count, options, workdir, noop_replay=i == 0 and replay
+            settings, policy_file, model, count, options, workdir, noop_rebuild=i == 0 and replay
         )
         result.drains.append(drained)
     if options.wants("latency"):

@@ -12,6 +12,8 @@ from typing import Any
 
 import asyncpg
 
+from minichat.storage.db import ping
+
 
 def python_loop_ms() -> float:
     """Best of 3: `sum(range(10_000_000))` in milliseconds."""
@@ -56,7 +58,7 @@ async def pg_round_trip_us(database_url: str, rounds: int = 500) -> float:
         times = []
         for _ in range(rounds):
             started = time.perf_counter()
-            await con.fetchval("SELECT 1")
+            await ping(con)
             times.append(time.perf_counter() - started)
     finally:
         await con.close()

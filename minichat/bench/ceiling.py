@@ -27,45 +27,7 @@ from minichat.bench.scratch import BENCH_POLICY_VERSION, scratch_database
 from minichat.bench.traffic import Population, population, sizes
 from minichat.models.policy import CatalogModel
 from minichat.settings import Settings
-
-_CHATS: Final = """
-INSERT INTO chats (id, tenant_id, user_id, model, title, created_at, updated_at)
-SELECT id, tenant_id, user_id, model, NULL, now(), now()
-FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[]) AS k (id, tenant_id, user_id, model)
-"""
-
-_TURNS: Final = """
-INSERT INTO chat_turns (
-    id, tenant_id, chat_id, request_id, requester_type, requester_user_id, state,
-    selected_model, effective_model, reserve_tokens, max_output_tokens_applied, reserved_credits_micro,
-    policy_version_applied, minimal_generation_floor_applied, period_daily, period_monthly,
-    started_at, last_progress_at, updated_at)
-SELECT id, tenant_id, chat_id, request_id, 'user', user_id, 'running',
-    model, model, reserve_tokens, max_output, reserved, $9, 50, $10, $11, at, at, at
-FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[], $7::bigint[],
-            $8::bigint[], $12::timestamptz[], $13::int[])
-     AS k (id, tenant_id, chat_id, request_id, user_id, model, reserve_tokens, reserved, at, max_output)
-ON CONFLICT (chat_id, request_id) DO NOTHING
-"""
-
-_MESSAGES: Final = """
-INSERT INTO messages (id, tenant_id, chat_id, request_id, role, content, request_kind, created_at)
-SELECT id, tenant_id, chat_id, request_id, 'user', content, 'chat', at
-FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[], $6::timestamptz[])
-     AS k (id, tenant_id, chat_id, request_id, content, at)
-ON CONFLICT DO NOTHING
-"""
-
-_RESERVES: Final = """
-INSERT INTO quota_usage (id, tenant_id, user_id, period_type, period_start, bucket,
-                         reserved_credits_micro, updated_at)
-SELECT id, tenant_id, user_id, period_type, period_start, 'total', amount, at
-FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::date[], $6::bigint[], $7::timestamptz[])
-     AS k (id, tenant_id, user_id, period_type, period_start, amount, at)
-ON CONFLICT (tenant_id, user_id, period_type, period_start, bucket) DO UPDATE
-SET reserved_credits_micro = quota_usage.reserved_credits_micro + EXCLUDED.reserved_credits_micro,
-    updated_at = GREATEST(quota_usage.updated_at, EXCLUDED.updated_at)
-"""
+from minichat.storage.bench import insert_chats, write_admissions
 
 _NS: Final = uuid.UUID("9adf340e-8e36-5009-a11f-afe188bf1e3a")
 
@@ -136,11 +98,7 @@ def plan_round(pop: Population, events: int, model: CatalogModel, seed: int) -> 
 
 async def _write(con: asyncpg.Connection, batches: list[Batch]) -> None:
     for b in batches:
-        async with con.transaction():
-            t = b.turns
-            await con.execute(_TURNS, *t[:8], BENCH_POLICY_VERSION, b.day, b.day.replace(day=1), t[8], t[9])
-            await con.execute(_MESSAGES, *b.messages)
-            await con.execute(_RESERVES, *b.reserves)
+        await write_admissions(con, b.turns, b.messages, b.reserves, b.day, BENCH_POLICY_VERSION)
 
 
 async def run_ceiling(
@@ -153,8 +111,8 @@ async def run_ceiling(
         try:
             for r in range(rounds):
                 pop = population(events, users, model, seed * 1000 + r)
-                await cons[0].execute(
-                    _CHATS,
+                await insert_chats(
+                    cons[0],
                     [c.chat_id for c in pop.chats],
                     [c.tenant for c in pop.chats],
                     [c.user for c in pop.chats],

@@ -36,6 +36,7 @@ from minichat.models import events
 from minichat.models.policy import CatalogModel
 from minichat.models.topics import TopicNames
 from minichat.settings import Settings
+from minichat.tasks import cancel_and_wait
 
 INSTANCES = (1, 8)
 
@@ -124,9 +125,7 @@ async def _raw_instance(settings: Settings, model: CatalogModel, requests: int) 
             times.append((time.perf_counter() - started) * 1000)
         return times
     finally:
-        if reader is not None:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+        await cancel_and_wait(reader)
         await consumer.stop()
         await producer.stop()
 

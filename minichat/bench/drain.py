@@ -23,7 +23,7 @@ from minichat.bench.gateway import Gateway
 from minichat.bench.options import BenchOptions
 from minichat.bench.probe import Backlog, Outcomes, backlog, digest_of, input_records, outcomes
 from minichat.bench.progress import Ticker, say
-from minichat.bench.replays import ReplayRun, rebuild, replay_drained
+from minichat.bench.rebuilds import RebuildRun, rebuild_into_empty, rebuild_over_live
 from minichat.bench.scratch import deployment
 from minichat.bench.traffic import Chat, make_turn, population, sizes, turns_per_chat
 from minichat.bench.workers import (
@@ -37,7 +37,7 @@ from minichat.bench.workers import (
 )
 from minichat.models.policy import CatalogModel
 from minichat.settings import Settings
-from minichat.summary import InputLag
+from minichat.tools.kafka import InputLag
 
 PROGRESS_EVENTS = 2
 EVENTS_PER_TURN = 3 + PROGRESS_EVENTS
@@ -92,8 +92,8 @@ class DrainResult:
     input_records: int
     """Records on the input topics at the end: the backlog plus whatever the watchdog wrote."""
     live_digest: str
-    rebuild: ReplayRun
-    noop_replay: ReplayRun | None = None
+    rebuild: RebuildRun
+    noop_rebuild: RebuildRun | None = None
 
     @property
     def events_per_s(self) -> float:
@@ -202,7 +202,7 @@ async def run_drain(
     options: BenchOptions,
     workdir: Path,
     *,
-    noop_replay: bool,
+    noop_rebuild: bool,
 ) -> DrainResult:
     async with deployment(base, f"drain{workers}", policy_file) as settings:
         say(f"drain with {workers} worker(s): producing {options.turns} turns to {settings.topic_prefix}*")
@@ -221,6 +221,6 @@ async def run_drain(
             await con.close()
         live = await digest_of(settings)
         records = await input_records(settings)
-        rebuilt = await rebuild(settings, live, within=deadline)
-        noop = await replay_drained(settings, live, within=deadline) if noop_replay else None
+        rebuilt = await rebuild_into_empty(settings, live, within=deadline)
+        noop = await rebuild_over_live(settings, live, within=deadline) if noop_rebuild else None
     return DrainResult(workers, produced, drained, found, records, live, rebuilt, noop)

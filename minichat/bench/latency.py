@@ -31,7 +31,8 @@ from minichat.bench.traffic import Chat, Turn, make_turn, population
 from minichat.bench.workers import Worker, busy_share, cpu_times, running_workers, sample, stage_quantiles
 from minichat.models.policy import CatalogModel
 from minichat.settings import Settings
-from minichat.summary import InputLag, topic_partitions
+from minichat.tasks import cancel_and_wait
+from minichat.tools.kafka import InputLag, topic_partitions
 
 EVENTS_PER_REQUEST = 3
 """turn.requested, turn.completed, usage.reported."""
@@ -63,9 +64,7 @@ class DecisionClock:
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
         await self._consumer.stop()
 
     async def _run(self) -> None:

@@ -14,6 +14,7 @@ import asyncpg
 import minichat
 from minichat.bench.options import CEILING_BATCH, CEILING_CONNECTIONS
 from minichat.settings import Settings
+from minichat.storage.db import server_settings
 
 REPO: Final = Path(minichat.__file__).resolve().parents[1]
 PG_SETTINGS: Final = (
@@ -111,7 +112,7 @@ async def versions(database_url: str) -> tuple[dict[str, Any], dict[str, str]]:
     """(versions, PostgreSQL settings)."""
     con = await asyncpg.connect(database_url)
     try:
-        pg = {name: str(await con.fetchval(f"SHOW {name}")) for name in PG_SETTINGS}
+        pg = await server_settings(con, PG_SETTINGS)
     finally:
         await con.close()
     found = {

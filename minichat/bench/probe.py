@@ -10,30 +10,10 @@ from aiokafka import AIOKafkaConsumer
 
 from minichat.models.topics import INPUT_TOPICS, TopicNames
 from minichat.settings import Settings
+from minichat.storage.bench import decision_counts, drain_counts, turn_counts
 from minichat.storage.db import connect
 from minichat.storage.digest import digest
-from minichat.summary import InputLag, topic_partitions
-
-_BACKLOG = """
-SELECT
-  (SELECT count(*) FROM turn_decisions) AS decided,
-  (SELECT count(*) FROM chat_turns WHERE settled_at IS NULL) AS unsettled,
-  (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS unpublished,
-  (SELECT count(*) FROM parked_events) AS parked
-"""
-
-_DECISIONS = """
-SELECT decision, coalesce(error_code, '-') AS error_code, count(*) AS n
-FROM turn_decisions GROUP BY 1, 2 ORDER BY 1, 2
-"""
-
-_TURNS = """
-SELECT count(*) AS turns,
-       count(*) FILTER (WHERE settled_at IS NOT NULL) AS settled,
-       count(*) FILTER (WHERE settlement_method = 'estimated') AS estimated,
-       count(*) FILTER (WHERE adjusted_at IS NOT NULL) AS adjusted
-FROM chat_turns
-"""
+from minichat.tools.kafka import InputLag, topic_partitions
 
 
 @dataclass(frozen=True)
@@ -61,15 +41,8 @@ class Backlog:
 
 
 async def backlog(con: asyncpg.Connection, lag: InputLag) -> Backlog:
-    row = await con.fetchrow(_BACKLOG)
-    assert row is not None
-    return Backlog(
-        decided=int(row["decided"]),
-        unsettled=int(row["unsettled"]),
-        unpublished=int(row["unpublished"]),
-        parked=int(row["parked"]),
-        lag=await lag.measure(),
-    )
+    counts = await drain_counts(con)
+    return Backlog(counts.decided, counts.unsettled, counts.unpublished, counts.parked, await lag.measure())
 
 
 @dataclass(frozen=True)
@@ -88,16 +61,8 @@ class Outcomes:
 
 
 async def outcomes(con: asyncpg.Connection) -> Outcomes:
-    decisions = {f"{r['decision']}/{r['error_code']}": int(r["n"]) for r in await con.fetch(_DECISIONS)}
-    row = await con.fetchrow(_TURNS)
-    assert row is not None
-    return Outcomes(
-        decisions=decisions,
-        turns=int(row["turns"]),
-        settled=int(row["settled"]),
-        estimated=int(row["estimated"]),
-        adjusted=int(row["adjusted"]),
-    )
+    turns = await turn_counts(con)
+    return Outcomes(await decision_counts(con), turns.turns, turns.settled, turns.estimated, turns.adjusted)
 
 
 async def digest_of(settings: Settings) -> str:

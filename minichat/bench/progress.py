@@ -9,6 +9,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TextIO
 
+from minichat.tasks import cancel_and_wait
+
 
 def say(text: str, stream: TextIO | None = None) -> None:
     out = stream if stream is not None else sys.stderr
@@ -17,7 +19,8 @@ def say(text: str, stream: TextIO | None = None) -> None:
 
 
 class Ticker:
-    """While entered, writes `label Ns: describe()` every `every` seconds (never message content)."""
+    """While entered, writes `label Ns: describe()` every `every` seconds (never message content):
+    a phase's status with no total to count against (the tools' progress bar is tools/progress.py)."""
 
     def __init__(self, label: str, describe: Callable[[], str], every: float = 3.0) -> None:
         self.label = label
@@ -34,9 +37,7 @@ class Ticker:
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started

@@ -10,7 +10,7 @@ from minichat.bench.client_overhead import OverheadResult
 from minichat.bench.drain import DrainResult
 from minichat.bench.latency import EVENTS_PER_REQUEST, LatencyResult, RateResult
 from minichat.bench.options import TENANTS
-from minichat.bench.replays import ReplayRun
+from minichat.bench.rebuilds import RebuildRun
 
 ROWS_PER_EVENT = 4
 
@@ -51,7 +51,7 @@ def _ceiling_json(c: CeilingResult) -> dict[str, Any]:
     }
 
 
-def _replay_json(run: ReplayRun, result: BenchResult) -> dict[str, Any]:
+def _rebuild_json(run: RebuildRun, result: BenchResult) -> dict[str, Any]:
     return {
         "records": run.records,
         "applied": run.applied,
@@ -103,7 +103,7 @@ def _drain_json(d: DrainResult, result: BenchResult) -> dict[str, Any]:
         "digest_live": d.live_digest,
         "digest_rebuild": d.rebuild.digest,
         "digest_equal": d.rebuild.digest_equal,
-        "rebuild": _replay_json(d.rebuild, result),
+        "rebuild": _rebuild_json(d.rebuild, result),
     }
 
 
@@ -173,9 +173,9 @@ def to_json(result: BenchResult) -> dict[str, Any]:
             for r in result.client.rounds
         ]
     first = result.drains[0] if result.drains else None
-    if result.replay and first is not None and first.noop_replay is not None:
+    if result.replay and first is not None and first.noop_rebuild is not None:
         doc["replay"] = {
-            "drained": _replay_json(first.noop_replay, result),
-            "empty": _replay_json(first.rebuild, result),
+            "drained": _rebuild_json(first.noop_rebuild, result),
+            "empty": _rebuild_json(first.rebuild, result),
         }
     return doc

@@ -25,6 +25,7 @@ from minichat.bench.progress import say
 from minichat.models.topics import TopicNames
 from minichat.processors.topics import create_topics
 from minichat.settings import PACKAGED_POLICY, Settings
+from minichat.storage.bench import create_database, drop_database
 from minichat.storage.schema import migrate
 
 BENCH_POLICY_VERSION = 8_000
@@ -45,7 +46,7 @@ async def scratch_database(admin_url: str, tag: str, *, migrated: bool = True) -
     name = f"minichat_bench_{tag}_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(admin_url)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+        await create_database(admin, name)
         say(f"scratch database {name}")
         url = database_url_for(admin_url, name)
         if migrated:
@@ -60,24 +61,6 @@ async def scratch_database(admin_url: str, tag: str, *, migrated: bool = True) -
             await drop_database(admin, name)
         finally:
             await admin.close()
-
-
-async def drop_database(admin: asyncpg.Connection, name: str, within: float = 30.0) -> None:
-    """Drop `name`. A plain DROP cancels an autovacuum worker on it (WITH (FORCE) would need the
-    right to signal that superuser process); sessions left by a killed worker need FORCE."""
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-            return
-        except asyncpg.ObjectInUseError:
-            try:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-                return
-            except asyncpg.InsufficientPrivilegeError:
-                if time.monotonic() > deadline:
-                    raise
-        await asyncio.sleep(0.5)
 
 
 def write_bench_policy(directory: Path) -> Path:

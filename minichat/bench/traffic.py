@@ -17,7 +17,15 @@ from minichat.bench.options import TENANTS, TURNS_PER_CHAT, TURNS_PER_USER
 from minichat.models.events import to_json_bytes
 from minichat.models.policy import CatalogModel, Policy
 from minichat.models.topics import TURN_REQUESTS
-from minichat.simulator import ChatPlan, Outcome, Record, TokenPlan, TurnStep, provider_script, turn_command
+from minichat.tools.simulator import (
+    ChatPlan,
+    Outcome,
+    Record,
+    TokenPlan,
+    TurnStep,
+    provider_script,
+    turn_command,
+)
 
 COMPLETED_THEN_USAGE: Final = Outcome("completed", "after")
 """The terminal event carries no usage; a `usage.reported` follows it."""

@@ -17,7 +17,7 @@ import os
 import secrets
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ import faust
 from minichat.domain.periods import periods_for
 from minichat.domain.quota_view import quota_view
 from minichat.models.policy import Policy
+from minichat.storage.db import ping
 from minichat.storage.read_api import Cursor, chat_messages, chat_turn, reading_as, user_quota
 
 logger = logging.getLogger(__name__)
@@ -198,28 +199,62 @@ def register_read_api(
     not_ready: Callable[[], str | None],
 ) -> None:
     """The contract's routes on `app`'s web server. `not_ready` says why the worker is not ready
-    (None when it is)."""
+    (None when it is). faust makes a view class of each handler function (its `get`), so the
+    handlers are plain functions that hand over to `_ReadApi`."""
+    api = _ReadApi(policy, pool, tokens, not_ready)
 
     async def health(view: Any, request: Any) -> Any:
         return _json(view, {"status": "ok"})
 
     async def ready(view: Any, request: Any) -> Any:
-        reason = not_ready()
+        return await api.ready(view)
+
+    async def messages(view: Any, request: Any, chat_id: str) -> Any:
+        return await api.messages(view, request, chat_id)
+
+    async def turn(view: Any, request: Any, chat_id: str, request_id: str) -> Any:
+        return await api.turn(view, request, chat_id, request_id)
+
+    async def quota(view: Any, request: Any, user_id: str) -> Any:
+        return await api.quota(view, request, user_id)
+
+    views: dict[str, Any] = {
+        "health": health,
+        "ready": ready,
+        "chat_messages": messages,
+        "chat_turn": turn,
+        "user_quota": quota,
+    }
+    for path, name in ROUTES:
+        app.page(path, name=name)(views[name])
+
+
+@dataclass(frozen=True)
+class _ReadApi:
+    """What the routes need: the policy (for `blocked`), the worker's pool, the tokens, readiness."""
+
+    policy: Policy
+    pool: Callable[[], Awaitable[asyncpg.Pool]]
+    tokens: TokenStore
+    not_ready: Callable[[], str | None]
+
+    async def ready(self, view: Any) -> Any:
+        reason = self.not_ready()
         if reason is None:
             try:
-                db = await pool()
+                db = await self.pool()
                 async with db.acquire(timeout=2) as con:
-                    await con.fetchval("SELECT 1")
+                    await ping(con)
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 reason = f"database not answering ({type(exc).__name__})"
         if reason is not None:
             return _json(view, {"status": "not_ready", "reason": reason}, 503)
         return _json(view, {"status": "ready"})
 
-    def caller(view: Any, request: Any, *ids: str) -> tuple[UUID, list[UUID]] | Any:
+    def caller(self, view: Any, request: Any, *ids: str) -> tuple[UUID, list[UUID]] | Any:
         """The token's tenant and the path's ids, or the response that refuses the request: 401
         without a known token, 404 for an id that is not a UUID (as for an unknown one)."""
-        tenant = tokens.tenant_for(request.headers.get("Authorization"))
+        tenant = self.tokens.tenant_for(request.headers.get("Authorization"))
         if tenant is None:
             return _unauthorized(view)
         parsed = [_uuid(i) for i in ids]
@@ -227,38 +262,31 @@ def register_read_api(
             return _not_found(view)
         return tenant, [p for p in parsed if p is not None]
 
-    async def messages(view: Any, request: Any, chat_id: str) -> Any:
-        found_caller = caller(view, request, chat_id)
+    async def messages(self, view: Any, request: Any, chat_id: str) -> Any:
+        found_caller = self.caller(view, request, chat_id)
         if not isinstance(found_caller, tuple):
             return found_caller
         tenant, [chat] = found_caller
-        try:
-            limit = int(request.query.get("limit", PAGE_DEFAULT))
-        except ValueError:
-            return _bad_request(view, "limit must be an integer")
-        if not 1 <= limit <= PAGE_MAX:
-            return _bad_request(view, f"limit must be between 1 and {PAGE_MAX}")
-        after = None
-        if "after" in request.query:
-            after = decode_cursor(request.query["after"])
-            if after is None:
-                return _bad_request(view, "after is not a cursor of this listing")
-        async with reading_as(await pool(), tenant) as con:
+        page = _page(request.query)
+        if isinstance(page, str):
+            return _bad_request(view, page)
+        limit, after = page
+        async with reading_as(await self.pool(), tenant) as con:
             found = await chat_messages(con, tenant, chat, limit, after)
         if found is None:
             return _not_found(view)
-        page, cursor = found
+        rows, cursor = found
         items = [
-            {field: m["id" if field == "message_id" else field] for field in MESSAGE_FIELDS} for m in page
+            {field: m["id" if field == "message_id" else field] for field in MESSAGE_FIELDS} for m in rows
         ]
         return _json(view, {"messages": items, "next": encode_cursor(cursor) if cursor else None})
 
-    async def turn(view: Any, request: Any, chat_id: str, request_id: str) -> Any:
-        found_caller = caller(view, request, chat_id, request_id)
+    async def turn(self, view: Any, request: Any, chat_id: str, request_id: str) -> Any:
+        found_caller = self.caller(view, request, chat_id, request_id)
         if not isinstance(found_caller, tuple):
             return found_caller
         tenant, [chat, req] = found_caller
-        async with reading_as(await pool(), tenant) as con:
+        async with reading_as(await self.pool(), tenant) as con:
             row = await chat_turn(con, tenant, chat, req)
         if row is None:
             return _not_found(view)
@@ -273,20 +301,20 @@ def register_read_api(
         }
         return _json(view, shown)
 
-    async def quota(view: Any, request: Any, user_id: str) -> Any:
-        found_caller = caller(view, request, user_id)
+    async def quota(self, view: Any, request: Any, user_id: str) -> Any:
+        found_caller = self.caller(view, request, user_id)
         if not isinstance(found_caller, tuple):
             return found_caller
         tenant, [user] = found_caller
         periods = periods_for(datetime.now(UTC))
-        async with reading_as(await pool(), tenant) as con:
+        async with reading_as(await self.pool(), tenant) as con:
             stored = await user_quota(con, tenant, user, periods.daily, periods.monthly)
         if stored is None:
             return _not_found(view)
-        shown = quota_view(policy, tenant, periods, stored)
+        shown = quota_view(self.policy, tenant, periods, stored)
         body = {
             "user_id": user,
-            "policy_version": policy.version,
+            "policy_version": self.policy.version,
             "buckets": [{**asdict(b), "remaining": b.remaining} for b in shown.buckets],
             "tools": [asdict(t) for t in shown.tools],
             "blocked": asdict(shown.blocked) if shown.blocked is not None else None,
@@ -294,12 +322,18 @@ def register_read_api(
         assert tuple(body) == QUOTA_FIELDS
         return _json(view, body)
 
-    views: dict[str, Any] = {
-        "health": health,
-        "ready": ready,
-        "chat_messages": messages,
-        "chat_turn": turn,
-        "user_quota": quota,
-    }
-    for path, name in ROUTES:
-        app.page(path, name=name)(views[name])
+
+def _page(query: Mapping[str, str]) -> tuple[int, Cursor | None] | str:
+    """`limit` and `after` of a listing, or what is wrong with them."""
+    try:
+        limit = int(query.get("limit", PAGE_DEFAULT))
+    except ValueError:
+        return "limit must be an integer"
+    if not 1 <= limit <= PAGE_MAX:
+        return f"limit must be between 1 and {PAGE_MAX}"
+    after = None
+    if "after" in query:
+        after = decode_cursor(query["after"])
+        if after is None:
+            return "after is not a cursor of this listing"
+    return limit, after

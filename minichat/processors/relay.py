@@ -9,11 +9,11 @@ events in commit order on the tenant's partition.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import faust
@@ -21,7 +21,7 @@ import faust
 from minichat.processors.errors import RetryPolicy, stop_worker, with_retries
 from minichat.processors.leadership import RELAY_LOCK, ExclusiveSession, FatalHandler, leader_timer
 from minichat.processors.metrics import Metrics
-from minichat.processors.pipeline import Producer
+from minichat.processors.pipeline import Producer, send_all
 from minichat.processors.records import Output
 from minichat.processors.runtime import Runtime
 from minichat.settings import Settings
@@ -30,16 +30,20 @@ from minichat.storage.outbox import OutboxRow, fetch_unpublished, mark_published
 logger = logging.getLogger(__name__)
 
 
-async def send_all(producer: Producer, outputs: Sequence[Output]) -> None:
-    """Produce in order and wait for every ack, even after a failure, before raising the first.
+@dataclass(frozen=True)
+class _KeywordSend:
+    """faust's producer as `pipeline.send_all` calls a producer: aiokafka's `send(topic, value=, key=)`."""
 
-    Waiting for all of them keeps a retry's sends from overlapping the failed attempt's.
-    """
-    pending = [await producer.send(o.topic, o.key, o.value, None, None, None) for o in outputs]
-    results = await asyncio.gather(*pending, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
+    producer: Producer
+
+    async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> Awaitable[Any]:
+        return await self.producer.send(topic, key, value, None, None, None)
+
+
+async def publish(producer: Producer, outputs: Sequence[Output]) -> None:
+    """Produce in order and wait for every ack, even after a failure, before raising the first
+    (the engine's `send_all`): a retry's sends never overlap the failed attempt's."""
+    await send_all(_KeywordSend(producer), outputs, set())
 
 
 def one_per_turn(rows: Sequence[OutboxRow]) -> Sequence[OutboxRow]:
@@ -80,7 +84,7 @@ class OutboxRelay:
                 if not batch:
                     return
                 outputs = [Output(self.topic, str(r.tenant_id).encode("ascii"), r.payload) for r in batch]
-                await send_all(await self.producer(), outputs)
+                await publish(await self.producer(), outputs)
                 acked = datetime.now(UTC)
                 await mark_published(con, batch)
                 published += len(batch)

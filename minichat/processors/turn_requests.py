@@ -11,7 +11,8 @@ from uuid import UUID
 import asyncpg
 
 from minichat.domain.admission import RecordedOutcome
-from minichat.domain.commands import Answer, Command, command_id_of, decide_batch, recorded_outcome
+from minichat.domain.commands import Answer, Command, command_id_of, decide_batch
+from minichat.domain.recorded import recorded_outcome
 from minichat.domain.turns import TurnEvent
 from minichat.models.events import TurnRequestEvent
 from minichat.models.policy import Policy

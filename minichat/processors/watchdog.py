@@ -26,7 +26,7 @@ from minichat.processors.errors import RetryPolicy, stop_worker, with_retries
 from minichat.processors.leadership import WATCHDOG_LOCK, ExclusiveSession, FatalHandler, leader_timer
 from minichat.processors.pipeline import Producer
 from minichat.processors.records import Output
-from minichat.processors.relay import send_all
+from minichat.processors.relay import publish
 from minichat.processors.runtime import Runtime
 from minichat.settings import Settings
 from minichat.storage.watchdog import (
@@ -94,7 +94,7 @@ class Watchdog:
         outputs = [
             Output(self.topics.provider_responses, _key(t), to_json_bytes(orphaned_event(t))) for t in orphans
         ] + [Output(self.topics.usage, _key(t), to_json_bytes(grace_expired_event(t))) for t in expired]
-        await send_all(await self.producer(), outputs)
+        await publish(await self.producer(), outputs)
         # A crash before these marks re-sends the same events next tick; the agents ignore them
         # once the turn is terminal (orphaned) or settled (grace expired).
         await mark_orphan_sent(con, orphans)

@@ -14,6 +14,11 @@ import asyncpg
 
 from minichat.storage.db import columns
 
+SYSTEM_LEVEL: Final = (
+    "how workers share the work: a consumer group's input positions (keyed by the group) and the "
+    "advisory locks that elect the timers' leaders; operator data, no tenant"
+)
+
 TopicPartitionKey = tuple[str, int]
 """(topic, partition)"""
 

@@ -1,4 +1,5 @@
-"""Connection pool and the small helpers every storage module shares."""
+"""Connection pool and the small helpers every storage module shares; the connection-level
+statements (a round trip, a server setting) that read no table."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 
 from minichat.settings import Settings
+
+SYSTEM_LEVEL: Final = "connection-level statements: a round trip and server settings, no table is read"
 
 
 class RetryableConflict(RuntimeError):
@@ -88,3 +91,13 @@ class Unnest:
         if len(self.declared) == 1:
             return self.params((row(item),) for item in items)
         return self.params(map(row, items))
+
+
+async def ping(con: asyncpg.Connection) -> None:
+    """One round trip: the server answers (the read API's /ready, the bench's calibration)."""
+    await con.fetchval("SELECT 1")
+
+
+async def server_settings(con: asyncpg.Connection, names: Iterable[str]) -> dict[str, str]:
+    """`SHOW` of each of `names` (constants of the caller's, never input: SHOW takes no parameter)."""
+    return {name: str(await con.fetchval(f"SHOW {name}")) for name in names}

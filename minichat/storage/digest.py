@@ -35,8 +35,13 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import asyncpg
+
+SYSTEM_LEVEL: Final = (
+    "`minichat digest` hashes the state of all tenants (an operator command; hashes out, no content)"
+)
 
 # Table -> explicit row order, or None for "the primary key". The outbox's key is its sequence,
 # which is left out of the digest, so its rows are ordered by their natural key.

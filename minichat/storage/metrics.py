@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 import asyncpg
+
+SYSTEM_LEVEL: Final = "the /metrics gauges: counts over all tenants for the operator, no row leaves"
 
 _STATE_GAUGES = """
 SELECT

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Final
 from uuid import UUID
 
 import asyncpg
 
 READER_ROLE = "minichat_reader"
+
+SYSTEM_LEVEL: Final = (
+    "reader logins: `minichat db grant-reader` binds a login to a tenant (operator data, the tenant "
+    "a value written), checked against the catalog (`pg_roles`, `pg_class`)"
+)
 
 
 class ReaderError(RuntimeError):

@@ -6,8 +6,14 @@ import hashlib
 import re
 from dataclasses import dataclass
 from importlib import resources
+from typing import Final
 
 import asyncpg
+
+SYSTEM_LEVEL: Final = (
+    "the migrations ledger (`schema_migrations`, no tenant) and the advisory lock that serialises "
+    "`minichat db migrate`"
+)
 
 # Serialises concurrent `minichat db migrate` runs (two workers starting at once).
 _ADVISORY_LOCK_KEY = 0x6D696E6963686174  # "minichat"

@@ -1,4 +1,4 @@
-"""SQL of `minichat simulate`'s summary and of the quiescence checks (summary.py): counts of what
+"""SQL of `minichat simulate`'s summary and of the quiescence checks (tools/summary/): counts of what
 is left to do and the figures the summary reconciles, over the given tenants or all of them."""
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ Then, once the deployment is quiescent and the workers stopped gracefully (exit 
    after a crash is the same decision with `replay: true`; no decision answers an unknown command;
    exactly one decision per command is stored;
 3. digest equality: a second, empty, migrated database is rebuilt from the same topics by
-   `run_replay` (the same workload, no worker, no kill): its digest must equal the live one, so the
+   `run_rebuild` (the same workload, no worker, no kill): its digest must equal the live one, so the
    state does not depend on where the kills fell (on a difference the differing rows are listed);
 4. a replay over the live database changes nothing: same digest, nothing applied, no row added,
    nothing produced.
@@ -77,11 +77,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from minichat.models.topics import INPUT_TOPICS, TopicNames
 from minichat.processors.engine import RESUMED
 from minichat.processors.topics import create_topics
-from minichat.replay import ReplaySummary, run_replay
 from minichat.settings import Settings
-from minichat.simulator import DEMO_POLICY, SimulateOptions, SimulationResult, run_simulation
 from minichat.storage.digest import DIGEST_TABLES, Digest, digest, row_expression, table_spec
-from minichat.summary import Summary, read_topic, render, summarize, wait_quiescent
+from minichat.tools.kafka import read_topic
+from minichat.tools.rebuild import RebuildSummary, run_rebuild
+from minichat.tools.simulator import DEMO_POLICY, SimulateOptions, SimulationResult, run_simulation
+from minichat.tools.summary import Summary, render, summarize, wait_quiescent
 from tests.conftest import Deployment, deployment_settings
 from tests.gateway import policy_file
 from tests.support import Endpoints, WorkerProcess, run_worker, scratch_database, wait_until
@@ -823,7 +824,7 @@ async def test_kill9_loses_nothing_and_replay_rebuilds_the_same_state(
         # -- digest equality: the same log replayed into an empty database, without kills
         live_digest = await db_digest(live_url)
         rebuilt_settings = settings.model_copy(update={"database_url": rebuilt_url})
-        rebuild: ReplaySummary = await run_replay(rebuilt_settings, show_progress=False)
+        rebuild: RebuildSummary = await run_rebuild(rebuilt_settings, show_progress=False)
         rebuilt_digest = await db_digest(rebuilt_url)
         comparison = Comparison()
         if rebuilt_digest != live_digest:
@@ -842,7 +843,7 @@ async def test_kill9_loses_nothing_and_replay_rebuilds_the_same_state(
         # -- a replay over the live database changes nothing
         outputs = [names.turn_decisions, names.billing_usage, names.dead_letters]
         offsets_before, counts_before = await end_offsets(settings, outputs), await table_counts(live_url)
-        again = await run_replay(settings, show_progress=False)
+        again = await run_rebuild(settings, show_progress=False)
         again_digest = await db_digest(live_url)
         check(again.applied == 0, f"a replay over the live database applied {again.applied} record(s)")
         check(again_digest == live_digest, "a replay over the live database changed its digest")

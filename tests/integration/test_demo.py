@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from minichat.simulator import DEMO_POLICY, LIMIT_CHATS, SimulateOptions, render_traffic, run_simulation
-from minichat.summary import render, summarize
+from minichat.tools.simulator import DEMO_POLICY, LIMIT_CHATS, SimulateOptions, render_traffic, run_simulation
+from minichat.tools.summary import render, summarize
 from tests.conftest import live_deployment
 from tests.support import Endpoints
 

@@ -32,7 +32,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from minichat.models.events import DEAD_LETTER_CODES, DecodeError, decode
 from minichat.models.topics import TopicNames
-from minichat.summary import InputLag, topic_partitions
+from minichat.tools.kafka import InputLag, topic_partitions
 from tests.conftest import Live, live_deployment
 from tests.data.hostile_records import (
     CORPUS,

@@ -31,9 +31,9 @@ from aiokafka.structs import OffsetAndMetadata
 from minichat.models.topics import TopicNames
 from minichat.processors.engine import FAULT_EXIT
 from minichat.processors.topics import create_topics
-from minichat.replay import run_replay
 from minichat.settings import Settings
 from minichat.storage.digest import digest
+from minichat.tools.rebuild import run_rebuild
 from tests.conftest import Deployment, deployment_settings
 from tests.gateway import Gateway, policy_file
 from tests.support import Endpoints, TopicReader, run_worker, scratch_database, wait_until
@@ -135,7 +135,7 @@ async def quiet(settings: Settings, commands: int, timeout: float = 180.0) -> No
 async def rebuilt_digest(settings: Settings, endpoints: Endpoints, template: str) -> dict[str, str]:
     async with scratch_database(endpoints.database_url, "rb", template=template) as url:
         rebuilt = settings.model_copy(update={"database_url": url})
-        await run_replay(rebuilt, show_progress=False, check_workers=False)
+        await run_rebuild(rebuilt, show_progress=False, check_workers=False)
         return await live_digest(url)
 
 

@@ -26,9 +26,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from minichat.models.topics import TopicNames
-from minichat.replay import ReplaySummary, parse_time, run_replay
 from minichat.settings import Settings
 from minichat.storage.digest import Digest, digest
+from minichat.tools.rebuild import RebuildSummary, parse_time, run_rebuild
 from tests.conftest import Deployment, Live, live_deployment
 from tests.gateway import Event, policy_file
 from tests.support import ROOT, Endpoints, produce, scratch_database, wait_until, worker_env
@@ -242,7 +242,7 @@ async def traffic(live: Live) -> Traffic:
     return sent
 
 
-def check_over_live(summary: ReplaySummary, traffic: Traffic) -> None:
+def check_over_live(summary: RebuildSummary, traffic: Traffic) -> None:
     assert summary.read == traffic.total
     assert sum(summary.read_by_topic.values()) == traffic.total
     assert summary.applied == 0
@@ -261,7 +261,7 @@ async def test_replay_over_the_live_database_changes_nothing(live: Live, traffic
     outputs = [names.turn_decisions, names.dead_letters, names.billing_usage]
     before_counts, before_offsets = await counts(live.db), await end_offsets(live.settings, outputs)
 
-    summary = await run_replay(live.settings, show_progress=False)
+    summary = await run_rebuild(live.settings, show_progress=False)
 
     check_over_live(summary, traffic)
     assert await db_digest(live.settings.database_url) == traffic.digest
@@ -296,14 +296,14 @@ async def test_replay_command_line(live: Live, traffic: Traffic) -> None:
 
 async def test_replay_from_a_time_in_the_middle_reads_less(live: Live, traffic: Traffic) -> None:
     assert traffic.middle is not None
-    summary = await run_replay(live.settings, from_time=traffic.middle, show_progress=False)
+    summary = await run_rebuild(live.settings, from_time=traffic.middle, show_progress=False)
     assert 0 < summary.read < traffic.total
     assert summary.read <= traffic.total - traffic.before_middle
     assert summary.applied == 0
     assert await db_digest(live.settings.database_url) == traffic.digest
     assert await live.db.fetchval("SELECT count(*) FROM outbox") == traffic.outbox
 
-    later = await run_replay(
+    later = await run_rebuild(
         live.settings, from_time=datetime.now(UTC).replace(year=2100), show_progress=False
     )
     assert later.read == 0
@@ -319,7 +319,7 @@ async def test_replay_into_an_empty_database_rebuilds_the_same_state(
     live: Live, traffic: Traffic, blank_database_url: str
 ) -> None:
     settings = live.settings.model_copy(update={"database_url": blank_database_url})
-    summary = await run_replay(settings, show_progress=False)
+    summary = await run_rebuild(settings, show_progress=False)
 
     rebuilt = await db_digest(blank_database_url)
     assert traffic.digest is not None
@@ -339,7 +339,7 @@ async def test_replay_into_an_empty_database_rebuilds_the_same_state(
     assert (summary.parked_at_start, summary.parked_at_end) == (0, 1)
 
     # and replaying again into the rebuilt database is a no-op
-    again = await run_replay(settings, show_progress=False)
+    again = await run_rebuild(settings, show_progress=False)
     assert again.applied == 0
     assert await db_digest(blank_database_url) == rebuilt
 

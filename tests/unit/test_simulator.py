@@ -18,7 +18,8 @@ from minichat.models import events
 from minichat.models.policy import Policy, load_policy
 from minichat.models.topics import PROVIDER_RESPONSES, USAGE
 from minichat.settings import PACKAGED_POLICY
-from minichat.simulator import (
+from minichat.tools.progress import Progress
+from minichat.tools.simulator import (
     DEMO_POLICY,
     DEMO_TENANT_ID,
     FAILURE_CODES,
@@ -30,14 +31,14 @@ from minichat.simulator import (
     DeleteStep,
     Outcome,
     Plan,
-    Progress,
     TokenPlan,
     TurnStep,
     make_plan,
     provider_script,
     turn_command,
 )
-from minichat.summary import Summary, build_summary, format_credits, format_table, render
+from minichat.tools.summary import Summary, build_summary, render
+from minichat.tools.tables import format_credits, format_table
 
 SMALL = {"tenants": 2, "users_per_tenant": 2, "chats_per_user": 2, "turns_per_chat": 3}
 

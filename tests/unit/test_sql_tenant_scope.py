@@ -1,7 +1,14 @@
-"""Every SQL statement of `minichat/storage` carries the tenant (docs/contract.md, "Storage").
+"""Every SQL statement of `minichat` lives in `minichat/storage/` and carries the tenant (docs/contract.md,
+"Storage").
 
-The statements are collected from the source, not from a hand-kept list, so a new query is checked
-the day it is written:
+Where SQL may be: the whole package is scanned. Outside `minichat/storage/`, a string that reads
+as SQL (it starts with a statement keyword: `SELECT`, `INSERT INTO`, `CREATE`, `SHOW`, `SET` ...;
+docstrings aside) or a call of a query method of asyncpg (`execute`, `fetch`, `fetchrow`,
+`fetchval`, `cursor`, `copy_*` ...) fails the test, and so does a `.sql` file: a tool, a
+processor or the bench runs SQL only through a storage function.
+
+Which statements are checked, collected from the source, not from a hand-kept list, so a new query
+is checked the day it is written:
 
 * every module-level `str` constant of `minichat/storage/*.py` (its value after import, so
   f-strings and `.format()` results are checked as they run), and
@@ -16,10 +23,18 @@ Two checks, the second stricter than the first:
 2. it *scopes* by it: `tenant_id` in an `INSERT` column list, in a `USING (...)` join, or compared
    with `=` / `= ANY` in a condition (not merely selected, and not `... = ... AS flag`).
 
-Statements that fail are allowed only when listed below with the reason. `SYSTEM_LEVEL` may fail
-both checks (they are not about one tenant); `CROSS_TENANT_PROBES` mention the tenant but match
-rows of every tenant on purpose, to detect and refuse a cross-tenant event. Both lists must stay
-short; an entry that no longer fails (or no longer exists) must be removed, so they cannot rot.
+Exceptions are declared where a reader finds them, and each says why:
+
+* A storage module that is system-level as a whole (the migrations ledger, the digest, the
+  workers' coordination, reader logins, the /metrics gauges, connection-level statements, the
+  bench's scratch databases) declares a module constant `SYSTEM_LEVEL = "why"`. Its statements
+  may skip check 1; one that does name `tenant_id` is about tenants after all and must pass check
+  2 like any other (or be listed below). A declaration must still be needed (one statement of the
+  module at least does not name the tenant), and `docs/security.md` §2 must name the module.
+* A single statement of a tenant module: `SYSTEM_STATEMENTS` may fail both checks (not about one
+  tenant), `CROSS_TENANT_PROBES` mention the tenant but match rows of every tenant on purpose, to
+  detect and refuse a cross-tenant event. Both lists stay short (at most 10 entries each); an
+  entry that no longer fails (or no longer exists) must be removed, so they cannot rot.
 """
 
 from __future__ import annotations
@@ -33,15 +48,14 @@ from pathlib import Path
 
 import pytest
 
-STORAGE = Path(__file__).resolve().parents[2] / "minichat" / "storage"
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "minichat"
+STORAGE = PACKAGE / "storage"
+SECURITY_DOC = ROOT / "docs" / "security.md"
 
 # (module, name): name is a module-level constant, or `function()` / `Class.method()` for the SQL
-# written inline in that function. `*` covers a whole module.
-SYSTEM_LEVEL: dict[tuple[str, str], str] = {
-    ("schema", "*"): (
-        "the migrations ledger (`schema_migrations`, no tenant) and the advisory lock that serialises "
-        "`db migrate`"
-    ),
+# written inline in that function.
+SYSTEM_STATEMENTS: dict[tuple[str, str], str] = {
     ("turn_requests", "_LOCK_USERS"): (
         "advisory locks: keyed by `quota:{tenant}:{user}` text, the tenant is in the key, not a column"
     ),
@@ -51,16 +65,8 @@ SYSTEM_LEVEL: dict[tuple[str, str], str] = {
     ("watchdog", "_FIND_ORPHANS"): "the watchdog's scan: running turns of every tenant, by processing clock",
     ("watchdog", "_FIND_GRACE_EXPIRED"): "the watchdog's scan: turns of every tenant waiting for usage",
     ("outbox", "_FETCH_UNPUBLISHED"): "the relay's scan: every tenant's unpublished billing rows in id order",
-    ("digest", "*"): "`minichat digest` hashes the state of all tenants (operator command, no content out)",
-    ("metrics", "_STATE_GAUGES"): "the /metrics gauges: counts over all tenants for the operator",
-    ("readers", "*"): (
-        "reader roles: `minichat db grant-reader` writes login-to-tenant bindings (operator data, the "
-        "tenant a value written), and `read_as_tenant` sets the tenant that row-level security scopes by"
-    ),
-    ("coordination", "*"): (
-        "how workers share the work: `consumer_positions` (a consumer group's input offsets, scoped by "
-        "the group) and the advisory locks that elect the timers' leaders (operator data, no tenant)"
-    ),
+    ("readers", "_UNBIND"): "a login's binding is found by the login (`role_name`); the tenant is returned",
+    ("readers", "read_as_tenant()"): "sets the tenant that row-level security scopes the session's reads by",
 }
 
 CROSS_TENANT_PROBES: dict[tuple[str, str], str] = {
@@ -196,7 +202,29 @@ def storage_statements() -> list[Statement]:
 
 
 def allowed(table: dict[tuple[str, str], str], statement: Statement) -> bool:
-    return statement.key in table or (statement.module, "*") in table
+    return statement.key in table
+
+
+def system_modules() -> dict[str, str]:
+    """Storage module -> the reason it gives in its `SYSTEM_LEVEL` declaration."""
+    found = {}
+    for path in sorted(STORAGE.glob("*.py")):
+        module = importlib.import_module(f"minichat.storage.{path.stem}")
+        reason = getattr(module, "SYSTEM_LEVEL", None)
+        if reason is not None:
+            found[path.stem] = reason
+    return found
+
+
+def exempt_from_mention(statement: Statement) -> bool:
+    return statement.module in system_modules() or allowed(SYSTEM_STATEMENTS, statement)
+
+
+def exempt_from_scope(statement: Statement) -> bool:
+    in_system_module = statement.module in system_modules() and not mentions_tenant(statement.sql)
+    return (
+        in_system_module or allowed(SYSTEM_STATEMENTS, statement) or allowed(CROSS_TENANT_PROBES, statement)
+    )
 
 
 # ------------------------------------------------------------------------------------- the rules
@@ -218,39 +246,140 @@ def test_statements_are_found() -> None:
 
 def test_every_statement_mentions_the_tenant() -> None:
     missing = [
-        str(s) for s in storage_statements() if not mentions_tenant(s.sql) and not allowed(SYSTEM_LEVEL, s)
+        str(s) for s in storage_statements() if not mentions_tenant(s.sql) and not exempt_from_mention(s)
     ]
-    assert missing == [], "SQL without tenant_id; scope it, or list it in SYSTEM_LEVEL with the reason"
+    assert missing == [], (
+        "SQL without tenant_id; scope it, or list it in SYSTEM_STATEMENTS with the reason (a module that "
+        "is system-level as a whole declares SYSTEM_LEVEL)"
+    )
 
 
 def test_every_statement_scopes_by_the_tenant() -> None:
     unscoped = [
-        str(s)
-        for s in storage_statements()
-        if not scopes_by_tenant(s.sql)
-        and not allowed(SYSTEM_LEVEL, s)
-        and not allowed(CROSS_TENANT_PROBES, s)
+        str(s) for s in storage_statements() if not scopes_by_tenant(s.sql) and not exempt_from_scope(s)
     ]
     assert unscoped == [], (
         "SQL that names tenant_id without filtering or writing by it; scope it, or list it in "
-        "CROSS_TENANT_PROBES with the reason"
+        "CROSS_TENANT_PROBES or SYSTEM_STATEMENTS with the reason"
     )
 
 
-@pytest.mark.parametrize("table", [SYSTEM_LEVEL, CROSS_TENANT_PROBES], ids=["system", "probes"])
+@pytest.mark.parametrize("table", [SYSTEM_STATEMENTS, CROSS_TENANT_PROBES], ids=["system", "probes"])
 def test_allow_lists_do_not_rot(table: dict[tuple[str, str], str]) -> None:
     by_key: dict[tuple[str, str], list[Statement]] = {}
     for s in storage_statements():
         by_key.setdefault(s.key, []).append(s)
     for key in table:
-        if key[1] == "*":
-            continue  # a module-wide entry (the digest module may not have been written yet)
         assert key in by_key, f"allow-listed {key} is gone: remove it from the list"
         assert not all(scopes_by_tenant(s.sql) for s in by_key[key]), (
             f"allow-listed {key} is scoped by the tenant now: remove it from the list"
         )
     assert all(reason.strip() for reason in table.values())
     assert len(table) <= 10, "the allow-lists must stay short: scope the statement instead"
+
+
+def test_system_level_modules_are_needed_and_documented() -> None:
+    declared = system_modules()
+    assert {"schema", "digest", "coordination", "bench"} <= declared.keys()  # the declarations are read
+    statements = storage_statements()
+    security = SECURITY_DOC.read_text(encoding="utf-8")
+    for module, reason in declared.items():
+        assert isinstance(reason, str) and reason.strip(), f"storage/{module}.py: SYSTEM_LEVEL must say why"
+        own = [s for s in statements if s.module == module]
+        assert any(not mentions_tenant(s.sql) for s in own), (
+            f"storage/{module}.py declares SYSTEM_LEVEL but every statement of it names the tenant: "
+            "drop the declaration"
+        )
+        assert f"storage/{module}.py" in security, f"docs/security.md §2 must name storage/{module}.py"
+
+
+# ------------------------------------------------------------------------------ no SQL elsewhere
+
+_READS_AS_SQL = re.compile(
+    r"^\s*(WITH\s+\w+\s+AS\b|SELECT\b|INSERT\s+INTO\b|UPDATE\s+\w+\b|DELETE\s+FROM\b|CREATE\b|ALTER\b"
+    r"|DROP\b|TRUNCATE\b|SHOW\b|SET\s+\w+|GRANT\b|REVOKE\b|COPY\b|LOCK\s+TABLE\b|VACUUM\b|ANALYZE\b)"
+)
+_QUERY_METHODS = frozenset(
+    {
+        "execute",
+        "executemany",
+        "fetch",
+        "fetchrow",
+        "fetchval",
+        "fetchmany",
+        "cursor",
+        "prepare",
+        "copy_records_to_table",
+        "copy_to_table",
+        "copy_from_table",
+        "copy_from_query",
+    }
+)
+
+
+def _query_method(func: ast.expr) -> bool:
+    return isinstance(func, ast.Attribute) and func.attr in _QUERY_METHODS
+
+
+def sql_outside_storage(source: str) -> list[str]:
+    """Where `source` (a module outside storage/) holds SQL or runs a query: line and what."""
+    tree = ast.parse(source)
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant | ast.JoinedStr) and id(node) not in docstrings:
+            text = _literal_text(node)
+            if text is not None and _READS_AS_SQL.match(text):
+                found.append(f"line {node.lineno}: SQL {text.strip()[:40]!r}")
+        elif isinstance(node, ast.Call) and _query_method(node.func):
+            found.append(f"line {node.lineno}: .{ast.unparse(node.func)}(...)")
+    return found
+
+
+def test_no_sql_outside_storage() -> None:
+    modules = [p for p in sorted(PACKAGE.rglob("*.py")) if STORAGE not in p.parents]
+    assert len(modules) > 50 and PACKAGE / "cli.py" in modules  # the whole package is scanned
+    found = {
+        str(path.relative_to(ROOT)): hits
+        for path in modules
+        if (hits := sql_outside_storage(path.read_text(encoding="utf-8")))
+    }
+    assert found == {}, "SQL outside minichat/storage/: move it next to a storage function that runs it"
+    sql_files = [p for p in PACKAGE.rglob("*.sql") if STORAGE not in p.parents]
+    assert sql_files == []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        'X = "SELECT 1"',
+        "async def f(con):\n    await con.fetchval(Q)",
+        "async def f(con, name):\n    await admin.execute(f'DROP DATABASE \"{name}\"')",
+        'Q = """\nINSERT INTO chats (tenant_id) VALUES ($1)\n"""',
+        'def f(name):\n    return f"SHOW {name}"',
+    ],
+)
+def test_sql_outside_storage_is_caught(source: str) -> None:
+    assert sql_outside_storage(source)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        'def f():\n    """Median of `SELECT 1` round trips."""',
+        'X = f"PostgreSQL SELECT 1 {value} us"',
+        "worker.execute_from_commandline()",
+        'Y = "Select the rows of one tenant."',
+    ],
+)
+def test_prose_about_sql_is_not_sql(source: str) -> None:
+    assert sql_outside_storage(source) == []
 
 
 # ------------------------------------------------------------------------------------- the checker

@@ -1,5 +1,6 @@
-"""`minichat replay` as the operator runs it (a subprocess), over the drained database (a no-op)
-and into an empty migrated one (a rebuild), with the digests that say whether they agree."""
+"""`minichat replay` (a rebuild, in the code) as the operator runs it (a subprocess): over the
+drained database (a no-op) and into an empty migrated one, with the digests that say whether they
+agree."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from minichat.settings import Settings
 
 
 @dataclass(frozen=True)
-class ReplayRun:
+class RebuildRun:
     target: str
     """`drained` (the live database: must change nothing) or `empty` (a rebuild)."""
     records: int
@@ -71,15 +72,15 @@ async def replay_cli(settings: Settings, within: float) -> tuple[dict[str, Any],
     return summary, wall, cpu
 
 
-async def replay_drained(settings: Settings, live_digest: str, within: float) -> ReplayRun:
-    """Replay over the live database: every record already applied."""
+async def rebuild_over_live(settings: Settings, live_digest: str, within: float) -> RebuildRun:
+    """`minichat replay` over the live database: every record already applied, nothing changes."""
     summary, wall, cpu = await replay_cli(settings, within)
     after = await digest_of(settings)
     return _run("drained", summary, wall, cpu, after, after == live_digest)
 
 
-async def rebuild(settings: Settings, live_digest: str, within: float) -> ReplayRun:
-    """Replay into an empty migrated database; compare its digest with the live one."""
+async def rebuild_into_empty(settings: Settings, live_digest: str, within: float) -> RebuildRun:
+    """`minichat replay` into an empty migrated database; compare its digest with the live one."""
     async with scratch_database(settings.database_url, "rebuild") as url:
         target = settings.model_copy(update={"database_url": url})
         summary, wall, cpu = await replay_cli(target, within)
@@ -89,8 +90,8 @@ async def rebuild(settings: Settings, live_digest: str, within: float) -> Replay
 
 def _run(
     target: str, summary: dict[str, Any], wall: float, cpu: float, digest: str, equal: bool
-) -> ReplayRun:
-    return ReplayRun(
+) -> RebuildRun:
+    return RebuildRun(
         target=target,
         records=int(summary["read"]),
         applied=int(summary["applied"]),

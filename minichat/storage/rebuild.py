@@ -1,5 +1,6 @@
-"""SQL of `minichat replay`'s accounting: which records a batch applied, parked or left unchanged
-(replay.py wraps the worker's handlers with these reads before and after each step)."""
+"""SQL of `minichat replay`'s accounting (the rebuild, `tools/rebuild/`): which records a batch
+applied, parked or left unchanged (`counting.py` wraps the worker's handlers with these reads
+before and after each step)."""
 
 from __future__ import annotations
 

@@ -1,67 +1,22 @@
-"""The gateway's side of minichat: commands in, decisions back, provider facts out.
-
-```python
-async with GatewayClient("kafka:9092", topic_prefix="minichat.") as client:
-    decision = await client.request_turn(
-        tenant_id=tenant, chat_id=chat, user_id=user, request_id=request, content="Hello", model="gpt-5-mini"
-    )
-    if decision.decision in ("allow", "downgrade"):
-        ...  # call decision.effective_model with at most decision.max_output_tokens
-        await client.completed(tenant_id=tenant, chat_id=chat, request_id=request, content=answer,
-                               usage=Usage(input_tokens=12, output_tokens=80))
-```
-
-Every record is keyed by `chat_id` (Kafka's default murmur2 partitioner places it), produced
-idempotently with `acks=all`; a call returns once the broker acknowledged it. A command's call
-then waits for its `turn.decision`. To find it, the client reads only the `turn-decisions`
-partitions of the chats it has commands in flight for (the processor keys decisions by chat too),
-from the end offset taken before the command was sent: a gateway instance never reads the
-decisions of every chat, however many instances there are.
-
-A repeated command (same ids) is answered with the stored decision, `replay: true`: retrying a
-call after a timeout is always safe. `DecisionTimeout` means no decision arrived in time, not that
-none will: the command is in the log and will be decided; look it up later with the read API
-(`GET /v1/chats/{chat_id}/turns/{request_id}`) or by sending the same command again.
-"""
+"""`GatewayClient`: commands produced and answered with their decision, facts produced and
+acknowledged by the broker."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
-import time
 import uuid
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.partitioner import murmur2
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from minichat.client.decisions import DecisionReader
+from minichat.client.messages import Command, Fact, envelope
 from minichat.models import events
 from minichat.models.events import TurnDecision, Usage
 from minichat.models.topics import TopicNames
-
-logger = logging.getLogger(__name__)
-
-Command = events.TurnRequested | events.TurnRetry | events.TurnEdit | events.TurnDelete | events.ChatDelete
-Fact = (
-    events.TurnProgress
-    | events.TurnCompleted
-    | events.TurnFailed
-    | events.TurnCancelled
-    | events.UsageReported
-)
-
-FACT_TYPES = (
-    events.TurnProgress,
-    events.TurnCompleted,
-    events.TurnFailed,
-    events.TurnCancelled,
-    events.UsageReported,
-)
 
 
 class DecisionTimeout(TimeoutError):
@@ -77,145 +32,6 @@ class DecisionTimeout(TimeoutError):
             f"the log and will be decided: send it again with the same ids, or read {where}"
         )
         self.command = command
-
-
-IDLE_S = 2.0
-"""How long a decision partition with nothing in flight stays read."""
-
-
-def partition_of(chat_id: uuid.UUID, partitions: int) -> int:
-    """Where Kafka's default partitioner puts a record keyed by this chat (murmur2, positive)."""
-    hashed: int = murmur2(str(chat_id).encode())
-    return (hashed & 0x7FFFFFFF) % partitions
-
-
-def _envelope(tenant_id: uuid.UUID, chat_id: uuid.UUID) -> dict[str, Any]:
-    return {
-        "event_id": uuid.uuid4(),
-        "schema_version": 1,
-        "occurred_at": datetime.now(UTC),
-        "tenant_id": tenant_id,
-        "chat_id": chat_id,
-    }
-
-
-class _Decisions:
-    """Reads the `turn-decisions` partitions that in-flight commands need, and nothing else."""
-
-    def __init__(
-        self, consumer: AIOKafkaConsumer, offsets: AIOKafkaConsumer, topic: str, partitions: int
-    ) -> None:
-        self._consumer = consumer
-        self._offsets = offsets
-        self._topic = topic
-        self._partitions = partitions
-        self._waiting: dict[uuid.UUID, list[asyncio.Future[TurnDecision]]] = {}
-        self._by_request: dict[tuple[uuid.UUID, str, uuid.UUID], uuid.UUID] = {}
-        self._users: dict[int, int] = {}  # partition -> commands in flight on it
-        self._assigned: set[TopicPartition] = set()
-        self.peak = 0
-        """The most partitions read at once."""
-        self._last_used: dict[int, float] = {}
-        self._change = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="minichat-client-decisions")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        for futures in self._waiting.values():
-            for future in futures:
-                future.cancel()
-
-    @property
-    def assigned(self) -> set[TopicPartition]:
-        return set(self._assigned)
-
-    async def expect(self, command: Command) -> asyncio.Future[TurnDecision]:
-        """Register a command before it is sent: its partition is read from its end offset now."""
-        if self._task is not None and self._task.done():
-            self._task.result()  # the reader died: raise its error
-        partition = partition_of(command.chat_id, self._partitions)
-        future: asyncio.Future[TurnDecision] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(command.event_id, []).append(future)
-        request = getattr(command, "new_request_id", None) or getattr(command, "request_id", None)
-        if request is not None and command.type in ("turn.requested", "turn.retry", "turn.edit"):
-            self._by_request[(command.chat_id, command.type, request)] = command.event_id
-        self._users[partition] = self._users.get(partition, 0) + 1
-        async with self._change:
-            tp = TopicPartition(self._topic, partition)
-            if tp not in self._assigned:
-                await self._reassign(self._assigned | {tp}, new=tp)
-        return future
-
-    async def release(self, command: Command) -> None:
-        """The command's wait ended (answered or given up). A partition with no command in flight
-        for `IDLE_S` is no longer read (the last one stays assigned: an empty assignment stops
-        aiokafka's fetcher for good); the grace keeps a busy instance from re-assigning per call."""
-        partition = partition_of(command.chat_id, self._partitions)
-        self._users[partition] -= 1
-        if not self._users[partition]:
-            del self._users[partition]
-        futures = self._waiting.get(command.event_id, [])
-        if all(f.done() for f in futures):
-            self._waiting.pop(command.event_id, None)
-            self._by_request = {k: v for k, v in self._by_request.items() if v != command.event_id}
-        now = time.monotonic()
-        self._last_used[partition] = now
-        async with self._change:
-            idle = {
-                tp
-                for tp in self._assigned
-                if tp.partition not in self._users and now - self._last_used.get(tp.partition, now) >= IDLE_S
-            }
-            if idle and len(self._assigned) > 1:
-                keep = (self._assigned - idle) or {min(self._assigned, key=lambda t: t.partition)}
-                await self._reassign(keep)
-
-    async def _reassign(self, wanted: set[TopicPartition], new: TopicPartition | None = None) -> None:
-        """Read `wanted`: the partitions kept read on from their positions, `new` from its end
-        offset, resolved before the caller produces (so its decision cannot be missed)."""
-        kept = {tp: await self._consumer.position(tp) for tp in self._assigned & wanted}
-        self._consumer.assign(sorted(wanted, key=lambda t: t.partition))
-        for tp, offset in kept.items():
-            self._consumer.seek(tp, offset)
-        if new is not None:
-            # The end offset from a consumer that never fetches: on the reading consumer's
-            # connection the broker would answer it only after the fetch in flight returns.
-            end = (await self._offsets.end_offsets([new]))[new]
-            self._consumer.seek(new, end)
-        self._assigned = set(wanted)
-        self.peak = max(self.peak, len(self._assigned))
-
-    async def _run(self) -> None:
-        while True:
-            if not self._assigned:
-                await asyncio.sleep(0.05)  # nothing in flight yet
-                continue
-            batches = await self._consumer.getmany(timeout_ms=100)
-            for records in batches.values():
-                for record in records:
-                    self._deliver(record.value)
-
-    def _deliver(self, value: bytes | None) -> None:
-        try:
-            decision = TurnDecision.model_validate_json(value or b"")
-        except ValueError:
-            logger.warning("a record of turn-decisions is not a decision; ignored")
-            return
-        event_id = decision.command_event_id
-        if event_id not in self._waiting and decision.request_id is not None:
-            # a duplicate command under new event ids is answered with the stored decision
-            event_id = self._by_request.get(
-                (decision.chat_id, decision.command, decision.request_id), event_id
-            )
-        for future in self._waiting.get(event_id, []):
-            if not future.done():
-                future.set_result(decision)
-                break
 
 
 class GatewayClient:
@@ -238,7 +54,7 @@ class GatewayClient:
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._offsets: AIOKafkaConsumer | None = None
-        self._decisions: _Decisions | None = None
+        self._decisions: DecisionReader | None = None
 
     async def __aenter__(self) -> Self:
         self._producer = AIOKafkaProducer(
@@ -268,7 +84,7 @@ class GatewayClient:
             raise RuntimeError(
                 f"topic {self.topics.turn_decisions} does not exist: run `minichat topics create`"
             )
-        self._decisions = _Decisions(
+        self._decisions = DecisionReader(
             self._consumer, self._offsets, self.topics.turn_decisions, len(partitions)
         )
         self._decisions.start()
@@ -318,7 +134,7 @@ class GatewayClient:
     ) -> TurnDecision:
         """A user's message. `model` is required for a new chat and ignored afterwards."""
         command = events.TurnRequested(
-            **_envelope(tenant_id, chat_id),
+            **envelope(tenant_id, chat_id),
             user_id=user_id,
             request_id=request_id,
             content=content,
@@ -342,7 +158,7 @@ class GatewayClient:
     ) -> TurnDecision:
         """Regenerate the chat's latest turn `request_id` as a new turn `new_request_id`."""
         command = events.TurnRetry(
-            **_envelope(tenant_id, chat_id),
+            **envelope(tenant_id, chat_id),
             user_id=user_id,
             request_id=request_id,
             new_request_id=new_request_id,
@@ -362,7 +178,7 @@ class GatewayClient:
     ) -> TurnDecision:
         """Replace the latest turn's message with `content`, as a new turn `new_request_id`."""
         command = events.TurnEdit(
-            **_envelope(tenant_id, chat_id),
+            **envelope(tenant_id, chat_id),
             user_id=user_id,
             request_id=request_id,
             new_request_id=new_request_id,
@@ -379,13 +195,13 @@ class GatewayClient:
         request_id: uuid.UUID,
         timeout_s: float | None = None,
     ) -> TurnDecision:
-        command = events.TurnDelete(**_envelope(tenant_id, chat_id), user_id=user_id, request_id=request_id)
+        command = events.TurnDelete(**envelope(tenant_id, chat_id), user_id=user_id, request_id=request_id)
         return await self.send_command(command, timeout_s=timeout_s)
 
     async def delete_chat(
         self, *, tenant_id: uuid.UUID, chat_id: uuid.UUID, user_id: uuid.UUID, timeout_s: float | None = None
     ) -> TurnDecision:
-        command = events.ChatDelete(**_envelope(tenant_id, chat_id), user_id=user_id)
+        command = events.ChatDelete(**envelope(tenant_id, chat_id), user_id=user_id)
         return await self.send_command(command, timeout_s=timeout_s)
 
     # ---------------------------------------------------------------------------------- facts
@@ -398,7 +214,7 @@ class GatewayClient:
         await self._produce(topic, fact)
 
     async def progress(self, *, tenant_id: uuid.UUID, chat_id: uuid.UUID, request_id: uuid.UUID) -> None:
-        await self.send_fact(events.TurnProgress(**_envelope(tenant_id, chat_id), request_id=request_id))
+        await self.send_fact(events.TurnProgress(**envelope(tenant_id, chat_id), request_id=request_id))
 
     async def completed(
         self,
@@ -413,7 +229,7 @@ class GatewayClient:
     ) -> None:
         await self.send_fact(
             events.TurnCompleted(
-                **_envelope(tenant_id, chat_id),
+                **envelope(tenant_id, chat_id),
                 request_id=request_id,
                 content=content,
                 usage=usage,
@@ -434,7 +250,7 @@ class GatewayClient:
     ) -> None:
         await self.send_fact(
             events.TurnFailed(
-                **_envelope(tenant_id, chat_id),
+                **envelope(tenant_id, chat_id),
                 request_id=request_id,
                 error_code=error_code,
                 error_detail=error_detail,
@@ -453,7 +269,7 @@ class GatewayClient:
     ) -> None:
         await self.send_fact(
             events.TurnCancelled(
-                **_envelope(tenant_id, chat_id), request_id=request_id, content=content, usage=usage
+                **envelope(tenant_id, chat_id), request_id=request_id, content=content, usage=usage
             )
         )
 
@@ -463,7 +279,7 @@ class GatewayClient:
         """The provider's usage of a turn, when it comes after the terminal event."""
         await self.send_fact(
             events.UsageReported(
-                **_envelope(tenant_id, chat_id), request_id=request_id, **usage.model_dump(exclude_none=True)
+                **envelope(tenant_id, chat_id), request_id=request_id, **usage.model_dump(exclude_none=True)
             )
         )
 
@@ -478,7 +294,7 @@ class GatewayClient:
         """The most `turn-decisions` partitions this instance read at once."""
         return self._require_decisions().peak
 
-    def _require_decisions(self) -> _Decisions:
+    def _require_decisions(self) -> DecisionReader:
         if self._decisions is None:
             raise RuntimeError("use GatewayClient as `async with GatewayClient(...) as client`")
         return self._decisions
@@ -489,9 +305,3 @@ class GatewayClient:
         await self._producer.send_and_wait(
             topic, events.to_json_bytes(event), key=str(event.chat_id).encode()
         )
-
-
-def decision_json(decision: TurnDecision) -> dict[str, Any]:
-    """A decision as the JSON object on the topic (for logs and tests)."""
-    loaded: dict[str, Any] = json.loads(decision.model_dump_json())
-    return loaded

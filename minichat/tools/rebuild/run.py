@@ -1,0 +1,158 @@
+"""`minichat replay` end to end: check the database, read the recorded decisions, then apply the
+input log's range and count what each record did."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, TextIO
+
+import asyncpg
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from minichat.models.policy import Policy, load_policy
+from minichat.models.topics import TopicNames
+from minichat.processors.app import build_batches
+from minichat.settings import Settings
+from minichat.storage.db import connect
+from minichat.storage.metrics import state_gauges
+from minichat.storage.policies import ensure_policy_version
+from minichat.storage.rebuild import turn_fingerprint_sql
+from minichat.storage.recorded import create_recorded
+from minichat.storage.schema import pending_migrations
+from minichat.tools.progress import Progress
+from minichat.tools.rebuild.apply import Rebuild, merge_and_apply
+from minichat.tools.rebuild.counting import CommandOutcomes, RebuildSummary, TurnEventOutcomes
+from minichat.tools.rebuild.sources import (
+    RebuildSetupError,
+    group_free_consumer,
+    input_partitions,
+    offset_ranges,
+    read_recorded_decisions,
+    workers_behind,
+)
+
+logger = logging.getLogger("minichat.replay")  # the command's name, as before the move
+
+PROGRESS_EVERY_S = 5.0
+"""Off a terminal (logs, CI), a progress line this often."""
+
+
+async def run_rebuild(
+    settings: Settings,
+    *,
+    from_time: datetime | None = None,
+    progress: TextIO | None = None,
+    show_progress: bool = True,
+    check_workers: bool = True,
+) -> RebuildSummary:
+    """Rebuild the state from the input topics into `settings.database_url` (`minichat replay`; see
+    the package docstring).
+
+    Raises `RebuildSetupError` (schema or topics missing), `PolicyError`, `PolicyConflict`.
+    """
+    names = TopicNames(settings.topic_prefix)
+    topics = [names.turn_requests, names.provider_responses, names.usage]
+    policy = load_policy(settings.policy_file)
+    summary = RebuildSummary(read_by_topic=dict.fromkeys(topics, 0))
+    started = time.monotonic()
+
+    def bar_for(total: int) -> Progress | None:
+        return (
+            Progress(total, progress, "replay", unit="events", every_s=PROGRESS_EVERY_S)
+            if show_progress
+            else None
+        )
+
+    # One connection for everything: the recorded decisions live in a temporary table.
+    con = await connect(settings)
+    try:
+        await _prepare(con, policy)
+        summary.parked_at_start = (await state_gauges(con)).parked_events
+        rebuild = await _wire(con, settings, policy, names, summary)
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=settings.kafka_bootstrap_servers, client_id="minichat-replay-admin"
+        )
+        await admin.start()
+        try:
+            partitions = await input_partitions(admin, topics)
+            await _read_recorded(con, admin, settings, names)
+            await _apply_log(admin, settings, rebuild, partitions, from_time, bar_for, check_workers)
+        finally:
+            await admin.close()
+        summary.parked_at_end = (await state_gauges(con)).parked_events
+    finally:
+        await con.close()
+    summary.elapsed_s = time.monotonic() - started
+    return summary
+
+
+async def _prepare(con: asyncpg.Connection, policy: Policy) -> None:
+    """The schema must be current; the policy version is stored first, as the worker does at start
+    (a rebuild into an empty, migrated database can then admit and settle)."""
+    pending = await pending_migrations(con)
+    if pending:
+        raise RebuildSetupError(
+            f"the database schema is missing or old ({len(pending)} migration(s) pending): "
+            "run `minichat db migrate`"
+        )
+    if await ensure_policy_version(con, policy):
+        logger.info("stored policy version %d", policy.version)
+    await create_recorded(con)
+
+
+async def _wire(
+    con: asyncpg.Connection, settings: Settings, policy: Policy, names: TopicNames, summary: RebuildSummary
+) -> Rebuild:
+    """The worker's handlers (following the recorded decisions), each wrapped to count."""
+    batches = build_batches(settings, policy, follow_recorded=True)
+    commands = CommandOutcomes(batches.turn_requests)
+    turn_events = TurnEventOutcomes(batches.turn_events, await turn_fingerprint_sql(con))
+    wired = dataclasses.replace(batches, turn_requests=commands, turn_events=turn_events)
+    return Rebuild(con, wired, commands, turn_events, names, summary)
+
+
+async def _read_recorded(con: asyncpg.Connection, admin: Any, settings: Settings, names: TopicNames) -> None:
+    """`turn-decisions` up to its end offsets, into the temporary table. One consumer per pass:
+    aiokafka's fetcher dies when a consumer's assignment is emptied and replaced (the rebuild then
+    hung when turn-decisions was empty)."""
+    decision_partitions = await input_partitions(admin, [names.turn_decisions])
+    async with group_free_consumer(settings, "decisions") as decisions:
+        recorded = await read_recorded_decisions(con, decisions, decision_partitions)
+    logger.info("read %d recorded decisions of %s", recorded, names.turn_decisions)
+
+
+async def _apply_log(
+    admin: Any,
+    settings: Settings,
+    rebuild: Rebuild,
+    partitions: Sequence[TopicPartition],
+    from_time: datetime | None,
+    bar_for: Callable[[int], Progress | None],
+    check_workers: bool,
+) -> None:
+    """The input partitions' range, merged and applied (see `apply.py`)."""
+    async with group_free_consumer(settings, "inputs") as consumer:
+        ranges = await offset_ranges(consumer, partitions, from_time)
+        total = sum(max(0, end - start) for start, end in ranges.values())
+        logger.info(
+            "replaying %d records of %s %s", total, ", ".join(dict.fromkeys(tp.topic for tp in partitions)),
+            f"from {from_time.isoformat()}" if from_time else "from the beginning",
+        )  # fmt: skip
+        behind = await workers_behind(admin, settings.group_id, ranges) if check_workers else 0
+        if behind:
+            logger.warning(
+                "the workers (group %s) have not committed %d record(s) of this range yet; if "
+                "they run on this database, let them catch up first: a record the replay "
+                "decides first is answered by them with replay: true",
+                settings.group_id,
+                behind,
+            )
+        bar = bar_for(total)
+        await merge_and_apply(consumer, ranges, rebuild, settings, bar)
+        if bar is not None:
+            bar.finish()

@@ -1,0 +1,27 @@
+"""What a deployment holds after traffic, and whether its money invariants hold.
+
+`summarize(settings)` reads the database and the `billing-usage` and `dead-letters` topics once and
+returns a `Summary`; `render(summary)` prints it as plain aligned tables. `wait_quiescent` polls
+until the processor has nothing left to do (every accepted turn settled, no reserve held, every
+outbox row published, nothing parked, no input record left unconsumed) or a deadline passes.
+
+Money is integer micro-credits throughout; credits are shown by integer division, never floats.
+Nothing here reads or prints message content.
+"""
+
+from minichat.tools.summary.books import OK_LINE, Summary, TenantCredits, build_summary, check_invariants
+from minichat.tools.summary.quiescence import Backlog, wait_quiescent
+from minichat.tools.summary.read import summarize
+from minichat.tools.summary.render import render
+
+__all__ = [
+    "OK_LINE",
+    "Backlog",
+    "Summary",
+    "TenantCredits",
+    "build_summary",
+    "check_invariants",
+    "render",
+    "summarize",
+    "wait_quiescent",
+]

@@ -1,0 +1,62 @@
+"""A `Summary` as plain aligned tables, then one line per failed invariant (or OK)."""
+
+from __future__ import annotations
+
+from minichat.tools.summary.books import OK_LINE, Summary
+from minichat.tools.tables import format_credits, format_table
+
+
+def render(s: Summary, *, verdict: bool = True) -> str:
+    """The summary as plain-text tables, then (with `verdict`) one line per failed invariant or OK."""
+    parts: list[str] = []
+    parts.append("turns by state and billing outcome")
+    parts.append(
+        format_table(
+            ["state", "billing_outcome", "turns"],
+            [[state, outcome, n] for (state, outcome), n in sorted(s.turns_by_state.items())],
+        )
+    )
+    parts.append("\ncredits charged per tenant")
+    rows: list[list[object]] = [
+        [str(c.tenant_id), c.settled_turns, c.charged_micro, format_credits(c.charged_micro), c.billed_micro]
+        for c in s.credits
+    ]
+    rows.append(
+        [
+            "all",
+            sum(c.settled_turns for c in s.credits),
+            s.charged_micro,
+            format_credits(s.charged_micro),
+            sum(c.billed_micro for c in s.credits),
+        ]
+    )
+    parts.append(format_table(["tenant", "turns", "charged_micro", "credits", "billed_micro"], rows))
+    parts.append("\ndecisions")
+    parts.append(
+        format_table(
+            ["command", "decision", "error_code", "count"],
+            [[*key, n] for key, n in sorted(s.decisions.items())],
+        )
+    )
+    parts.append("\ninvariants")
+    checks: list[list[object]] = [
+        ["accepted turns (decisions)", s.accepted_turns],
+        ["stored turns", s.stored_turns],
+        ["settled turns", s.settled_turns],
+        ["reserves held (micro-credits, must be 0)", s.reserved_credits_micro],
+        ["billing-usage records (raw)", s.billing_records],
+        ["usage.settled after dedupe (must = settled turns)", s.settled_events],
+        ["settled turns missing a usage.settled", s.missing_billing],
+        ["usage.settled matching no settled turn", s.unexpected_billing],
+        ["adjusted turns", s.adjusted_turns],
+        ["usage.adjusted after dedupe (must = adjusted turns)", s.adjusted_events],
+        ["outbox rows not published", s.unpublished_outbox],
+        ["quota total rows off their charges", len(s.quota_mismatches)],
+        ["parked events left", s.parked_events],
+        ["dead letters", s.dead_letters],
+    ]
+    parts.append(format_table(["check", "value"], checks))
+    if verdict:
+        parts.append("")
+        parts.extend([f"FAILED: {f}" for f in s.failures] or [OK_LINE])
+    return "\n".join(parts)
