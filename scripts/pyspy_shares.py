@@ -33,7 +33,7 @@ RULES = (
     ),
     ("SQL (asyncpg)", lambda s: any("asyncpg/" in f for f in s)),
     ("domain (minichat/domain)", lambda s: any("minichat/domain/" in f for f in s)),
-    ("other minichat code", lambda s: any("minichat/" in f and "minichat/cli.py" not in f for f in s)),
+    ("other minichat code", lambda s: any("minichat/" in f and "minichat/cli/" not in f for f in s)),
     ("Kafka fetch (aiokafka consumer)", lambda s: any("aiokafka/consumer" in f for f in s)),
     ("faust/mode, event loop, thread hand-offs", lambda s: any(_in(f, "faust/", "mode/") for f in s)),
     ("other (asyncio, threads, stdlib)", lambda s: True),

@@ -27,23 +27,8 @@ from minichat.domain.quota import (
     tool_quota_scope,
 )
 from minichat.models.bounds import MAX_TOKENS
-from minichat.models.events import TurnState
+from minichat.models.events import DecisionErrorCode, TurnState
 from minichat.models.policy import Policy
-
-ErrorCode = Literal[
-    "chat_not_found",
-    "generation_in_progress",
-    "model_required",
-    "too_many_images",
-    "images_disabled",
-    "web_search_disabled",
-    "input_too_long",
-    "quota_exceeded",
-    "turn_not_found",
-    "forbidden",
-    "invalid_turn_state",
-    "not_latest_turn",
-]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +42,9 @@ class ChatFacts:
 
 
 @dataclass(frozen=True, slots=True)
-class TurnFacts:
-    """A stored turn, named by a retry/edit/delete command's `request_id` (live or soft-deleted)."""
+class StoredTurn:
+    """What the rules read of a stored (or just started) turn: the one a retry/edit/delete names
+    (live or soft-deleted), a chat's latest live one, or its latest settled ones."""
 
     request_id: UUID
     requester_user_id: UUID | None
@@ -69,6 +55,8 @@ class TurnFacts:
     image_count: int = 0
     web_search: bool = False
     code_interpreter: bool = False
+    settled_tokens: int | None = None
+    """in+out of a settled turn (0 when its usage was unknown); None while not settled."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +73,7 @@ class ChatState:
     retry/edit, the latest one other than the turn being replaced."""
     quota: Mapping[BucketKey, QuotaRow] = field(default_factory=dict)
     """The user's rows for the event time's daily and monthly periods (missing = zeros)."""
-    target_turn: TurnFacts | None = None
+    target_turn: StoredTurn | None = None
     """retry/edit/delete: the turn with the command's `request_id` in this chat."""
     latest_live_request_id: UUID | None = None
     """retry/edit/delete: `request_id` of the chat's latest live (not soft-deleted) turn."""
@@ -103,7 +91,7 @@ class RecordedOutcome:
 
     decision: Literal["allow", "downgrade", "reject"]
     policy_version: int
-    error_code: ErrorCode | None = None
+    error_code: DecisionErrorCode | None = None
     quota_scope: QuotaScope | None = None
     effective_model: str | None = None
     downgrade_from: str | None = None
@@ -152,7 +140,7 @@ class Admission:
     policy_version: int
     periods: Periods
     selected_model: str | None
-    error_code: ErrorCode | None = None
+    error_code: DecisionErrorCode | None = None
     quota_scope: QuotaScope | None = None
     effective_model: str | None = None
     downgrade_from: str | None = None
@@ -182,7 +170,7 @@ class MutationResult:
     """The decision on `turn.delete` / `chat.delete`: `done`, or a reject with its code."""
 
     decision: Literal["done", "reject"]
-    error_code: ErrorCode | None = None
+    error_code: DecisionErrorCode | None = None
 
 
 DONE = MutationResult("done")
@@ -202,7 +190,7 @@ def decide_request(
     periods = periods_for(event_time)
     selected = state.chat.model if state.chat is not None else ask.model
 
-    def reject(code: ErrorCode) -> Admission:
+    def reject(code: DecisionErrorCode) -> Admission:
         return Admission("reject", policy.version, periods, selected, error_code=code)
 
     if _foreign(state.chat, ask.tenant_id, ask.user_id):
@@ -282,7 +270,7 @@ def decide_chat_delete(tenant_id: UUID, user_id: UUID, state: ChatState) -> Muta
     return MutationResult("reject", "chat_not_found") if chat.deleted else DONE
 
 
-def _mutation_target(state: ChatState, request_id: UUID, user_id: UUID) -> TurnFacts | ErrorCode:
+def _mutation_target(state: ChatState, request_id: UUID, user_id: UUID) -> StoredTurn | DecisionErrorCode:
     """The turn a retry/edit/delete may act on, or why not, in the reference design's order:
     turn_not_found, forbidden, invalid_turn_state, not_latest_turn."""
     turn = state.target_turn
@@ -311,7 +299,7 @@ def _decide_quota(
 ) -> Admission:
     """Admission rules 4-8."""
 
-    def reject(code: ErrorCode, scope: QuotaScope | None = None) -> Admission:
+    def reject(code: DecisionErrorCode, scope: QuotaScope | None = None) -> Admission:
         return Admission(
             "reject", policy.version, periods, selected_model, error_code=code, quota_scope=scope
         )
@@ -359,7 +347,7 @@ class _Inputs(NamedTuple):
     code_interpreter: bool
 
 
-def _refused_inputs(policy: Policy, *, image_count: int, web_search: bool) -> ErrorCode | None:
+def _refused_inputs(policy: Policy, *, image_count: int, web_search: bool) -> DecisionErrorCode | None:
     """Rule 4: what the policy's limits and kill switches refuse outright."""
     switches = policy.kill_switches
     if image_count > policy.max_images:

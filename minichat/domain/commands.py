@@ -27,8 +27,8 @@ from minichat.domain.admission import (
     MutationResult,
     RecordedOutcome,
     Regenerate,
+    StoredTurn,
     TurnAsk,
-    TurnFacts,
     decide_chat_delete,
     decide_regenerate,
     decide_request,
@@ -45,7 +45,6 @@ from minichat.models.events import (
     TurnRequested,
     TurnRequestEvent,
     TurnRetry,
-    TurnState,
 )
 from minichat.models.policy import Policy
 
@@ -63,22 +62,6 @@ def command_id_of(event: TurnRequestEvent) -> UUID:
 
 
 # ---------------------------------------------------------------------------------------- state
-
-
-@dataclass(frozen=True, slots=True)
-class StoredTurn:
-    """What the rules need of one stored (or just started) turn."""
-
-    request_id: UUID
-    requester_user_id: UUID | None
-    state: TurnState
-    deleted: bool
-    content: str
-    image_count: int
-    web_search: bool
-    code_interpreter: bool
-    settled_tokens: int | None
-    """in+out of a settled turn (0 when its usage was unknown); None while not settled."""
 
 
 @dataclass(slots=True)
@@ -230,8 +213,7 @@ def _chat_state(state: BatchState, view: ChatView, event: TurnRequestEvent) -> C
     target = None
     previous = view.settled
     if isinstance(event, TurnRetry | TurnEdit | TurnDelete):
-        stored = view.targets.get(event.request_id)
-        target = _turn_facts(stored) if stored is not None else None
+        target = view.targets.get(event.request_id)
         previous = [t for t in view.settled if t.request_id != event.request_id]
     return ChatState(
         chat=view.facts,
@@ -242,19 +224,6 @@ def _chat_state(state: BatchState, view: ChatView, event: TurnRequestEvent) -> C
         target_turn=target,
         latest_live_request_id=view.latest_live.request_id if view.latest_live else None,
         recorded=state.recorded.get((event.chat_id, command_id_of(event))),
-    )
-
-
-def _turn_facts(turn: StoredTurn) -> TurnFacts:
-    return TurnFacts(
-        request_id=turn.request_id,
-        requester_user_id=turn.requester_user_id,
-        state=turn.state,
-        deleted=turn.deleted,
-        content=turn.content,
-        image_count=turn.image_count,
-        web_search=turn.web_search,
-        code_interpreter=turn.code_interpreter,
     )
 
 
@@ -404,9 +373,7 @@ def _start_turn(
     changes: Changes,
 ) -> None:
     assert isinstance(event, TurnRequested | TurnRetry | TurnEdit)
-    assert outcome.effective_model and outcome.selected_model and outcome.content is not None
-    assert outcome.reserve_tokens is not None and outcome.max_output_tokens is not None
-    assert outcome.reserved_credits_micro is not None and outcome.minimal_generation_floor_applied is not None
+    assert outcome.selected_model and outcome.content is not None
     request_id = _new_request_id(event)
     if view.facts is None:
         assert isinstance(event, TurnRequested)
@@ -416,46 +383,15 @@ def _start_turn(
         view.facts = ChatFacts(event.tenant_id, event.user_id, outcome.selected_model)
     if isinstance(event, TurnRetry | TurnEdit):
         _remove_turn(view, event.tenant_id, event.chat_id, event.request_id, request_id, at, changes)
-    changes.turns.append(
-        NewTurn(
-            id=turn_id_for(event.chat_id, request_id),
-            tenant_id=event.tenant_id,
-            chat_id=event.chat_id,
-            request_id=request_id,
-            requester_type=event.requester_type if isinstance(event, TurnRequested) else "user",
-            requester_user_id=event.user_id,
-            selected_model=outcome.selected_model,
-            effective_model=outcome.effective_model,
-            reserve_tokens=outcome.reserve_tokens,
-            max_output_tokens_applied=outcome.max_output_tokens,
-            reserved_credits_micro=outcome.reserved_credits_micro,
-            policy_version_applied=outcome.policy_version,
-            minimal_generation_floor_applied=outcome.minimal_generation_floor_applied,
-            period_daily=outcome.periods.daily,
-            period_monthly=outcome.periods.monthly,
-            web_search_enabled=outcome.web_search,
-            code_interpreter_enabled=outcome.code_interpreter,
-            image_count=outcome.image_count,
-            started_at=at,
-            user_message_id=message_id_for(event.chat_id, request_id, "user"),
-            content=outcome.content,
-        )
-    )
+    changes.turns.append(_new_turn(event, outcome, request_id, at))
     user: UserKey = (event.tenant_id, event.user_id)
     state.quota[user] = apply_reserve(state.quota.get(user, {}), outcome.reserve_deltas)
     for key, amount in outcome.reserve_deltas:
         changes.add_reserve(user, key, amount, at)
     started = StoredTurn(
-        request_id=request_id,
-        requester_user_id=event.user_id,
-        state="running",
-        deleted=False,
-        content=outcome.content,
-        image_count=outcome.image_count,
-        web_search=outcome.web_search,
-        code_interpreter=outcome.code_interpreter,
-        settled_tokens=None,
-    )
+        request_id, event.user_id, "running", False, outcome.content, outcome.image_count,
+        outcome.web_search, outcome.code_interpreter,
+    )  # fmt: skip
     view.running = True
     view.latest_live = started
     view.targets[request_id] = started
@@ -463,6 +399,36 @@ def _start_turn(
         # Its parked events are applied once this round is written (they may finish the turn):
         # the chat's next command must see the turn as they leave it, so reload first.
         view.stale = True
+
+
+def _new_turn(event: TurnRequestEvent, outcome: Admission, request_id: UUID, at: datetime) -> NewTurn:
+    """The row of an admitted turn (`running`), with its user message's id."""
+    assert outcome.effective_model and outcome.selected_model and outcome.content is not None
+    assert outcome.reserve_tokens is not None and outcome.max_output_tokens is not None
+    assert outcome.reserved_credits_micro is not None and outcome.minimal_generation_floor_applied is not None
+    return NewTurn(
+        id=turn_id_for(event.chat_id, request_id),
+        tenant_id=event.tenant_id,
+        chat_id=event.chat_id,
+        request_id=request_id,
+        requester_type=event.requester_type if isinstance(event, TurnRequested) else "user",
+        requester_user_id=event.user_id,
+        selected_model=outcome.selected_model,
+        effective_model=outcome.effective_model,
+        reserve_tokens=outcome.reserve_tokens,
+        max_output_tokens_applied=outcome.max_output_tokens,
+        reserved_credits_micro=outcome.reserved_credits_micro,
+        policy_version_applied=outcome.policy_version,
+        minimal_generation_floor_applied=outcome.minimal_generation_floor_applied,
+        period_daily=outcome.periods.daily,
+        period_monthly=outcome.periods.monthly,
+        web_search_enabled=outcome.web_search,
+        code_interpreter_enabled=outcome.code_interpreter,
+        image_count=outcome.image_count,
+        started_at=at,
+        user_message_id=message_id_for(event.chat_id, request_id, "user"),
+        content=outcome.content,
+    )
 
 
 def _apply_mutation(view: ChatView, event: TurnRequestEvent, at: datetime, changes: Changes) -> None:

@@ -12,14 +12,13 @@ from uuid import UUID
 
 import asyncpg
 
-from minichat.domain.admission import ChatFacts
+from minichat.domain.admission import ChatFacts, StoredTurn
 from minichat.domain.commands import (
     BatchState,
     Changes,
     ChatView,
     Command,
     StoredDecision,
-    StoredTurn,
     UserKey,
     command_id_of,
 )

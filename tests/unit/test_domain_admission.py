@@ -23,8 +23,8 @@ from minichat.domain.admission import (
     ChatState,
     MutationResult,
     Regenerate,
+    StoredTurn,
     TurnAsk,
-    TurnFacts,
     decide_chat_delete,
     decide_regenerate,
     decide_request,
@@ -506,7 +506,7 @@ def test_two_requests_of_one_user_in_a_batch_see_each_other() -> None:
 
 # --- retry, edit, delete, chat.delete (§8.7) -----------------------------------------------------
 
-OLD = TurnFacts(R1, USER, "completed", content="hello", image_count=1, web_search=True)
+OLD = StoredTurn(R1, USER, "completed", content="hello", image_count=1, web_search=True)
 CHAT = ChatFacts(TENANT, USER, "prem")
 MUTABLE = ChatState(chat=CHAT, target_turn=OLD, latest_live_request_id=R1)
 
@@ -542,12 +542,12 @@ def test_b76_edit_uses_the_new_content() -> None:
         ),
         pytest.param(ChatState(chat=CHAT), "turn_not_found", id="turn-not-found"),
         pytest.param(
-            ChatState(chat=CHAT, target_turn=TurnFacts(R1, OTHER, "running"), latest_live_request_id=R2),
+            ChatState(chat=CHAT, target_turn=StoredTurn(R1, OTHER, "running"), latest_live_request_id=R2),
             "forbidden",
             id="b79-forbidden-first",
         ),
         pytest.param(
-            ChatState(chat=CHAT, target_turn=TurnFacts(R1, USER, "running"), latest_live_request_id=R2),
+            ChatState(chat=CHAT, target_turn=StoredTurn(R1, USER, "running"), latest_live_request_id=R2),
             "invalid_turn_state",
             id="b78-running-before-not-latest",
         ),
@@ -558,7 +558,7 @@ def test_b76_edit_uses_the_new_content() -> None:
         ),
         pytest.param(
             ChatState(
-                chat=CHAT, target_turn=TurnFacts(R1, USER, "failed", deleted=True), latest_live_request_id=R2
+                chat=CHAT, target_turn=StoredTurn(R1, USER, "failed", deleted=True), latest_live_request_id=R2
             ),
             "not_latest_turn",
             id="b81-deleted-turn",
@@ -574,7 +574,7 @@ def test_mutation_validation(state: ChatState, expected: str) -> None:
 
 @pytest.mark.parametrize("turn_state", ["completed", "failed", "cancelled"])
 def test_any_terminal_latest_turn_can_be_mutated(turn_state: str) -> None:
-    turn = TurnFacts(R1, USER, turn_state)  # type: ignore[arg-type]
+    turn = StoredTurn(R1, USER, turn_state)  # type: ignore[arg-type]
     state = ChatState(chat=CHAT, target_turn=turn, latest_live_request_id=R1)
     assert regenerate(state).accepted
     assert decide_turn_delete(TENANT, USER, R1, state) == DONE

@@ -20,7 +20,7 @@ from uuid import UUID, uuid5
 
 import pytest
 
-from minichat.domain.admission import ChatFacts, TurnState
+from minichat.domain.admission import ChatFacts, StoredTurn
 from minichat.domain.commands import (
     Answer,
     BatchResult,
@@ -30,14 +30,13 @@ from minichat.domain.commands import (
     NewChat,
     NewTurn,
     StoredDecision,
-    StoredTurn,
     TurnRemoval,
     command_id_of,
     decide_batch,
 )
 from minichat.domain.ids import ID_NAMESPACE, message_id_for, turn_id_for
 from minichat.domain.quota import BucketKey, QuotaRow
-from minichat.models.events import TurnDecision, TurnRequestEvent
+from minichat.models.events import TurnDecision, TurnRequestEvent, TurnState
 from minichat.models.policy import Policy
 from tests.unit.builders import (
     CHAT,

@@ -6,23 +6,22 @@ Every command's own code is imported when it runs, so `minichat --help` stays qu
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from minichat.cli import commands as run
+from minichat.cli.commands import EXIT_SETUP
 from minichat.processors.errors import EXIT_FATAL, failure_report
 from minichat.settings import Settings
 
 logger = logging.getLogger("minichat")
 
-# Exit status for a setup problem the operator must fix (missing schema, topics, bad policy).
-EXIT_SETUP = 2
 
 _SETTING_OPTIONS: dict[str, tuple[str, type]] = {
     "kafka_bootstrap_servers": ("Kafka brokers to connect to, host:port[,host:port...]", str),
@@ -63,173 +62,6 @@ def build_settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def _run(coro: Coroutine[Any, Any, int]) -> int:
-    return asyncio.run(coro)
-
-
-async def _db_grant_reader(settings: Settings, args: argparse.Namespace) -> int:
-    from minichat.storage.db import connect
-    from minichat.storage.readers import ReaderError, grant_reader
-
-    con = await connect(settings)
-    try:
-        await grant_reader(con, args.role, args.tenant)
-    except ReaderError as exc:
-        print(f"minichat db grant-reader: {exc}", file=sys.stderr)
-        return EXIT_SETUP
-    finally:
-        await con.close()
-    print(f"{args.role} reads tenant {args.tenant}")
-    return 0
-
-
-async def _db_revoke_reader(settings: Settings, args: argparse.Namespace) -> int:
-    from minichat.storage.db import connect
-    from minichat.storage.readers import revoke_reader
-
-    con = await connect(settings)
-    try:
-        tenant = await revoke_reader(con, args.role)
-    finally:
-        await con.close()
-    print(
-        f"{args.role} no longer reads tenant {tenant}" if tenant else f"{args.role} was not bound to a tenant"
-    )
-    return 0
-
-
-def _tokens_add(settings: Settings, args: argparse.Namespace) -> int:
-    from minichat.processors.read_api import add_token
-
-    if settings.read_tokens_file is None:
-        print(
-            "minichat tokens add: set MINICHAT_READ_TOKENS_FILE or --read-tokens-file "
-            "(the file the token's digest goes to)",
-            file=sys.stderr,
-        )
-        return EXIT_SETUP
-    print(add_token(settings.read_tokens_file, args.tenant))
-    return 0
-
-
-async def _db_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from minichat.storage.db import connect
-    from minichat.storage.schema import migrate
-
-    con = await connect(settings)
-    try:
-        applied = await migrate(con)
-    finally:
-        await con.close()
-    if applied:
-        for m in applied:
-            print(f"applied {m.version:04d}_{m.name}")
-    else:
-        print("schema is up to date")
-    return 0
-
-
-async def _topics_create(settings: Settings, args: argparse.Namespace) -> int:
-    from minichat.processors.topics import create_topics
-
-    report = await create_topics(settings, replication_factor=args.replication_factor)
-    for name in report.created:
-        print(f"created {name}")
-    for name in report.existing:
-        print(f"exists  {name}")
-    for name in report.reconfigured:
-        print(f"reconfigured {name}")
-    return 0
-
-
-async def _preflight(settings: Settings) -> list[str]:
-    """Reasons the worker must not start; each names what fixes it."""
-    from minichat.models.policy import PolicyError, load_policy
-    from minichat.processors.topics import topic_problems
-    from minichat.storage.db import connect
-    from minichat.storage.policies import PolicyConflict, ensure_policy_version
-    from minichat.storage.schema import pending_migrations
-
-    problems: list[str] = []
-    try:
-        policy = load_policy(settings.policy_file)
-    except PolicyError as exc:
-        return [str(exc)]
-    con = await connect(settings)
-    try:
-        pending = await pending_migrations(con)
-        if pending:
-            problems.append(
-                f"the database schema is missing or old ({len(pending)} migration(s) pending): "
-                "run `minichat db migrate`"
-            )
-        else:
-            try:
-                await ensure_policy_version(con, policy)
-            except PolicyConflict as exc:
-                problems.append(f"{settings.policy_file}: {exc}")
-    finally:
-        await con.close()
-    problems += await topic_problems(settings)
-    return problems
-
-
-def _checked_start(command: str, settings: Settings) -> int | None:
-    """The exit status when `command` must not start (printed reasons), else None."""
-    import asyncpg
-    from aiokafka.errors import KafkaError
-
-    from minichat.processors.errors import dependency_of
-    from minichat.storage.schema import MigrationError
-
-    try:
-        problems = asyncio.run(_preflight(settings))
-    except MigrationError as exc:
-        print(f"minichat {command}: {exc}", file=sys.stderr)
-        return EXIT_SETUP
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError) as exc:
-        where = (
-            f"Kafka at {settings.kafka_bootstrap_servers}"
-            if dependency_of(exc) == "Kafka"
-            else "PostgreSQL (MINICHAT_DATABASE_URL)"
-        )
-        print(f"minichat {command}: cannot reach {where}: {type(exc).__name__}", file=sys.stderr)
-        return EXIT_FATAL
-    for problem in problems:
-        print(f"minichat {command}: {problem}", file=sys.stderr)
-    return EXIT_SETUP if problems else None
-
-
-def _worker(settings: Settings, args: argparse.Namespace) -> int:
-    import faust
-
-    from minichat.processors.app import create_app
-
-    refused = _checked_start("worker", settings)
-    if refused is not None:
-        return refused
-    app = create_app(settings)
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
-    worker.execute_from_commandline()
-    return 0  # pragma: no cover (execute_from_commandline exits)
-
-
-def _simulate(settings: Settings, args: argparse.Namespace) -> int:
-    from minichat.tools.simulator import SimulateOptions, simulate
-
-    options = SimulateOptions(
-        tenants=args.tenants,
-        users_per_tenant=args.users_per_tenant,
-        chats_per_user=args.chats_per_user,
-        turns_per_chat=args.turns_per_chat,
-        seed=args.seed,
-        timeout=args.timeout,
-        step_timeout=args.step_timeout,
-        concurrency=args.concurrency,
-    )
-    return _run(simulate(settings, options))
-
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -253,79 +85,9 @@ def _from_time(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _replay(settings: Settings, args: argparse.Namespace) -> int:
-    import json
-
-    from minichat.models.policy import PolicyError
-    from minichat.storage.policies import PolicyConflict
-    from minichat.tools.rebuild import RebuildSetupError as ReplaySetupError
-    from minichat.tools.rebuild import run_rebuild as run_replay
-
-    refused = _checked_start("replay", settings)
-    if refused is not None:
-        return refused
-    try:
-        summary = asyncio.run(
-            run_replay(settings, from_time=args.from_time, show_progress=not args.no_progress)
-        )
-    except (ReplaySetupError, PolicyError, PolicyConflict) as exc:
-        print(f"minichat replay: {exc}", file=sys.stderr)
-        return EXIT_SETUP
-    except KeyboardInterrupt:
-        print(
-            "minichat replay: interrupted (each batch is its own transaction: run it again)", file=sys.stderr
-        )
-        return 130
-    except Exception as exc:
-        # Each applied batch committed on its own and re-applying is a no-op: running it again is safe.
-        logger.critical("replay failed; it is safe to run it again: %s", failure_report(exc))
-        return EXIT_FATAL
-    if args.json:
-        print(json.dumps(summary.as_dict(), sort_keys=True))
-    else:
-        print("\n".join(summary.lines()))
-    return 0
-
-
-async def _digest(settings: Settings, args: argparse.Namespace) -> int:
-    from minichat.storage.db import connect
-    from minichat.storage.digest import DigestError, digest
-
-    con = await connect(settings)
-    try:
-        result = await digest(con)
-    except DigestError as exc:
-        print(f"minichat digest: {exc}", file=sys.stderr)
-        return EXIT_SETUP
-    finally:
-        await con.close()
-    if args.tables:
-        width = max(len(t) for t in result.tables)
-        for table, value in result.tables.items():
-            print(f"{table:<{width}}  {value}")
-        print(f"{'total':<{width}}  {result.total}")
-    else:
-        print(result.total)
-    return 0
-
-
-def _bench(settings: Settings, args: argparse.Namespace) -> int:
-    from minichat.bench import run_bench
-    from minichat.bench.options import options_from_args
-
-    return _run(run_bench(settings, options_from_args(args)))
-
-
-def _schema_export(settings: Settings, args: argparse.Namespace) -> int:
-    from minichat.models.schema import export_schemas
-
-    for path in export_schemas(args.out):
-        print(f"wrote {path}")
-    return 0
-
-
 _Run = Callable[[Settings, argparse.Namespace], Any]
 _Group = Any  # what add_subparsers returns (argparse keeps its class private)
+
 
 _DESCRIPTION = (
     "minichat decides, reserves, stores and settles the chat turns of multi-tenant LLM gateways: a "
@@ -365,7 +127,7 @@ def _add_worker(group: _Group) -> None:
         "or the topics are missing or the policy file is invalid. Exit status: 0 after SIGTERM; 2 when "
         "the setup is wrong (the message names the fix); 70 when PostgreSQL or Kafka stayed away "
         "longer than the give-up time or an unexpected error stopped it (restart it: nothing is lost).",
-        _worker,
+        run.worker,
     )
 
 
@@ -377,7 +139,7 @@ def _add_db(group: _Group) -> None:
         "create or upgrade the database schema (safe to run again)",
         "Create the database schema, or upgrade it to this version's. Applied migrations are "
         "recorded with their checksums, so running it again changes nothing.",
-        lambda s, a: _run(_db_migrate(s, a)),
+        lambda s, a: run.run(run.db_migrate(s, a)),
     )
     grant = _command(
         db,
@@ -386,7 +148,7 @@ def _add_db(group: _Group) -> None:
         "Bind an existing database login to one tenant: it may then read that tenant's rows and no "
         "others, whatever it sets in its session (row-level security). Create the login first, "
         "with CREATE ROLE ... LOGIN.",
-        lambda s, a: _run(_db_grant_reader(s, a)),
+        lambda s, a: run.run(run.db_grant_reader(s, a)),
     )
     grant.add_argument(
         "--tenant", type=uuid.UUID, required=True, help="the tenant (a UUID) whose rows the login may read"
@@ -397,7 +159,7 @@ def _add_db(group: _Group) -> None:
         "revoke-reader",
         "take a login's reader grant and tenant away",
         "Take a database login's reader grant and its tenant away; it reads nothing afterwards.",
-        lambda s, a: _run(_db_revoke_reader(s, a)),
+        lambda s, a: run.run(run.db_revoke_reader(s, a)),
     )
     revoke.add_argument("--role", required=True, help="the database login")
 
@@ -411,7 +173,7 @@ def _add_topics(group: _Group) -> None:
         "Create the six topics with MINICHAT_PARTITIONS partitions, broker-stamped timestamps "
         "(LogAppendTime) and infinite retention. An existing topic is checked: a wrong partition "
         "count is an error, and settings that differ are set again.",
-        lambda s, a: _run(_topics_create(s, a)),
+        lambda s, a: run.run(run.topics_create(s, a)),
     )
     create.add_argument(
         "--replication-factor",
@@ -431,7 +193,7 @@ def _add_tokens(group: _Group) -> None:
         "Print a new read API token for one tenant, and record its SHA-256 digest in "
         "MINICHAT_READ_TOKENS_FILE (created if missing). The token itself is not stored: keep the "
         "printed one. Running workers take a new token without a restart.",
-        _tokens_add,
+        run.tokens_add,
     )
     add.add_argument("--tenant", type=uuid.UUID, required=True, help="the tenant (a UUID) the token reads")
 
@@ -446,7 +208,7 @@ def _add_replay(group: _Group) -> None:
         "decision is applied as it was decided. Nothing is sent: no decision, dead letter or billing "
         "event. Over the live database it changes nothing; into an empty, migrated database it "
         "rebuilds the books. Run it while the workers are caught up or stopped. Prints a summary.",
-        _replay,
+        run.replay,
     )
     replay.add_argument(
         "--from-time",
@@ -472,7 +234,7 @@ def _add_digest(group: _Group) -> None:
         "Print one SHA-256 hex digest of the stored state of all tenants: chats, turns, messages, "
         "quota rows, decisions and billing events, every column except the processing-clock ones. "
         "Equal digests mean equal books: compare the live database with a rebuild by `minichat replay`.",
-        lambda s, a: _run(_digest(s, a)),
+        lambda s, a: run.run(run.digest(s, a)),
     )
     digest.add_argument(
         "--tables", action="store_true", help="one digest per table, then the total (default: the total)"
@@ -488,7 +250,7 @@ def _add_simulate(group: _Group) -> None:
         "cancellations, retries, edits, deletes, duplicates, late usage, a user who runs out of "
         "quota), wait until the processor is quiet, then check the books. Exit status: 0 when every "
         "invariant holds, 1 otherwise.",
-        _simulate,
+        run.simulate,
     )
     add = simulate.add_argument
     add("--tenants", type=_positive_int, default=4, metavar="N", help="tenants (default: 4)")
@@ -531,7 +293,7 @@ def _add_bench(group: _Group) -> None:
         "Measure, on scratch databases and topics that are removed afterwards: what PostgreSQL takes "
         "(the ceiling), how fast workers drain a backlog, how long a command waits for its decision "
         "at given rates, and how fast a replay runs. Prints tables; takes minutes.",
-        _bench,
+        run.bench,
     )
     add_arguments(bench)
 
@@ -544,7 +306,7 @@ def _add_schema(group: _Group) -> None:
         "write the JSON Schemas of the events and the policy file",
         "Write one JSON Schema per event type, and one of the policy file, into a directory; other "
         "*.json files there are deleted.",
-        _schema_export,
+        run.schema_export,
     )
     export.add_argument(
         "--out",
@@ -595,7 +357,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _command_name(args: argparse.Namespace) -> str:
     return " ".join(str(v) for k, v in vars(args).items() if k == "command" or (k.endswith("_command") and v))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

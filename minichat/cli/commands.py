@@ -1,0 +1,260 @@
+"""What each `minichat` command does, once `minichat.cli` parsed its options and built the settings.
+
+Every command's own code is imported when it runs, so `minichat --help` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from minichat.processors.errors import EXIT_FATAL, failure_report
+from minichat.settings import Settings
+
+logger = logging.getLogger("minichat")
+
+EXIT_SETUP = 2
+"""Exit status for a setup problem the operator must fix (missing schema, topics, bad policy)."""
+
+
+def run(coro: Coroutine[Any, Any, int]) -> int:
+    """Run an async command to its exit status."""
+    return asyncio.run(coro)
+
+
+async def db_grant_reader(settings: Settings, args: argparse.Namespace) -> int:
+    from minichat.storage.db import connect
+    from minichat.storage.readers import ReaderError, grant_reader
+
+    con = await connect(settings)
+    try:
+        await grant_reader(con, args.role, args.tenant)
+    except ReaderError as exc:
+        print(f"minichat db grant-reader: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    finally:
+        await con.close()
+    print(f"{args.role} reads tenant {args.tenant}")
+    return 0
+
+
+async def db_revoke_reader(settings: Settings, args: argparse.Namespace) -> int:
+    from minichat.storage.db import connect
+    from minichat.storage.readers import revoke_reader
+
+    con = await connect(settings)
+    try:
+        tenant = await revoke_reader(con, args.role)
+    finally:
+        await con.close()
+    print(
+        f"{args.role} no longer reads tenant {tenant}" if tenant else f"{args.role} was not bound to a tenant"
+    )
+    return 0
+
+
+def tokens_add(settings: Settings, args: argparse.Namespace) -> int:
+    from minichat.processors.read_api import add_token
+
+    if settings.read_tokens_file is None:
+        print(
+            "minichat tokens add: set MINICHAT_READ_TOKENS_FILE or --read-tokens-file "
+            "(the file the token's digest goes to)",
+            file=sys.stderr,
+        )
+        return EXIT_SETUP
+    print(add_token(settings.read_tokens_file, args.tenant))
+    return 0
+
+
+async def db_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from minichat.storage.db import connect
+    from minichat.storage.schema import migrate
+
+    con = await connect(settings)
+    try:
+        applied = await migrate(con)
+    finally:
+        await con.close()
+    if applied:
+        for m in applied:
+            print(f"applied {m.version:04d}_{m.name}")
+    else:
+        print("schema is up to date")
+    return 0
+
+
+async def topics_create(settings: Settings, args: argparse.Namespace) -> int:
+    from minichat.processors.topics import create_topics
+
+    report = await create_topics(settings, replication_factor=args.replication_factor)
+    for name in report.created:
+        print(f"created {name}")
+    for name in report.existing:
+        print(f"exists  {name}")
+    for name in report.reconfigured:
+        print(f"reconfigured {name}")
+    return 0
+
+
+async def _preflight(settings: Settings) -> list[str]:
+    """Reasons the worker must not start; each names what fixes it."""
+    from minichat.models.policy import PolicyError, load_policy
+    from minichat.processors.topics import topic_problems
+    from minichat.storage.db import connect
+    from minichat.storage.policies import PolicyConflict, ensure_policy_version
+    from minichat.storage.schema import pending_migrations
+
+    problems: list[str] = []
+    try:
+        policy = load_policy(settings.policy_file)
+    except PolicyError as exc:
+        return [str(exc)]
+    con = await connect(settings)
+    try:
+        pending = await pending_migrations(con)
+        if pending:
+            problems.append(
+                f"the database schema is missing or old ({len(pending)} migration(s) pending): "
+                "run `minichat db migrate`"
+            )
+        else:
+            try:
+                await ensure_policy_version(con, policy)
+            except PolicyConflict as exc:
+                problems.append(f"{settings.policy_file}: {exc}")
+    finally:
+        await con.close()
+    problems += await topic_problems(settings)
+    return problems
+
+
+def _checked_start(command: str, settings: Settings) -> int | None:
+    """The exit status when `command` must not start (printed reasons), else None."""
+    import asyncpg
+    from aiokafka.errors import KafkaError
+
+    from minichat.processors.errors import dependency_of
+    from minichat.storage.schema import MigrationError
+
+    try:
+        problems = asyncio.run(_preflight(settings))
+    except MigrationError as exc:
+        print(f"minichat {command}: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError) as exc:
+        where = (
+            f"Kafka at {settings.kafka_bootstrap_servers}"
+            if dependency_of(exc) == "Kafka"
+            else "PostgreSQL (MINICHAT_DATABASE_URL)"
+        )
+        print(f"minichat {command}: cannot reach {where}: {type(exc).__name__}", file=sys.stderr)
+        return EXIT_FATAL
+    for problem in problems:
+        print(f"minichat {command}: {problem}", file=sys.stderr)
+    return EXIT_SETUP if problems else None
+
+
+def worker(settings: Settings, args: argparse.Namespace) -> int:
+    import faust
+
+    from minichat.processors.app import create_app
+
+    refused = _checked_start("worker", settings)
+    if refused is not None:
+        return refused
+    app = create_app(settings)
+    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
+    worker.execute_from_commandline()
+    return 0  # pragma: no cover (execute_from_commandline exits)
+
+
+def simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from minichat.tools.simulator import SimulateOptions, simulate
+
+    options = SimulateOptions(
+        tenants=args.tenants,
+        users_per_tenant=args.users_per_tenant,
+        chats_per_user=args.chats_per_user,
+        turns_per_chat=args.turns_per_chat,
+        seed=args.seed,
+        timeout=args.timeout,
+        step_timeout=args.step_timeout,
+        concurrency=args.concurrency,
+    )
+    return run(simulate(settings, options))
+
+
+def replay(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from minichat.models.policy import PolicyError
+    from minichat.storage.policies import PolicyConflict
+    from minichat.tools.rebuild import RebuildSetupError as ReplaySetupError
+    from minichat.tools.rebuild import run_rebuild as run_replay
+
+    refused = _checked_start("replay", settings)
+    if refused is not None:
+        return refused
+    try:
+        summary = asyncio.run(
+            run_replay(settings, from_time=args.from_time, show_progress=not args.no_progress)
+        )
+    except (ReplaySetupError, PolicyError, PolicyConflict) as exc:
+        print(f"minichat replay: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    except KeyboardInterrupt:
+        print(
+            "minichat replay: interrupted (each batch is its own transaction: run it again)", file=sys.stderr
+        )
+        return 130
+    except Exception as exc:
+        # Each applied batch committed on its own and re-applying is a no-op: running it again is safe.
+        logger.critical("replay failed; it is safe to run it again: %s", failure_report(exc))
+        return EXIT_FATAL
+    if args.json:
+        print(json.dumps(summary.as_dict(), sort_keys=True))
+    else:
+        print("\n".join(summary.lines()))
+    return 0
+
+
+async def digest(settings: Settings, args: argparse.Namespace) -> int:
+    from minichat.storage.db import connect
+    from minichat.storage.digest import DigestError, digest
+
+    con = await connect(settings)
+    try:
+        result = await digest(con)
+    except DigestError as exc:
+        print(f"minichat digest: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    finally:
+        await con.close()
+    if args.tables:
+        width = max(len(t) for t in result.tables)
+        for table, value in result.tables.items():
+            print(f"{table:<{width}}  {value}")
+        print(f"{'total':<{width}}  {result.total}")
+    else:
+        print(result.total)
+    return 0
+
+
+def bench(settings: Settings, args: argparse.Namespace) -> int:
+    from minichat.bench import run_bench
+    from minichat.bench.options import options_from_args
+
+    return run(run_bench(settings, options_from_args(args)))
+
+
+def schema_export(settings: Settings, args: argparse.Namespace) -> int:
+    from minichat.models.schema import export_schemas
+
+    for path in export_schemas(args.out):
+        print(f"wrote {path}")
+    return 0
