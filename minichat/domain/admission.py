@@ -204,17 +204,8 @@ def decide_request(
         return reject("generation_in_progress")
     if not selected:
         return reject("model_required")
-    return _decide_quota(
-        policy,
-        periods,
-        state,
-        tenant_id=ask.tenant_id,
-        selected_model=selected,
-        content=ask.content,
-        image_count=ask.image_count,
-        web_search=ask.web_search,
-        code_interpreter=ask.code_interpreter,
-    )
+    inputs = _Inputs(ask.content, ask.image_count, ask.web_search, ask.code_interpreter)
+    return _decide_quota(policy, periods, state, ask.tenant_id, selected, inputs)
 
 
 def decide_regenerate(
@@ -233,17 +224,9 @@ def decide_regenerate(
     old = _mutation_target(state, cmd.request_id, cmd.user_id)
     if isinstance(old, str):
         return Admission("reject", policy.version, periods, chat.model, error_code=old)
-    return _decide_quota(
-        policy,
-        periods,
-        state,
-        tenant_id=cmd.tenant_id,
-        selected_model=chat.model,
-        content=old.content if cmd.content is None else cmd.content,
-        image_count=old.image_count,
-        web_search=old.web_search,
-        code_interpreter=old.code_interpreter,
-    )
+    content = old.content if cmd.content is None else cmd.content
+    inputs = _Inputs(content, old.image_count, old.web_search, old.code_interpreter)
+    return _decide_quota(policy, periods, state, cmd.tenant_id, chat.model, inputs)
 
 
 def decide_turn_delete(
@@ -286,16 +269,7 @@ def _mutation_target(state: ChatState, request_id: UUID, user_id: UUID) -> Store
 
 
 def _decide_quota(
-    policy: Policy,
-    periods: Periods,
-    state: ChatState,
-    *,
-    tenant_id: UUID,
-    selected_model: str,
-    content: str,
-    image_count: int,
-    web_search: bool,
-    code_interpreter: bool,
+    policy: Policy, periods: Periods, state: ChatState, tenant_id: UUID, selected_model: str, inputs: _Inputs
 ) -> Admission:
     """Admission rules 4-8."""
 
@@ -304,16 +278,17 @@ def _decide_quota(
             "reject", policy.version, periods, selected_model, error_code=code, quota_scope=scope
         )
 
-    refused = _refused_inputs(policy, image_count=image_count, web_search=web_search)
+    refused = _refused_inputs(policy, image_count=inputs.image_count, web_search=inputs.web_search)
     if refused is not None:
         return reject(refused)
     # Code interpreter under its kill switch is dropped, not refused (docs/rules.md, K4).
-    code_interpreter = code_interpreter and not policy.kill_switches.disable_code_interpreter
+    code_interpreter = inputs.code_interpreter and not policy.kill_switches.disable_code_interpreter
+    inputs = inputs._replace(code_interpreter=code_interpreter)
     estimate = estimate_input(
         policy.estimation,
-        content_bytes=len(content.encode("utf-8")),
-        image_count=image_count,
-        web_search=web_search,
+        content_bytes=len(inputs.content.encode("utf-8")),
+        image_count=inputs.image_count,
+        web_search=inputs.web_search,
         code_interpreter=code_interpreter,
         previous_turn_tokens=state.previous_turn_tokens,
     )
@@ -322,7 +297,6 @@ def _decide_quota(
         return reject("input_too_long")
     if estimate.input_tokens > MAX_TOKENS:
         return reject("input_too_long")  # beyond the arithmetic bound: no reserve can be priced
-    inputs = _Inputs(content, image_count, web_search, code_interpreter)
     if state.recorded is not None:
         return _as_recorded(state.recorded, policy, periods, selected_model, estimate.input_tokens, inputs)
     choice = choose_tier(
@@ -331,7 +305,7 @@ def _decide_quota(
     if choice.model is None or choice.reserve is None:
         return reject("quota_exceeded", "tokens")
     scope = tool_quota_scope(
-        policy, state.quota, periods, web_search=web_search, code_interpreter=code_interpreter
+        policy, state.quota, periods, web_search=inputs.web_search, code_interpreter=code_interpreter
     )
     if scope is not None:
         return reject("quota_exceeded", scope)

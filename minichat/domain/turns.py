@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 from uuid import UUID
 
 from minichat.domain.ids import message_id_for
@@ -190,16 +190,16 @@ def _noop(turn: TurnRecord, why: str) -> Step:
     return Step(turn, changed=False, dropped=why)
 
 
+_FIGURES = tuple(f.name for f in dataclasses.fields(UsageFigures))
+"""The usage counts the domain prices, named as the wire's `Usage` names them."""
+
+
 def domain_usage(usage: WireUsage | UsageReported) -> UsageFigures:
-    return UsageFigures(
-        input_tokens=usage.input_tokens,
-        output_tokens=usage.output_tokens,
-        cache_read_input_tokens=usage.cache_read_input_tokens,
-        cache_write_input_tokens=usage.cache_write_input_tokens,
-        reasoning_tokens=usage.reasoning_tokens,
-        web_search_calls=usage.web_search_calls,
-        code_interpreter_calls=usage.code_interpreter_calls,
-    )
+    return UsageFigures(*(getattr(usage, name) for name in _FIGURES))
+
+
+def wire_usage(usage: UsageFigures, model: str | None) -> WireUsage:
+    return WireUsage.model_validate({**{name: getattr(usage, name) for name in _FIGURES}, "model": model})
 
 
 def apply_event(turn: TurnRecord, event: TurnEvent, at: datetime, offset: int, snapshot: Policy) -> Step:
@@ -357,39 +357,12 @@ def _settle(turn: TurnRecord, at: datetime, snapshot: Policy) -> Step:
     return Step(settled, changed=True, billing=billing)
 
 
-class _SettlementFields(TypedDict):
-    """What `usage.settled` and `usage.adjusted` share, typed as the models type it."""
-
-    dedupe_key: str
-    tenant_id: UUID
-    user_id: UUID
-    chat_id: UUID
-    turn_id: UUID
-    request_id: UUID
-    selected_model: str
-    effective_model: str
-    terminal_state: TerminalState
-    billing_outcome: BillingOutcome
-    settlement_method: SettlementMethod
-    error_code: str | None
-    usage: WireUsage | None
-    reserve_tokens: int
-    reserved_credits_micro: int
-    committed_credits_micro: int
-    overshoot_capped: bool
-    policy_version_applied: int
-    web_search_calls: int
-    code_interpreter_calls: int
-    period_daily: date
-    period_monthly: date
-
-
 def billing_event(turn: TurnRecord, billing: Billing) -> UsageSettled | UsageAdjusted:
     """The `usage.settled` / `usage.adjusted` event of a settled turn (docs/contract.md, "Output events")."""
     assert turn.settled_at is not None
     settlement = billing.settlement
     usage = turn.usage
-    fields: _SettlementFields = {
+    fields: dict[str, object] = {
         "dedupe_key": dedupe_key(turn.tenant_id, turn.id, turn.request_id, billing.kind == "usage.adjusted"),
         "tenant_id": turn.tenant_id,
         "user_id": turn.requester_user_id,
@@ -402,18 +375,7 @@ def billing_event(turn: TurnRecord, billing: Billing) -> UsageSettled | UsageAdj
         "billing_outcome": settlement.outcome,
         "settlement_method": settlement.method,
         "error_code": turn.error_code,
-        "usage": WireUsage(
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cache_read_input_tokens=usage.cache_read_input_tokens,
-            cache_write_input_tokens=usage.cache_write_input_tokens,
-            reasoning_tokens=usage.reasoning_tokens,
-            web_search_calls=usage.web_search_calls,
-            code_interpreter_calls=usage.code_interpreter_calls,
-            model=turn.usage_model,
-        )
-        if usage is not None
-        else None,
+        "usage": wire_usage(usage, turn.usage_model) if usage is not None else None,
         "reserve_tokens": turn.reserve_tokens,
         "reserved_credits_micro": turn.reserved_credits_micro,
         "committed_credits_micro": settlement.committed_credits_micro,
@@ -424,11 +386,15 @@ def billing_event(turn: TurnRecord, billing: Billing) -> UsageSettled | UsageAdj
         "period_daily": turn.period_daily,
         "period_monthly": turn.period_monthly,
     }
+    # Validated as the wire models validate what they receive (strict): the two events share these
+    # fields, so they are spelled once here and once in the models.
     if billing.kind == "usage.adjusted":
         assert turn.adjusted_at is not None and billing.previous_committed_credits_micro is not None
-        return UsageAdjusted(
-            **fields,
-            settled_at=turn.adjusted_at,
-            previous_committed_credits_micro=billing.previous_committed_credits_micro,
+        return UsageAdjusted.model_validate(
+            fields
+            | {
+                "settled_at": turn.adjusted_at,
+                "previous_committed_credits_micro": billing.previous_committed_credits_micro,
+            }
         )
-    return UsageSettled(**fields, settled_at=turn.settled_at)
+    return UsageSettled.model_validate(fields | {"settled_at": turn.settled_at})
