@@ -194,17 +194,16 @@ def replay(settings: Settings, args: argparse.Namespace) -> int:
 
     from minichat.models.policy import PolicyError
     from minichat.storage.policies import PolicyConflict
-    from minichat.tools.rebuild import RebuildSetupError as ReplaySetupError
-    from minichat.tools.rebuild import run_rebuild as run_replay
+    from minichat.tools.rebuild import RebuildSetupError, run_rebuild
 
     refused = _checked_start("replay", settings)
     if refused is not None:
         return refused
     try:
         summary = asyncio.run(
-            run_replay(settings, from_time=args.from_time, show_progress=not args.no_progress)
+            run_rebuild(settings, from_time=args.from_time, show_progress=not args.no_progress)
         )
-    except (ReplaySetupError, PolicyError, PolicyConflict) as exc:
+    except (RebuildSetupError, PolicyError, PolicyConflict) as exc:
         print(f"minichat replay: {exc}", file=sys.stderr)
         return EXIT_SETUP
     except KeyboardInterrupt:
