@@ -73,11 +73,14 @@ def tokens_add(settings: Settings, args: argparse.Namespace) -> int:
 
 async def db_migrate(settings: Settings, args: argparse.Namespace) -> int:
     from minichat.storage.db import connect
-    from minichat.storage.schema import migrate
+    from minichat.storage.schema import MigrationError, migrate
 
     con = await connect(settings)
     try:
         applied = await migrate(con)
+    except MigrationError as exc:  # our own words about the history, never a row's content
+        print(f"minichat db migrate: {exc}", file=sys.stderr)
+        return EXIT_SETUP
     finally:
         await con.close()
     if applied:

@@ -9,6 +9,7 @@ import asyncpg
 import pytest
 
 from minichat.storage.schema import MigrationError, available_migrations, migrate, pending_migrations
+from tests.support import run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -52,6 +53,22 @@ async def test_changed_migration_is_refused(empty_database_url: str) -> None:
             await migrate(con)
     finally:
         await con.close()
+
+
+async def test_db_migrate_says_why_it_refuses(empty_database_url: str) -> None:
+    """An operator who starts an older minichat on a newer database reads why, not a class name."""
+    con = await asyncpg.connect(empty_database_url)
+    try:
+        await migrate(con)
+        await con.execute(
+            "INSERT INTO schema_migrations (version, name, checksum) VALUES (9999, 'from_the_future', 'x')"
+        )
+    finally:
+        await con.close()
+    result = run_cli({"MINICHAT_DATABASE_URL": empty_database_url}, "db", "migrate")
+    assert result.returncode == 2, result.stderr
+    assert "database has migration 9999, which this minichat does not know" in result.stderr
+    assert "schema is up to date" not in result.stdout
 
 
 async def test_every_table_carries_the_tenant(database_url: str) -> None:
