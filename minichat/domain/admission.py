@@ -254,8 +254,8 @@ def decide_chat_delete(tenant_id: UUID, user_id: UUID, state: ChatState) -> Muta
 
 
 def _mutation_target(state: ChatState, request_id: UUID, user_id: UUID) -> StoredTurn | DecisionErrorCode:
-    """The turn a retry/edit/delete may act on, or why not, in the reference design's order:
-    turn_not_found, forbidden, invalid_turn_state, not_latest_turn."""
+    """The turn a retry/edit/delete may act on, or why not, in the specification's order (M2 in
+    docs/behaviours.md): turn_not_found, forbidden, invalid_turn_state, not_latest_turn."""
     turn = state.target_turn
     if turn is None:
         return "turn_not_found"
@@ -281,7 +281,8 @@ def _decide_quota(
     refused = _refused_inputs(policy, image_count=inputs.image_count, web_search=inputs.web_search)
     if refused is not None:
         return reject(refused)
-    # Code interpreter under its kill switch is dropped, not refused (docs/rules.md, K4).
+    # Code interpreter under its kill switch is dropped, not refused (docs/rules.md; K4 in
+    # docs/behaviours.md).
     code_interpreter = inputs.code_interpreter and not policy.kill_switches.disable_code_interpreter
     inputs = inputs._replace(code_interpreter=code_interpreter)
     estimate = estimate_input(

@@ -1,5 +1,5 @@
-"""The reference's worked quota example (the design notes' worked example, items 22-26), end to end
-through Kafka and Postgres at the contract's scale (divisor 1,000,000: the reference's
+"""The worked quota example (b22-b26 in docs/behaviours.md), end to end
+through Kafka and Postgres at the contract's scale (divisor 1,000,000: the specification's
 multipliers are taken x1000 so its micro-credit figures hold).
 """
 

@@ -1,5 +1,5 @@
-"""Admission of turn.requested / retry / edit / delete / chat.delete: reference behaviours 17, 19-41
-(§8.2-8.3) and 75-81 (§8.7, the pure part), plus the contract's admission order.
+"""Admission of turn.requested / retry / edit / delete / chat.delete: behaviours b17, b19-b41 and
+b75-b81 (the pure part; ids defined in docs/behaviours.md), plus the contract's admission order.
 
 Unless a test says otherwise the catalog is: `prem` (premium default, max output 8192), `std`
 (standard default, 2048) and `std-alt` (standard, 1024), all at 1M/1M micro-credits per million
@@ -121,7 +121,7 @@ def summary(result: Admission) -> tuple[object, ...]:
     )
 
 
-# --- §8.2 reserve on rows ------------------------------------------------------------------------
+# --- reserve on rows (docs/behaviours.md, estimation and reserve) --------------------------------
 
 
 def test_b17_forced_downgrade_applies_the_standard_max_output() -> None:
@@ -157,8 +157,8 @@ def test_b21_deciding_writes_nothing() -> None:
     assert state.quota is quota
 
 
-# --- §8.3 cascade and limits (§5.10 example) -----------------------------------------------------
-# The reference works §5.10 with divisor 1000 (D3). At the contract's divisor the same
+# --- cascade and limits (docs/behaviours.md, the worked example b22-b27) --------------------------
+# The worked example uses divisor 1000 (D3 in docs/behaviours.md). At the contract's divisor the same
 # micro-credit figures come out of multipliers 1000 times larger, so P is 2.5e9/2.5e9 and S 1e9/1e9.
 
 POLICY_510 = make_policy(
@@ -204,9 +204,9 @@ def test_b24_downgrade_recomputes_the_reserve_on_standard() -> None:
 
 
 def test_b27_standard_is_checked_with_its_own_reserve() -> None:
-    """b27 describes the reference code, which checks standard with the premium-priced 3.75M. The
-    contract (rule 6) prices each tier with its candidate model: 57M + 1.5M ≤ 60M passes, where
-    57M + 3.75M would not."""
+    """b27 (docs/behaviours.md) describes the specification's code, which checks standard with the
+    premium-priced 3.75M. The contract (rule 6) prices each tier with its candidate model:
+    57M + 1.5M ≤ 60M passes, where 57M + 3.75M would not."""
     rows = {**ROWS_510, D_TOTAL: QuotaRow(spent_credits_micro=57_000_000)}
     result = request(POLICY_510, ChatState(quota=rows), model="P", content=CONTENT_1000)
     assert summary(result) == ("downgrade", "S", "premium_quota_exhausted", None, None)
@@ -365,8 +365,9 @@ def test_b38_candidate_model_none_for_tier_without_enabled_model() -> None:
     ],
 )
 def test_daily_tool_quota(counters: QuotaRow, asks: dict[str, Any], expected: str | None) -> None:
-    """b40/b41: the reference code gates the daily tool quota on the model's capability, even for a
-    request that did not ask for the tool; the contract (rule 7) gates it on the request."""
+    """b40/b41 (docs/behaviours.md): the specification's code gates the daily tool quota on the
+    model's capability, even for a request that did not ask for the tool; the contract (rule 7)
+    gates it on the request."""
     result = request(state=ChatState(quota={D_TOTAL: counters}), **asks)
     if expected is None:
         assert result.decision == "allow"
@@ -504,7 +505,7 @@ def test_two_requests_of_one_user_in_a_batch_see_each_other() -> None:
     assert (second.decision, second.error_code) == ("reject", "quota_exceeded")
 
 
-# --- retry, edit, delete, chat.delete (§8.7) -----------------------------------------------------
+# --- retry, edit, delete, chat.delete (docs/behaviours.md, mutations) -----------------------------
 
 OLD = StoredTurn(R1, USER, "completed", content="hello", image_count=1, web_search=True)
 CHAT = ChatFacts(TENANT, USER, "prem")
@@ -567,7 +568,7 @@ def test_b76_edit_uses_the_new_content() -> None:
     ],
 )
 def test_mutation_validation(state: ChatState, expected: str) -> None:
-    """Codes are the contract's; their order is the reference's (§2.7 M2)."""
+    """Codes are the contract's; their order is the specification's (M2 in docs/behaviours.md)."""
     assert regenerate(state).error_code == expected
     assert decide_turn_delete(TENANT, USER, R1, state) == MutationResult("reject", expected)
 

@@ -1,4 +1,4 @@
-"""Credit arithmetic: reference behaviours 1-6 (§8.1) at the contract's divisor 1,000,000 (D6)."""
+"""Credit arithmetic: behaviours b01-b06 at the contract's divisor 1,000,000 (D6; docs/behaviours.md)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from minichat.models.bounds import MAX_MULTIPLIER, MAX_TOKENS
     ],
 )
 def test_credits(tokens: tuple[int, int], mults: tuple[int, int], expected: int) -> None:
-    """b01: the reference's D3 figure (2_500_000) belongs to the divisor the contract rejected."""
+    """b01: the specification's D3 figure (2_500_000) belongs to the divisor the contract rejected."""
     assert credits_micro(*tokens, *mults) == expected
 
 

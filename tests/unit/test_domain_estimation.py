@@ -1,7 +1,7 @@
-"""Input estimation and reserve sizing: reference behaviours 7-16 and 18 (§8.2).
+"""Input estimation and reserve sizing: behaviours b07-b16 and b18 (docs/behaviours.md).
 
 Budgets are the example policy's (bytes_per_token 4, overhead 100, margin 10 %, image 1000,
-web search 500, code interpreter 1000), which are also the reference's code defaults.
+web search 500, code interpreter 1000), which are also the specification's code defaults.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def test_estimate_input(
     previous: int,
     expected: InputEstimate,
 ) -> None:
-    """b10/b11: the reference adds a 500-token file-search surcharge ("tools enabled"); the contract
+    """b10/b11: the specification adds a 500-token file-search surcharge ("tools enabled"); the contract
     has no file search, so its surcharges are web search and code interpreter only (1110 → 610,
     4210 → 3710)."""
     got = estimate_input(

@@ -1,4 +1,4 @@
-"""Quota periods: reference behaviour 89 (§8.8)."""
+"""Quota periods: behaviour b89 (docs/behaviours.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Settlement: reference behaviours 25-26 (§8.3), 42-56 (§8.4), 57-62 (§8.5) and 86-87 (§8.8), at
+"""Settlement: behaviours b25-b26, b42-b56, b57-b62 and b86-b87 (docs/behaviours.md), at
 the contract's divisor and with the contract's settlement table.
 
 Models are priced 1M/1M (one token = one micro-credit) unless a test says otherwise.
@@ -63,7 +63,7 @@ def summary(s: Settlement) -> tuple[object, ...]:
     return (s.outcome, s.method, s.committed_credits_micro, s.overshoot_capped)
 
 
-# --- §8.3 (§5.10 example, multipliers scaled ×1000 for the contract's divisor) -------------------
+# --- the worked example (b22-b27, multipliers scaled ×1000 for the contract's divisor) -----------
 
 TURN_510 = TurnCharge("S", 1500, 500, 1_500_000, 50, PERIODS)
 
@@ -83,7 +83,7 @@ def test_b26_exact_use_charges_the_reserve() -> None:
     assert completed(TURN_510, UsageFigures(1000, 500), POLICY_510).committed_credits_micro == 1_500_000
 
 
-# --- §8.4 amounts ----------------------------------------------------------------------------------
+# --- amounts (docs/behaviours.md, settlement) ------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -126,7 +126,7 @@ def test_b26_exact_use_charges_the_reserve() -> None:
     ],
 )
 def test_amounts(charge: TurnCharge, usage: UsageFigures | None, expected: tuple[object, ...]) -> None:
-    """b47/b49: the reference also reports charged tokens (1050, 50); the contract's settlement
+    """b47/b49: the specification also reports charged tokens (1050, 50); the contract's settlement
     event has no such field, so only the credits are asserted."""
     assert summary(completed(charge, usage)) == expected
 
@@ -248,7 +248,7 @@ def test_overshoot_comparison_is_exact(actual: int, reserve: int, tolerance: flo
     assert exceeds_tolerance(actual, reserve, tolerance) is over
 
 
-# --- §8.5 outcome and method by terminal event ----------------------------------------------------
+# --- outcome and method by terminal event (docs/behaviours.md, billing derivation) ----------------
 
 SOME = UsageFigures(10, 5)
 ZERO = UsageFigures(0, 0)
@@ -287,8 +287,8 @@ ZERO = UsageFigures(0, 0)
 def test_outcome_and_method(
     state: TerminalState, code: str | None, usage: UsageFigures | None, expected: tuple[object, ...]
 ) -> None:
-    """b57: the reference calls a completed turn always `actual`; the contract's table settles a
-    completed turn without usage (after the grace) as `estimated`. code-cap: the reference code
+    """b57: the specification calls a completed turn always `actual`; the contract's table settles a
+    completed turn without usage (after the grace) as `estimated`. code-cap: the specification's code
     counts `code_interpreter_calls_exceeded` as unknown; the contract lists it with the usage codes."""
     result = settle(turn(), usage, state, code, POLICY)
     assert (result.outcome, result.method, result.unknown_error_code) == expected

@@ -726,7 +726,7 @@ def test_billing_event_fields() -> None:
 
 
 def test_settlement_uses_the_turns_periods_and_snapshot() -> None:
-    """b89/§5.9: a turn admitted on Feb 28 that ends on Mar 1 settles on the February rows."""
+    """b89 (docs/behaviours.md): a turn admitted on Feb 28 that ends on Mar 1 settles on the February rows."""
     turn = running_turn()
     [step] = play(turn, (completed(inline=SOME), datetime(2026, 3, 1, 0, 0, 1, tzinfo=UTC)))
     assert step.billing is not None
