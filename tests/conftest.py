@@ -23,6 +23,7 @@ from types import ModuleType
 import asyncpg
 import pytest
 
+from minichat.bench.scratch import delete_topics
 from minichat.models.topics import TopicNames
 from minichat.settings import Settings
 from tests.gateway import Gateway
@@ -144,13 +145,17 @@ def deployment_settings(endpoints: Endpoints, database_url: str, **overrides: ob
 
 
 @pytest.fixture
-async def deployment(endpoints: Endpoints, database_url: str) -> Deployment:
-    """Migrated database and created topics, nothing running."""
+async def deployment(endpoints: Endpoints, database_url: str) -> AsyncIterator[Deployment]:
+    """Migrated database and created topics, nothing running; the topics are deleted afterwards
+    (a development broker would otherwise keep every test run's topics)."""
     from minichat.processors.topics import create_topics
 
     settings = deployment_settings(endpoints, database_url)
     await create_topics(settings)
-    return Deployment(settings)
+    try:
+        yield Deployment(settings)
+    finally:
+        await delete_topics(settings)
 
 
 @dataclass
@@ -176,7 +181,8 @@ async def live_deployment(
     workers: int = 1,
     env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Live]:
-    """A deployment with running worker process(es); `env` overrides their environment."""
+    """A deployment with running worker process(es); `env` overrides their environment. Its topics
+    are deleted afterwards (a development broker would otherwise keep every test run's topics)."""
     from minichat.processors.topics import create_topics
 
     overrides: dict[str, object] = {"policy_file": policy} if policy else {}
@@ -184,27 +190,30 @@ async def live_deployment(
         settings = deployment_settings(endpoints, url, **overrides)
         name = url.rsplit("/", 1)[-1]
         await create_topics(settings)
-        worker_env = {**Deployment(settings).env(), **(env or {})}
-        with ExitStack() as stack:
-            procs = [
-                stack.enter_context(run_worker(worker_env, workdir / f"worker-{name}-{i}.log"))
-                for i in range(workers)
-            ]
-            pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
-            try:
-                async with TopicReader(
-                    settings.kafka_bootstrap_servers, TopicNames(settings.topic_prefix).turn_decisions
-                ) as reader:
-                    live = Live(settings, procs, Gateway(settings, reader), pool)
-                    try:
-                        yield live
-                    except BaseException:
-                        print(live.logs())
-                        raise
-            finally:
-                await pool.close()
-            for proc in procs:
-                assert proc.terminate() == 0, proc.log()[-3000:]
+        try:
+            worker_env = {**Deployment(settings).env(), **(env or {})}
+            with ExitStack() as stack:
+                procs = [
+                    stack.enter_context(run_worker(worker_env, workdir / f"worker-{name}-{i}.log"))
+                    for i in range(workers)
+                ]
+                pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
+                try:
+                    async with TopicReader(
+                        settings.kafka_bootstrap_servers, TopicNames(settings.topic_prefix).turn_decisions
+                    ) as reader:
+                        live = Live(settings, procs, Gateway(settings, reader), pool)
+                        try:
+                            yield live
+                        except BaseException:
+                            print(live.logs())
+                            raise
+                finally:
+                    await pool.close()
+                for proc in procs:
+                    assert proc.terminate() == 0, proc.log()[-3000:]
+        finally:
+            await delete_topics(settings)  # after the workers stopped
 
 
 @pytest.fixture(scope="module")
