@@ -6,6 +6,7 @@ policy snapshot of the version it was admitted under; never of the live policy o
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
@@ -52,6 +53,11 @@ class UsageFigures:
     def known(self) -> bool:
         """Usage counts as known when `in + out > 0`; all zeros would make cancels free."""
         return self.input_tokens + self.output_tokens > 0
+
+
+USAGE_FIGURES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(UsageFigures))
+"""The counts of a usage report, in `UsageFigures`' order, named as the wire's `Usage` and the
+`chat_turns` columns name them."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from minichat.domain.periods import Periods
 from minichat.domain.quota import BucketKey, QuotaDelta
 from minichat.domain.settlement import (
     ORPHAN_TIMEOUT,
+    USAGE_FIGURES,
     Settlement,
     TurnCharge,
     UsageFigures,
@@ -190,16 +191,13 @@ def _noop(turn: TurnRecord, why: str) -> Step:
     return Step(turn, changed=False, dropped=why)
 
 
-_FIGURES = tuple(f.name for f in dataclasses.fields(UsageFigures))
-"""The usage counts the domain prices, named as the wire's `Usage` names them."""
-
-
 def domain_usage(usage: WireUsage | UsageReported) -> UsageFigures:
-    return UsageFigures(*(getattr(usage, name) for name in _FIGURES))
+    return UsageFigures(*(getattr(usage, name) for name in USAGE_FIGURES))
 
 
 def wire_usage(usage: UsageFigures, model: str | None) -> WireUsage:
-    return WireUsage.model_validate({**{name: getattr(usage, name) for name in _FIGURES}, "model": model})
+    figures = {name: getattr(usage, name) for name in USAGE_FIGURES}
+    return WireUsage.model_validate({**figures, "model": model})
 
 
 def apply_event(turn: TurnRecord, event: TurnEvent, at: datetime, offset: int, snapshot: Policy) -> Step:

@@ -15,12 +15,11 @@ from uuid import UUID
 import asyncpg
 
 from minichat.domain.quota import BucketKey, QuotaDelta
-from minichat.domain.settlement import UsageFigures
+from minichat.domain.settlement import USAGE_FIGURES, UsageFigures
 from minichat.domain.turns import AssistantMessage, TurnRecord
 from minichat.storage.db import Unnest, columns
 
 _RECORD_COLUMNS = tuple(f.name for f in dataclasses.fields(TurnRecord) if f.name != "usage")
-_USAGE_COLUMNS = tuple(f.name for f in dataclasses.fields(UsageFigures))
 
 RequestKey = tuple[UUID, UUID]
 """(chat_id, request_id): a turn, and the key its provider and usage events carry."""
@@ -68,7 +67,7 @@ def _record(row: asyncpg.Record) -> TurnRecord:
     """A `chat_turns` row as the turn record: its columns are named as the record's fields."""
     usage = None
     if row["input_tokens"] is not None:
-        usage = UsageFigures(**{name: row[name] for name in _USAGE_COLUMNS})
+        usage = UsageFigures(**{name: row[name] for name in USAGE_FIGURES})
     return TurnRecord(usage=usage, **{name: row[name] for name in _RECORD_COLUMNS})
 
 
@@ -103,16 +102,12 @@ _TURN_STATE = (
     "overshoot_capped bool", "settled_at timestamptz", "adjusted_at timestamptz",
 )  # fmt: skip
 """The columns of a turn provider and usage events change, named as `TurnRecord` names them."""
-_USAGE_FIGURES = (
-    "input_tokens bigint", "output_tokens bigint", "cache_read_input_tokens bigint",
-    "cache_write_input_tokens bigint", "reasoning_tokens bigint", "web_search_calls int",
-    "code_interpreter_calls int",
-)  # fmt: skip
-"""A usage report's figures, named as `UsageFigures` names them (NULL while no report arrived)."""
+_USAGE_FIGURES = tuple(f"{name} {'int' if name.endswith('_calls') else 'bigint'}" for name in USAGE_FIGURES)
+"""A usage report's figures as `chat_turns` columns (tool calls are `int`; NULL while no report)."""
 _TURN_UPDATES = Unnest.of(*_TURN_STATE, *_USAGE_FIGURES, "progressed bool", "awaiting_usage bool")
 _turn_state = attrgetter(*(d.split()[0] for d in _TURN_STATE))
-_reported_figures = attrgetter(*(d.split()[0] for d in _USAGE_FIGURES))
-_NO_USAGE = (None,) * len(_USAGE_FIGURES)
+_reported_figures = attrgetter(*USAGE_FIGURES)
+_NO_USAGE = (None,) * len(USAGE_FIGURES)
 
 _UPDATE_TURNS = f"""
 UPDATE chat_turns t SET
