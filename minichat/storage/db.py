@@ -70,6 +70,8 @@ class Unnest:
     @classmethod
     def of(cls, *declared: str) -> Unnest:
         """`Unnest.of("id uuid", "tenant_id uuid", ...)`."""
+        if len(declared) < 2:
+            raise ValueError("an unnest row source has two columns or more")  # attrgetter's tuples
         return cls(tuple((name, pg_type) for name, pg_type in (d.split(maxsplit=1) for d in declared)))
 
     @property
@@ -87,10 +89,7 @@ class Unnest:
 
     def params_of(self, items: Iterable[object]) -> list[list[object]]:
         """The column arrays of objects that carry every declared column as an attribute."""
-        row = attrgetter(*(name for name, _ in self.declared))
-        if len(self.declared) == 1:
-            return self.params((row(item),) for item in items)
-        return self.params(map(row, items))
+        return self.params(map(attrgetter(*(name for name, _ in self.declared)), items))
 
 
 async def ping(con: asyncpg.Connection) -> None:
