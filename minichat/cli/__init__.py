@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from minichat.cli import commands as run
+from minichat.cli import commands
 from minichat.cli.commands import EXIT_SETUP
 from minichat.processors.errors import EXIT_FATAL, failure_report
 from minichat.settings import Settings
@@ -127,7 +127,7 @@ def _add_worker(group: _Group) -> None:
         "or the topics are missing or the policy file is invalid. Exit status: 0 after SIGTERM; 2 when "
         "the setup is wrong (the message names the fix); 70 when PostgreSQL or Kafka stayed away "
         "longer than the give-up time or an unexpected error stopped it (restart it: nothing is lost).",
-        run.worker,
+        commands.worker,
     )
 
 
@@ -139,7 +139,7 @@ def _add_db(group: _Group) -> None:
         "create or upgrade the database schema (safe to run again)",
         "Create the database schema, or upgrade it to this version's. Applied migrations are "
         "recorded with their checksums, so running it again changes nothing.",
-        lambda s, a: run.run(run.db_migrate(s, a)),
+        lambda s, a: commands.run(commands.db_migrate(s, a)),
     )
     grant = _command(
         db,
@@ -148,7 +148,7 @@ def _add_db(group: _Group) -> None:
         "Bind an existing database login to one tenant: it may then read that tenant's rows and no "
         "others, whatever it sets in its session (row-level security). Create the login first, "
         "with CREATE ROLE ... LOGIN.",
-        lambda s, a: run.run(run.db_grant_reader(s, a)),
+        lambda s, a: commands.run(commands.db_grant_reader(s, a)),
     )
     grant.add_argument(
         "--tenant", type=uuid.UUID, required=True, help="the tenant (a UUID) whose rows the login may read"
@@ -159,7 +159,7 @@ def _add_db(group: _Group) -> None:
         "revoke-reader",
         "take a login's reader grant and tenant away",
         "Take a database login's reader grant and its tenant away; it reads nothing afterwards.",
-        lambda s, a: run.run(run.db_revoke_reader(s, a)),
+        lambda s, a: commands.run(commands.db_revoke_reader(s, a)),
     )
     revoke.add_argument("--role", required=True, help="the database login")
 
@@ -173,7 +173,7 @@ def _add_topics(group: _Group) -> None:
         "Create the six topics with MINICHAT_PARTITIONS partitions, broker-stamped timestamps "
         "(LogAppendTime) and infinite retention. An existing topic is checked: a wrong partition "
         "count is an error, and settings that differ are set again.",
-        lambda s, a: run.run(run.topics_create(s, a)),
+        lambda s, a: commands.run(commands.topics_create(s, a)),
     )
     create.add_argument(
         "--replication-factor",
@@ -193,7 +193,7 @@ def _add_tokens(group: _Group) -> None:
         "Print a new read API token for one tenant, and record its SHA-256 digest in "
         "MINICHAT_READ_TOKENS_FILE (created if missing). The token itself is not stored: keep the "
         "printed one. Running workers take a new token without a restart.",
-        run.tokens_add,
+        commands.tokens_add,
     )
     add.add_argument("--tenant", type=uuid.UUID, required=True, help="the tenant (a UUID) the token reads")
 
@@ -208,7 +208,7 @@ def _add_replay(group: _Group) -> None:
         "decision is applied as it was decided. Nothing is sent: no decision, dead letter or billing "
         "event. Over the live database it changes nothing; into an empty, migrated database it "
         "rebuilds the books. Run it while the workers are caught up or stopped. Prints a summary.",
-        run.replay,
+        commands.replay,
     )
     replay.add_argument(
         "--from-time",
@@ -234,7 +234,7 @@ def _add_digest(group: _Group) -> None:
         "Print one SHA-256 hex digest of the stored state of all tenants: chats, turns, messages, "
         "quota rows, decisions and billing events, every column except the processing-clock ones. "
         "Equal digests mean equal books: compare the live database with a rebuild by `minichat replay`.",
-        lambda s, a: run.run(run.digest(s, a)),
+        lambda s, a: commands.run(commands.digest(s, a)),
     )
     digest.add_argument(
         "--tables", action="store_true", help="one digest per table, then the total (default: the total)"
@@ -250,7 +250,7 @@ def _add_simulate(group: _Group) -> None:
         "cancellations, retries, edits, deletes, duplicates, late usage, a user who runs out of "
         "quota), wait until the processor is quiet, then check the books. Exit status: 0 when every "
         "invariant holds, 1 otherwise.",
-        run.simulate,
+        commands.simulate,
     )
     add = simulate.add_argument
     add("--tenants", type=_positive_int, default=4, metavar="N", help="tenants (default: 4)")
@@ -293,7 +293,7 @@ def _add_bench(group: _Group) -> None:
         "Measure, on scratch databases and topics that are removed afterwards: what PostgreSQL takes "
         "(the ceiling), how fast workers drain a backlog, how long a command waits for its decision "
         "at given rates, and how fast a replay runs. Prints tables; takes minutes.",
-        run.bench,
+        commands.bench,
     )
     add_arguments(bench)
 
@@ -306,7 +306,7 @@ def _add_schema(group: _Group) -> None:
         "write the JSON Schemas of the events and the policy file",
         "Write one JSON Schema per event type, and one of the policy file, into a directory; other "
         "*.json files there are deleted.",
-        run.schema_export,
+        commands.schema_export,
     )
     export.add_argument(
         "--out",
@@ -319,7 +319,7 @@ def _add_schema(group: _Group) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minichat", description=_DESCRIPTION, epilog=_EPILOG)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    chosen = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     for add in (
         _add_worker,
         _add_db,
@@ -331,7 +331,7 @@ def _parser() -> argparse.ArgumentParser:
         _add_bench,
         _add_schema,
     ):
-        add(commands)
+        add(chosen)
     return parser
 
 
