@@ -7,38 +7,31 @@ import argparse
 from minichat import cli
 
 
-def command_parsers(parser: argparse.ArgumentParser | None = None) -> dict[str, argparse.ArgumentParser]:
-    """`{"db migrate": <its parser>, "worker": ..., ...}`: the commands a user can run."""
+def _parsers(parser: argparse.ArgumentParser | None) -> tuple[dict[str, argparse.ArgumentParser], ...]:
+    """(the commands a user can run, the parsers that only choose a subcommand), by their path."""
     root = parser or cli._parser()
-    found: dict[str, argparse.ArgumentParser] = {}
+    commands: dict[str, argparse.ArgumentParser] = {}
+    groups: dict[str, argparse.ArgumentParser] = {}
 
     def walk(node: argparse.ArgumentParser) -> None:
         subs = [a for a in node._actions if isinstance(a, argparse._SubParsersAction)]
-        if not subs:
-            found[node.prog.removeprefix(root.prog).strip()] = node
+        (groups if subs else commands)[node.prog.removeprefix(root.prog).strip()] = node
         for sub in subs:
             for child in sub.choices.values():
                 walk(child)
 
     walk(root)
-    return found
+    return commands, groups
+
+
+def command_parsers(parser: argparse.ArgumentParser | None = None) -> dict[str, argparse.ArgumentParser]:
+    """`{"db migrate": <its parser>, "worker": ..., ...}`: the commands a user can run."""
+    return _parsers(parser)[0]
 
 
 def group_parsers(parser: argparse.ArgumentParser | None = None) -> dict[str, argparse.ArgumentParser]:
     """The parsers that only choose a subcommand (`minichat`, `minichat db`, ...)."""
-    root = parser or cli._parser()
-    found: dict[str, argparse.ArgumentParser] = {}
-
-    def walk(node: argparse.ArgumentParser) -> None:
-        subs = [a for a in node._actions if isinstance(a, argparse._SubParsersAction)]
-        if subs:
-            found[node.prog.removeprefix(root.prog).strip()] = node
-        for sub in subs:
-            for child in sub.choices.values():
-                walk(child)
-
-    walk(root)
-    return found
+    return _parsers(parser)[1]
 
 
 def options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
