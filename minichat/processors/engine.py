@@ -12,8 +12,8 @@ past the stored positions.
 
 ```
 on assign(numbers):  seek every (topic, p) to min(stored position, Kafka committed)
+fetch task:          merge.add(fetched records) as soon as they come     # never waits for a batch
 loop:
-    merge.add(fetched records)
     for each empty partition holding back a record: ListOffsets, frontier = sent time − grace
     batch = merge.release(batch_max)
     transaction: claim positions, apply(batch), store positions      # one unit
@@ -45,6 +45,7 @@ from minichat.processors.pipeline import Decoded, isolating
 from minichat.processors.records import Output, SourceRecord, source_record
 from minichat.settings import Settings
 from minichat.storage.coordination import PositionConflict, claim_positions, load_positions, store_positions
+from minichat.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ class OrderedEngine:
         self._started = False
         self._offsets: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
+        self._fetching: asyncio.Task[None] | None = None
+        self._arrived = asyncio.Event()
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -158,8 +161,12 @@ class OrderedEngine:
             await consumer.start()
             stack.push_async_callback(consumer.stop)
             self._started = True
-            while not self._stopping:
-                await self._step(consumer)
+            self._fetching = asyncio.create_task(self._fetch(consumer), name="engine fetch")
+            try:
+                while not self._stopping:
+                    await self._step(consumer)
+            finally:
+                await cancel_and_wait(self._fetching)
             async with self._unit:
                 await self._flights.land_all(consumer, self.assigned)
 
@@ -196,26 +203,36 @@ class OrderedEngine:
 
     # ----------------------------------------------------------------------------------- loop
 
+    async def _fetch(self, consumer: AIOKafkaConsumer) -> None:
+        """Hand fetched records to their lanes as soon as the fetcher has them. aiokafka sends a
+        broker no new fetch while records it fetched from it wait unconsumed (up to its 100 ms
+        prefetch backoff): taken only between batches, a record waited one to two batches before
+        the worker even saw it (measured: 87 ms median at 100 requests/s)."""
+        while not self._stopping:
+            fetched = await consumer.getmany(timeout_ms=100, max_records=self.settings.batch_max)
+            # Every returned record goes to its lane, even across a rebalance: aiokafka returns
+            # only records at a partition's current position (a seek drops what it made stale) and
+            # moves the position past them, so dropping one here would skip it. A closed lane
+            # ignores them; a lane re-opened at its seek position takes them in order.
+            for records in fetched.values():
+                self.merge.add(source_record(r) for r in records)
+            if fetched:
+                self._pace(consumer)
+                self._arrived.set()
+
     async def _step(self, consumer: AIOKafkaConsumer) -> None:
-        waiting = bool(self.merge.blocked_lanes())
-        fetched = await consumer.getmany(
-            timeout_ms=5 if waiting else 100, max_records=self.settings.batch_max
-        )
-        # Every returned record goes to its lane, even across a rebalance: aiokafka returns only
-        # records at a partition's current position (a seek drops what it made stale) and moves
-        # the position past them, so dropping one here would skip it. A closed lane ignores them;
-        # a lane re-opened at its seek position takes them in order.
-        for records in fetched.values():
-            self.merge.add(source_record(r) for r in records)
-        # From here on, a rebalance (it re-opens every lane) voids what this step took out.
-        generation = self._generation
-        self._pace(consumer)
+        if self._fetching is not None and self._fetching.done():
+            self._fetching.result()  # the fetch task failed: fail the engine with its error
         blocked = self.merge.blocked_lanes()
         if blocked:
-            await self._refresh_frontiers(consumer, blocked, generation)
+            await self._refresh_frontiers(consumer, blocked, self._generation)
         self._report_stall(blocked)
         self._report_progress()
+        self._arrived.clear()
+        # A rebalance (it re-opens every lane) voids what this step takes out from here on.
+        generation = self._generation
         released = self.merge.release(self.settings.batch_max, self.settings.batch_max_bytes)
+        self._pace(consumer)  # resumes the partitions whose lanes this release drained
         if released:
             now_ms = time.time() * 1000.0
             self.batches.metrics.observe(
@@ -228,6 +245,11 @@ class OrderedEngine:
                     await self._apply(consumer, released)
                 else:
                     return
+        else:
+            # Nothing to apply: wait for records, or (a set held back by an empty lane) briefly
+            # before asking the broker for its end offsets again.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), 0.005 if blocked else 0.1)
         await self._flights.land_finished(consumer, self.assigned)
 
     def _report_stall(self, blocked: Sequence[LaneKey]) -> None:
