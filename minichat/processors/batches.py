@@ -29,8 +29,8 @@ from minichat.processors.levels import plan_steps
 from minichat.processors.metrics import Metrics
 from minichat.processors.pipeline import Decoded, Handler, dead_letter_for, refused_detail
 from minichat.processors.records import LOG_APPEND_TIME, Output, SourceRecord
-from minichat.storage.turn_requests import lock_users
-from minichat.storage.turns import chat_owners, lock_requests
+from minichat.storage.locks import lock_batch
+from minichat.storage.turns import chat_owners
 
 logger = logging.getLogger(__name__)
 
@@ -114,13 +114,13 @@ class MergedBatches:
         # take the same locks again per step, which no longer waits.
         # A retry, edit or delete also locks the turn it targets: every turn row is then locked
         # only under its request's lock, which each transaction takes up front in one order.
-        await lock_requests(
+        await lock_batch(
             con,
             {(d.event.chat_id, command_id_of(d.event)) for d in commands}
             | {(d.event.chat_id, d.event.request_id) for d in commands if _targets_a_turn(d.event)}
             | {(d.event.chat_id, d.event.request_id) for d in facts},
+            {u for users in claimants.values() for u in users},
         )
-        await lock_users(con, {u for users in claimants.values() for u in users})
         outputs: list[Output] = []
         steps = plan_steps(good, kind, keys)
         self.metrics.inc("minichat_batch_steps_total", len(steps))

@@ -27,12 +27,20 @@ async def _init_connection(con: asyncpg.Connection) -> None:
     await con.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _keep_session(con: asyncpg.Connection) -> None:
+    """Release without asyncpg's default reset (`pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL`): one more round trip after every batch, for session state nothing here leaves
+    behind (locks are transaction-scoped, roles and settings `LOCAL`; the leader locks live on
+    connections of their own). An open transaction is still rolled back by the pool itself."""
+
+
 async def create_pool(settings: Settings, **overrides: Any) -> asyncpg.Pool:
     """The worker's pool: small on purpose (a batch is one transaction on one connection)."""
     options: dict[str, Any] = {
         "min_size": settings.db_pool_min,
         "max_size": max(settings.db_pool_min, settings.db_pool_max),
         "init": _init_connection,
+        "reset": _keep_session,
         "command_timeout": 60,
     }
     options.update(overrides)

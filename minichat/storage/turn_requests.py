@@ -108,14 +108,6 @@ FROM unnest($1::uuid[], $2::uuid[]) AS k (chat_id, request_id)
 JOIN parked_events p ON p.chat_id = k.chat_id AND p.request_id = k.request_id
 """
 
-# One user's check-and-reserve is atomic across partitions and workers: a transaction-scoped
-# advisory lock per user, taken in one global order, then the user's existing rows locked too so
-# that settlements (which update rows without the user lock) and admissions exclude each other.
-_LOCK_USERS = """
-SELECT pg_advisory_xact_lock(h)
-FROM (SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY h) AS keys
-"""
-
 _LOAD_QUOTA = """
 SELECT q.tenant_id, q.user_id, q.period_type, q.period_start, q.bucket,
        q.spent_credits_micro, q.reserved_credits_micro, q.calls, q.input_tokens, q.output_tokens,
@@ -140,17 +132,6 @@ def _stored_turn(row: asyncpg.Record) -> StoredTurn:
         code_interpreter=row["code_interpreter_enabled"],
         settled_tokens=row["settled_tokens"],
     )
-
-
-def _user_lock_key(user: UserKey) -> str:
-    return f"quota:{user[0]}:{user[1]}"
-
-
-async def lock_users(con: asyncpg.Connection, users: Iterable[UserKey]) -> None:
-    """The users' quota locks for the transaction (re-taking a held one does not wait)."""
-    keys = sorted({_user_lock_key(u) for u in users})
-    if keys:
-        await con.execute(_LOCK_USERS, keys)
 
 
 async def load_batch_state(con: asyncpg.Connection, commands: Sequence[Command]) -> BatchState:

@@ -18,27 +18,9 @@ from minichat.domain.quota import BucketKey, QuotaDelta
 from minichat.domain.settlement import USAGE_FIGURES, UsageFigures
 from minichat.domain.turns import AssistantMessage, TurnRecord
 from minichat.storage.db import Unnest, columns
+from minichat.storage.locks import RequestKey
 
 _RECORD_COLUMNS = tuple(f.name for f in dataclasses.fields(TurnRecord) if f.name != "usage")
-
-RequestKey = tuple[UUID, UUID]
-"""(chat_id, request_id): a turn, and the key its provider and usage events carry."""
-
-# Events of one request are serialised with the command that creates it: the turn-requests
-# agent takes the same locks before it decides and drains parked events, so an event is either
-# parked before the command's transaction or finds the turn after it. Everyone takes these
-# first, in one global order, before any row lock.
-_LOCK_REQUESTS = """
-SELECT pg_advisory_xact_lock(h)
-FROM (SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY h) AS keys
-"""
-
-
-async def lock_requests(con: asyncpg.Connection, keys: Iterable[RequestKey]) -> None:
-    texts = sorted({f"turn:{chat}:{request}" for chat, request in keys})
-    if texts:
-        await con.execute(_LOCK_REQUESTS, texts)
-
 
 _LOAD_TURNS = """
 SELECT t.*, k.tenant_id AS event_tenant, t.tenant_id = k.tenant_id AS same_tenant
@@ -213,17 +195,20 @@ async def update_message_usage(con: asyncpg.Connection, turns: Sequence[TurnReco
         await con.execute(_MESSAGE_USAGE, *columns(rows, 7))
 
 
-# Rows are locked in the one global key order every quota writer uses.
-_LOCK_QUOTA_ROWS = """
-SELECT q.id
-FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::date[], $5::text[])
-     AS k (tenant_id, user_id, period_type, period_start, bucket)
-JOIN quota_usage q USING (tenant_id, user_id, period_type, period_start, bucket)
-ORDER BY q.tenant_id, q.user_id, q.period_type, q.period_start, q.bucket
-FOR UPDATE OF q
-"""
-
+# One statement: the rows are locked in the one global key order every quota writer uses (the
+# materialised CTE, sorted before its FOR UPDATE), then updated.
 _APPLY_QUOTA_DELTAS = """
+WITH locked AS MATERIALIZED (
+    SELECT q.id, k.spent, k.reserved, k.calls, k.input_tokens, k.output_tokens, k.web_search_calls,
+           k.code_interpreter_calls, k.at
+    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::date[], $5::text[], $6::bigint[], $7::bigint[],
+                $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::timestamptz[])
+         AS k (tenant_id, user_id, period_type, period_start, bucket, spent, reserved, calls,
+               input_tokens, output_tokens, web_search_calls, code_interpreter_calls, at)
+    JOIN quota_usage q USING (tenant_id, user_id, period_type, period_start, bucket)
+    ORDER BY q.tenant_id, q.user_id, q.period_type, q.period_start, q.bucket
+    FOR UPDATE OF q
+)
 UPDATE quota_usage q SET
     spent_credits_micro = q.spent_credits_micro + k.spent,
     reserved_credits_micro = q.reserved_credits_micro + k.reserved,
@@ -233,12 +218,8 @@ UPDATE quota_usage q SET
     web_search_calls = q.web_search_calls + k.web_search_calls,
     code_interpreter_calls = q.code_interpreter_calls + k.code_interpreter_calls,
     updated_at = GREATEST(q.updated_at, k.at)
-FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::date[], $5::text[], $6::bigint[], $7::bigint[],
-            $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::timestamptz[])
-     AS k (tenant_id, user_id, period_type, period_start, bucket, spent, reserved, calls,
-           input_tokens, output_tokens, web_search_calls, code_interpreter_calls, at)
-WHERE q.tenant_id = k.tenant_id AND q.user_id = k.user_id AND q.period_type = k.period_type
-  AND q.period_start = k.period_start AND q.bucket = k.bucket
+FROM locked k
+WHERE q.id = k.id
 """
 
 QuotaSlot = tuple[UUID, UUID, BucketKey]
@@ -254,14 +235,13 @@ async def apply_quota_deltas(
     if not deltas:
         return
     slots = sorted(deltas, key=lambda s: (s[0], s[1], s[2]))
-    keys = [(t, u, k.period_type, k.period_start, k.bucket) for t, u, k in slots]
-    await con.execute(_LOCK_QUOTA_ROWS, *columns(keys, 5))
     rows = []
-    for (tenant, user, key), key_cols in zip(slots, keys, strict=True):
+    for tenant, user, key in slots:
         d, at = deltas[(tenant, user, key)]
         rows.append(
             (
-                *key_cols, d.spent_credits_micro, d.reserved_credits_micro, d.calls, d.input_tokens,
+                tenant, user, key.period_type, key.period_start, key.bucket,
+                d.spent_credits_micro, d.reserved_credits_micro, d.calls, d.input_tokens,
                 d.output_tokens, d.web_search_calls, d.code_interpreter_calls, at,
             )
         )  # fmt: skip
