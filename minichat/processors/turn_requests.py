@@ -64,7 +64,7 @@ class TurnRequests:
             for stage, seconds in stages.items():
                 self.metrics.observe("minichat_batch_stage_seconds", (seconds,), stage=stage, step="commands")
             answers.extend(result.answers)
-            outputs.extend(await self._drain_parked(con, result.answers))
+            outputs.extend(await self._drain_parked(con, result.answers, state.parked_requests))
             pending = pending[result.consumed :]
         return [self._decision(answer) for answer in answers] + outputs
 
@@ -76,12 +76,18 @@ class TurnRequests:
         outcomes = {key: recorded_outcome(payload) for key, payload in found.items()}
         return {key: outcome for key, outcome in outcomes.items() if outcome is not None}
 
-    async def _drain_parked(self, con: asyncpg.Connection, answers: Sequence[Answer]) -> list[Output]:
+    async def _drain_parked(
+        self, con: asyncpg.Connection, answers: Sequence[Answer], waiting: set[tuple[UUID, UUID]]
+    ) -> list[Output]:
+        """Apply the events parked for the turns these answers started. `waiting`: the (chat,
+        request) keys the state load found events for, under the same locks (nothing else is
+        parked for them before the drain), so most batches skip the statement."""
         keys = {
             (UUID(a.payload["tenant_id"]), UUID(a.payload["chat_id"]), UUID(a.payload["request_id"]))
             for a in answers
             if not a.replay and a.payload["command"] in ("turn.requested", "turn.retry", "turn.edit")
         }
+        keys = {key for key in keys if key[1:] in waiting}
         outputs: list[Output] = []
         while keys:
             parked = await unpark(con, keys, UNPARK_MAX)

@@ -58,29 +58,24 @@ CASE WHEN t.settled_at IS NULL THEN NULL
 
 # Per chat, a walk down `idx_chat_turns_chat_started` that stops at the first rows it needs: the
 # cost follows the batch, not the size of `chat_turns` (a join of every turn of the batch's chats
-# grew with each chat's history).
-_LOAD_LATEST_LIVE = f"""
-SELECT {_TURN_COLUMNS}, '' AS content
+# grew with each chat's history). The latest live turn and the latest two settled ones, in one
+# round trip.
+_LOAD_LATEST = f"""
+SELECT t.kind, {_TURN_COLUMNS}, '' AS content
 FROM unnest($1::uuid[], $2::uuid[]) AS k (tenant_id, chat_id)
 CROSS JOIN LATERAL (
-    SELECT * FROM chat_turns c
-    WHERE c.chat_id = k.chat_id AND c.tenant_id = k.tenant_id AND c.deleted_at IS NULL
-    ORDER BY c.started_at DESC, c.id DESC
-    LIMIT 1
+    (SELECT 'live' AS kind, c.* FROM chat_turns c
+     WHERE c.chat_id = k.chat_id AND c.tenant_id = k.tenant_id AND c.deleted_at IS NULL
+     ORDER BY c.started_at DESC, c.id DESC
+     LIMIT 1)
+    UNION ALL
+    (SELECT 'settled' AS kind, c.* FROM chat_turns c
+     WHERE c.chat_id = k.chat_id AND c.tenant_id = k.tenant_id
+       AND c.deleted_at IS NULL AND c.settled_at IS NOT NULL
+     ORDER BY c.started_at DESC, c.id DESC
+     LIMIT 2)
 ) t
-"""
-
-_LOAD_SETTLED = f"""
-SELECT {_TURN_COLUMNS}, '' AS content
-FROM unnest($1::uuid[], $2::uuid[]) AS k (tenant_id, chat_id)
-CROSS JOIN LATERAL (
-    SELECT * FROM chat_turns c
-    WHERE c.chat_id = k.chat_id AND c.tenant_id = k.tenant_id
-      AND c.deleted_at IS NULL AND c.settled_at IS NOT NULL
-    ORDER BY c.started_at DESC, c.id DESC
-    LIMIT 2
-) t
-ORDER BY t.chat_id, t.started_at DESC, t.id DESC
+ORDER BY t.chat_id, t.kind, t.started_at DESC, t.id DESC
 """
 
 # The mutation targets are locked first: the provider and usage agents lock a turn before its
@@ -108,6 +103,9 @@ FROM unnest($1::uuid[], $2::uuid[]) AS k (chat_id, request_id)
 JOIN parked_events p ON p.chat_id = k.chat_id AND p.request_id = k.request_id
 """
 
+# Under the user locks (storage/locks.py), the user's existing rows are locked too, in the one
+# global key order of every quota writer: whoever changes a row without the user lock still
+# excludes an admission reading it.
 _LOAD_QUOTA = """
 SELECT q.tenant_id, q.user_id, q.period_type, q.period_start, q.bucket,
        q.spent_credits_micro, q.reserved_credits_micro, q.calls, q.input_tokens, q.output_tokens,
@@ -187,12 +185,13 @@ async def _load_latest_turns(
 ) -> None:
     """Each chat's latest live turn and its latest two settled ones."""
     tenants, chat_ids = [t for t, _ in pairs], [c for _, c in pairs]
-    for row in await con.fetch(_LOAD_LATEST_LIVE, tenants, chat_ids):
+    for row in await con.fetch(_LOAD_LATEST, tenants, chat_ids):
         view = views[row["chat_id"]]
-        view.latest_live = _stored_turn(row)
-        view.running = row["state"] == "running"
-    for row in await con.fetch(_LOAD_SETTLED, tenants, chat_ids):
-        views[row["chat_id"]].settled.append(_stored_turn(row))
+        if row["kind"] == "live":
+            view.latest_live = _stored_turn(row)
+            view.running = row["state"] == "running"
+        else:  # newest first
+            view.settled.append(_stored_turn(row))
 
 
 async def _load_decisions(

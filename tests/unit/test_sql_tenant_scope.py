@@ -236,7 +236,7 @@ def test_statements_are_found() -> None:
     assert len(statements) >= 30
     # f-strings and `.format()` results are checked as they run, not as templates
     names = {s.key for s in statements}
-    assert ("turn_requests", "_LOAD_LATEST_LIVE") in names
+    assert ("turn_requests", "_LOAD_LATEST") in names
     assert ("watchdog", "_MARK_ORPHAN_SENT") in names
     [mark] = [s for s in statements if s.key == ("watchdog", "_MARK_ORPHAN_SENT")]
     assert "SET orphan_sent_at" in mark.sql
