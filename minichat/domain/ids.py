@@ -3,6 +3,7 @@ the same ids the live worker did (never a random one for anything stored or sent
 
 from __future__ import annotations
 
+from functools import lru_cache
 from uuid import UUID, uuid5
 
 from minichat.domain.quota import BucketKey
@@ -10,7 +11,10 @@ from minichat.domain.quota import BucketKey
 ID_NAMESPACE = UUID("9adf340e-8e36-5009-a11f-afe188bf1e3a")
 
 
+@lru_cache(maxsize=65536)
 def turn_id_for(chat_id: UUID, request_id: UUID) -> UUID:
+    """Cached: a turn's decision and its row both derive it (uuid5 is SHA-1 and a UUID built in
+    Python, about 5 % of a batch's CPU before)."""
     return uuid5(ID_NAMESPACE, f"turn:{chat_id}:{request_id}")
 
 

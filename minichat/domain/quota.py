@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date
+from functools import lru_cache
 from typing import Literal
 
 from minichat.domain.estimation import Reserve, reserve_for
@@ -98,8 +99,10 @@ def buckets_for(tier: Tier) -> tuple[str, ...]:
     return (BUCKET_TOTAL, BUCKET_PREMIUM) if tier == "premium" else (BUCKET_TOTAL,)
 
 
+@lru_cache(maxsize=1024)
 def bucket_keys(periods: Periods, tier: Tier) -> tuple[BucketKey, ...]:
-    """The 2 (standard) or 4 (premium) rows a turn reserves and settles on, in lock order."""
+    """The 2 (standard) or 4 (premium) rows a turn reserves and settles on, in lock order.
+    Cached: every reserve and settlement asks, and a day has one answer per tier."""
     buckets = buckets_for(tier)
     daily = [BucketKey("daily", periods.daily, bucket) for bucket in buckets]
     monthly = [BucketKey("monthly", periods.monthly, bucket) for bucket in buckets]
