@@ -36,8 +36,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 
 from minichat.models.topics import TopicNames
-from minichat.processors.assignor import CoPartitionedAssignor
 from minichat.processors.batches import MergedBatches
+from minichat.processors.clients import input_consumer, offsets_client, output_producer
 from minichat.processors.errors import RetryPolicy, with_retries
 from minichat.processors.flights import Flights
 from minichat.processors.merge import LaneKey, OrderedMerge
@@ -112,55 +112,10 @@ class OrderedEngine:
 
     # ------------------------------------------------------------------------------ lifecycle
 
-    def _new_consumer(self) -> AIOKafkaConsumer:
-        s = self.settings
-        return AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap_servers,
-            group_id=s.group_id,
-            client_id=f"{s.group_id}-engine",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            partition_assignment_strategy=(CoPartitionedAssignor,),
-            session_timeout_ms=round(s.session_timeout_s * 1000),
-            heartbeat_interval_ms=round(s.heartbeat_interval_s * 1000),
-            max_poll_interval_ms=max(300_000, round(s.retry_give_up_s * 2000)),
-            fetch_max_bytes=s.fetch_max_bytes,
-            max_partition_fetch_bytes=s.max_partition_fetch_bytes,
-            fetch_max_wait_ms=s.fetch_max_wait_ms,
-            key_deserializer=None,
-            value_deserializer=None,
-        )
-
-    def _new_offsets_client(self) -> AIOKafkaConsumer:
-        """A consumer that never fetches, for the end offsets of empty partitions: the broker
-        answers one connection's requests in order, so on the fetching consumer's connection a
-        ListOffsets waits behind the fetch in flight (up to `fetch_max_wait_ms`)."""
-        s = self.settings
-        return AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap_servers,
-            group_id=None,
-            client_id=f"{s.group_id}-engine-offsets",
-            enable_auto_commit=False,
-        )
-
-    def _new_producer(self) -> AIOKafkaProducer:
-        """Idempotent, and patient: while the broker is away aiokafka retries a batch with its
-        sequence numbers (the broker drops a copy it already wrote) until `retry_give_up_s`,
-        rather than failing it to a retry of ours, which could write a decision twice."""
-        s = self.settings
-        return AIOKafkaProducer(
-            bootstrap_servers=s.kafka_bootstrap_servers,
-            client_id=f"{s.group_id}-engine",
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=0,
-            request_timeout_ms=max(30_000, round(s.retry_give_up_s * 1000)),
-        )
-
     async def run(self) -> None:
-        consumer = self._consumer = self._new_consumer()
-        offsets = self._offsets = self._new_offsets_client()
-        producer = self._producer = self._new_producer()
+        consumer = self._consumer = input_consumer(self.settings)
+        offsets = self._offsets = offsets_client(self.settings)
+        producer = self._producer = output_producer(self.settings)
         consumer.subscribe(self.topics, listener=_Listener(self))
         async with contextlib.AsyncExitStack() as stack:
             for client in (producer, offsets):
