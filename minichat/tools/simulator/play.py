@@ -89,7 +89,9 @@ class PlanRun:
         self, event: Command, state: _ChatState, *, duplicate: bool = False
     ) -> dict[str, Any] | None:
         """Send a command through the client and return its decision; a duplicate is the same
-        command sent again, which must be answered with the stored decision (`replay: true`)."""
+        command sent again, which must be answered with the stored decision (`replay: true`). The
+        first answer may itself say `replay: true`: a worker that died between committing a
+        decision and producing it re-sends it on restart, and that re-send is the first answer."""
         timeout = self.options.step_timeout
         try:
             answer = await self.client.send_command(event, timeout_s=timeout)
@@ -107,10 +109,10 @@ class PlanRun:
                 self.problem(f"no replayed decision for a duplicate {event.type}")
                 return decision
             self.stats[f"sent {TURN_REQUESTS}"] += 1
-            if not again.get("replay") or {**again, "replay": False} != decision:
-                self.problem(
-                    f"the decision re-sent for a duplicate {event.type} is not a replay of the first"
-                )
+            if not again.get("replay"):
+                self.problem(f"a duplicate {event.type} was decided again (`replay: false`)")
+            elif {**again, "replay": False} != {**decision, "replay": False}:
+                self.problem(f"the decision re-sent for a duplicate {event.type} differs from the first")
             else:
                 self.stats["replayed decisions"] += 1
         return decision
