@@ -195,16 +195,19 @@ async def update_message_usage(con: asyncpg.Connection, turns: Sequence[TurnReco
         await con.execute(_MESSAGE_USAGE, *columns(rows, 7))
 
 
+_QUOTA_DELTAS = Unnest.of(
+    "tenant_id uuid", "user_id uuid", "period_type text", "period_start date", "bucket text",
+    "spent bigint", "reserved bigint", "calls bigint", "input_tokens bigint", "output_tokens bigint",
+    "web_search_calls bigint", "code_interpreter_calls bigint", "at timestamptz",
+)  # fmt: skip
+
 # One statement: the rows are locked in the one global key order every quota writer uses (the
 # materialised CTE, sorted before its FOR UPDATE), then updated.
-_APPLY_QUOTA_DELTAS = """
+_APPLY_QUOTA_DELTAS = f"""
 WITH locked AS MATERIALIZED (
     SELECT q.id, k.spent, k.reserved, k.calls, k.input_tokens, k.output_tokens, k.web_search_calls,
            k.code_interpreter_calls, k.at
-    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::date[], $5::text[], $6::bigint[], $7::bigint[],
-                $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::timestamptz[])
-         AS k (tenant_id, user_id, period_type, period_start, bucket, spent, reserved, calls,
-               input_tokens, output_tokens, web_search_calls, code_interpreter_calls, at)
+    FROM {_QUOTA_DELTAS.source}
     JOIN quota_usage q USING (tenant_id, user_id, period_type, period_start, bucket)
     ORDER BY q.tenant_id, q.user_id, q.period_type, q.period_start, q.bucket
     FOR UPDATE OF q
@@ -245,7 +248,7 @@ async def apply_quota_deltas(
                 d.output_tokens, d.web_search_calls, d.code_interpreter_calls, at,
             )
         )  # fmt: skip
-    status = await con.execute(_APPLY_QUOTA_DELTAS, *columns(rows, 13))
+    status = await con.execute(_APPLY_QUOTA_DELTAS, *_QUOTA_DELTAS.params(rows))
     if int(status.split()[-1]) != len(rows):
         raise MissingQuotaRow(f"settlement touched {status.split()[-1]} of {len(rows)} quota rows")
 
