@@ -82,12 +82,12 @@ class TurnRequests:
         """Apply the events parked for the turns these answers started. `waiting`: the (chat,
         request) keys the state load found events for, under the same locks (nothing else is
         parked for them before the drain), so most batches skip the statement."""
-        keys = {
+        started = (
             (UUID(a.payload["tenant_id"]), UUID(a.payload["chat_id"]), UUID(a.payload["request_id"]))
             for a in answers
             if not a.replay and a.payload["command"] in ("turn.requested", "turn.retry", "turn.edit")
-        }
-        keys = {key for key in keys if key[1:] in waiting}
+        )
+        keys = {key for key in started if key[1:] in waiting}
         outputs: list[Output] = []
         while keys:
             parked = await unpark(con, keys, UNPARK_MAX)
