@@ -359,7 +359,10 @@ def _admitted(
         reserve_tokens=reserve.reserve_tokens,
         reserved_credits_micro=reserve.credits_micro,
         minimal_generation_floor_applied=policy.estimation.minimal_generation_floor,
-        **inputs._asdict(),
+        content=inputs.content,
+        image_count=inputs.image_count,
+        web_search=inputs.web_search,
+        code_interpreter=inputs.code_interpreter,
         reserve_deltas=tuple((key, reserve.credits_micro) for key in bucket_keys(periods, effective.tier)),
     )
 
@@ -398,6 +401,9 @@ def _as_recorded(
         reserve_tokens=recorded.reserve_tokens,
         reserved_credits_micro=credits,
         minimal_generation_floor_applied=policy.estimation.minimal_generation_floor,
-        **inputs._asdict(),
+        content=inputs.content,
+        image_count=inputs.image_count,
+        web_search=inputs.web_search,
+        code_interpreter=inputs.code_interpreter,
         reserve_deltas=tuple((key, credits) for key in bucket_keys(periods, tier)),
     )

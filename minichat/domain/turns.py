@@ -10,6 +10,7 @@ each record once (by offset), an orphan signal applies only to the progress it s
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Literal
@@ -96,10 +97,10 @@ class TurnRecord:
 
     def evolve(self, **changes: Any) -> TurnRecord:
         """`dataclasses.replace`, without its per-call field introspection: a turn changes several
-        times per event on the hot path."""
-        new = object.__new__(TurnRecord)
-        for name in _TURN_FIELDS:
-            object.__setattr__(new, name, changes[name] if name in changes else getattr(self, name))
+        times per event on the hot path. (A name that is not a field raises AttributeError.)"""
+        new = _copy_turn(self)
+        for name, value in changes.items():
+            _set(new, name, value)
         return new
 
     @property
@@ -144,6 +145,28 @@ class TurnRecord:
 
 
 _TURN_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TurnRecord))
+_set = object.__setattr__
+
+
+def _compile_builder(signature: str, read: Callable[[str], str]) -> Callable[..., TurnRecord]:
+    """A function that builds a turn field by field in straight-line code, the way `dataclasses`
+    writes `__init__` (a loop over the field names cost twice as much; a turn is built several
+    times per event). `read` gives each field's expression."""
+    name = signature.partition("(")[0]
+    lines = [f"def {signature}:", "    new = _new(TurnRecord)"]
+    lines += [f"    _set(new, {field!r}, {read(field)})" for field in _TURN_FIELDS]
+    lines.append("    return new")
+    scope: dict[str, Any] = {"_new": object.__new__, "_set": _set, "TurnRecord": TurnRecord}
+    exec("\n".join(lines), scope)
+    built: Callable[..., TurnRecord] = scope[name]
+    return built
+
+
+_copy_turn = _compile_builder("copy_turn(turn)", lambda field: f"turn.{field}")
+turn_from_columns: Callable[[Any, UsageFigures | None], TurnRecord] = _compile_builder(
+    "turn_from_columns(row, usage)", lambda field: "usage" if field == "usage" else f"row[{field!r}]"
+)
+"""A turn from a stored row, whose columns are named as the fields (`row[name]`), and its usage."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,11 +9,10 @@ every re-publish.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import NamedTuple
 from uuid import UUID
 
 import asyncpg
@@ -22,12 +21,12 @@ from minichat.models.events import UsageAdjusted, UsageSettled
 
 
 class OutboxEntry(NamedTuple):
-    """One event for billing; `payload` must be JSON-ready (`model_dump(mode="json")`)."""
+    """One event for billing; `payload` is its JSON text (stored as jsonb)."""
 
     tenant_id: UUID
     dedupe_key: str
     event_type: str
-    payload: Mapping[str, Any]
+    payload: str
     created_at: datetime
 
 
@@ -48,7 +47,7 @@ def outbox_entry(event: UsageSettled | UsageAdjusted) -> OutboxEntry:
         tenant_id=event.tenant_id,
         dedupe_key=event.dedupe_key,
         event_type=event.type,
-        payload=event.model_dump(mode="json"),
+        payload=event.model_dump_json(),
         created_at=event.settled_at,
     )
 
@@ -90,7 +89,7 @@ async def insert_outbox(con: asyncpg.Connection, rows: Sequence[OutboxEntry]) ->
         [r.tenant_id for r in rows],
         [r.dedupe_key for r in rows],
         [r.event_type for r in rows],
-        [json.dumps(r.payload, ensure_ascii=False, allow_nan=False) for r in rows],
+        [r.payload for r in rows],
         [r.created_at for r in rows],
     )
     return int(status.rsplit(" ", 1)[-1])

@@ -5,7 +5,6 @@ All functions run inside the caller's transaction and carry the tenant.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,11 +15,9 @@ import asyncpg
 
 from minichat.domain.quota import BucketKey, QuotaDelta
 from minichat.domain.settlement import USAGE_FIGURES, UsageFigures
-from minichat.domain.turns import AssistantMessage, TurnRecord
+from minichat.domain.turns import AssistantMessage, TurnRecord, turn_from_columns
 from minichat.storage.db import Unnest, columns
 from minichat.storage.locks import RequestKey
-
-_RECORD_COLUMNS = tuple(f.name for f in dataclasses.fields(TurnRecord) if f.name != "usage")
 
 _LOAD_TURNS = """
 SELECT t.*, k.tenant_id AS event_tenant, t.tenant_id = k.tenant_id AS same_tenant
@@ -49,8 +46,8 @@ def _record(row: asyncpg.Record) -> TurnRecord:
     """A `chat_turns` row as the turn record: its columns are named as the record's fields."""
     usage = None
     if row["input_tokens"] is not None:
-        usage = UsageFigures(**{name: row[name] for name in USAGE_FIGURES})
-    return TurnRecord(usage=usage, **{name: row[name] for name in _RECORD_COLUMNS})
+        usage = UsageFigures(*map(row.__getitem__, USAGE_FIGURES))
+    return turn_from_columns(row, usage)
 
 
 async def load_turns(
