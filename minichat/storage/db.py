@@ -63,7 +63,7 @@ def columns(rows: Iterable[tuple[object, ...]], width: int) -> list[list[object]
         return [[] for _ in range(width)]
     if set(map(len, rows)) != {width}:  # builtins only: a batch has thousands of rows
         raise ValueError(f"a row is not {width} values wide")
-    return list(map(list, zip(*rows)))
+    return list(map(list, zip(*rows, strict=True)))
 
 
 @dataclass(frozen=True)
