@@ -155,7 +155,6 @@ class StoredDecision:
     chat_id: UUID
     command_id: UUID
     decision: TurnDecision
-    payload: dict[str, Any]
 
 
 @dataclass(slots=True)
@@ -313,7 +312,7 @@ def _store(
     if key not in state.decisions:  # a decision is final: the first one stays stored
         state.decisions[key] = payload
         changes.decisions.append(
-            StoredDecision(event.tenant_id, event.chat_id, command_id, decision, payload)
+            StoredDecision(event.tenant_id, event.chat_id, command_id, decision)
         )
     return payload
 

@@ -343,11 +343,13 @@ SET reserved_credits_micro = quota_usage.reserved_credits_micro + EXCLUDED.reser
 
 _DECISIONS = Unnest.of(
     "tenant_id uuid", "chat_id uuid", "command_id uuid", "command text", "command_event_id uuid",
-    "request_id uuid", "decision text", "error_code text", "payload jsonb", "decided_at timestamptz",
+    "request_id uuid", "decision text", "error_code text", "payload text", "decided_at timestamptz",
 )  # fmt: skip
+"""`payload` goes in as the decision's JSON text (pydantic's serializer, in Rust), cast to jsonb:
+the pool's jsonb codec would run `json.dumps` on the dict in Python instead."""
 _INSERT_DECISIONS = f"""
 INSERT INTO turn_decisions ({_DECISIONS.names})
-SELECT {_DECISIONS.names} FROM {_DECISIONS.source}
+SELECT {_DECISIONS.names.replace("payload", "payload::jsonb")} FROM {_DECISIONS.source}
 ON CONFLICT (chat_id, command_id) DO NOTHING
 """
 
@@ -390,7 +392,7 @@ async def _insert_decisions(con: asyncpg.Connection, decisions: Sequence[StoredD
     rows = (
         (
             d.tenant_id, d.chat_id, d.command_id, d.decision.command, d.decision.command_event_id,
-            d.decision.request_id, d.decision.decision, d.decision.error_code, d.payload,
+            d.decision.request_id, d.decision.decision, d.decision.error_code, d.decision.model_dump_json(),
             d.decision.decided_at,
         )
         for d in decisions
