@@ -311,9 +311,7 @@ def _store(
     key = (event.chat_id, command_id)
     if key not in state.decisions:  # a decision is final: the first one stays stored
         state.decisions[key] = payload
-        changes.decisions.append(
-            StoredDecision(event.tenant_id, event.chat_id, command_id, decision)
-        )
+        changes.decisions.append(StoredDecision(event.tenant_id, event.chat_id, command_id, decision))
     return payload
 
 
