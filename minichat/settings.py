@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     # lanes, and what one batch takes. README "Memory" states the worker's bound from these.
     input_buffer_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024 * 1024)
     batch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024 * 1024)
+    # A batch of at least `apply_parallel_min` records is applied as up to `apply_parallel` groups
+    # that share no chat and no user, each in its own concurrent transaction (the positions are
+    # stored once all committed): the worker's Python runs while PostgreSQL works. 1: never.
+    apply_parallel: int = Field(default=2, ge=1, le=8)
+    apply_parallel_min: int = Field(default=256, ge=2)
     order_grace_ms: int = Field(default=5, ge=0, le=60_000)
     produce_in_flight: int = Field(default=4, ge=1, le=64)
     fetch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024 * 1024)

@@ -25,7 +25,7 @@ from minichat.domain.commands import command_id_of
 from minichat.models import events
 from minichat.models.events import DecodeError, TurnDelete, TurnEdit, TurnRequestEvent, TurnRetry
 from minichat.models.topics import TopicNames
-from minichat.processors.levels import plan_steps
+from minichat.processors.levels import plan_steps, split_disjoint
 from minichat.processors.metrics import Metrics
 from minichat.processors.pipeline import Decoded, Handler, dead_letter_for, refused_detail
 from minichat.processors.records import LOG_APPEND_TIME, Output, SourceRecord
@@ -128,6 +128,27 @@ class MergedBatches:
             handler = self.turn_requests if step.kind == COMMAND else self.turn_events
             outputs.extend(await handler(con, step.items))
         return outputs
+
+    async def split(
+        self, con: asyncpg.Connection, good: Sequence[Decoded[Any]], parts: int
+    ) -> list[list[Decoded[Any]]]:
+        """Groups of `good` that share no chat and no user (`levels.split_disjoint`): applied in
+        concurrent transactions they end as the batch applied in one, and wait on no lock of each
+        other. A user is every requester and every chat's owner, whichever partition it is on.
+        Read outside the batch's transactions: an owner never changes, and a chat created meanwhile
+        is created by a command of this batch, which its chat key already joins."""
+        owners = await chat_owners(con, {(d.event.tenant_id, d.event.chat_id) for d in good})
+
+        def keys(d: Decoded[Any]) -> Iterable[Hashable]:
+            event = d.event
+            yield event.chat_id.int
+            if d.record.topic == self.topics.turn_requests:
+                yield (event.tenant_id.int, event.user_id.int)
+            owner = owners.get(event.chat_id)
+            if owner is not None:
+                yield (owner[0].int, owner[1].int)
+
+        return split_disjoint(good, keys, parts)
 
     def count_applied(self, good: Sequence[Decoded[Any]], dead: int) -> None:
         by_topic: dict[str, int] = {}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -38,10 +39,11 @@ from aiokafka.errors import KafkaError
 from minichat.models.topics import TopicNames
 from minichat.processors.batches import MergedBatches
 from minichat.processors.clients import input_consumer, offsets_client, output_producer
-from minichat.processors.errors import RetryPolicy, with_retries
+from minichat.processors.errors import Action, RetryPolicy, classify, with_retries
 from minichat.processors.flights import Flights
 from minichat.processors.merge import LaneKey, OrderedMerge
 from minichat.processors.pipeline import Decoded, isolating
+from minichat.processors.progress import ProgressReport
 from minichat.processors.records import Output, SourceRecord, source_record
 from minichat.settings import Settings
 from minichat.storage.coordination import PositionConflict, claim_positions, load_positions, store_positions
@@ -52,7 +54,6 @@ logger = logging.getLogger(__name__)
 RESUMED = "engine resumed:"
 """Logged once a rebalance handed this worker its partitions and they resumed (tests wait on it)."""
 STALL_REPORT_S = 10.0
-PROGRESS_REPORT_S = 30.0
 
 FETCH_PACE_S = 0.01
 """While a batch is applied, the fetch task takes records at most this often. Each take lets
@@ -97,8 +98,7 @@ class OrderedEngine:
         self._flights = Flights(lambda: self._producer, batches.metrics, self.retry, on_fatal)
         self._stopping = False
         self._blocking: dict[LaneKey, float] = {}
-        self._progress_at = time.monotonic()
-        self._progress_batches = self._progress_records = self._progress_steps = 0
+        self._progress = ProgressReport(batches.metrics)
         self._stall_reported = 0.0
         self._consumer: AIOKafkaConsumer | None = None
         self._started = False
@@ -193,7 +193,7 @@ class OrderedEngine:
         if blocked:
             await self._refresh_frontiers(consumer, blocked, self._generation)
         self._report_stall(blocked)
-        self._report_progress()
+        self._progress.maybe_log()
         self._arrived.clear()
         # A rebalance (it re-opens every lane) voids what this step takes out from here on.
         generation = self._generation
@@ -231,44 +231,6 @@ class OrderedEngine:
             self._stall_reported = now
             lanes = ", ".join(f"{t}[{p}]@{self.merge.next_offset(t, p)}" for t, p in stuck)
             logger.warning("records held back for %.0f s or more, waiting for: %s", STALL_REPORT_S, lanes)
-
-    def _report_progress(self) -> None:
-        """One INFO line every `PROGRESS_REPORT_S` while records flow: batches, their size and steps."""
-        now = time.monotonic()
-        if now - self._progress_at < PROGRESS_REPORT_S:
-            return
-        m = self.batches.metrics
-        batches = m.value("minichat_batches_total", agent="engine")
-        records = m.value("minichat_batch_records_total")
-        steps = m.value("minichat_batch_steps_total")
-        done = batches - self._progress_batches
-        if done:
-            logger.info(
-                "applied %d records in %d batches (%.0f records, %.1f steps a batch) in the last %.0f s",
-                records - self._progress_records,
-                done,
-                (records - self._progress_records) / done,
-                (steps - self._progress_steps) / done,
-                now - self._progress_at,
-            )
-            logger.info("since start, p50/p99 ms: %s", self._stage_quantiles())
-        self._progress_at, self._progress_batches = now, batches
-        self._progress_records, self._progress_steps = records, steps
-
-    def _stage_quantiles(self) -> str:
-        m = self.batches.metrics
-        stages = {
-            "record wait": ("minichat_record_wait_seconds", {}),
-            "transaction": ("minichat_batch_seconds", {"stage": "transaction"}),
-            "produce": ("minichat_batch_seconds", {"stage": "produce"}),
-            "decision": ("minichat_decision_seconds", {}),
-        }
-        parts = []
-        for label, (name, labels) in stages.items():
-            p50, p99 = m.quantile(name, 0.5, **labels), m.quantile(name, 0.99, **labels)
-            if p50 is not None and p99 is not None:
-                parts.append(f"{label} <={p50 * 1000:g}/<={p99 * 1000:g}")
-        return ", ".join(parts)
 
     def _pace(self, consumer: AIOKafkaConsumer) -> None:
         """Bound what waits in the lanes: a lane holding `lane_buffer_max` records pauses its
@@ -333,12 +295,13 @@ class OrderedEngine:
         good = [d for i in run if isinstance(d := decoded[i], Decoded)]
         dead = [d for i in run if isinstance(d := decoded[i], Output)]
         offsets = _next_offsets(records[i] for i in run)
-
-        async def apply(con: asyncpg.Connection) -> list[Output]:
-            return await self.batches.apply(con, good)
-
         began = time.monotonic()
-        outputs = await self._transaction(offsets, apply)
+        groups = await self._split(good)
+        if len(groups) > 1:
+            outputs = await self._apply_groups(offsets, groups)
+            await self._transaction(offsets, _nothing)  # the positions, once every group committed
+        else:
+            outputs = await self._transaction(offsets, functools.partial(self.batches.apply, good=good))
         if self.settings.fault_exit_after_commit and any(
             d.record.topic == self.names.turn_requests for d in good
         ):
@@ -351,6 +314,43 @@ class OrderedEngine:
         commands = [records[i].timestamp_ms for i in run if records[i].topic == self.names.turn_requests]
         self._flights.send(dead + outputs, offsets, commands)
 
+    async def _split(self, good: list[Decoded[Any]]) -> list[list[Decoded[Any]]]:
+        """The batch as groups that share no chat and no user (one group: not split)."""
+        parts = self.settings.apply_parallel
+        if parts < 2 or len(good) < self.settings.apply_parallel_min:
+            return [good]
+
+        async def read() -> list[list[Decoded[Any]]]:
+            pool = await self.pool()
+            async with pool.acquire() as con:
+                return await self.batches.split(con, good, parts)
+
+        groups = await with_retries(
+            "engine split", read, self.retry, dependency="PostgreSQL", on_retry=self._count_retry
+        )
+        self.batches.metrics.inc("minichat_batch_groups_total", len(groups))
+        return groups
+
+    async def _apply_groups(
+        self, offsets: dict[LaneKey, int], groups: list[list[Decoded[Any]]]
+    ) -> list[Output]:
+        """Each group in its own transaction, all at once: while one waits for PostgreSQL the
+        others' Python runs. They claim the positions shared and store none; a crash before the
+        positions are stored re-applies the batch, as a crash before any commit would (what
+        committed is a no-op the second time, its decisions re-sent as replays). A record
+        PostgreSQL refuses fails its group, and the whole run goes back to `isolating`."""
+        results = await asyncio.gather(
+            *(
+                self._transaction(offsets, functools.partial(self.batches.apply, good=g), store=False)
+                for g in groups
+            ),
+            return_exceptions=True,
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise next((e for e in failed if classify(e) is not Action.ISOLATE), failed[0])
+        return [out for r in results if not isinstance(r, BaseException) for out in r]
+
     async def _refuse(self, record: SourceRecord, exc: BaseException) -> None:
         """Move the positions past a record the database refused; its dead letter says why."""
         logger.warning(
@@ -361,31 +361,36 @@ class OrderedEngine:
             type(exc).__name__,
         )
         offsets = _next_offsets((record,))
-
-        async def nothing(con: asyncpg.Connection) -> list[Output]:
-            return []
-
-        await self._transaction(offsets, nothing)
+        await self._transaction(offsets, _nothing)
         self.batches.metrics.inc("minichat_records_refused_total", topic=self.batches.label(record.topic))
         self.batches.count_applied((), 1)
         self._flights.send([self.batches.refused(record, exc)], offsets, [])
 
     async def _transaction(
-        self, offsets: dict[LaneKey, int], apply: Callable[[asyncpg.Connection], Awaitable[list[Output]]]
+        self,
+        offsets: dict[LaneKey, int],
+        apply: Callable[[asyncpg.Connection], Awaitable[list[Output]]],
+        *,
+        store: bool = True,
     ) -> list[Output]:
+        """Claim the positions, apply, store the positions after `offsets`: one unit. Without
+        `store` (a group of a split batch) the claim is shared and nothing is stored."""
         expected = {lane: self.positions.get(lane) for lane in offsets}
 
         async def attempt() -> list[Output]:
             pool = await self.pool()
             async with pool.acquire() as con, con.transaction():
-                await claim_positions(con, self.settings.group_id, expected)
+                await claim_positions(con, self.settings.group_id, expected, shared=not store)
                 outputs = await apply(con)
-                await store_positions(con, self.settings.group_id, offsets)
+                if store:
+                    await store_positions(con, self.settings.group_id, offsets)
                 return outputs
 
         outputs = await with_retries(
             "engine batch", attempt, self.retry, dependency="PostgreSQL", on_retry=self._count_retry
         )
+        if not store:
+            return outputs
         for lane, next_offset in offsets.items():
             previous = self.positions.get(lane)
             self.positions[lane] = next_offset if previous is None else max(previous, next_offset)
@@ -457,6 +462,10 @@ class OrderedEngine:
                 self.paused.discard(lane)
             logger.info("%s[%d]: resuming at %d (stored %s, committed %s)", *lane, start, position, done)
         self._generation += 1  # what a step took out of the lanes before they opened is void
+
+
+async def _nothing(con: asyncpg.Connection) -> list[Output]:
+    return []
 
 
 def _next_offsets(records: Iterable[SourceRecord]) -> dict[LaneKey, int]:

@@ -6,6 +6,10 @@ record may move ahead of earlier records of the other kind only when it cannot i
 them: it shares no *conflict key* with them (the chat; and the owner's quota rows, for commands that
 reserve and facts that can settle). Records that share a key keep their merged order across steps,
 and each handler folds its step in order, so the batch ends exactly as if applied one by one.
+
+A big batch is also split into groups that share no key at all (`split_disjoint`), which the
+engine applies in concurrent transactions: one group's Python runs while the other's statements
+wait for PostgreSQL.
 """
 
 from __future__ import annotations
@@ -43,3 +47,43 @@ def plan_steps(
         for k in item_keys:
             last[k] = max(last.get(k, 0), index)
     return steps
+
+
+def split_disjoint(items: Sequence[T], keys: Callable[[T], Iterable[Hashable]], parts: int) -> list[list[T]]:
+    """At most `parts` groups that share no key, each in the items' order: items connected by a
+    key, directly or through other items, stay in one group (a connected component). Components
+    go largest first to the smallest group. Applied separately, in any interleaving, the groups end
+    as the items applied one by one: nothing of one group reads or writes what the other's do."""
+    parent: dict[Hashable, Hashable] = {}
+
+    def root(key: Hashable) -> Hashable:
+        top = parent.setdefault(key, key)
+        while top != parent[top]:
+            top = parent[top]
+        while key != top:  # path compression
+            parent[key], key = top, parent[key]
+        return top
+
+    firsts: list[Hashable] = []
+    for item in items:
+        item_keys = iter(keys(item))
+        first = root(next(item_keys))
+        for key in item_keys:
+            other = root(key)
+            if other != first:
+                parent[other] = first
+        firsts.append(first)
+    components: dict[Hashable, int] = {}
+    for first in firsts:
+        top = root(first)
+        components[top] = components.get(top, 0) + 1
+    sizes = [0] * max(1, min(parts, len(components)))
+    group_of: dict[Hashable, int] = {}
+    for top, size in sorted(components.items(), key=lambda c: -c[1]):
+        smallest = sizes.index(min(sizes))
+        group_of[top] = smallest
+        sizes[smallest] += size
+    groups: list[list[T]] = [[] for _ in sizes]
+    for item, first in zip(items, firsts, strict=True):
+        groups[group_of[root(first)]].append(item)
+    return [g for g in groups if g]

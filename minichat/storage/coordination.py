@@ -31,6 +31,7 @@ WHERE p.group_id = $1
 """
 
 _LOCK: Final = _LOAD + "ORDER BY p.topic, p.partition\nFOR UPDATE OF p"
+_SHARE: Final = _LOAD + "ORDER BY p.topic, p.partition\nFOR SHARE OF p"
 
 _UPSERT: Final = """
 INSERT INTO consumer_positions AS p (group_id, topic, partition, next_offset)
@@ -63,14 +64,22 @@ async def load_positions(
 
 
 async def claim_positions(
-    con: asyncpg.Connection, group_id: str, expected: Mapping[TopicPartitionKey, int | None]
+    con: asyncpg.Connection,
+    group_id: str,
+    expected: Mapping[TopicPartitionKey, int | None],
+    *,
+    shared: bool = False,
 ) -> None:
     """Lock the batch's position rows and check they still say what this worker last read or
     wrote (None: no row). Two workers that both believe they own a partition (a rebalance racing
-    a slow batch) serialise here, and the later one finds the row moved and backs off."""
+    a slow batch) serialise here, and the later one finds the row moved and backs off.
+
+    `shared`: for the concurrent groups of one batch, which store no position (the batch's own
+    exclusive claim stores them once every group committed). Another worker's exclusive claim
+    waits for all of them, and one that came first makes them find the rows moved."""
     if not expected:
         return
-    rows = await con.fetch(_LOCK, group_id, *columns(sorted(expected), 2))
+    rows = await con.fetch(_SHARE if shared else _LOCK, group_id, *columns(sorted(expected), 2))
     stored = {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
     moved = {key: (want, stored.get(key)) for key, want in expected.items() if stored.get(key) != want}
     if moved:

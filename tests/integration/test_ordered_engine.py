@@ -21,13 +21,16 @@ from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.structs import OffsetAndMetadata
+from prometheus_client.parser import text_string_to_metric_families
 
+from minichat.bench.workers import free_port
 from minichat.models.topics import TopicNames
 from minichat.processors.engine import FAULT_EXIT
 from minichat.processors.topics import create_topics
@@ -148,6 +151,23 @@ async def live_digest(url: str) -> dict[str, str]:
         await con.close()
 
 
+async def metric_sums(port: int) -> dict[str, float] | None:
+    """The worker's `/metrics`, each sample name's values summed (None while it does not answer)."""
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/metrics") as response,
+        ):
+            text = await response.text()
+    except aiohttp.ClientError:
+        return None
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    return sums
+
+
 async def assert_refused_nothing_and_rebuilds(
     settings: Settings, endpoints: Endpoints, template: str
 ) -> None:
@@ -163,17 +183,36 @@ async def assert_refused_nothing_and_rebuilds(
 
 
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(
+    ("workers", "split"),
+    [(1, {}), (2, {}), (1, {"apply_parallel": 3, "apply_parallel_min": 2}), (1, {"apply_parallel": 1})],
+    ids=["1-worker", "2-workers", "1-worker-every-batch-split", "1-worker-never-split"],
+)
 async def test_a_backlog_is_refused_nothing_and_rebuilds_the_live_books(
-    endpoints: Endpoints, template_database: str, tmp_path: Path, workers: int
+    endpoints: Endpoints, template_database: str, tmp_path: Path, workers: int, split: dict[str, int]
 ) -> None:
-    async with fresh(endpoints, template_database, tmp_path) as settings:
+    """(Split: a batch applied as concurrent groups that share no chat and no user must end as the
+    rebuild, which applies every batch in one; the defaults split only the batches of 256 records
+    or more, so the variants force it on every batch and turn it off.)"""
+    async with fresh(endpoints, template_database, tmp_path, **split) as settings:
         traffic = Traffic(settings, tenants=3, users=12, chats=60, turns=5, seed=workers)
         await traffic.play()
+        ports = [free_port() for _ in range(workers)]
+        tuning = {f"MINICHAT_{name.upper()}": str(value) for name, value in split.items()}
         with ExitStack() as stack:
-            for i in range(workers):
-                stack.enter_context(run_worker(Deployment(settings).env(), tmp_path / f"w{i}.log"))
+            for i, port in enumerate(ports):
+                web = {"MINICHAT_WEB_ENABLED": "true", "MINICHAT_WEB_PORT": str(port)}
+                env = {**Deployment(settings).env(), **tuning, **web}
+                stack.enter_context(run_worker(env, tmp_path / f"w{i}.log"))
             await quiet(settings, traffic.commands)
+            scraped = [
+                await wait_until(lambda p=p: metric_sums(p), timeout=30, what="metrics") for p in ports
+            ]
+        groups = sum(m.get("minichat_batch_groups_total", 0.0) for m in scraped)
+        if split.get("apply_parallel") == 1:
+            assert groups == 0
+        elif split:
+            assert groups >= 2  # at least one batch was applied as two groups or more
         url = settings.database_url
         assert await count(url, "SELECT count(*) FROM chat_turns") == traffic.commands
         assert await count(url, "SELECT coalesce(sum(reserved_credits_micro), 0) FROM quota_usage") == 0

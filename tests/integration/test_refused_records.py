@@ -73,14 +73,20 @@ async def test_tool_calls_summing_past_int32_in_a_month_are_counted(
         assert "refused by PostgreSQL" not in live.logs()
 
 
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"MINICHAT_APPLY_PARALLEL": "3", "MINICHAT_APPLY_PARALLEL_MIN": "2"}],
+    ids=["one-transaction", "split-into-concurrent-groups"],
+)
 async def test_a_record_postgres_refuses_is_dead_lettered_alone_and_the_rest_applied(
-    endpoints: Endpoints, template_database: str, tmp_path: Any
+    endpoints: Endpoints, template_database: str, tmp_path: Any, env: dict[str, str]
 ) -> None:
     """Whatever makes PostgreSQL refuse a record (here a constraint an operator added), the record
     is found in its batch, dead-lettered `unprocessable` with the constraint's name and without its
-    content, counted, and the records before and after it in the same batch are applied."""
+    content, counted, and the records before and after it in the same batch are applied. (Split: the
+    refused record fails its group while the others commit; the batch is then isolated as one.)"""
     marker = f"refuse-me-{uuid.uuid4().hex}"
-    async with live_deployment(endpoints, template_database, tmp_path) as live:
+    async with live_deployment(endpoints, template_database, tmp_path, env=env) as live:
         await live.db.execute(
             f"ALTER TABLE messages ADD CONSTRAINT no_refused_content CHECK (content NOT LIKE '{marker}%')"
         )
@@ -88,9 +94,11 @@ async def test_a_record_postgres_refuses_is_dead_lettered_alone_and_the_rest_app
         tenant, user, chat_of_bad = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
         # One partition, one burst: the refused request sits in the middle of one batch.
         chats = [uuid.uuid4() for _ in range(40)]
-        commands: list[Event] = [gw.requested(tenant, user, chat) for chat in chats[:20]]
+        # Half the chats are the user's, half each of its own user: groups a split can apply apart.
+        owners = {chat: user if i % 2 else uuid.uuid4() for i, chat in enumerate(chats)}
+        commands: list[Event] = [gw.requested(tenant, owners[chat], chat) for chat in chats[:20]]
         bad = gw.requested(tenant, user, chat_of_bad, content=f"{marker} secret words")
-        commands += [bad] + [gw.requested(tenant, user, chat) for chat in chats[20:]]
+        commands += [bad] + [gw.requested(tenant, owners[chat], chat) for chat in chats[20:]]
         names = TopicNames(live.settings.topic_prefix)
         async with TopicReader(live.settings.kafka_bootstrap_servers, names.dead_letters) as letters:
             await gw.send(*commands)

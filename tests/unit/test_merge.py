@@ -9,7 +9,7 @@ import random
 import pytest
 
 from minichat.processors.assignor import plan
-from minichat.processors.levels import plan_steps
+from minichat.processors.levels import plan_steps, split_disjoint
 from minichat.processors.merge import OrderedMerge
 from minichat.processors.records import SourceRecord, timestamp_from_ms
 
@@ -194,3 +194,33 @@ def test_release_stops_before_a_record_that_would_pass_the_byte_limit() -> None:
     assert merge.buffered_of("tr", 0) == (2, 2 * 1001)
     assert ids(merge.release(10)) == [("tr", 0, 3), ("tr", 0, 4)]
     assert merge.buffered_of("tr", 0) == (0, 0)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_split_disjoint_groups_share_no_key_and_keep_the_order(seed: int) -> None:
+    rng = random.Random(seed)
+    chats, users = rng.randint(1, 60), rng.randint(1, 25)
+    items = [
+        (n, f"chat{c}", f"user{rng.randrange(users)}" if rng.random() < 0.9 else f"user{c % users}")
+        for n, c in enumerate(rng.randrange(chats) for _ in range(rng.randint(0, 300)))
+    ]
+    parts = rng.randint(1, 4)
+    groups = split_disjoint(items, keys=lambda i: (i[1], i[2]), parts=parts)
+    assert len(groups) <= parts and all(groups)
+    assert sorted(i for g in groups for i in g) == items  # every item once
+    for group in groups:
+        assert group == sorted(group)  # the items' order within a group
+    keys_of = [{k for i in g for k in (i[1], i[2])} for g in groups]
+    for a, b in itertools.combinations(keys_of, 2):
+        assert not a & b
+
+
+def test_split_disjoint_balances_components_and_keeps_a_connected_chain_whole() -> None:
+    # 8 users with 10 records each (one component each), and a chain joining users 8 and 9.
+    items = [(n, f"u{n % 8}") for n in range(80)] + [(80, "u8", "u9"), (81, "u9", "u10")]
+    groups = split_disjoint(items, keys=lambda i: i[1:], parts=2)
+    assert sorted(len(g) for g in groups) == [40, 42]
+    chain = next(g for g in groups if any(i[0] == 80 for i in g))
+    assert any(i[0] == 81 for i in chain)
+    assert split_disjoint(items[:5], keys=lambda i: ("same",), parts=2) == [items[:5]]
+    assert split_disjoint([], keys=lambda i: (i,), parts=2) == []
