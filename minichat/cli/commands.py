@@ -195,6 +195,7 @@ def simulate(settings: Settings, args: argparse.Namespace) -> int:
 def replay(settings: Settings, args: argparse.Namespace) -> int:
     import json
 
+    from minichat.gc_tuning import tune_gc
     from minichat.models.policy import PolicyError
     from minichat.storage.policies import PolicyConflict
     from minichat.tools.rebuild import RebuildSetupError, run_rebuild
@@ -202,6 +203,7 @@ def replay(settings: Settings, args: argparse.Namespace) -> int:
     refused = _checked_start("replay", settings)
     if refused is not None:
         return refused
+    tune_gc()
     try:
         summary = asyncio.run(
             run_rebuild(settings, from_time=args.from_time, show_progress=not args.no_progress)

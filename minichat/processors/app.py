@@ -14,6 +14,7 @@ import mode
 from faust.app.base import BootStrategy
 
 from minichat.domain.turns import TurnEvent
+from minichat.gc_tuning import tune_gc
 from minichat.models import events
 from minichat.models.policy import Policy, load_policy
 from minichat.models.topics import TopicNames
@@ -72,6 +73,7 @@ class EngineService(mode.Service):
         self._task: asyncio.Future[None] | None = None
 
     async def on_start(self) -> None:
+        tune_gc()
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "minichat"
 
-LEAVES = {"settings", "tasks"}
+LEAVES = {"settings", "tasks", "gc_tuning"}
 """Modules any layer above `domain/` may import."""
 
 ALLOWED: dict[str, set[str]] = {
@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"bench", "tools", "client", "processors", "storage", "domain", "models"} | LEAVES,
     "settings": set(),
     "tasks": set(),
+    "gc_tuning": set(),
 }
 
 
