@@ -134,6 +134,8 @@ class Variant:
     round: SimulateOptions
     killer_seed: int
     soak: bool = False
+    worker_env: tuple[tuple[str, str], ...] = ()
+    """Settings of this variant's workers (on top of the deployment's)."""
 
     @property
     def timeout(self) -> int:
@@ -144,11 +146,24 @@ class Variant:
 CI_KILL_COUNT = _kills_from_env()
 SOAK_KILL_COUNT = max(SOAK_MIN_KILLS, CI_KILL_COUNT)
 
+SPLIT_EVERY_BATCH = (("MINICHAT_APPLY_PARALLEL", "3"), ("MINICHAT_APPLY_PARALLEL_MIN", "2"))
+"""The rounds are small: by default only a catch-up after a kill makes batches big enough to be
+split into concurrent groups. The two-worker variants split every batch of two records or more, so
+kills and rebalances land between groups' commits and the positions' commit."""
+
 VARIANTS = [
     Variant("one-worker", 1, CI_KILL_COUNT, CI_ROUND, killer_seed=1),
-    Variant("two-workers", 2, CI_KILL_COUNT, CI_ROUND, killer_seed=2),
+    Variant("two-workers", 2, CI_KILL_COUNT, CI_ROUND, killer_seed=2, worker_env=SPLIT_EVERY_BATCH),
     Variant("soak-one-worker", 1, SOAK_KILL_COUNT, SOAK_ROUND, killer_seed=3, soak=True),
-    Variant("soak-two-workers", 2, SOAK_KILL_COUNT, SOAK_ROUND, killer_seed=4, soak=True),
+    Variant(
+        "soak-two-workers",
+        2,
+        SOAK_KILL_COUNT,
+        SOAK_ROUND,
+        killer_seed=4,
+        soak=True,
+        worker_env=SPLIT_EVERY_BATCH,
+    ),
 ]
 
 
@@ -770,7 +785,11 @@ async def test_kill9_loses_nothing_and_replay_rebuilds_the_same_state(
         settings = deployment_settings(endpoints, live_url, policy_file=crash_policy(tmp_path))
         names = TopicNames(settings.topic_prefix)
         await create_topics(settings)
-        env = {**Deployment(settings).env(), "MINICHAT_SESSION_TIMEOUT_S": SESSION_TIMEOUT_S}
+        env = {
+            **Deployment(settings).env(),
+            "MINICHAT_SESSION_TIMEOUT_S": SESSION_TIMEOUT_S,
+            **dict(variant.worker_env),
+        }
         kill_log = KillLog()
         with ExitStack() as stack:
             fleet = Fleet(env, tmp_path, stack, variant.workers)
