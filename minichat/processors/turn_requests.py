@@ -82,6 +82,8 @@ class TurnRequests:
         """Apply the events parked for the turns these answers started. `waiting`: the (chat,
         request) keys the state load found events for, under the same locks (nothing else is
         parked for them before the drain), so most batches skip the statement."""
+        if not waiting:
+            return []
         started = (
             (UUID(a.payload["tenant_id"]), UUID(a.payload["chat_id"]), UUID(a.payload["request_id"]))
             for a in answers
