@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     # partition before its fetching pauses, the grace that covers clock skew and replication lag
     # when an empty partition is judged caught up, and output batches whose acknowledgements may be
     # outstanding while the next one applies.
-    batch_max: int = Field(default=2000, ge=1, le=20_000)
+    batch_max: int = Field(default=8000, ge=1, le=20_000)
     lane_buffer_max: int = Field(default=4000, ge=10, le=100_000)
     # Memory bounds in bytes (keys and values), whatever the records' sizes: what waits in the
     # lanes, and what one batch takes. README "Memory" states the worker's bound from these.
