@@ -199,3 +199,27 @@ def run_worker(env: Mapping[str, str], log_path: Path, *args: str) -> Iterator[W
         yield worker
     finally:
         worker.kill()
+
+
+MetricSamples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape_metrics(port: int) -> MetricSamples | None:
+    """A worker's `/metrics`, read with prometheus_client's own parser: value by (sample name,
+    sorted labels); None while its web server does not answer."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/metrics") as response,
+        ):
+            text = await response.text()
+    except aiohttp.ClientError:
+        return None
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

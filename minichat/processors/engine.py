@@ -328,7 +328,8 @@ class OrderedEngine:
         groups = await with_retries(
             "engine split", read, self.retry, dependency="PostgreSQL", on_retry=self._count_retry
         )
-        self.batches.metrics.inc("minichat_batch_groups_total", len(groups))
+        if len(groups) > 1:
+            self.batches.metrics.inc("minichat_batch_groups_total", len(groups))
         return groups
 
     async def _apply_groups(

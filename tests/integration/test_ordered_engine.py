@@ -21,14 +21,12 @@ from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.structs import OffsetAndMetadata
-from prometheus_client.parser import text_string_to_metric_families
 
 from minichat.bench.workers import free_port
 from minichat.models.topics import TopicNames
@@ -39,7 +37,7 @@ from minichat.storage.digest import digest
 from minichat.tools.rebuild import run_rebuild
 from tests.conftest import Deployment, deployment_settings
 from tests.gateway import Gateway, policy_file
-from tests.support import Endpoints, TopicReader, run_worker, scratch_database, wait_until
+from tests.support import Endpoints, TopicReader, run_worker, scrape_metrics, scratch_database, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -153,18 +151,12 @@ async def live_digest(url: str) -> dict[str, str]:
 
 async def metric_sums(port: int) -> dict[str, float] | None:
     """The worker's `/metrics`, each sample name's values summed (None while it does not answer)."""
-    try:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"http://127.0.0.1:{port}/metrics") as response,
-        ):
-            text = await response.text()
-    except aiohttp.ClientError:
+    samples = await scrape_metrics(port)
+    if samples is None:
         return None
     sums: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    for (name, _), value in samples.items():
+        sums[name] = sums.get(name, 0.0) + value
     return sums
 
 

@@ -98,11 +98,8 @@ async def test_metrics_page_under_load_parses_and_moves(deployment: Deployment, 
     import socket
     import uuid
 
-    import aiohttp
-    from prometheus_client.parser import text_string_to_metric_families
-
     from tests.gateway import Gateway
-    from tests.support import wait_until
+    from tests.support import MetricSamples, scrape_metrics, wait_until
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -111,20 +108,8 @@ async def test_metrics_page_under_load_parses_and_moves(deployment: Deployment, 
     names = TopicNames(deployment.settings.topic_prefix)
     bootstrap = deployment.settings.kafka_bootstrap_servers
 
-    async def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
-        try:
-            async with (
-                aiohttp.ClientSession() as http,
-                http.get(f"http://127.0.0.1:{port}/metrics") as response,
-            ):
-                text = await response.text()
-        except aiohttp.ClientError:
-            return None
-        return {
-            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
+    async def scrape() -> MetricSamples | None:
+        return await scrape_metrics(port)
 
     with run_worker(env, tmp_path / "worker.log") as worker:
         async with TopicReader(bootstrap, names.turn_decisions) as decisions:
