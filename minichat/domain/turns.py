@@ -157,7 +157,7 @@ def _compile_builder(signature: str, read: Callable[[str], str]) -> Callable[...
     lines += [f"    _set(new, {field!r}, {read(field)})" for field in _TURN_FIELDS]
     lines.append("    return new")
     scope: dict[str, Any] = {"_new": object.__new__, "_set": _set, "TurnRecord": TurnRecord}
-    exec("\n".join(lines), scope)
+    exec("\n".join(lines), scope)  # the source is made of the dataclass's own field names only
     built: Callable[..., TurnRecord] = scope[name]
     return built
 

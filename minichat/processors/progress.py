@@ -21,6 +21,8 @@ _STAGES = {
 
 
 class ProgressReport:
+    """Differences of the engine's counters since the last line, so a line says what just happened."""
+
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self._at = time.monotonic()
@@ -49,13 +51,8 @@ class ProgressReport:
                 now - self._at,
             )
             logger.info("since start, p50/p99 ms: %s", self.stage_quantiles())
-        self._at, self._batches, self._records, self._steps, self._groups = (
-            now,
-            batches,
-            records,
-            steps,
-            groups,
-        )
+        self._at = now
+        self._batches, self._records, self._steps, self._groups = batches, records, steps, groups
 
     def stage_quantiles(self) -> str:
         parts = []
