@@ -14,7 +14,7 @@ The worker wraps `apply` with its input positions (claimed and stored in the sam
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -82,18 +82,35 @@ class MergedBatches:
         """The dead letter of a record PostgreSQL refused (isolated from its batch)."""
         return self.dead_letter(record, DecodeError("unprocessable", refused_detail(exc)))
 
-    async def apply(self, con: asyncpg.Connection, good: Sequence[Decoded[Any]]) -> list[Output]:
-        """Apply decoded records (merged order) inside the caller's transaction."""
+    async def owners(self, con: asyncpg.Connection, good: Sequence[Decoded[Any]]) -> dict[UUID, UserKey]:
+        """chat id → (tenant, owner) of the chats the facts of `good` name: whose quota rows they
+        can settle. An owner never changes, so it may be read before the batch's transaction."""
+        facts = {
+            (d.event.tenant_id, d.event.chat_id) for d in good if d.record.topic != self.topics.turn_requests
+        }
+        return await chat_owners(con, facts)
+
+    async def apply(
+        self,
+        con: asyncpg.Connection,
+        good: Sequence[Decoded[Any]],
+        owners: Mapping[UUID, UserKey] | None = None,
+    ) -> list[Output]:
+        """Apply decoded records (merged order) inside the caller's transaction. `owners`: what
+        `self.owners` read for a batch these records are part of (read here when not given)."""
         if not good:
             return []
         commands = [d for d in good if d.record.topic == self.topics.turn_requests]
         facts = [d for d in good if d.record.topic != self.topics.turn_requests]
-        owners = await chat_owners(con, {(d.event.tenant_id, d.event.chat_id) for d in facts})
+        if owners is None:
+            owners = await self.owners(con, facts)
         claimants: dict[UUID, set[UserKey]] = {}
         for d in commands:
             claimants.setdefault(d.event.chat_id, set()).add((d.event.tenant_id, d.event.user_id))
-        for chat, owner in owners.items():
-            claimants.setdefault(chat, set()).add(owner)
+        for d in facts:
+            owner = owners.get(d.event.chat_id)
+            if owner is not None:
+                claimants.setdefault(d.event.chat_id, set()).add(owner)
 
         def kind(d: Decoded[Any]) -> str:
             return COMMAND if d.record.topic == self.topics.turn_requests else FACT
@@ -129,15 +146,14 @@ class MergedBatches:
             outputs.extend(await handler(con, step.items))
         return outputs
 
-    async def split(
-        self, con: asyncpg.Connection, good: Sequence[Decoded[Any]], parts: int
+    def split(
+        self, good: Sequence[Decoded[Any]], owners: Mapping[UUID, UserKey], parts: int
     ) -> list[list[Decoded[Any]]]:
         """Groups of `good` that share no chat and no user (`levels.split_disjoint`): applied in
         concurrent transactions they end as the batch applied in one, and wait on no lock of each
-        other. A user is every requester and every chat's owner, whichever partition it is on.
-        Read outside the batch's transactions: an owner never changes, and a chat created meanwhile
-        is created by a command of this batch, which its chat key already joins."""
-        owners = await chat_owners(con, {(d.event.tenant_id, d.event.chat_id) for d in good})
+        other. The users are those `apply` locks: every requester, and the owner of every chat a
+        fact names (`owners`), whichever partition it is on. A chat created meanwhile is created by
+        a command of this batch, which its chat key already joins."""
 
         def keys(d: Decoded[Any]) -> Iterable[Hashable]:
             event = d.event

@@ -31,13 +31,14 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from minichat.models.topics import TopicNames
-from minichat.processors.batches import MergedBatches
+from minichat.processors.batches import MergedBatches, UserKey
 from minichat.processors.clients import input_consumer, offsets_client, output_producer
 from minichat.processors.errors import Action, RetryPolicy, classify, with_retries
 from minichat.processors.flights import Flights
@@ -296,9 +297,9 @@ class OrderedEngine:
         dead = [d for i in run if isinstance(d := decoded[i], Output)]
         offsets = _next_offsets(records[i] for i in run)
         began = time.monotonic()
-        groups = await self._split(good)
+        groups, owners = await self._split(good)
         if len(groups) > 1:
-            outputs = await self._apply_groups(offsets, groups)
+            outputs = await self._apply_groups(offsets, groups, owners)
             await self._transaction(offsets, _nothing)  # the positions, once every group committed
         else:
             outputs = await self._transaction(offsets, functools.partial(self.batches.apply, good=good))
@@ -314,26 +315,29 @@ class OrderedEngine:
         commands = [records[i].timestamp_ms for i in run if records[i].topic == self.names.turn_requests]
         self._flights.send(dead + outputs, offsets, commands)
 
-    async def _split(self, good: list[Decoded[Any]]) -> list[list[Decoded[Any]]]:
-        """The batch as groups that share no chat and no user (one group: not split)."""
+    async def _split(self, good: list[Decoded[Any]]) -> tuple[list[list[Decoded[Any]]], dict[UUID, UserKey]]:
+        """The batch as groups that share no chat and no user (one group: not split), and the
+        chats' owners the grouping read (the groups' transactions use them instead of reading
+        them again)."""
         parts = self.settings.apply_parallel
         if parts < 2 or len(good) < self.settings.apply_parallel_min:
-            return [good]
+            return [good], {}
 
-        async def read() -> list[list[Decoded[Any]]]:
+        async def read() -> dict[UUID, UserKey]:
             pool = await self.pool()
             async with pool.acquire() as con:
-                return await self.batches.split(con, good, parts)
+                return await self.batches.owners(con, good)
 
-        groups = await with_retries(
+        owners = await with_retries(
             "engine split", read, self.retry, dependency="PostgreSQL", on_retry=self._count_retry
         )
+        groups = self.batches.split(good, owners, parts)
         if len(groups) > 1:
             self.batches.metrics.inc("minichat_batch_groups_total", len(groups))
-        return groups
+        return groups, owners
 
     async def _apply_groups(
-        self, offsets: dict[LaneKey, int], groups: list[list[Decoded[Any]]]
+        self, offsets: dict[LaneKey, int], groups: list[list[Decoded[Any]]], owners: dict[UUID, UserKey]
     ) -> list[Output]:
         """Each group in its own transaction, all at once: while one waits for PostgreSQL the
         others' Python runs. They claim the positions shared and store none; a crash before the
@@ -342,7 +346,9 @@ class OrderedEngine:
         PostgreSQL refuses fails its group, and the whole run goes back to `isolating`."""
         results = await asyncio.gather(
             *(
-                self._transaction(offsets, functools.partial(self.batches.apply, good=g), store=False)
+                self._transaction(
+                    offsets, functools.partial(self.batches.apply, good=g, owners=owners), store=False
+                )
                 for g in groups
             ),
             return_exceptions=True,

@@ -86,6 +86,14 @@ class Unnest:
     def names(self) -> str:
         return ", ".join(name for name, _ in self.declared)
 
+    def selected(self, **casts: str) -> str:
+        """The names for a `SELECT` list, those named in `casts` cast (`payload="jsonb"`: a column
+        sent as text and stored as jsonb)."""
+        unknown = set(casts) - {name for name, _ in self.declared}
+        if unknown:
+            raise ValueError(f"not declared: {sorted(unknown)}")
+        return ", ".join(f"{name}::{casts[name]}" if name in casts else name for name, _ in self.declared)
+
     @property
     def source(self) -> str:
         """`unnest(...) AS k (...)`, for a statement's FROM."""

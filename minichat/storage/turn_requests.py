@@ -349,7 +349,7 @@ _DECISIONS = Unnest.of(
 the pool's jsonb codec would run `json.dumps` on the dict in Python instead."""
 _INSERT_DECISIONS = f"""
 INSERT INTO turn_decisions ({_DECISIONS.names})
-SELECT {_DECISIONS.names.replace("payload", "payload::jsonb")} FROM {_DECISIONS.source}
+SELECT {_DECISIONS.selected(payload="jsonb")} FROM {_DECISIONS.source}
 ON CONFLICT (chat_id, command_id) DO NOTHING
 """
 
