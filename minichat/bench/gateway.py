@@ -9,6 +9,7 @@ from aiokafka import AIOKafkaProducer
 
 from minichat.bench.traffic import Chat, Turn
 from minichat.models.topics import TopicNames
+from minichat.partitioning import KeyedPartitioner
 from minichat.settings import Settings
 
 
@@ -22,6 +23,7 @@ class Gateway:
             acks="all",
             linger_ms=linger_ms,
             max_batch_size=256 * 1024,
+            partitioner=KeyedPartitioner(),
         )
         self.records = 0
         """Records acknowledged by the broker."""

@@ -17,6 +17,7 @@ from minichat.client.messages import Command, Fact, envelope
 from minichat.models import events
 from minichat.models.events import TurnDecision, Usage
 from minichat.models.topics import TopicNames
+from minichat.partitioning import KeyedPartitioner
 
 
 class DecisionTimeout(TimeoutError):
@@ -63,6 +64,7 @@ class GatewayClient:
             acks="all",
             enable_idempotence=True,
             linger_ms=self._linger_ms,
+            partitioner=KeyedPartitioner(),
         )
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap,

@@ -18,6 +18,7 @@ from minichat.gc_tuning import tune_gc
 from minichat.models import events
 from minichat.models.policy import Policy, load_policy
 from minichat.models.topics import TopicNames
+from minichat.partitioning import KeyedPartitioner
 from minichat.processors.batches import MergedBatches
 from minichat.processors.engine import OrderedEngine
 from minichat.processors.errors import stop_worker
@@ -155,6 +156,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
         topic_partitions=settings.partitions,
         topic_replication_factor=1,
         producer_acks=-1,
+        producer_partitioner=KeyedPartitioner(),
         store="memory://",
         # faust makes a data directory even with no tables: not in the working directory
         datadir=str(Path(tempfile.gettempdir()) / "minichat-faust-{conf.name}"),

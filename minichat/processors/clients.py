@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from minichat.partitioning import KeyedPartitioner
 from minichat.processors.assignor import CoPartitionedAssignor
 from minichat.settings import Settings
 
@@ -51,5 +52,6 @@ def output_producer(s: Settings) -> AIOKafkaProducer:
         acks="all",
         enable_idempotence=True,
         linger_ms=0,
+        partitioner=KeyedPartitioner(),
         request_timeout_ms=max(30_000, round(s.retry_give_up_s * 1000)),
     )

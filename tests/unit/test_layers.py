@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "minichat"
 
-LEAVES = {"settings", "tasks", "gc_tuning"}
+LEAVES = {"settings", "tasks", "gc_tuning", "partitioning"}
 """Modules any layer above `domain/` may import."""
 
 ALLOWED: dict[str, set[str]] = {
@@ -26,6 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "settings": set(),
     "tasks": set(),
     "gc_tuning": set(),
+    "partitioning": set(),
 }
 
 
