@@ -28,7 +28,16 @@ from minichat.bench.options import BenchOptions
 from minichat.bench.progress import Ticker, say
 from minichat.bench.scratch import deployment
 from minichat.bench.traffic import Chat, Turn, make_turn, population
-from minichat.bench.workers import Worker, busy_share, cpu_times, running_workers, sample, stage_quantiles
+from minichat.bench.workers import (
+    Worker,
+    busy_share,
+    cpu_times,
+    running_workers,
+    sample,
+    stack_cpu,
+    stack_cpu_used,
+    stage_quantiles,
+)
 from minichat.models.policy import CatalogModel
 from minichat.settings import Settings
 from minichat.tasks import cancel_and_wait
@@ -184,6 +193,8 @@ class RateResult:
     machine_busy: float
     """Share of all cores busy while the rate ran (see `busy_share`)."""
     behind: int
+    stack_cpu_s: dict[str, float | None] = field(default_factory=dict)
+    """CPU seconds of the broker and of PostgreSQL while the rate ran (None: not on this machine)."""
     worker_stages: dict[str, dict[str, float]] = field(default_factory=dict)
     """The worker's own p50/p99 per stage (ms, histogram bucket bounds), see `WORKER_STAGES`."""
 
@@ -270,6 +281,7 @@ async def _one_rate(
 ) -> RateResult:
     planned = pacer.plan(max(1, round(rate * options.rate_seconds)))
     cpu_worker, cpu_bench, machine = sample(worker.pid).cpu_s, time.process_time(), cpu_times()
+    cpu_stack = stack_cpu()
     scrape = await worker.metrics()
 
     def describe() -> str:
@@ -282,10 +294,13 @@ async def _one_rate(
             time.process_time() - cpu_bench,
             busy_share(machine, cpu_times()),
         )
+        stack_used = stack_cpu_used(cpu_stack, stack_cpu())
         lag_at_end = await lag.measure()
         caught = await _catch_up(window, clock, lag, worker, options.catch_up_timeout_s)
     stages = stage_quantiles(scrape, await worker.metrics())
-    result = dataclasses.replace(summarize(window, clock, lag_at_end, caught, cpu), worker_stages=stages)
+    result = dataclasses.replace(
+        summarize(window, clock, lag_at_end, caught, cpu), worker_stages=stages, stack_cpu_s=stack_used
+    )
     p99 = result.latency_ms.get("p99")
     say(
         f"latency {rate}/s: sent {result.sent_per_s:.0f}/s, decided {result.decided_per_s:.0f}/s, "

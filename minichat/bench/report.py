@@ -127,6 +127,8 @@ def _rate_json(r: RateResult, result: BenchResult) -> dict[str, Any]:
         "generation_in_progress": r.decisions.get("reject/generation_in_progress", 0),
         "worker_cpu_s": _r(r.worker_cpu_s, 2),
         "generator_cpu_s": _r(r.generator_cpu_s, 2),
+        "broker_cpu_s": r.stack_cpu_s.get("broker"),
+        "postgres_cpu_s": r.stack_cpu_s.get("postgres"),
         "machine_busy": r.machine_busy,
         "requests_behind_their_chat": r.behind,
         "worker_stages_ms": r.worker_stages,

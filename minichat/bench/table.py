@@ -105,7 +105,7 @@ def _latency(lat: dict[str, Any]) -> list[str]:
         ms = r["latency_ms"]
         cpu = [
             None if x is None else f"{100 * x / r['seconds']:.0f}%"
-            for x in (r["worker_cpu_s"], r["generator_cpu_s"])
+            for x in (r["worker_cpu_s"], r["generator_cpu_s"], r.get("broker_cpu_s"), r.get("postgres_cpu_s"))
         ]
         rows.append(
             [
@@ -125,7 +125,7 @@ def _latency(lat: dict[str, Any]) -> list[str]:
         )
     headers = ["offered/s", "sent/s", "decided/s", "of ceiling", "p50 ms", "p95 ms", "p99 ms", "max ms"]
     headers += ["undecided at end", "lag at end", "catch-up s", "kept up", "gen_in_progress"]
-    headers += ["worker CPU", "bench CPU", "machine busy"]
+    headers += ["worker CPU", "bench CPU", "broker CPU", "PostgreSQL CPU", "machine busy"]
     lines = [
         f"3. decision latency: one worker, {lat['chats']} chats; per request turn.requested, then "
         "turn.completed + usage.reported once it is acked; latency = decision's append time - command's",

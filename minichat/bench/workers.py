@@ -49,6 +49,44 @@ def cpu_times() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
+STACK_PROCESSES = {"broker": "kafka.Kafka", "postgres": "postgres"}
+"""Where the rest of the machine's CPU goes: the broker (the JVM whose main class is `kafka.Kafka`)
+and PostgreSQL (every process named `postgres`), when they run on this machine."""
+
+
+def stack_cpu() -> dict[str, dict[int, float]]:
+    """CPU seconds so far of the broker's and PostgreSQL's processes on this machine, by pid
+    (empty when the services run elsewhere)."""
+    found: dict[str, dict[int, float]] = {name: {} for name in STACK_PROCESSES}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cpu = sample(int(entry.name)).cpu_s
+        except OSError:  # ended meanwhile
+            continue
+        for name, marker in STACK_PROCESSES.items():
+            if comm == marker or f" {marker} " in f" {command} ":
+                found[name][int(entry.name)] = cpu
+    return found
+
+
+def stack_cpu_used(
+    before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]
+) -> dict[str, float | None]:
+    """CPU seconds each service used between two `stack_cpu()` readings (None: not on this
+    machine). A process that ended in between is not counted: PostgreSQL's are the pool's
+    connections, which live as long as the worker."""
+    return {
+        name: round(sum(cpu - before[name].get(pid, 0.0) for pid, cpu in after[name].items()), 2)
+        if after[name]
+        else None
+        for name in STACK_PROCESSES
+    }
+
+
 def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
     """The share of all cores busy between two `cpu_times()` readings (0..1): the worker, the
     broker, PostgreSQL, the bench, and anything else running on the machine."""
