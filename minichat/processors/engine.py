@@ -29,7 +29,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
 from typing import Any
 from uuid import UUID
 
@@ -234,22 +234,17 @@ class OrderedEngine:
             logger.warning("records held back for %.0f s or more, waiting for: %s", STALL_REPORT_S, lanes)
 
     def _pace(self, consumer: AIOKafkaConsumer) -> None:
-        """Bound what waits in the lanes: a lane holding `lane_buffer_max` records pauses its
-        partition (another lane of its set holds it back), and while all lanes together hold
-        `input_buffer_max_bytes` every lane with records pauses (big records wait for their
-        batches). Empty lanes keep fetching: a set waits on them. Resumed once half drained."""
-        most, budget = self.settings.lane_buffer_max, self.settings.input_buffer_max_bytes
+        """Pause and resume the partitions as `pacing` says of the lanes now."""
         lanes = {lane: self.merge.buffered_of(*lane) for lane in self.merge.lanes()}
-        total = sum(size_bytes for _, size_bytes in lanes.values())
-        for lane, (size, _) in lanes.items():
-            full = size >= most or (size and total >= budget)
-            drained = size < most // 2 and total < budget // 2
-            if full and lane not in self.paused:
-                consumer.pause(TopicPartition(*lane))
-                self.paused.add(lane)
-            elif drained and lane in self.paused:
-                consumer.resume(TopicPartition(*lane))
-                self.paused.discard(lane)
+        pause, resume = pacing(
+            lanes, self.paused, self.settings.lane_buffer_max, self.settings.input_buffer_max_bytes
+        )
+        for lane in pause:
+            consumer.pause(TopicPartition(*lane))
+            self.paused.add(lane)
+        for lane in resume:
+            consumer.resume(TopicPartition(*lane))
+            self.paused.discard(lane)
 
     async def _refresh_frontiers(
         self, consumer: AIOKafkaConsumer, lanes: Sequence[LaneKey], generation: int
@@ -469,6 +464,29 @@ class OrderedEngine:
                 self.paused.discard(lane)
             logger.info("%s[%d]: resuming at %d (stored %s, committed %s)", *lane, start, position, done)
         self._generation += 1  # what a step took out of the lanes before they opened is void
+
+
+def pacing(
+    lanes: Mapping[LaneKey, tuple[int, int]], paused: Set[LaneKey], most: int, budget: int
+) -> tuple[list[LaneKey], list[LaneKey]]:
+    """(lanes to pause, paused lanes to resume), from each lane's (records, bytes) buffered.
+
+    What waits in the lanes is bounded: a lane holding `most` records pauses (another lane of its
+    set holds it back), and while all lanes together hold `budget` bytes every lane with records
+    pauses (big records wait for their batches). A lane resumes once half drained, and an empty
+    one at once: its set may be waiting for its next record, and the bytes the other lanes hold
+    cannot leave before it comes. (Measured: a lane paused by the byte budget and then emptied,
+    while the rest of its set held half the budget, kept the worker stalled for good at 3,000
+    requests/s.)"""
+    total = sum(size_bytes for _, size_bytes in lanes.values())
+    pause, resume = [], []
+    for lane, (size, _) in lanes.items():
+        if lane not in paused:
+            if size >= most or (size and total >= budget):
+                pause.append(lane)
+        elif size == 0 or (size < most // 2 and total < budget // 2):
+            resume.append(lane)
+    return pause, resume
 
 
 async def _nothing(con: asyncpg.Connection) -> list[Output]:

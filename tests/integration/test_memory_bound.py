@@ -1,4 +1,5 @@
-"""A burst of big records keeps the worker's memory under the stated bound (issue 10, item 7).
+"""A burst of big records keeps the worker's memory under the stated bound (issue 10, item 7),
+and the bound never stalls the worker.
 
 The input topics accept records of up to 4 MiB (so that an oversized one reaches the worker and is
 dead-lettered `payload_too_large` with a reason), and the worker used to buffer up to 4,000 records
@@ -13,12 +14,14 @@ import asyncio
 import uuid
 from pathlib import Path
 
+import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 
 from minichat.models.topics import TopicNames
-from tests.conftest import live_deployment
-from tests.support import Endpoints, TopicReader
+from minichat.processors.topics import create_topics
+from tests.conftest import Deployment, deployment_settings, live_deployment
+from tests.support import Endpoints, TopicReader, run_worker, scratch_database, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -80,3 +83,55 @@ async def test_a_burst_of_big_records_keeps_the_worker_under_its_memory_bound(
         )
         assert peak <= bound, f"peak RSS {peak:.0f} MiB over the stated bound {bound:.0f} MiB"
         assert worker.proc.poll() is None
+
+
+async def test_a_lane_paused_by_the_byte_budget_and_emptied_does_not_stall_its_set(
+    endpoints: Endpoints, template_database: str, tmp_path: Path
+) -> None:
+    """Seen at 3,000 requests/s: the byte budget paused a usage lane with records; a batch took
+    them; its set then waited for the lane's next record while turn-requests held more than half
+    the budget behind it, and the lane stayed paused until that half drained: never. Here: one
+    partition set, small usage records before and after big turn-requests records, the
+    smallest budget and per-partition fetch, so the usage lane is paused and emptied many times
+    while turn-requests holds the budget. Every record must be applied (here dead-lettered: they
+    are not events), that is, the stored positions reach the end of the log."""
+    small, big, big_bytes = 1500, 12, 200 * 1024
+    async with scratch_database(endpoints.database_url, "mb", template=template_database) as url:
+        settings = deployment_settings(endpoints, url, partitions=1)
+        await create_topics(settings)
+        names = TopicNames(settings.topic_prefix)
+        producer = AIOKafkaProducer(bootstrap_servers=endpoints.kafka, acks="all", max_request_size=4 * MIB)
+        await producer.start()
+        try:
+            for topic, count, size in (
+                (names.usage, small, 100),
+                (names.turn_requests, big, big_bytes),
+                (names.usage, small, 100),
+            ):  # in this order in time: each group acknowledged before the next is sent
+                sends = [await producer.send(topic, b"x" * size, key=b"k") for _ in range(count)]
+                await asyncio.gather(*sends)
+        finally:
+            await producer.stop()
+        env = {
+            **Deployment(settings).env(),
+            "MINICHAT_INPUT_BUFFER_MAX_BYTES": str(MIB),
+            "MINICHAT_LANE_BUFFER_MAX": "10",
+            "MINICHAT_MAX_PARTITION_FETCH_BYTES": str(64 * 1024),
+            "MINICHAT_FETCH_MAX_BYTES": str(MIB),
+        }
+        total = 2 * small + big
+
+        async def applied() -> bool:
+            con = await asyncpg.connect(url)
+            try:
+                stored = await con.fetchval("SELECT coalesce(sum(next_offset), 0) FROM consumer_positions")
+            finally:
+                await con.close()
+            return bool(stored == total)
+
+        with run_worker(env, tmp_path / "worker.log") as worker:
+            try:
+                await wait_until(applied, timeout=120, what=f"all {total} records applied")
+            except AssertionError:
+                print(worker.log()[-3000:])
+                raise
