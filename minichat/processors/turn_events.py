@@ -6,6 +6,7 @@ parked and applied by the turn-requests agent right after it decides (same locks
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -54,8 +55,10 @@ class _Effects:
     """Everything one batch writes, accumulated in event order."""
 
     turns: dict[UUID, TurnWrite] = field(default_factory=dict)
-    messages: list[AssistantMessage] = field(default_factory=list)
+    messages: dict[UUID, AssistantMessage] = field(default_factory=dict)
+    """The assistant messages this batch inserts, by turn."""
     message_usage: dict[UUID, TurnRecord] = field(default_factory=dict)
+    """Turns whose stored assistant message takes the usage reported for them."""
     deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]] = field(default_factory=dict)
     outbox: list[OutboxEntry] = field(default_factory=list)
     parked: list[Parked] = field(default_factory=list)
@@ -119,9 +122,13 @@ def _add_step(effects: _Effects, turn_id: UUID, step: Step) -> None:
         awaiting_usage=step.awaiting_usage or bool(previous and previous.awaiting_usage),
     )
     if step.message is not None:
-        effects.messages.append(step.message)
+        effects.messages[turn_id] = step.message
     if step.message_usage:
-        effects.message_usage[turn_id] = step.turn
+        inserting = effects.messages.get(turn_id)
+        if inserting is not None:  # completed in this batch too: inserted with the usage already
+            effects.messages[turn_id] = dataclasses.replace(inserting, usage=step.turn.usage)
+        else:
+            effects.message_usage[turn_id] = step.turn
     if step.billing is not None:
         _add_billing(effects, step.turn, step.billing)
 
@@ -149,7 +156,7 @@ def _add_billing(effects: _Effects, turn: TurnRecord, billing: Billing) -> None:
 async def _write(con: asyncpg.Connection, effects: _Effects) -> None:
     await park(con, effects.parked)
     # messages first: turns reference their assistant message
-    await insert_assistant_messages(con, effects.messages)
+    await insert_assistant_messages(con, list(effects.messages.values()))
     await update_turns(con, list(effects.turns.values()))
     await update_message_usage(con, list(effects.message_usage.values()))
     await apply_quota_deltas(con, effects.deltas)
