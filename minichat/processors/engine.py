@@ -29,7 +29,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -43,6 +43,7 @@ from minichat.processors.clients import input_consumer, offsets_client, output_p
 from minichat.processors.errors import Action, RetryPolicy, classify, with_retries
 from minichat.processors.flights import Flights
 from minichat.processors.merge import LaneKey, OrderedMerge
+from minichat.processors.pacing import pacing
 from minichat.processors.pipeline import Decoded, isolating
 from minichat.processors.progress import ProgressReport
 from minichat.processors.records import Output, SourceRecord, source_record
@@ -464,29 +465,6 @@ class OrderedEngine:
                 self.paused.discard(lane)
             logger.info("%s[%d]: resuming at %d (stored %s, committed %s)", *lane, start, position, done)
         self._generation += 1  # what a step took out of the lanes before they opened is void
-
-
-def pacing(
-    lanes: Mapping[LaneKey, tuple[int, int]], paused: Set[LaneKey], most: int, budget: int
-) -> tuple[list[LaneKey], list[LaneKey]]:
-    """(lanes to pause, paused lanes to resume), from each lane's (records, bytes) buffered.
-
-    What waits in the lanes is bounded: a lane holding `most` records pauses (another lane of its
-    set holds it back), and while all lanes together hold `budget` bytes every lane with records
-    pauses (big records wait for their batches). A lane resumes once half drained, and an empty
-    one at once: its set may be waiting for its next record, and the bytes the other lanes hold
-    cannot leave before it comes. (Measured: a lane paused by the byte budget and then emptied,
-    while the rest of its set held half the budget, kept the worker stalled for good at 3,000
-    requests/s.)"""
-    total = sum(size_bytes for _, size_bytes in lanes.values())
-    pause, resume = [], []
-    for lane, (size, _) in lanes.items():
-        if lane not in paused:
-            if size >= most or (size and total >= budget):
-                pause.append(lane)
-        elif size == 0 or (size < most // 2 and total < budget // 2):
-            resume.append(lane)
-    return pause, resume
 
 
 async def _nothing(con: asyncpg.Connection) -> list[Output]:

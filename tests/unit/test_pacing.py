@@ -1,11 +1,11 @@
 """What waits in the engine's lanes stays bounded, and a partition set never waits on a lane that
-is paused and empty (processors.engine.pacing, pure)."""
+is paused and empty (processors.pacing, pure)."""
 
 from __future__ import annotations
 
 import random
 
-from minichat.processors.engine import pacing
+from minichat.processors.pacing import pacing
 
 REQ, RESP, USAGE = ("turn-requests", 0), ("provider-responses", 0), ("usage", 0)
 MOST, BUDGET = 10, 1000
