@@ -64,12 +64,18 @@ def stack_cpu() -> dict[str, dict[int, float]]:
         try:
             comm = (entry / "comm").read_text().strip()
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cpu = sample(int(entry.name)).cpu_s
+            name = next(
+                (
+                    n
+                    for n, marker in STACK_PROCESSES.items()
+                    if comm == marker or f" {marker} " in f" {command} "
+                ),
+                None,
+            )
+            if name is not None:
+                found[name][int(entry.name)] = sample(int(entry.name)).cpu_s
         except OSError:  # ended meanwhile
             continue
-        for name, marker in STACK_PROCESSES.items():
-            if comm == marker or f" {marker} " in f" {command} ":
-                found[name][int(entry.name)] = cpu
     return found
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -108,8 +109,7 @@ async def test_metrics_page_under_load_parses_and_moves(deployment: Deployment, 
     names = TopicNames(deployment.settings.topic_prefix)
     bootstrap = deployment.settings.kafka_bootstrap_servers
 
-    async def scrape() -> MetricSamples | None:
-        return await scrape_metrics(port)
+    scrape = functools.partial(scrape_metrics, port)
 
     with run_worker(env, tmp_path / "worker.log") as worker:
         async with TopicReader(bootstrap, names.turn_decisions) as decisions:
@@ -126,7 +126,7 @@ async def test_metrics_page_under_load_parses_and_moves(deployment: Deployment, 
             await gateway.decide(*commands)
             await produce(bootstrap, names.turn_requests, [(b"k", b"not json")])
 
-            async def moved() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+            async def moved() -> MetricSamples | None:
                 found = await scrape()
                 dead = (
                     "minichat_dead_letters_total",
