@@ -20,8 +20,13 @@ A statement is a string that contains `SELECT`, `INSERT INTO`, `UPDATE ... SET` 
 Two checks, the second stricter than the first:
 
 1. the statement mentions `tenant_id`;
-2. it *scopes* by it: `tenant_id` in an `INSERT` column list, in a `USING (...)` join, or compared
-   with `=` / `= ANY` in a condition (not merely selected, and not `... = ... AS flag`).
+2. it *scopes* by it (tests/unit/sql_scope.py): `tenant_id` in an `INSERT` column list, in a
+   `USING (...)` join to an `unnest($n ...) AS k (tenant_id, ...)` of parameters, or compared in
+   a condition (`WHERE`, `ON`, `HAVING`; not merely selected, not a flag `... = ... AS same`) with
+   a parameter, `ANY($n)`, a constant or such an unnest's `tenant_id`. A join to another table's
+   `tenant_id` (`c.tenant_id = t.tenant_id`) alone, a self-comparison (`tenant_id = tenant_id`)
+   and a condition under an `OR` (or `UNION`) whose other branch does not scope
+   (`id = $1 OR tenant_id = $2`, `$1 IS NULL OR tenant_id = ANY($1)`) scope nothing.
 
 Exceptions are declared where a reader finds them, and each says why:
 
@@ -48,6 +53,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.sql_scope import scopes_by_tenant
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "minichat"
 STORAGE = PACKAGE / "storage"
@@ -65,6 +72,13 @@ SYSTEM_STATEMENTS: dict[tuple[str, str], str] = {
     ("outbox", "_FETCH_UNPUBLISHED"): "the relay's scan: every tenant's unpublished billing rows in id order",
     ("readers", "_UNBIND"): "a login's binding is found by the login (`role_name`); the tenant is returned",
     ("readers", "read_as_tenant()"): "sets the tenant that row-level security scopes the session's reads by",
+    **{
+        ("summary", name): (
+            "`simulate`'s summary and quiescence checks: the given tenants, or every tenant when `$1` is "
+            "NULL (`$1 IS NULL OR tenant_id = ANY($1)`); counts and figures for the operator"
+        )
+        for name in ("_BACKLOG", "_TURNS", "_DECISIONS", "_QUOTA")
+    },
 }
 
 CROSS_TENANT_PROBES: dict[tuple[str, str], str] = {
@@ -90,16 +104,6 @@ CROSS_TENANT_PROBES: dict[tuple[str, str], str] = {
 
 _STATEMENT = re.compile(r"\bSELECT\b|\bINSERT\s+INTO\b|\bUPDATE\s+\w+(\s+\w+)?\s+SET\b|\bDELETE\s+FROM\b")
 _DDL = re.compile(r"^\s*(CREATE|ALTER|DROP)\b")
-_OPERAND = r"[\w.$:]++"  # a column, an alias.column or a $n parameter with a cast, taken whole
-_INSERTS_AND_JOINS = (
-    re.compile(r"INSERT\s+INTO\s+\w+\s*\([^)]*\btenant_id\b", re.S),
-    re.compile(r"\bUSING\s*\([^)]*\btenant_id\b", re.S),
-)
-_CONDITIONS_START = re.compile(r"\b(FROM|WHERE)\b")
-_COMPARISONS = (
-    re.compile(rf"\btenant_id\s*=\s*(ANY\s*\()?{_OPERAND}(?!\s+AS\b)", re.S),
-    re.compile(rf"{_OPERAND}\s*=\s*[\w.]*\btenant_id\b(?!\s+AS\b)", re.S),
-)
 
 
 @dataclass(frozen=True)
@@ -122,14 +126,6 @@ def is_statement(text: str) -> bool:
 
 def mentions_tenant(sql: str) -> bool:
     return re.search(r"\btenant_id\b", sql) is not None
-
-
-def scopes_by_tenant(sql: str) -> bool:
-    if any(pattern.search(sql) for pattern in _INSERTS_AND_JOINS):
-        return True
-    # comparisons count from the first FROM / WHERE on: not in a select list, not in UPDATE's SET
-    start = _CONDITIONS_START.search(sql)
-    return start is not None and any(p.search(sql, start.start()) for p in _COMPARISONS)
 
 
 def _literal_text(node: ast.AST) -> str | None:
@@ -388,11 +384,30 @@ def test_prose_about_sql_is_not_sql(source: str) -> None:
     [
         "SELECT * FROM chats WHERE tenant_id = $1 AND id = $2",
         "SELECT * FROM chats c JOIN unnest($1::uuid[]) k (tenant_id) ON c.tenant_id = k.tenant_id",
-        "SELECT * FROM quota_usage q JOIN unnest($1) AS k USING (tenant_id, user_id)",
+        "SELECT * FROM quota_usage q JOIN unnest($1::uuid[], $2::uuid[]) AS k (tenant_id, user_id)"
+        " USING (tenant_id, user_id)",
+        "SELECT * FROM unnest($1::uuid[], $2::uuid[]) WITH ORDINALITY AS k (tenant_id, id, n)"
+        " JOIN outbox o ON o.id = k.id AND o.tenant_id = k.tenant_id",
         "INSERT INTO outbox (tenant_id, dedupe_key) VALUES ($1, $2)",
-        "UPDATE chats c SET x = 1 FROM k WHERE c.id = k.id AND c.tenant_id = k.tenant_id",
+        "INSERT INTO consumer_positions AS p (tenant_id, topic) VALUES ($1, $2)",
+        "UPDATE chats c SET x = 1 FROM unnest($1::uuid[], $2::uuid[]) AS k (id, tenant_id)"
+        " WHERE c.id = k.id AND c.tenant_id = k.tenant_id",
         "DELETE FROM parked_events WHERE tenant_id = ANY($1::uuid[])",
         "SELECT 1 FROM t WHERE $1::uuid = tenant_id",
+        "SELECT 1 FROM policy_versions WHERE tenant_id = '00000000-0000-0000-0000-000000000000'::uuid",
+        # a join to another table scopes when the statement also filters by a parameter
+        "SELECT * FROM chat_turns t JOIN chats c ON c.tenant_id = t.tenant_id AND c.id = t.chat_id"
+        " WHERE t.tenant_id = $1 AND t.chat_id = $2",
+        # an OR whose every branch scopes, and an OR beside the tenant filter, not above it
+        "SELECT 1 FROM chats WHERE tenant_id = $1 OR tenant_id = $2",
+        "SELECT EXISTS (SELECT FROM chats WHERE tenant_id = $1) OR EXISTS (SELECT FROM quota_usage"
+        " WHERE tenant_id = $1)",
+        "SELECT 1 FROM messages WHERE tenant_id = $1 AND ($2::uuid IS NULL OR chat_id = $2)",
+        "SELECT 1 FROM messages WHERE (tenant_id = $1) AND (id = $2 OR chat_id = $3)",
+        # a UNION of scoped parts, under a lateral join to an unnest of parameters
+        "SELECT * FROM unnest($1::uuid[], $2::uuid[]) AS k (tenant_id, chat_id) CROSS JOIN LATERAL ("
+        " (SELECT * FROM chat_turns c WHERE c.chat_id = k.chat_id AND c.tenant_id = k.tenant_id)"
+        " UNION ALL (SELECT * FROM chat_turns c WHERE c.tenant_id = k.tenant_id)) t",
     ],
 )
 def test_scoped_statements_are_recognised(sql: str) -> None:
@@ -407,9 +422,60 @@ def test_scoped_statements_are_recognised(sql: str) -> None:
         "DELETE FROM parked_events p USING k WHERE p.chat_id = k.chat_id RETURNING p.tenant_id",
         "UPDATE chat_turns SET tenant_id = $1 WHERE id = $2",
         "SELECT * FROM chats WHERE id = $1",
+        "SELECT CASE WHEN tenant_id = $1 THEN id END FROM chats",
     ],
 )
 def test_unscoped_statements_are_caught(sql: str) -> None:
+    assert is_statement(sql) and not scopes_by_tenant(sql)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM messages m JOIN chats c ON c.tenant_id = m.tenant_id AND c.id = m.chat_id",
+        "SELECT * FROM chat_turns t JOIN chats c ON c.id = t.chat_id WHERE c.tenant_id = t.tenant_id",
+        "UPDATE chats c SET x = 1 FROM k WHERE c.id = k.id AND c.tenant_id = k.tenant_id",
+        "DELETE FROM messages m USING chats c WHERE m.chat_id = c.id AND m.tenant_id = c.tenant_id",
+        # USING joins two tables, not a table to the caller's tenants
+        "SELECT * FROM messages JOIN chats USING (tenant_id, chat_id)",
+        # an unnest of something else than parameters is no scoped source
+        "SELECT * FROM chats c JOIN unnest(ARRAY(SELECT tenant_id FROM t)) AS k (tenant_id)"
+        " ON c.tenant_id = k.tenant_id",
+    ],
+)
+def test_a_join_alone_scopes_nothing(sql: str) -> None:
+    assert is_statement(sql) and not scopes_by_tenant(sql)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM chats WHERE tenant_id = tenant_id AND id = $1",
+        "SELECT * FROM chats c WHERE c.tenant_id = c.tenant_id",
+        "UPDATE chat_turns t SET x = 1 WHERE t.id = $1 AND t.tenant_id = t.tenant_id",
+        "SELECT * FROM unnest($1::uuid[]) AS k (tenant_id) JOIN chats c ON k.tenant_id = k.tenant_id",
+    ],
+)
+def test_a_self_comparison_scopes_nothing(sql: str) -> None:
+    assert is_statement(sql) and not scopes_by_tenant(sql)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM messages WHERE id = $1 OR tenant_id = $2",
+        "SELECT * FROM messages WHERE tenant_id = $2 OR id = $1",
+        "SELECT * FROM messages WHERE tenant_id = $1 AND chat_id = $2 OR id = $3",
+        "SELECT * FROM messages WHERE chat_id = $2 AND (id = $1 OR tenant_id = $3)",
+        "SELECT * FROM messages WHERE id = $1 or tenant_id = $2",
+        "SELECT * FROM chat_turns WHERE ($1::uuid[] IS NULL OR tenant_id = ANY($1::uuid[]))",
+        "SELECT * FROM chats c JOIN unnest($1::uuid[], $2::uuid[]) AS k (tenant_id, id)"
+        " ON c.tenant_id = k.tenant_id OR c.id = k.id",
+        "SELECT * FROM chats WHERE (tenant_id = $1 OR (id = $2 OR tenant_id = $3))",
+        "SELECT id FROM chats WHERE tenant_id = $1 UNION SELECT id FROM messages",
+    ],
+)
+def test_a_bypassable_disjunction_scopes_nothing(sql: str) -> None:
     assert is_statement(sql) and not scopes_by_tenant(sql)
 
 
