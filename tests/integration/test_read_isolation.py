@@ -139,6 +139,8 @@ async def test_an_unfiltered_read_is_open_outside_reading_as(
     """The canary: with its tenant filter removed, an API read as the worker's own role does show
     another tenant's messages, so the tests below see nothing only because of `reading_as`."""
     a, b = two_tenants
+    statements = {n for n, v in vars(read_api).items() if isinstance(v, str) and "SELECT" in v}
+    assert statements == set(API_STATEMENTS), "a new API read: add it to API_STATEMENTS"
     for name in API_STATEMENTS:
         monkeypatch.setattr(read_api, name, without_tenant_filter(getattr(read_api, name)))
     async with pool.acquire() as con:
