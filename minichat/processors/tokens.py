@@ -273,6 +273,11 @@ def revoke_token(path: Path, token_id: str) -> TokenRecord:
 # ---------------------------------------------------------------------------------- the worker's
 
 
+def file_stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when the file is replaced (the inode) or written (size, mtime, ctime)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class TokenStore:
     """Token digests to their records, for the read API; re-read when the file changes, so added,
     revoked and expired tokens take effect without a restart.
@@ -320,7 +325,7 @@ class TokenStore:
             return self._missing()
         except OSError as exc:
             return self._keep(f"cannot be read ({type(exc).__name__})")
-        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        stamp = file_stamp(st)
         now = self._monotonic()
         if stamp == self._stamp and now - self._read_at < RECHECK_S:
             return self._records
