@@ -261,6 +261,8 @@ def add_token(path: Path, tenant_id: UUID, *, expires_in: timedelta | None = Non
 
 def revoke_token(path: Path, token_id: str) -> TokenRecord:
     """Remove the token `token_id`; the file is unchanged when no token has that id."""
+    if not path.exists():  # nothing to revoke: create no lock file (nor directory) either
+        raise UnknownTokenError(token_id)
     with _locked(path):
         records = read_tokens(path)
         kept = [r for r in records if r.id != token_id]

@@ -339,3 +339,16 @@ def test_expires_in_is_a_positive_whole_number_of_days(tmp_path: Path, capsys: A
         )
     assert exited.value.code == 2 and "--expires-in" in capsys.readouterr().err
     assert not path.exists()
+
+
+def test_tokens_help_lists_its_commands(capsys: Any) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["tokens", "--help"])
+    out = capsys.readouterr().out
+    assert exited.value.code == 0 and all(f"    {name} " in out for name in ("add", "list", "revoke"))
+
+
+def test_revoking_in_a_missing_file_creates_nothing(tmp_path: Path, capsys: Any) -> None:
+    path = tmp_path / "dir" / "tokens.json"
+    code, _, err = run(["tokens", "revoke", "0123456789ab", "--read-tokens-file", str(path)], capsys)
+    assert code == 2 and "no token has the id" in err and not path.parent.exists()
