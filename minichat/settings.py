@@ -23,8 +23,8 @@ class Settings(BaseSettings):
     policy_file: Path = PACKAGED_POLICY
     web_port: int = Field(default=6066, ge=0, le=65535)
     web_host: str = "127.0.0.1"
-    # The read API's bearer tokens: a JSON object of SHA-256 digests (hex) to tenant ids, written
-    # by `minichat tokens add`. Without it every /v1/ request is refused (401).
+    # The read API's bearer tokens (ids, SHA-256 digests, tenants, expiry), written by
+    # `minichat tokens add` and `revoke`. Without it every /v1/ request is refused (401).
     read_tokens_file: Path | None = None
 
     # Tuning (not in the contract).

@@ -32,7 +32,7 @@ _SETTING_OPTIONS: dict[str, tuple[str, type]] = {
     "policy_file": ("the quota policy, a YAML file", Path),
     "web_port": ("port of a worker's health checks, metrics and read API", int),
     "web_host": ("address a worker's web server listens on", str),
-    "read_tokens_file": ("file of read API token digests, written by `minichat tokens add`", Path),
+    "read_tokens_file": ("file of read API tokens' digests and tenants, written by `minichat tokens`", Path),
 }
 
 _DEFAULT_IN_WORDS = {
@@ -184,18 +184,60 @@ def _add_topics(group: _Group) -> None:
     )
 
 
+def _days(text: str) -> int:
+    from minichat.processors.tokens import MAX_EXPIRES_IN_DAYS
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of days, got {text!r}") from None
+    if not 1 <= value <= MAX_EXPIRES_IN_DAYS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_EXPIRES_IN_DAYS}, got {value}")
+    return value
+
+
 def _add_tokens(group: _Group) -> None:
-    tokens = _subcommands(group, "tokens", "manage read API tokens")
+    tokens = _subcommands(group, "tokens", "manage read API tokens: add, list, revoke")
     add = _command(
         tokens,
         "add",
         "print a new read API token for one tenant",
-        "Print a new read API token for one tenant, and record its SHA-256 digest in "
-        "MINICHAT_READ_TOKENS_FILE (created if missing). The token itself is not stored: keep the "
-        "printed one. Running workers take a new token without a restart.",
+        "Print a new read API token for one tenant, and record its id, SHA-256 digest, tenant, "
+        "creation and expiry times in MINICHAT_READ_TOKENS_FILE (created if missing). The token "
+        "itself is not stored: keep the printed one (stdout holds only the token; its id goes to "
+        "stderr). Running workers take a new token without a restart.",
         commands.tokens_add,
     )
     add.add_argument("--tenant", type=uuid.UUID, required=True, help="the tenant (a UUID) the token reads")
+    add.add_argument(
+        "--expires-in",
+        type=_days,
+        default=None,
+        metavar="DAYS",
+        help="days until the token stops working (default: it never expires)",
+    )
+    listed = _command(
+        tokens,
+        "list",
+        "list the read API tokens: id, tenant, created, expires",
+        "List the tokens of MINICHAT_READ_TOKENS_FILE: each one's id (what `minichat tokens revoke` "
+        "takes), tenant, creation time and expiry, expired ones marked. Neither a token nor its "
+        "digest is shown.",
+        commands.tokens_list,
+    )
+    listed.add_argument(
+        "--json", action="store_true", help="print one JSON array of objects (default: a table)"
+    )
+    revoke = _command(
+        tokens,
+        "revoke",
+        "remove a read API token by its id",
+        "Remove the token with this id (see `minichat tokens list`) from MINICHAT_READ_TOKENS_FILE. "
+        "Running workers refuse it (401) from their next request on, without a restart. An unknown "
+        "id changes nothing and exits 2.",
+        commands.tokens_revoke,
+    )
+    revoke.add_argument("id", metavar="ID", help="the token's id, as `minichat tokens list` shows it")
 
 
 def _add_replay(group: _Group) -> None:

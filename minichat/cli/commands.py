@@ -10,6 +10,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from minichat.processors.errors import EXIT_FATAL, failure_report
@@ -57,18 +58,98 @@ async def db_revoke_reader(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def tokens_add(settings: Settings, args: argparse.Namespace) -> int:
-    from minichat.processors.read_api import add_token
-
+def _tokens_file(settings: Settings, command: str) -> Path | None:
     if settings.read_tokens_file is None:
         print(
-            "minichat tokens add: set MINICHAT_READ_TOKENS_FILE or --read-tokens-file "
-            "(the file the token's digest goes to)",
+            f"minichat tokens {command}: set MINICHAT_READ_TOKENS_FILE or --read-tokens-file (the file "
+            "of read API tokens)",
+            file=sys.stderr,
+        )
+    return settings.read_tokens_file
+
+
+def tokens_add(settings: Settings, args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from minichat.processors.tokens import TokenFileError, format_time, issue_token
+
+    path = _tokens_file(settings, "add")
+    if path is None:
+        return EXIT_SETUP
+    expires_in = timedelta(days=args.expires_in) if args.expires_in is not None else None
+    try:
+        token, record = issue_token(path, args.tenant, expires_in=expires_in)
+    except (TokenFileError, OSError) as exc:
+        return _token_file_failed("add", path, exc)
+    print(token)
+    expires = format_time(record.expires_at) or "never"
+    print(f"token {record.id} for tenant {record.tenant_id}, expires {expires}", file=sys.stderr)
+    return 0
+
+
+def tokens_list(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from minichat.processors.tokens import TokenFileError, read_tokens, utc_now
+
+    path = _tokens_file(settings, "list")
+    if path is None:
+        return EXIT_SETUP
+    try:
+        records = read_tokens(path)
+    except (TokenFileError, OSError) as exc:
+        return _token_file_failed("list", path, exc)
+    now = utc_now()
+    shown = [r.public(now) for r in records]
+    if args.json:
+        print(json.dumps(shown))
+        return 0
+    rows = [("ID", "TENANT", "CREATED", "EXPIRES")] + [
+        (
+            t["id"],
+            t["tenant_id"],
+            t["created_at"] or "unknown",
+            (t["expires_at"] or "never") + (" (expired)" if t["expired"] else ""),
+        )
+        for t in shown
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3])
+    return 0
+
+
+def tokens_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    from minichat.processors.tokens import TokenFileError, UnknownTokenError, revoke_token
+
+    path = _tokens_file(settings, "revoke")
+    if path is None:
+        return EXIT_SETUP
+    try:
+        record = revoke_token(path, args.id)
+    except UnknownTokenError:
+        print(
+            f"minichat tokens revoke: no token has the id {args.id!r} in {path} (see `minichat tokens "
+            "list`); nothing changed",
             file=sys.stderr,
         )
         return EXIT_SETUP
-    print(add_token(settings.read_tokens_file, args.tenant))
+    except (TokenFileError, OSError) as exc:
+        return _token_file_failed("revoke", path, exc)
+    print(f"revoked token {record.id} of tenant {record.tenant_id}")
     return 0
+
+
+def _token_file_failed(command: str, path: Path, exc: Exception) -> int:
+    """A token file that is not one, or cannot be read or written: say so, change nothing."""
+    from minichat.processors.tokens import TokenFileError
+
+    if isinstance(exc, TokenFileError):
+        problem = f"is not a token file: {exc}" + ("" if command == "list" else "; nothing changed")
+    else:
+        problem = f"cannot be used ({type(exc).__name__}: {getattr(exc, 'strerror', None) or 'error'})"
+    print(f"minichat tokens {command}: {path} {problem}", file=sys.stderr)
+    return EXIT_SETUP
 
 
 async def db_migrate(settings: Settings, args: argparse.Namespace) -> int:

@@ -24,9 +24,10 @@ from minichat.processors.engine import OrderedEngine
 from minichat.processors.errors import stop_worker
 from minichat.processors.metrics import Lag, Metrics, render_metrics
 from minichat.processors.outages import BrokerWatch, limit_client_log_repeats, pace_failed_metadata_updates
-from minichat.processors.read_api import TokenStore, register_read_api
+from minichat.processors.read_api import register_read_api
 from minichat.processors.relay import register_relay
 from minichat.processors.runtime import Runtime
+from minichat.processors.tokens import TokenStore
 from minichat.processors.turn_events import TurnEvents
 from minichat.processors.turn_requests import TurnRequests
 from minichat.processors.watchdog import register_watchdog

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import logging
-import os
-import secrets
-import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -29,6 +24,7 @@ import faust
 from minichat.domain.periods import periods_for
 from minichat.domain.quota_view import quota_view
 from minichat.models.policy import Policy
+from minichat.processors.tokens import TokenStore
 from minichat.storage.db import ping
 from minichat.storage.read_api import Cursor, chat_messages, chat_turn, reading_as, user_quota
 
@@ -76,67 +72,6 @@ TURN_FIELDS = (
     "settled_at",
 )
 QUOTA_FIELDS = ("user_id", "policy_version", "buckets", "tools", "blocked")
-
-
-# ----------------------------------------------------------------------------------------- tokens
-
-
-def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-class TokenStore:
-    """Token digests to tenants, from `MINICHAT_READ_TOKENS_FILE`; re-read when the file changes
-    (so `minichat tokens add` needs no restart)."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self._stamp: tuple[int, int] | None = None
-        self._tenants: dict[str, UUID] = {}
-
-    def tenant_for(self, authorization: str | None) -> UUID | None:
-        if not authorization or not authorization.startswith("Bearer "):
-            return None
-        token = authorization.removeprefix("Bearer ").strip()
-        if not token:
-            return None
-        return self._load().get(token_digest(token))
-
-    def _load(self) -> dict[str, UUID]:
-        if self.path is None:
-            return {}
-        try:
-            stat = self.path.stat()
-        except FileNotFoundError:
-            return {}
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        if stamp != self._stamp:
-            self._tenants = read_tokens(self.path)
-            self._stamp = stamp
-        return self._tenants
-
-
-def read_tokens(path: Path) -> dict[str, UUID]:
-    if not path.exists():
-        return {}
-    raw = json.loads(path.read_text() or "{}")
-    return {str(digest): UUID(str(tenant)) for digest, tenant in raw.items()}
-
-
-def add_token(path: Path, tenant_id: UUID) -> str:
-    """A new token for `tenant_id`; only its digest is stored (the file replaced atomically,
-    readable by its owner only). Returns the token: it is shown once."""
-    token = secrets.token_urlsafe(32)
-    tokens = {digest: str(tenant) for digest, tenant in read_tokens(path).items()}
-    tokens[token_digest(token)] = str(tenant_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as out:
-        json.dump(tokens, out, indent=2, sort_keys=True)
-        out.write("\n")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-    return token
 
 
 # ------------------------------------------------------------------------------------- responses

@@ -16,7 +16,7 @@ import pytest
 from minichat.bench.workers import free_port
 from minichat.domain.quota_view import default_model, smallest_request
 from minichat.models.policy import load_policy
-from minichat.processors.read_api import add_token
+from minichat.processors.tokens import add_token
 from tests.conftest import Live, live_deployment
 from tests.gateway import Event, policy_file
 from tests.support import Endpoints, wait_until

@@ -24,6 +24,8 @@ COMMANDS = [
     ["db", "grant-reader", "--tenant", str(uuid.uuid4()), "--role", "someone"],
     ["db", "revoke-reader", "--role", "someone"],
     ["tokens", "add", "--tenant", str(uuid.uuid4())],
+    ["tokens", "list"],
+    ["tokens", "revoke", "0123456789ab"],
     ["topics", "create"],
     ["schema", "export"],
 ]
