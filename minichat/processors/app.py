@@ -15,6 +15,7 @@ from faust.app.base import BootStrategy
 
 from minichat.domain.turns import TurnEvent
 from minichat.gc_tuning import tune_gc
+from minichat.kafka_security import kafka_security
 from minichat.models import events
 from minichat.models.policy import Policy, load_policy
 from minichat.models.topics import TopicNames
@@ -108,6 +109,7 @@ def register_broker_watch(
     broker away nobody knows who leads); stop the worker after `broker_give_up_s` of failures."""
     watch = BrokerWatch(
         settings.kafka_bootstrap_servers,
+        security=kafka_security(settings),
         give_up_s=settings.broker_give_up_s,
         timeout_s=max(1.0, settings.broker_check_interval_s),
     )
@@ -150,6 +152,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
     app = WorkerApp(
         settings.group_id,
         broker=settings.kafka_broker_url,
+        broker_credentials=kafka_security(settings).faust_credentials(),
         autodiscover=False,
         key_serializer="raw",
         value_serializer="raw",

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from aiokafka.client import AIOKafkaClient
 
+from minichat.kafka_security import KafkaSecurity
 from minichat.processors.errors import GaveUp
 
 logger = logging.getLogger(__name__)
@@ -102,9 +103,11 @@ class BrokerWatch:
         give_up_s: float,
         timeout_s: float,
         probe: Callable[[], Awaitable[object]] | None = None,
+        security: KafkaSecurity | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
+        self._security = security or KafkaSecurity()
         self.give_up_s = give_up_s
         self.timeout_s = timeout_s
         self._probe = probe or self._metadata
@@ -149,6 +152,7 @@ class BrokerWatch:
         # the list that answers, and no state survives an outage.
         client = AIOKafkaClient(
             bootstrap_servers=self.bootstrap_servers,
+            **self._security.client_options(),
             client_id="minichat-broker-watch",
             request_timeout_ms=max(1, int(self.timeout_s * 1000)),
         )
