@@ -24,7 +24,12 @@ from minichat.processors.batches import MergedBatches
 from minichat.processors.engine import OrderedEngine
 from minichat.processors.errors import stop_worker
 from minichat.processors.metrics import Lag, Metrics, render_metrics
-from minichat.processors.outages import BrokerWatch, limit_client_log_repeats, pace_failed_metadata_updates
+from minichat.processors.outages import (
+    BrokerWatch,
+    limit_client_log_repeats,
+    log_connection_lines_once,
+    pace_failed_metadata_updates,
+)
 from minichat.processors.read_api import TokenStore, register_read_api
 from minichat.processors.relay import register_relay
 from minichat.processors.runtime import Runtime
@@ -149,6 +154,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
     runtime = runtime or Runtime(settings, names)
     pace_failed_metadata_updates()
     limit_client_log_repeats()
+    log_connection_lines_once()
     app = WorkerApp(
         settings.group_id,
         broker=settings.kafka_broker_url,
