@@ -12,7 +12,7 @@
 # Secure mode (MINICHAT_STACK_KAFKA_SECURE=1, for every command above): the broker's only client
 # listener is SASL_SSL (SCRAM-SHA-512; a throwaway CA and broker certificate made with openssl and
 # keytool in <state dir>/kafka/secure), the StandardAuthorizer denies what no ACL allows, and the
-# users admin (super user), minichat and gateway get the ACLs of docs/security.md. The export lines
+# users admin (super user), gateway and minichat get the ACLs of docs/security.md. The export lines
 # then carry the protocol, mechanism, CA file and minichat's user and password file; the gateway's
 # and admin's password files lie next to it (MINICHAT_STACK_KAFKA_SECURE_DIR). Use its own state
 # dir: a state dir keeps the mode it was formatted in.
@@ -81,6 +81,7 @@ KAFKA_PROPS="$KAFKA_DIR/server.properties"
 KAFKA_LOG4J="$KAFKA_DIR/log4j2.properties"
 KAFKA_SECURE=${MINICHAT_STACK_KAFKA_SECURE:-0}
 KAFKA_SECURE_DIR="$KAFKA_DIR/secure"
+KAFKA_SECURE_USERS="admin gateway minichat" # SCRAM users of secure mode
 KAFKA_ACL_PREFIX=${MINICHAT_STACK_KAFKA_TOPIC_PREFIX:-minichat.}
 KAFKA_ACL_GROUP=${MINICHAT_STACK_KAFKA_GROUP_ID:-minichat}
 
@@ -369,7 +370,7 @@ kafka_secure_prepare() {
     fi
     mkdir -p "$d"
     chmod 700 "$d"
-    for user in admin minichat gateway keystore; do
+    for user in keystore $KAFKA_SECURE_USERS; do
         if [[ ! -s "$d/$user.password" ]]; then
             (umask 077 && kafka_secret >"$d/$user.password")
         fi
@@ -431,7 +432,7 @@ EOF
 
 kafka_secure_scram_args() {
     local user
-    for user in admin minichat gateway; do
+    for user in $KAFKA_SECURE_USERS; do
         SCRAM_ARGS+=(--add-scram "SCRAM-SHA-512=[name=$user,password=$(<"$KAFKA_SECURE_DIR/$user.password")]")
     done
 }
