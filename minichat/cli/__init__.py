@@ -121,7 +121,10 @@ _EPILOG = (
 
 def _command(group: _Group, name: str, summary: str, description: str, run: _Run) -> argparse.ArgumentParser:
     """A command: one line for the list, a paragraph for its own --help, and the settings options."""
-    parser: argparse.ArgumentParser = group.add_parser(name, help=summary, description=description)
+    # allow_abbrev=False: `--kafka-sasl-password X` must not be taken for `--kafka-sasl-password-file`
+    parser: argparse.ArgumentParser = group.add_parser(
+        name, help=summary, description=description, allow_abbrev=False
+    )
     _add_setting_options(parser)
     parser.set_defaults(run=run)
     return parser
