@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from minichat.kafka_security import SaslMechanism, SecurityProtocol, security_problems
 
 PACKAGED_POLICY = Path(__file__).with_name("policy.example.yaml")
 
@@ -13,9 +15,22 @@ PACKAGED_POLICY = Path(__file__).with_name("policy.example.yaml")
 class Settings(BaseSettings):
     """docs/contract.md, "Settings" and "Tuning settings" (tuning knobs keep their defaults in production)."""
 
-    model_config = SettingsConfigDict(env_prefix="MINICHAT_", frozen=True, extra="ignore")
+    # hide_input_in_errors: a refused setting's error never quotes what was given (a password, a URL).
+    model_config = SettingsConfigDict(
+        env_prefix="MINICHAT_", frozen=True, extra="ignore", hide_input_in_errors=True
+    )
 
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    # How every Kafka client authenticates (minichat/kafka_security.py). The password comes from
+    # the environment or a file only: no command-line option would keep it out of `ps`.
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_password_file: Path | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
     database_url: str = "postgresql://minichat:minichat@127.0.0.1:5432/minichat"
     topic_prefix: str = "minichat."
     group_id: str = "minichat"
@@ -73,6 +88,27 @@ class Settings(BaseSettings):
     retry_max_backoff_s: float = Field(default=5.0, gt=0, le=60)
     broker_give_up_s: float = Field(default=120.0, gt=0)
     broker_check_interval_s: float = Field(default=2.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _kafka_security_is_usable(self) -> Settings:
+        if self.kafka_sasl_password is not None and self.kafka_sasl_password_file is not None:
+            raise ValueError(
+                "set MINICHAT_KAFKA_SASL_PASSWORD or MINICHAT_KAFKA_SASL_PASSWORD_FILE, not both"
+            )
+        if self.kafka_sasl_password_file is not None and not self.kafka_sasl_password_file.is_file():
+            raise ValueError(f"MINICHAT_KAFKA_SASL_PASSWORD_FILE: no file {self.kafka_sasl_password_file}")
+        has_password = self.kafka_sasl_password is not None or self.kafka_sasl_password_file is not None
+        files = (self.kafka_ssl_cafile, self.kafka_ssl_certfile, self.kafka_ssl_keyfile)
+        problems = security_problems(
+            self.kafka_security_protocol,
+            self.kafka_sasl_mechanism,
+            self.kafka_sasl_username,
+            has_password,
+            files,
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @property
     def kafka_broker_url(self) -> str:

@@ -7,6 +7,15 @@
 #   scripts/stack.sh env         print the export lines without starting anything
 #   scripts/stack.sh stop-kafka | stop-pg        stop one service, keep its data (`up` starts it again)
 #   scripts/stack.sh restart-kafka | restart-pg  stop one service and start it again (same data, ports)
+#   scripts/stack.sh up-kafka    start (or reuse) the broker only; prints its export lines
+#
+# Secure mode (MINICHAT_STACK_KAFKA_SECURE=1, for every command above): the broker's only client
+# listener is SASL_SSL (SCRAM-SHA-512; a throwaway CA and broker certificate made with openssl and
+# keytool in <state dir>/kafka/secure), the StandardAuthorizer denies what no ACL allows, and the
+# users admin (super user), gateway and minichat get the ACLs of docs/security.md. The export lines
+# then carry the protocol, mechanism, CA file and minichat's user and password file; the gateway's
+# and admin's password files lie next to it (MINICHAT_STACK_KAFKA_SECURE_DIR). Use its own state
+# dir: a state dir keeps the mode it was formatted in.
 #
 # Kafka: a single-node KRaft broker+controller from Maven Central jars (tools/kafka/pom.xml).
 # PostgreSQL: a throwaway cluster (fsync off) from the distribution's binaries, run as user postgres.
@@ -27,6 +36,9 @@
 #   MINICHAT_STACK_MVN_ARGS                extra Maven arguments (word-split), e.g. -Dmaven.repo.local=/tmp/m2
 #   MINICHAT_STACK_PG_BIN                  PostgreSQL bin dir (default: newest /usr/lib/postgresql/*/bin)
 #   MINICHAT_STACK_PURGE=1                 make `down` behave like `down --purge`
+#   MINICHAT_STACK_KAFKA_SECURE=1          secure mode (above)
+#   MINICHAT_STACK_KAFKA_TOPIC_PREFIX      secure mode: topic prefix the ACLs cover (minichat.)
+#   MINICHAT_STACK_KAFKA_GROUP_ID          secure mode: minichat's consumer group (prefix) the ACLs cover (minichat)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -67,13 +79,23 @@ KAFKA_PIDFILE="$KAFKA_DIR/kafka.pid"
 KAFKA_OUT="$KAFKA_DIR/server.out"
 KAFKA_PROPS="$KAFKA_DIR/server.properties"
 KAFKA_LOG4J="$KAFKA_DIR/log4j2.properties"
+KAFKA_SECURE=${MINICHAT_STACK_KAFKA_SECURE:-0}
+KAFKA_SECURE_DIR="$KAFKA_DIR/secure"
+KAFKA_SECURE_USERS="admin gateway minichat" # SCRAM users of secure mode
+KAFKA_ACL_PREFIX=${MINICHAT_STACK_KAFKA_TOPIC_PREFIX:-minichat.}
+KAFKA_ACL_GROUP=${MINICHAT_STACK_KAFKA_GROUP_ID:-minichat}
 
 # ------------------------------------------------------------------------------------------ helpers
 
 print_env() {
-    printf 'export MINICHAT_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:%s\n' "$KAFKA_PORT"
+    print_kafka_env
     printf 'export MINICHAT_DATABASE_URL=postgresql://%s:%s@127.0.0.1:%s/%s\n' \
         "$PG_USER" "$PG_PASSWORD" "$PG_PORT" "$PG_DB"
+}
+
+print_kafka_env() {
+    printf 'export MINICHAT_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:%s\n' "$KAFKA_PORT"
+    if [[ $KAFKA_SECURE == 1 ]]; then kafka_secure_env; fi
 }
 
 # True when process $1 still runs. A zombie (exited, not reaped yet: where PID 1 does not reap
@@ -196,6 +218,10 @@ background.threads=2
 num.recovery.threads.per.data.dir=1
 log.cleaner.dedupe.buffer.size=16777216
 EOF
+    if [[ $KAFKA_SECURE == 1 ]]; then
+        chmod 600 "$KAFKA_PROPS" # it holds the broker's passwords
+        kafka_secure_config >>"$KAFKA_PROPS"
+    fi
     cat >"$KAFKA_LOG4J" <<'EOF'
 status = warn
 appender.console.type = Console
@@ -234,18 +260,22 @@ kafka_cluster_id() {
 kafka_start() {
     local cid
     mkdir -p "$KAFKA_DIR/data" "$KAFKA_DIR/logs"
+    if [[ $KAFKA_SECURE == 1 ]]; then kafka_secure_prepare; fi
     write_kafka_config
     kafka_jvm_opts
+    SCRAM_ARGS=()
     if [[ ! -f "$KAFKA_DIR/data/meta.properties" ]]; then
         cid=$(kafka_cluster_id)
         log "formatting Kafka log dir (cluster id $cid)"
+        if [[ $KAFKA_SECURE == 1 ]]; then kafka_secure_scram_args; fi
         if ! java -Xmx256m "${JVM_OPTS[@]}" -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool \
-            format -t "$cid" -c "$KAFKA_PROPS" >"$KAFKA_DIR/format.out" 2>&1 </dev/null; then
+            format -t "$cid" -c "$KAFKA_PROPS" "${SCRAM_ARGS[@]}" >"$KAFKA_DIR/format.out" 2>&1 </dev/null; then
             cat "$KAFKA_DIR/format.out" >&2
             die "kafka-storage format failed"
         fi
+        if [[ $KAFKA_SECURE == 1 ]]; then touch "$KAFKA_SECURE_DIR/formatted"; fi
     fi
-    log "starting Kafka on 127.0.0.1:$KAFKA_PORT (controller $KAFKA_CPORT)"
+    log "starting Kafka on 127.0.0.1:$KAFKA_PORT (controller $KAFKA_CPORT)$([[ $KAFKA_SECURE == 1 ]] && echo ', SASL_SSL')"
     : >"$KAFKA_OUT"
     rm -f "$KAFKA_PIDFILE"
     # setsid: own session, so Ctrl-C in the calling shell or make does not reach the broker;
@@ -267,6 +297,7 @@ kafka_wait_ready() {
             die "Kafka exited during start-up (full output: $KAFKA_OUT)"
         fi
         if [[ -n $pid ]] && grep -q "$READY_LINE" "$KAFKA_OUT" && port_open "$KAFKA_PORT"; then
+            if [[ $KAFKA_SECURE == 1 ]]; then kafka_secure_acls; fi
             return 0
         fi
         if ((SECONDS >= deadline)); then
@@ -308,7 +339,7 @@ kafka_preflight() {
     KAFKA_WAIT=0
     if KAFKA_RUNNING_PID=$(kafka_pid); then
         # server.properties is rewritten only when a broker starts: it holds the running one's ports
-        running_port=$(sed -n 's|^advertised.listeners=PLAINTEXT://127.0.0.1:\([0-9]*\).*|\1|p' "$KAFKA_PROPS")
+        running_port=$(sed -n 's|^advertised.listeners=[A-Z_]*://127.0.0.1:\([0-9]*\).*|\1|p' "$KAFKA_PROPS" | tail -n 1)
         [[ $running_port == "$KAFKA_PORT" ]] ||
             die "Kafka (pid $KAFKA_RUNNING_PID) runs on port $running_port, not $KAFKA_PORT: run 'scripts/stack.sh down' first"
         if ! port_open "$KAFKA_PORT"; then
@@ -322,6 +353,145 @@ kafka_preflight() {
             die "port 127.0.0.1:$p is taken by another process (not this stack's Kafka, state dir $STACK_DIR); stop it or set MINICHAT_STACK_KAFKA_PORT / MINICHAT_STACK_KAFKA_CONTROLLER_PORT"
         fi
     done
+}
+
+# ------------------------------------------------------------------------------------------ Kafka, secure mode
+
+kafka_secret() { head -c 24 /dev/urandom | base64 | tr -d '/+=\n'; }
+
+# Tools, passwords and certificates (made once per state dir, kept across restarts).
+kafka_secure_prepare() {
+    local d=$KAFKA_SECURE_DIR user ks
+    command -v openssl >/dev/null || apt_install openssl
+    # keytool comes with the JRE; javac (the JDK) runs tools/kafka/StackAcls.java
+    command -v keytool >/dev/null && command -v javac >/dev/null || apt_install openjdk-17-jdk-headless
+    if [[ -f "$KAFKA_DIR/data/meta.properties" && ! -f "$d/formatted" ]]; then
+        die "$KAFKA_DIR/data was formatted without MINICHAT_STACK_KAFKA_SECURE=1: use another MINICHAT_STACK_DIR, or 'down --purge' first"
+    fi
+    mkdir -p "$d"
+    chmod 700 "$d"
+    for user in keystore $KAFKA_SECURE_USERS; do
+        if [[ ! -s "$d/$user.password" ]]; then
+            (umask 077 && kafka_secret >"$d/$user.password")
+        fi
+    done
+    [[ -s "$d/broker.p12" && -s "$d/truststore.p12" && -s "$d/ca.pem" ]] && return 0
+    log "making a throwaway CA and broker certificate in $d"
+    ks=$(<"$d/keystore.password")
+    (
+        cd "$d"
+        umask 077
+        openssl req -x509 -newkey rsa:2048 -nodes -days 365 -keyout ca.key -out ca.pem \
+            -subj "/CN=minichat stack CA" -addext "basicConstraints=critical,CA:TRUE" \
+            -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+        openssl req -newkey rsa:2048 -nodes -keyout broker.key -out broker.csr -subj "/CN=localhost" 2>/dev/null
+        printf '%s\n' "subjectAltName=IP:127.0.0.1,DNS:localhost" "basicConstraints=CA:FALSE" \
+            "keyUsage=critical,digitalSignature,keyEncipherment" "extendedKeyUsage=serverAuth,clientAuth" \
+            "authorityKeyIdentifier=keyid" "subjectKeyIdentifier=hash" >broker.ext
+        openssl x509 -req -in broker.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 365 \
+            -extfile broker.ext -out broker.pem 2>/dev/null
+        openssl pkcs12 -export -in broker.pem -inkey broker.key -certfile ca.pem -name broker \
+            -out broker.p12 -passout "file:keystore.password"
+        rm -f truststore.p12
+        keytool -importcert -noprompt -alias ca -file ca.pem -keystore truststore.p12 -storetype PKCS12 \
+            -storepass:file keystore.password >/dev/null 2>&1
+        chmod 644 ca.pem
+    ) || die "making the certificates in $d failed"
+}
+
+kafka_secure_jaas() {
+    printf 'org.apache.kafka.common.security.scram.ScramLoginModule required username="%s" password="%s";' \
+        "$1" "$(<"$KAFKA_SECURE_DIR/$1.password")"
+}
+
+# Appended to server.properties (a later key wins): SASL_SSL for clients and between brokers,
+# the controller listener stays PLAINTEXT on 127.0.0.1 (its principal, ANONYMOUS, is a super user:
+# the broker reaches its own controller through it).
+kafka_secure_config() {
+    local d=$KAFKA_SECURE_DIR
+    cat <<EOF
+# secure mode (MINICHAT_STACK_KAFKA_SECURE=1)
+listeners=SASL_SSL://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CPORT
+advertised.listeners=SASL_SSL://127.0.0.1:$KAFKA_PORT
+inter.broker.listener.name=SASL_SSL
+listener.security.protocol.map=SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT
+sasl.enabled.mechanisms=SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=$(kafka_secure_jaas admin)
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$d/broker.p12
+ssl.keystore.password=$(<"$d/keystore.password")
+ssl.truststore.type=PKCS12
+ssl.truststore.location=$d/truststore.p12
+ssl.truststore.password=$(<"$d/keystore.password")
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=false
+super.users=User:admin;User:ANONYMOUS
+EOF
+}
+
+kafka_secure_scram_args() {
+    local user
+    for user in $KAFKA_SECURE_USERS; do
+        SCRAM_ARGS+=(--add-scram "SCRAM-SHA-512=[name=$user,password=$(<"$KAFKA_SECURE_DIR/$user.password")]")
+    done
+}
+
+# The ACL table of docs/security.md: PRINCIPAL OPERATION RESOURCE_TYPE PATTERN_TYPE NAME.
+kafka_secure_acl_lines() {
+    local p=$KAFKA_ACL_PREFIX t
+    # minichat owns every topic under the prefix: creates and configures them, reads the inputs,
+    # writes its outputs, reads dead-letters; its group(s); idempotent produce, broker count.
+    printf 'User:minichat %s TOPIC PREFIXED %s\n' ALL "$p"
+    printf 'User:minichat %s GROUP PREFIXED %s\n' READ "$KAFKA_ACL_GROUP" DESCRIBE "$KAFKA_ACL_GROUP"
+    printf 'User:minichat %s CLUSTER LITERAL kafka-cluster\n' DESCRIBE IDEMPOTENT_WRITE
+    # gateways: write the inputs, read the decisions (GatewayClient uses no consumer group; their
+    # own consumers may use groups named gateway*)
+    for t in turn-requests provider-responses usage; do
+        printf 'User:gateway %s TOPIC LITERAL %s%s\n' WRITE "$p" "$t" DESCRIBE "$p" "$t"
+    done
+    printf 'User:gateway %s TOPIC LITERAL %sturn-decisions\n' READ "$p" DESCRIBE "$p"
+    printf 'User:gateway %s GROUP PREFIXED gateway\n' READ DESCRIBE
+    printf 'User:gateway IDEMPOTENT_WRITE CLUSTER LITERAL kafka-cluster\n'
+}
+
+kafka_secure_admin_config() {
+    local d=$KAFKA_SECURE_DIR
+    (umask 077 && cat >"$d/admin.properties" <<EOF
+bootstrap.servers=127.0.0.1:$KAFKA_PORT
+security.protocol=SASL_SSL
+sasl.mechanism=SCRAM-SHA-512
+sasl.jaas.config=$(kafka_secure_jaas admin)
+ssl.truststore.type=PEM
+ssl.truststore.location=$d/ca.pem
+EOF
+    )
+}
+
+# Creates the ACLs (again only when the table changed), as admin over SASL_SSL.
+kafka_secure_acls() {
+    local d=$KAFKA_SECURE_DIR want
+    want=$(kafka_secure_acl_lines | sha256sum | cut -c1-16)
+    [[ "$(cat "$d/acls.stamp" 2>/dev/null)" == "$want" ]] && return 0
+    kafka_secure_admin_config
+    log "creating the ACLs (tools/kafka/StackAcls.java)"
+    if ! kafka_secure_acl_lines | java -Xmx128m -XX:TieredStopAtLevel=1 "-Dlog4j2.configurationFile=$KAFKA_LOG4J" \
+        -cp "$KAFKA_LIBS/*" "$REPO/tools/kafka/StackAcls.java" "$d/admin.properties" >"$d/acls.out" 2>&1; then
+        cat "$d/acls.out" >&2
+        kafka_stop
+        die "creating the ACLs failed (output above)"
+    fi
+    printf '%s\n' "$want" >"$d/acls.stamp"
+}
+
+kafka_secure_env() {
+    local d=$KAFKA_SECURE_DIR
+    printf 'export MINICHAT_KAFKA_SECURITY_PROTOCOL=SASL_SSL\n'
+    printf 'export MINICHAT_KAFKA_SASL_MECHANISM=SCRAM-SHA-512\n'
+    printf 'export MINICHAT_KAFKA_SASL_USERNAME=minichat\n'
+    printf 'export MINICHAT_KAFKA_SASL_PASSWORD_FILE=%s\n' "$d/minichat.password"
+    printf 'export MINICHAT_KAFKA_SSL_CAFILE=%s\n' "$d/ca.pem"
+    printf 'export MINICHAT_STACK_KAFKA_SECURE_DIR=%s\n' "$d"
 }
 
 # ------------------------------------------------------------------------------------------ PostgreSQL
@@ -580,7 +750,8 @@ cmd_down() {
     if [[ $purge == 1 ]]; then
         log "purging data in $STACK_DIR (keeping the jar cache $KAFKA_LIBS)"
         rm -rf "$KAFKA_DIR/data" "$KAFKA_DIR/logs" "$KAFKA_OUT" "$KAFKA_PROPS" "$KAFKA_LOG4J" \
-            "$KAFKA_DIR/format.out" "$KAFKA_DIR/mvn.log" "$KAFKA_PIDFILE" "$KAFKA_DIR"/libs.tmp.* "$STACK_DIR/initdb.log"
+            "$KAFKA_DIR/format.out" "$KAFKA_DIR/mvn.log" "$KAFKA_PIDFILE" "$KAFKA_DIR"/libs.tmp.* "$STACK_DIR/initdb.log" \
+            "$KAFKA_SECURE_DIR"
         rm -rf "$PG_DIR"
         if [[ -L "$STACK_DIR/pg" ]]; then rm -f "$STACK_DIR/pg"; fi
     fi
@@ -607,6 +778,22 @@ cmd_restart_kafka() {
     kafka_start
     kafka_wait_ready
     log "kafka: restarted in $(elapsed "$t0") s (pid $(<"$KAFKA_PIDFILE"), 127.0.0.1:$KAFKA_PORT)"
+}
+
+cmd_up_kafka() {
+    local t0=$EPOCHREALTIME
+    lock
+    kafka_preflight
+    if [[ -z $KAFKA_RUNNING_PID ]]; then
+        ensure_java
+        ensure_kafka_libs
+        kafka_start
+        kafka_wait_ready
+    elif [[ $KAFKA_WAIT -eq 1 ]]; then
+        kafka_wait_ready
+    fi
+    log "kafka: ready in $(elapsed "$t0") s (pid $(<"$KAFKA_PIDFILE"), 127.0.0.1:$KAFKA_PORT)"
+    print_kafka_env
 }
 
 cmd_restart_pg() {
@@ -656,7 +843,7 @@ cmd_status() {
 }
 
 usage() {
-    sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -672,6 +859,7 @@ main() {
         stop-pg) cmd_stop_pg ;;
         restart-kafka) cmd_restart_kafka ;;
         restart-pg) cmd_restart_pg ;;
+        up-kafka) cmd_up_kafka ;;
         -h | --help | help) usage ;;
         *) usage ;;
     esac

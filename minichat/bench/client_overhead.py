@@ -32,6 +32,7 @@ from minichat.bench.progress import say
 from minichat.bench.scratch import deployment
 from minichat.bench.workers import running_workers
 from minichat.client import GatewayClient
+from minichat.kafka_security import gateway_security_arguments, kafka_client_options
 from minichat.models import events
 from minichat.models.policy import CatalogModel
 from minichat.models.topics import TopicNames
@@ -74,7 +75,9 @@ def _command(model: CatalogModel) -> events.TurnRequested:
 
 async def _client_instance(settings: Settings, model: CatalogModel, requests: int) -> tuple[list[float], int]:
     times: list[float] = []
-    async with GatewayClient(settings.kafka_bootstrap_servers, settings.topic_prefix) as client:
+    async with GatewayClient(
+        settings.kafka_bootstrap_servers, settings.topic_prefix, **gateway_security_arguments(settings)
+    ) as client:
         for _ in range(requests):
             command = _command(model)
             started = time.perf_counter()
@@ -85,8 +88,8 @@ async def _client_instance(settings: Settings, model: CatalogModel, requests: in
 
 async def _raw_instance(settings: Settings, model: CatalogModel, requests: int) -> list[float]:
     names = TopicNames(settings.topic_prefix)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all")
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False)
+    producer = AIOKafkaProducer(**kafka_client_options(settings), acks="all")
+    consumer = AIOKafkaConsumer(**kafka_client_options(settings), enable_auto_commit=False)
     waiting: dict[str, asyncio.Future[None]] = {}
 
     async def read() -> None:

@@ -8,6 +8,7 @@ from types import TracebackType
 from aiokafka import AIOKafkaProducer
 
 from minichat.bench.traffic import Chat, Turn
+from minichat.kafka_security import kafka_client_options
 from minichat.models.topics import TopicNames
 from minichat.partitioning import KeyedPartitioner
 from minichat.settings import Settings
@@ -19,7 +20,7 @@ class Gateway:
     def __init__(self, settings: Settings, *, linger_ms: int) -> None:
         self.names = TopicNames(settings.topic_prefix)
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
+            **kafka_client_options(settings),
             acks="all",
             linger_ms=linger_ms,
             max_batch_size=256 * 1024,

@@ -38,6 +38,7 @@ from minichat.bench.workers import (
     stack_cpu_used,
     stage_quantiles,
 )
+from minichat.kafka_security import kafka_client_options
 from minichat.models.policy import CatalogModel
 from minichat.settings import Settings
 from minichat.tasks import cancel_and_wait
@@ -55,15 +56,13 @@ class DecisionClock:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False
-        )
+        self._consumer = AIOKafkaConsumer(**kafka_client_options(settings), enable_auto_commit=False)
         self.decided: dict[str, tuple[int, str]] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> DecisionClock:
         topic = f"{self._settings.topic_prefix}turn-decisions"
-        tps = (await topic_partitions(self._settings.kafka_bootstrap_servers, [topic]))[topic]
+        tps = (await topic_partitions(self._settings, [topic]))[topic]
         await self._consumer.start()
         self._consumer.assign(tps)
         await self._consumer.seek_to_beginning(*tps)

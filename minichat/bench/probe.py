@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import asyncpg
 from aiokafka import AIOKafkaConsumer
 
+from minichat.kafka_security import kafka_client_options
 from minichat.models.topics import INPUT_TOPICS, TopicNames
 from minichat.settings import Settings
 from minichat.storage.bench import decision_counts, drain_counts, turn_counts
@@ -78,9 +79,9 @@ async def input_records(settings: Settings) -> int:
     """Records on the deployment's input topics (end offsets; the topics are fresh, so from 0)."""
     names = TopicNames(settings.topic_prefix)
     topics = [names.full(t) for t in INPUT_TOPICS]
-    found = await topic_partitions(settings.kafka_bootstrap_servers, topics)
+    found = await topic_partitions(settings, topics)
     tps = [tp for t in topics for tp in found.get(t, [])]
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**kafka_client_options(settings), enable_auto_commit=False)
     await consumer.start()
     try:
         ends = await consumer.end_offsets(tps)

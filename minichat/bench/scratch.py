@@ -22,6 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from minichat.bench.progress import say
+from minichat.kafka_security import kafka_client_options
 from minichat.models.topics import TopicNames
 from minichat.processors.topics import create_topics
 from minichat.settings import PACKAGED_POLICY, Settings
@@ -82,7 +83,7 @@ async def delete_topics(settings: Settings) -> None:
     """Delete every topic of the deployment's prefix (the contract's six and faust's own, e.g.
     `<group>-__assignor-__leader`); a failure is reported, not raised (it must not hide the error
     that ended the run)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    admin = AIOKafkaAdminClient(**kafka_client_options(settings))
     try:
         await admin.start()
         try:
@@ -98,7 +99,7 @@ async def wait_for_leaders(settings: Settings, within: float = 30.0) -> None:
     """Poll until every partition of the deployment's topics has a leader (a new topic's first
     produce would otherwise be refused and retried)."""
     names = TopicNames(settings.topic_prefix).all()
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    admin = AIOKafkaAdminClient(**kafka_client_options(settings))
     await admin.start()
     try:
         deadline = time.monotonic() + within

@@ -25,6 +25,17 @@ logger = logging.getLogger("minichat")
 
 _SETTING_OPTIONS: dict[str, tuple[str, type]] = {
     "kafka_bootstrap_servers": ("Kafka brokers to connect to, host:port[,host:port...]", str),
+    "kafka_security_protocol": ("how Kafka clients connect: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL", str),
+    "kafka_sasl_mechanism": ("SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512", str),
+    "kafka_sasl_username": ("SASL user name", str),
+    # The password itself has no option (it would show in `ps`): $MINICHAT_KAFKA_SASL_PASSWORD or this.
+    "kafka_sasl_password_file": (
+        "file holding the SASL password (or set $MINICHAT_KAFKA_SASL_PASSWORD)",
+        Path,
+    ),
+    "kafka_ssl_cafile": ("PEM file of the CAs that sign the brokers' certificates", Path),
+    "kafka_ssl_certfile": ("PEM file of the client certificate, for brokers that require one", Path),
+    "kafka_ssl_keyfile": ("PEM file of the client certificate's private key", Path),
     "database_url": ("PostgreSQL connection URL", str),
     "topic_prefix": ("prefix of every topic name, to run several deployments on one cluster", str),
     "group_id": ("consumer group the workers share", str),
@@ -36,6 +47,12 @@ _SETTING_OPTIONS: dict[str, tuple[str, type]] = {
 }
 
 _DEFAULT_IN_WORDS = {
+    "kafka_sasl_mechanism": "none",
+    "kafka_sasl_username": "none",
+    "kafka_sasl_password_file": "none",
+    "kafka_ssl_cafile": "the system's CAs",
+    "kafka_ssl_certfile": "none",
+    "kafka_ssl_keyfile": "none",
     "policy_file": "the packaged example policy",
     "read_tokens_file": "none, and the read API refuses every token",
 }
@@ -104,7 +121,10 @@ _EPILOG = (
 
 def _command(group: _Group, name: str, summary: str, description: str, run: _Run) -> argparse.ArgumentParser:
     """A command: one line for the list, a paragraph for its own --help, and the settings options."""
-    parser: argparse.ArgumentParser = group.add_parser(name, help=summary, description=description)
+    # allow_abbrev=False: `--kafka-sasl-password X` must not be taken for `--kafka-sasl-password-file`
+    parser: argparse.ArgumentParser = group.add_parser(
+        name, help=summary, description=description, allow_abbrev=False
+    )
     _add_setting_options(parser)
     parser.set_defaults(run=run)
     return parser

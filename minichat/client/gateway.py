@@ -7,13 +7,16 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Iterable
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from pydantic import SecretStr
 
 from minichat.client.decisions import DecisionReader
 from minichat.client.messages import Command, Fact, envelope
+from minichat.kafka_security import KafkaSecurity
 from minichat.models import events
 from minichat.models.events import TurnDecision, Usage
 from minichat.models.topics import TopicNames
@@ -35,6 +38,10 @@ class DecisionTimeout(TimeoutError):
         self.command = command
 
 
+def _path(value: str | Path | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
 class GatewayClient:
     """An async context manager: `async with GatewayClient(...) as client`."""
 
@@ -46,8 +53,26 @@ class GatewayClient:
         decision_timeout_s: float = 30.0,
         client_id: str = "minichat-gateway",
         linger_ms: int = 0,
+        security_protocol: str = "PLAINTEXT",
+        sasl_mechanism: str | None = None,
+        sasl_username: str | None = None,
+        sasl_password: str | SecretStr | None = None,
+        ssl_cafile: str | Path | None = None,
+        ssl_certfile: str | Path | None = None,
+        ssl_keyfile: str | Path | None = None,
     ) -> None:
+        """The security arguments are the processor's `MINICHAT_KAFKA_*` settings of the same
+        names (docs/gateway-guide.md); incomplete ones raise `ValueError` here."""
         self.topics = TopicNames(topic_prefix)
+        self._security = KafkaSecurity(
+            protocol=security_protocol,
+            sasl_mechanism=sasl_mechanism,
+            sasl_username=sasl_username,
+            sasl_password=SecretStr(sasl_password) if isinstance(sasl_password, str) else sasl_password,
+            ssl_cafile=_path(ssl_cafile),
+            ssl_certfile=_path(ssl_certfile),
+            ssl_keyfile=_path(ssl_keyfile),
+        )
         self.decision_timeout_s = decision_timeout_s
         self._bootstrap = bootstrap_servers
         self._client_id = client_id
@@ -58,8 +83,10 @@ class GatewayClient:
         self._decisions: DecisionReader | None = None
 
     async def __aenter__(self) -> Self:
+        security = self._security.client_options()
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self._bootstrap,
+            **security,
             client_id=self._client_id,
             acks="all",
             enable_idempotence=True,
@@ -68,6 +95,7 @@ class GatewayClient:
         )
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap,
+            **security,
             client_id=f"{self._client_id}-decisions",
             group_id=None,
             enable_auto_commit=False,
@@ -76,7 +104,10 @@ class GatewayClient:
             fetch_max_wait_ms=10,
         )
         self._offsets = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap, client_id=f"{self._client_id}-offsets", group_id=None
+            bootstrap_servers=self._bootstrap,
+            **security,
+            client_id=f"{self._client_id}-offsets",
+            group_id=None,
         )
         await self._producer.start()
         await self._consumer.start()

@@ -15,6 +15,7 @@ from faust.app.base import BootStrategy
 
 from minichat.domain.turns import TurnEvent
 from minichat.gc_tuning import tune_gc
+from minichat.kafka_security import kafka_security
 from minichat.models import events
 from minichat.models.policy import Policy, load_policy
 from minichat.models.topics import TopicNames
@@ -23,7 +24,12 @@ from minichat.processors.batches import MergedBatches
 from minichat.processors.engine import OrderedEngine
 from minichat.processors.errors import stop_worker
 from minichat.processors.metrics import Lag, Metrics, render_metrics
-from minichat.processors.outages import BrokerWatch, limit_client_log_repeats, pace_failed_metadata_updates
+from minichat.processors.outages import (
+    BrokerWatch,
+    limit_client_log_repeats,
+    log_connection_lines_once,
+    pace_failed_metadata_updates,
+)
 from minichat.processors.read_api import register_read_api
 from minichat.processors.relay import register_relay
 from minichat.processors.runtime import Runtime
@@ -109,6 +115,7 @@ def register_broker_watch(
     broker away nobody knows who leads); stop the worker after `broker_give_up_s` of failures."""
     watch = BrokerWatch(
         settings.kafka_bootstrap_servers,
+        security=kafka_security(settings),
         give_up_s=settings.broker_give_up_s,
         timeout_s=max(1.0, settings.broker_check_interval_s),
     )
@@ -148,9 +155,11 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
     runtime = runtime or Runtime(settings, names)
     pace_failed_metadata_updates()
     limit_client_log_repeats()
+    log_connection_lines_once()
     app = WorkerApp(
         settings.group_id,
         broker=settings.kafka_broker_url,
+        broker_credentials=kafka_security(settings).faust_credentials(),
         autodiscover=False,
         key_serializer="raw",
         value_serializer="raw",

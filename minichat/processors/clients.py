@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from minichat.kafka_security import kafka_client_options
 from minichat.partitioning import KeyedPartitioner
 from minichat.processors.assignor import CoPartitionedAssignor
 from minichat.settings import Settings
@@ -13,7 +14,7 @@ def input_consumer(s: Settings) -> AIOKafkaConsumer:
     """The group member that owns partition numbers of the three input topics (the assignor hands
     a member every topic's partition p of its numbers); offsets are committed by the engine only."""
     return AIOKafkaConsumer(
-        bootstrap_servers=s.kafka_bootstrap_servers,
+        **kafka_client_options(s),
         group_id=s.group_id,
         client_id=f"{s.group_id}-engine",
         enable_auto_commit=False,
@@ -35,7 +36,7 @@ def offsets_client(s: Settings) -> AIOKafkaConsumer:
     answers one connection's requests in order, so on the fetching consumer's connection a
     ListOffsets waits behind the fetch in flight (up to `fetch_max_wait_ms`)."""
     return AIOKafkaConsumer(
-        bootstrap_servers=s.kafka_bootstrap_servers,
+        **kafka_client_options(s),
         group_id=None,
         client_id=f"{s.group_id}-engine-offsets",
         enable_auto_commit=False,
@@ -47,7 +48,7 @@ def output_producer(s: Settings) -> AIOKafkaProducer:
     sequence numbers (the broker drops a copy it already wrote) until `retry_give_up_s`,
     rather than failing it to a retry of ours, which could write a decision twice."""
     return AIOKafkaProducer(
-        bootstrap_servers=s.kafka_bootstrap_servers,
+        **kafka_client_options(s),
         client_id=f"{s.group_id}-engine",
         acks="all",
         enable_idempotence=True,

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from aiokafka.client import AIOKafkaClient
 
+from minichat.kafka_security import KafkaSecurity
 from minichat.processors.errors import GaveUp
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,36 @@ def limit_client_log_repeats(
             target.addFilter(limiter)
 
 
+class OnceEach(logging.Filter):
+    """Lets each distinct INFO line of the given templates through once: aiokafka logs "Authenticated
+    as ..." and "Loading SSL CA from ..." on every connection, and the broker watch connects every
+    `broker_check_interval_s`."""
+
+    TEMPLATES = ("Authenticated as %s via %s", "Loading SSL CA from %s")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg not in self.TEMPLATES:
+            return True
+        line = record.getMessage()
+        if line in self._seen:
+            return False
+        self._seen.add(line)
+        return True
+
+
+def log_connection_lines_once() -> None:
+    """Install `OnceEach` on the aiokafka loggers that write those lines (idempotent)."""
+    once = OnceEach()
+    for name in ("aiokafka.conn", "aiokafka.helpers"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, OnceEach) for f in target.filters):
+            target.addFilter(once)
+
+
 def pace_failed_metadata_updates() -> None:
     """Make aiokafka wait its `retry_backoff_ms` after a failed metadata update. Idempotent.
 
@@ -102,9 +133,11 @@ class BrokerWatch:
         give_up_s: float,
         timeout_s: float,
         probe: Callable[[], Awaitable[object]] | None = None,
+        security: KafkaSecurity | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
+        self._client_options = (security or KafkaSecurity()).client_options()  # one TLS context
         self.give_up_s = give_up_s
         self.timeout_s = timeout_s
         self._probe = probe or self._metadata
@@ -149,6 +182,7 @@ class BrokerWatch:
         # the list that answers, and no state survives an outage.
         client = AIOKafkaClient(
             bootstrap_servers=self.bootstrap_servers,
+            **self._client_options,
             client_id="minichat-broker-watch",
             request_timeout_ms=max(1, int(self.timeout_s * 1000)),
         )

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from minichat.kafka_security import kafka_client_options
 from minichat.models.topics import TOPIC_CONFIG, TopicNames
 from minichat.settings import Settings
 
@@ -31,7 +32,7 @@ class TopicReport:
 
 def _admin(settings: Settings) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
+        **kafka_client_options(settings),
         client_id=f"{settings.group_id}-admin",
         request_timeout_ms=30_000,
     )

@@ -10,13 +10,14 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from minichat.kafka_security import kafka_client_options
 from minichat.models.topics import INPUT_TOPICS, TopicNames
 from minichat.settings import Settings
 
 
-async def topic_partitions(bootstrap: str, topics: Sequence[str]) -> dict[str, list[TopicPartition]]:
+async def topic_partitions(settings: Settings, topics: Sequence[str]) -> dict[str, list[TopicPartition]]:
     """The partitions of each existing topic (a missing topic is left out)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**kafka_client_options(settings))
     await admin.start()
     try:
         return await partitions_of(admin, topics)
@@ -41,14 +42,14 @@ def _partition(p: dict[str, Any]) -> int:
 
 
 async def read_topic(
-    bootstrap: str, topic: str, *, within: float = 60.0
+    settings: Settings, topic: str, *, within: float = 60.0
 ) -> list[tuple[bytes | None, bytes | None]]:
     """Every record of `topic` up to the end offsets taken at the start: (key, value) pairs. Raises
     `TimeoutError` when those offsets are not reached `within` seconds."""
-    tps = (await topic_partitions(bootstrap, [topic])).get(topic, [])
+    tps = (await topic_partitions(settings, [topic])).get(topic, [])
     if not tps:
         return []
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**kafka_client_options(settings), enable_auto_commit=False)
     await consumer.start()
     try:
         consumer.assign(tps)
@@ -77,16 +78,14 @@ class InputLag:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False
-        )
+        self._admin = AIOKafkaAdminClient(**kafka_client_options(settings))
+        self._consumer = AIOKafkaConsumer(**kafka_client_options(settings), enable_auto_commit=False)
         self._partitions: list[TopicPartition] = []
 
     async def __aenter__(self) -> InputLag:
         names = TopicNames(self._settings.topic_prefix)
         topics = [names.full(t) for t in INPUT_TOPICS]
-        found = await topic_partitions(self._settings.kafka_bootstrap_servers, topics)
+        found = await topic_partitions(self._settings, topics)
         self._partitions = [tp for t in topics for tp in found.get(t, [])]
         await self._admin.start()
         await self._consumer.start()

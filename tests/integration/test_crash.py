@@ -344,9 +344,8 @@ class DecisionCheck:
 
 async def check_decisions(settings: Settings) -> DecisionCheck:
     names = TopicNames(settings.topic_prefix)
-    bootstrap = settings.kafka_bootstrap_servers
-    commands = [json.loads(v) for _, v in await read_topic(bootstrap, names.turn_requests) if v]
-    decisions = [json.loads(v) for _, v in await read_topic(bootstrap, names.turn_decisions) if v]
+    commands = [json.loads(v) for _, v in await read_topic(settings, names.turn_requests) if v]
+    decisions = [json.loads(v) for _, v in await read_topic(settings, names.turn_decisions) if v]
     sent = Counter(str(c["event_id"]) for c in commands)
     answered = Counter(str(d["command_event_id"]) for d in decisions)
     first: dict[str, dict[str, Any]] = {}

@@ -32,6 +32,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from minichat.models.events import DEAD_LETTER_CODES, DecodeError, decode
 from minichat.models.topics import TopicNames
+from minichat.settings import Settings
 from minichat.tools.kafka import InputLag, topic_partitions
 from tests.conftest import Live, live_deployment
 from tests.data.hostile_records import (
@@ -356,7 +357,7 @@ async def test_hostile_corpus_between_valid_traffic(hostile_live: Live, dead_let
 
         await wait_until(committed, timeout=60, what="the worker to commit every input record")
     letters_topic = TopicNames(live.settings.topic_prefix).dead_letters
-    on_topic = await records_on(live.settings.kafka_bootstrap_servers, letters_topic)
+    on_topic = await records_on(live.settings, letters_topic)
     await dead_letters.wait_for(lambda v: len(v) >= on_topic, timeout=30, what="every dead letter")
     letters = {}
     for message in dead_letters.records:
@@ -523,12 +524,12 @@ async def test_values_wider_than_their_column_do_not_stop_the_partition(
             assert result == "answered", f"{hostile.name} stopped the worker (exit {exited}): {errors}"
 
 
-async def records_on(bootstrap: str, topic: str) -> int:
+async def records_on(settings: Settings, topic: str) -> int:
     """How many records a topic holds (its end offsets; nothing is ever deleted here)."""
     from aiokafka import AIOKafkaConsumer
 
-    partitions = (await topic_partitions(bootstrap, [topic]))[topic]
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    partitions = (await topic_partitions(settings, [topic]))[topic]
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False)
     await consumer.start()
     try:
         return sum((await consumer.end_offsets(partitions)).values())

@@ -14,6 +14,7 @@ import asyncpg
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from minichat.kafka_security import kafka_client_options
 from minichat.models.policy import Policy, load_policy
 from minichat.models.topics import TopicNames
 from minichat.processors.app import build_batches
@@ -74,9 +75,7 @@ async def run_rebuild(
         await _prepare(con, policy)
         summary.parked_at_start = (await state_gauges(con)).parked_events
         rebuild = await _wire(con, settings, policy, names, summary)
-        admin = AIOKafkaAdminClient(
-            bootstrap_servers=settings.kafka_bootstrap_servers, client_id="minichat-replay-admin"
-        )
+        admin = AIOKafkaAdminClient(**kafka_client_options(settings), client_id="minichat-replay-admin")
         await admin.start()
         try:
             partitions = await input_partitions(admin, topics)

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from minichat.kafka_security import kafka_client_options
 from minichat.settings import Settings
 from minichat.storage.recorded import insert_recorded
 from minichat.tools.kafka import committed_offset, partitions_of
@@ -103,7 +104,7 @@ async def read_recorded_decisions(
 @contextlib.asynccontextmanager
 async def group_free_consumer(settings: Settings, purpose: str) -> AsyncIterator[AIOKafkaConsumer]:
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
+        **kafka_client_options(settings),
         group_id=None,  # no group: nothing is ever committed, the workers' group is untouched
         enable_auto_commit=False,
         auto_offset_reset="earliest",

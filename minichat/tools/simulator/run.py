@@ -14,6 +14,7 @@ from uuid import UUID
 import asyncpg
 
 from minichat.client import GatewayClient
+from minichat.kafka_security import gateway_security_arguments
 from minichat.models.policy import Policy, load_policy
 from minichat.settings import Settings
 from minichat.tools.progress import Progress
@@ -58,7 +59,12 @@ async def run_simulation(
     )
     _announce(err, settings, options, policy, plan)
     start = time.monotonic()
-    client = GatewayClient(settings.kafka_bootstrap_servers, settings.topic_prefix, linger_ms=2)
+    client = GatewayClient(
+        settings.kafka_bootstrap_servers,
+        settings.topic_prefix,
+        linger_ms=2,
+        **gateway_security_arguments(settings),
+    )
     try:
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=3)
     except (OSError, asyncpg.PostgresError) as exc:

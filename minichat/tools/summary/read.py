@@ -46,15 +46,12 @@ async def summarize(settings: Settings, tenants: Collection[UUID] | None = None)
     scope = None if tenants is None else {str(t) for t in tenants}
     billing = [
         v
-        for v in (
-            _json_object(value)
-            for _, value in await read_topic(settings.kafka_bootstrap_servers, names.billing_usage)
-        )
+        for v in (_json_object(value) for _, value in await read_topic(settings, names.billing_usage))
         if v is not None and _in_scope(v.get("tenant_id"), scope)
     ]
     dead = [
         value
-        for _, value in await read_topic(settings.kafka_bootstrap_servers, names.dead_letters)
+        for _, value in await read_topic(settings, names.dead_letters)
         if scope is None or _dead_letter_tenant(value) in scope
     ]
     return build_summary(
