@@ -25,7 +25,8 @@ logger = logging.getLogger("minichat")
 
 _SETTING_OPTIONS: dict[str, tuple[str, type]] = {
     "kafka_bootstrap_servers": ("Kafka brokers to connect to, host:port[,host:port...]", str),
-    "database_url": ("PostgreSQL connection URL", str),
+    "database_url": ("PostgreSQL connection URL of the worker's own login", str),
+    "admin_database_url": ("PostgreSQL URL of the login that owns the schema (db commands)", str),
     "topic_prefix": ("prefix of every topic name, to run several deployments on one cluster", str),
     "group_id": ("consumer group the workers share", str),
     "partitions": ("partitions of every topic, and the count the worker expects", int),
@@ -36,6 +37,7 @@ _SETTING_OPTIONS: dict[str, tuple[str, type]] = {
 }
 
 _DEFAULT_IN_WORDS = {
+    "admin_database_url": "the database URL",
     "policy_file": "the packaged example policy",
     "read_tokens_file": "none, and the read API refuses every token",
 }
