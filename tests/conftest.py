@@ -153,6 +153,8 @@ def deployment_settings(endpoints: Endpoints, database_url: str, **overrides: ob
     values: dict[str, object] = {
         "kafka_bootstrap_servers": endpoints.kafka,
         "database_url": database_url,
+        # the same database as the admin login (never MINICHAT_ADMIN_DATABASE_URL's, the stack's own)
+        "admin_database_url": None,
         "topic_prefix": prefix,
         "group_id": f"{prefix}workers",
         "partitions": 4,
