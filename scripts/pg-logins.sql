@@ -6,6 +6,7 @@
 -- 0007); `minichat_worker` is the worker's own login (MINICHAT_DATABASE_URL): a member of it and
 -- nothing else, so it owns nothing and cannot create roles or databases. The schema's owner (the
 -- admin login, MINICHAT_ADMIN_DATABASE_URL) is created by the caller.
+SET client_min_messages = warning;  -- "already a member" on every start is not news
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'minichat_runtime') THEN
