@@ -254,8 +254,22 @@ async def test_db_commands_use_the_admin_login_and_refuse_to_bind_a_runtime_logi
     assert "0007_tenant_boundary" in migrated.stdout
     refused = run_cli(env, "db", "grant-reader", "--tenant", str(uuid.uuid4()), "--role", runtime_user)
     assert refused.returncode == 2 and f"member of {RUNTIME}" in refused.stderr, refused.stderr
+    # grant-reader and revoke-reader write `reader_tenants`, which the runtime login cannot: they
+    # succeed on the admin login
     con = await asyncpg.connect(empty_database_url)
+    reader, tenant = f"minichat_lp_{uuid.uuid4().hex[:8]}", uuid.uuid4()
+    await con.execute(f"CREATE ROLE {reader} LOGIN PASSWORD '{uuid.uuid4().hex}'")
     try:
         assert await con.fetchval("SELECT count(*) FROM reader_tenants") == 0
+        granted = run_cli(env, "db", "grant-reader", "--tenant", str(tenant), "--role", reader)
+        assert granted.returncode == 0, granted.stderr
+        assert (
+            await con.fetchval("SELECT tenant_id FROM reader_tenants WHERE role_name = $1", reader) == tenant
+        )
+        revoked = run_cli(env, "db", "revoke-reader", "--role", reader)
+        assert revoked.returncode == 0, revoked.stderr
+        assert await con.fetchval("SELECT count(*) FROM reader_tenants") == 0
     finally:
+        await con.execute("DELETE FROM reader_tenants WHERE role_name = $1", reader)
+        await con.execute(f"DROP ROLE {reader}")
         await con.close()
