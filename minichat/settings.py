@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     kafka_ssl_certfile: Path | None = None
     kafka_ssl_keyfile: Path | None = None
     database_url: str = "postgresql://minichat:minichat@127.0.0.1:5432/minichat"
+    # The login that owns the schema: `db migrate`, `db grant-reader`, `db revoke-reader` (and the
+    # bench's scratch databases). The worker's own login (`database_url`) owns nothing and cannot
+    # create roles (docs/security.md §6); None: the same login does both (a development stack).
+    admin_database_url: str | None = None
     topic_prefix: str = "minichat."
     group_id: str = "minichat"
     partitions: int = Field(default=8, ge=1, le=1024)
@@ -109,6 +113,11 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def admin_url(self) -> str:
+        """The login of the schema's owner: `admin_database_url`, else `database_url`."""
+        return self.admin_database_url or self.database_url
 
     @property
     def kafka_broker_url(self) -> str:

@@ -49,9 +49,11 @@ KAFKA_CPORT=${MINICHAT_STACK_KAFKA_CONTROLLER_PORT:-9093}
 PG_PORT=${MINICHAT_STACK_PG_PORT:-5432}
 TIMEOUT=${MINICHAT_STACK_TIMEOUT:-90}
 READY_LINE="Kafka Server started"
-PG_USER=minichat
+PG_USER=minichat # the admin login: owns the schema (db migrate, db grant-reader), creates databases
 PG_PASSWORD=minichat
 PG_DB=minichat
+PG_RUNTIME_USER=minichat_worker # the worker's own login: owns nothing (scripts/pg-logins.sql)
+PG_RUNTIME_PASSWORD=minichat_worker
 
 # Seconds since $1 (an $EPOCHREALTIME value), one decimal.
 elapsed() {
@@ -89,8 +91,10 @@ KAFKA_ACL_GROUP=${MINICHAT_STACK_KAFKA_GROUP_ID:-minichat}
 
 print_env() {
     print_kafka_env
-    printf 'export MINICHAT_DATABASE_URL=postgresql://%s:%s@127.0.0.1:%s/%s\n' \
+    printf 'export MINICHAT_ADMIN_DATABASE_URL=postgresql://%s:%s@127.0.0.1:%s/%s\n' \
         "$PG_USER" "$PG_PASSWORD" "$PG_PORT" "$PG_DB"
+    printf 'export MINICHAT_DATABASE_URL=postgresql://%s:%s@127.0.0.1:%s/%s\n' \
+        "$PG_RUNTIME_USER" "$PG_RUNTIME_PASSWORD" "$PG_PORT" "$PG_DB"
 }
 
 print_kafka_env() {
@@ -628,6 +632,9 @@ END
 SELECT 'CREATE DATABASE $PG_DB OWNER $PG_USER'
  WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_database WHERE datname = '$PG_DB')\gexec
 EOF
+    # the runtime role and the worker's login ($PG_RUNTIME_USER), on an existing data dir too
+    "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$PG_DATA" -p "$PG_PORT" -U postgres -d postgres \
+        -f "$REPO/scripts/pg-logins.sql" >&2
 }
 
 pg_wait_ready() {

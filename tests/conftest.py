@@ -32,9 +32,11 @@ from tests.support import (
     Endpoints,
     TopicReader,
     WorkerProcess,
+    as_runtime,
     new_prefix,
     run_worker,
     scratch_database,
+    use_runtime_login,
 )
 
 
@@ -62,15 +64,28 @@ def _native_stack() -> Endpoints:
     env = dict(
         line.removeprefix("export ").split("=", 1) for line in out.splitlines() if line.startswith("export ")
     )
-    return Endpoints(env["MINICHAT_KAFKA_BOOTSTRAP_SERVERS"], env["MINICHAT_DATABASE_URL"])
+    return stack_endpoints(env)
+
+
+def stack_endpoints(env: Mapping[str, str]) -> Endpoints:
+    """`MINICHAT_ADMIN_DATABASE_URL` (else `MINICHAT_DATABASE_URL`) for the tests' own database
+    work; `MINICHAT_DATABASE_URL`, when it is another login, for the worker processes."""
+    database = env["MINICHAT_DATABASE_URL"]
+    admin = env.get("MINICHAT_ADMIN_DATABASE_URL") or database
+    return Endpoints(env["MINICHAT_KAFKA_BOOTSTRAP_SERVERS"], admin, database if admin != database else None)
 
 
 @pytest.fixture(scope="session")
 def endpoints() -> Iterator[Endpoints]:
-    kafka = os.environ.get("MINICHAT_KAFKA_BOOTSTRAP_SERVERS")
-    database = os.environ.get("MINICHAT_DATABASE_URL")
-    if kafka and database:
-        yield Endpoints(kafka, database)
+    """Worker processes use the runtime login when the stack has one (`Deployment.env`)."""
+    for found in _endpoints():
+        use_runtime_login(found.runtime_url)
+        yield found
+
+
+def _endpoints() -> Iterator[Endpoints]:
+    if os.environ.get("MINICHAT_KAFKA_BOOTSTRAP_SERVERS") and os.environ.get("MINICHAT_DATABASE_URL"):
+        yield stack_endpoints(os.environ)
         return
     if _docker_available():
         image = os.environ.get("MINICHAT_TEST_KAFKA_IMAGE", "confluentinc/cp-kafka:7.9.2")
@@ -117,10 +132,13 @@ class Deployment:
     settings: Settings
 
     def env(self) -> dict[str, str]:
+        """A worker's environment: its own login (the runtime one, when the stack has one) on the
+        deployment's database; `db` commands use the admin login (`settings.database_url`)."""
         s = self.settings
         return {
             "MINICHAT_KAFKA_BOOTSTRAP_SERVERS": s.kafka_bootstrap_servers,
-            "MINICHAT_DATABASE_URL": s.database_url,
+            "MINICHAT_DATABASE_URL": as_runtime(s.database_url),
+            "MINICHAT_ADMIN_DATABASE_URL": s.admin_url,
             "MINICHAT_TOPIC_PREFIX": s.topic_prefix,
             "MINICHAT_GROUP_ID": s.group_id,
             "MINICHAT_PARTITIONS": str(s.partitions),
@@ -135,6 +153,8 @@ def deployment_settings(endpoints: Endpoints, database_url: str, **overrides: ob
     values: dict[str, object] = {
         "kafka_bootstrap_servers": endpoints.kafka,
         "database_url": database_url,
+        # the same database as the admin login (never MINICHAT_ADMIN_DATABASE_URL's, the stack's own)
+        "admin_database_url": None,
         "topic_prefix": prefix,
         "group_id": f"{prefix}workers",
         "partitions": 4,

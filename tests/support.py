@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -72,6 +72,32 @@ async def scratch_database(admin_url: str, tag: str, *, template: str | None = N
 class Endpoints:
     kafka: str
     database_url: str
+    """The admin login (owns the schema): creates, migrates and drops the tests' databases, and
+    the tests' own reads and writes use it."""
+    runtime_url: str | None = None
+    """The worker's own login (owns nothing), when the stack has one: worker processes use it."""
+
+
+_runtime_login: list[tuple[str, str]] = []
+"""(user, password) of the runtime login of the session's endpoints, once known."""
+
+
+def use_runtime_login(runtime_url: str | None) -> None:
+    """Worker processes of this test session connect with `runtime_url`'s login (None: the admin's)."""
+    _runtime_login.clear()
+    if runtime_url:
+        parts = urlsplit(runtime_url)
+        _runtime_login.append((parts.username or "", parts.password or ""))
+
+
+def as_runtime(database_url: str) -> str:
+    """`database_url`'s database with the runtime login, when one is known (else unchanged)."""
+    if not _runtime_login:
+        return database_url
+    user, password = _runtime_login[0]
+    parts = urlsplit(database_url)
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def new_prefix() -> str:

@@ -106,7 +106,7 @@ async def run_ceiling(
 ) -> CeilingResult:
     _, users = sizes(events)
     result = CeilingResult(events_per_round=events)
-    async with scratch_database(settings.database_url, "ceiling") as url:
+    async with scratch_database(settings.admin_url, "ceiling") as url:
         cons = [await asyncpg.connect(url) for _ in range(CEILING_CONNECTIONS)]
         try:
             for r in range(rounds):

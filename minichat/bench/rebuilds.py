@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from minichat.bench.probe import digest_of
-from minichat.bench.scratch import scratch_database
+from minichat.bench.scratch import runtime_url_for, scratch_database
 from minichat.bench.workers import child_env, settings_env
 from minichat.settings import Settings
 
@@ -81,8 +81,10 @@ async def rebuild_over_live(settings: Settings, live_digest: str, within: float)
 
 async def rebuild_into_empty(settings: Settings, live_digest: str, within: float) -> RebuildRun:
     """`minichat replay` into an empty migrated database; compare its digest with the live one."""
-    async with scratch_database(settings.database_url, "rebuild") as url:
-        target = settings.model_copy(update={"database_url": url})
+    async with scratch_database(settings.admin_url, "rebuild") as url:
+        target = settings.model_copy(
+            update={"database_url": runtime_url_for(settings, url), "admin_database_url": url}
+        )
         summary, wall, cpu = await replay_cli(target, within)
         rebuilt = await digest_of(target)
     return _run("empty", summary, wall, cpu, rebuilt, rebuilt == live_digest)

@@ -40,10 +40,16 @@ def database_url_for(base_url: str, dbname: str) -> str:
     return urlunsplit(urlsplit(base_url)._replace(path=f"/{dbname}"))
 
 
+def runtime_url_for(base: Settings, scratch_url: str) -> str:
+    """The scratch database `scratch_url` (made with the admin login) as `base`'s own login: the
+    bench's workers run with the privileges the worker has in production."""
+    return database_url_for(base.database_url, urlsplit(scratch_url).path.lstrip("/"))
+
+
 @asynccontextmanager
 async def scratch_database(admin_url: str, tag: str, *, migrated: bool = True) -> AsyncIterator[str]:
     """A new database next to `admin_url`'s (migrated with the project's migrations unless told
-    otherwise), dropped afterwards; yields its URL."""
+    otherwise), dropped afterwards; yields its URL (the admin login's)."""
     name = f"minichat_bench_{tag}_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(admin_url)
     try:
@@ -124,10 +130,11 @@ async def deployment(base: Settings, tag: str, policy_file: Path) -> AsyncIterat
     settings of that deployment (everything else as in `base`)."""
     prefix = f"bench{uuid.uuid4().hex[:8]}.{tag}."
     say(f"scratch topics {prefix}*")
-    async with scratch_database(base.database_url, tag) as url:
+    async with scratch_database(base.admin_url, tag) as url:
         settings = base.model_copy(
             update={
-                "database_url": url,
+                "database_url": runtime_url_for(base, url),
+                "admin_database_url": url,
                 "topic_prefix": prefix,
                 "group_id": f"{prefix}workers",
                 "policy_file": policy_file,

@@ -36,7 +36,8 @@ _SETTING_OPTIONS: dict[str, tuple[str, type]] = {
     "kafka_ssl_cafile": ("PEM file of the CAs that sign the brokers' certificates", Path),
     "kafka_ssl_certfile": ("PEM file of the client certificate, for brokers that require one", Path),
     "kafka_ssl_keyfile": ("PEM file of the client certificate's private key", Path),
-    "database_url": ("PostgreSQL connection URL", str),
+    "database_url": ("PostgreSQL connection URL of the worker's own login", str),
+    "admin_database_url": ("PostgreSQL URL of the login that owns the schema (db commands)", str),
     "topic_prefix": ("prefix of every topic name, to run several deployments on one cluster", str),
     "group_id": ("consumer group the workers share", str),
     "partitions": ("partitions of every topic, and the count the worker expects", int),
@@ -53,6 +54,7 @@ _DEFAULT_IN_WORDS = {
     "kafka_ssl_cafile": "the system's CAs",
     "kafka_ssl_certfile": "none",
     "kafka_ssl_keyfile": "none",
+    "admin_database_url": "the database URL",
     "policy_file": "the packaged example policy",
     "read_tokens_file": "none, and the read API refuses every token",
 }

@@ -31,7 +31,7 @@ async def db_grant_reader(settings: Settings, args: argparse.Namespace) -> int:
     from minichat.storage.db import connect
     from minichat.storage.readers import ReaderError, grant_reader
 
-    con = await connect(settings)
+    con = await connect(settings, admin=True)
     try:
         await grant_reader(con, args.role, args.tenant)
     except ReaderError as exc:
@@ -47,7 +47,7 @@ async def db_revoke_reader(settings: Settings, args: argparse.Namespace) -> int:
     from minichat.storage.db import connect
     from minichat.storage.readers import revoke_reader
 
-    con = await connect(settings)
+    con = await connect(settings, admin=True)
     try:
         tenant = await revoke_reader(con, args.role)
     finally:
@@ -156,7 +156,7 @@ async def db_migrate(settings: Settings, args: argparse.Namespace) -> int:
     from minichat.storage.db import connect
     from minichat.storage.schema import MigrationError, migrate
 
-    con = await connect(settings)
+    con = await connect(settings, admin=True)
     try:
         applied = await migrate(con)
     except MigrationError as exc:  # our own words about the history, never a row's content

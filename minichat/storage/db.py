@@ -49,9 +49,10 @@ async def create_pool(settings: Settings, **overrides: Any) -> asyncpg.Pool:
     return pool
 
 
-async def connect(settings: Settings) -> asyncpg.Connection:
-    """A single connection for CLI commands (migrate, digest)."""
-    con = await asyncpg.connect(settings.database_url)
+async def connect(settings: Settings, *, admin: bool = False) -> asyncpg.Connection:
+    """A single connection for CLI commands (digest, replay); `admin`: the schema owner's login
+    (`db migrate`, `db grant-reader`, `db revoke-reader`)."""
+    con = await asyncpg.connect(settings.admin_url if admin else settings.database_url)
     await _init_connection(con)
     return con
 

@@ -8,6 +8,7 @@ from uuid import UUID
 import asyncpg
 
 READER_ROLE = "minichat_reader"
+RUNTIME_ROLE = "minichat_runtime"
 
 SYSTEM_LEVEL: Final = (
     "reader logins: `minichat db grant-reader` binds a login to a tenant (operator data, the tenant "
@@ -16,11 +17,13 @@ SYSTEM_LEVEL: Final = (
 
 
 class ReaderError(RuntimeError):
-    """The login cannot be bound (it does not exist, or it is the tables' owner)."""
+    """The login cannot be bound (it does not exist, it owns the tables, or it is a runtime login)."""
 
 
 _ROLE_EXISTS = "SELECT rolname FROM pg_roles WHERE rolname = $1"
 _IS_OWNER = "SELECT pg_get_userbyid(relowner) = $1 FROM pg_class WHERE oid = 'chats'::regclass"
+# A runtime login reads every tenant (the worker's login): binding it would promise what it is not.
+_IS_RUNTIME = "SELECT pg_has_role($1::name, $2::name, 'MEMBER')"
 _BIND = """
 INSERT INTO reader_tenants (role_name, tenant_id) VALUES ($1, $2)
 ON CONFLICT (role_name) DO UPDATE SET tenant_id = EXCLUDED.tenant_id, granted_at = now()
@@ -43,6 +46,10 @@ async def grant_reader(con: asyncpg.Connection, role: str, tenant_id: UUID) -> N
             raise ReaderError(f"no role {role!r}: create the login first (CREATE ROLE ... LOGIN)")
         if await con.fetchval(_IS_OWNER, role):
             raise ReaderError(f"{role!r} owns the tables and reads every tenant: bind another login")
+        if await con.fetchval(_IS_RUNTIME, role, RUNTIME_ROLE):
+            raise ReaderError(
+                f"{role!r} is a member of {RUNTIME_ROLE} and reads every tenant: bind another login"
+            )
         await con.execute(_BIND, role, tenant_id)
         await con.execute(
             await con.fetchval("SELECT format('GRANT %I TO %I', $1::text, $2::text)", READER_ROLE, role)

@@ -36,7 +36,7 @@ from minichat.models.topics import TopicNames
 from minichat.processors.errors import EXIT_FATAL, GaveUp, RetryPolicy, with_retries
 from minichat.processors.outages import BrokerWatch, RepeatLimiter
 from minichat.settings import Settings
-from tests.conftest import Deployment, deployment_settings
+from tests.conftest import Deployment, deployment_settings, stack_endpoints
 from tests.gateway import Event, Gateway
 from tests.support import (
     ROOT,
@@ -120,9 +120,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateStack]:
             for line in out.splitlines()
             if line.startswith("export ")
         )
-        private.endpoints = Endpoints(
-            exports["MINICHAT_KAFKA_BOOTSTRAP_SERVERS"], exports["MINICHAT_DATABASE_URL"]
-        )
+        private.endpoints = stack_endpoints(exports)  # the admin login; workers use the runtime one
         yield private
     finally:
         private.run("down", "--purge")

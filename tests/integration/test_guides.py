@@ -5,7 +5,8 @@ A shell block marked `<!-- runnable: ... -->` in the README or `docs/*.md` is ru
 `minichat` and `python` from this test run's virtualenv: the gateway guide's example
 conversation first (real traffic), then the operations guide's first start, its replay over the
 live database (the digest must not change) and its rebuild into an empty database (the digests
-must match). Variables the blocks use: `REBUILD_DATABASE_URL` (an empty scratch database),
+must match). Variables the blocks use: `REBUILD_DATABASE_URL` and `REBUILD_ADMIN_DATABASE_URL`
+(an empty scratch database, as the runtime and the admin login),
 `TENANT`, `MINICHAT_READ_TOKENS_FILE`.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Deployment, Live
-from tests.support import ROOT, worker_env
+from tests.support import ROOT, as_runtime, worker_env
 from tests.unit.markdown import DOCS, Block, Document
 
 pytestmark = pytest.mark.integration
@@ -55,7 +56,8 @@ async def test_the_runnable_blocks_run_as_written(
     env = worker_env(Deployment(live.settings).env())
     env |= {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "REBUILD_DATABASE_URL": empty_database_url,
+        "REBUILD_DATABASE_URL": as_runtime(empty_database_url),
+        "REBUILD_ADMIN_DATABASE_URL": empty_database_url,
         "TENANT": str(uuid.uuid4()),
         "MINICHAT_READ_TOKENS_FILE": str(tmp_path / "read-tokens.json"),
     }

@@ -214,8 +214,16 @@ async def test_row_level_security_is_on_with_one_select_policy_per_table(owner: 
     }
     policies = await owner.fetch(
         "SELECT tablename, policyname, permissive, roles::text[] AS roles, cmd, qual FROM pg_policies"
-        " WHERE schemaname = 'public' ORDER BY tablename"
+        " WHERE schemaname = 'public' AND policyname = 'tenant_read' ORDER BY tablename"
     )
+    # the runtime role's own policy (every row: the worker's login) is the only other one
+    others = await owner.fetch(
+        "SELECT tablename, roles::text[] AS roles, cmd, qual, with_check FROM pg_policies"
+        " WHERE schemaname = 'public' AND policyname <> 'tenant_read'"
+    )
+    assert {(p["tablename"], tuple(p["roles"]), p["cmd"], p["qual"], p["with_check"]) for p in others} == {
+        (t, ("minichat_runtime",), "ALL", "true", "true") for t in TENANT_TABLES
+    }
     assert sorted(p["tablename"] for p in policies) == sorted(TENANT_TABLES)
     for p in policies:
         assert (p["permissive"], p["roles"], p["cmd"]) == ("PERMISSIVE", [READER], "SELECT"), dict(p)
