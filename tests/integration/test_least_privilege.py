@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from minichat.bench.workers import free_port
-from minichat.processors.read_api import add_token
+from minichat.processors.tokens import add_token
 from tests.conftest import Deployment, deployment_settings, live_deployment
 from tests.support import Endpoints, as_runtime, run_cli, use_runtime_login, wait_until
 
