@@ -212,7 +212,7 @@ def decode_cursor(text: str) -> Cursor | None:
         padded = text.translate(_URLSAFE) + "=" * (-len(text) % 4)
         at, turn_key, rank, message_id = base64.b64decode(padded, validate=True).decode().split("|")
         when = datetime.fromisoformat(at)
-        if when.tzinfo is None or not rank.isdigit() or int(rank) > 2:
+        if when.tzinfo is None or rank not in ("0", "1", "2"):
             return None
         return Cursor(when.astimezone(UTC), UUID(turn_key), int(rank), UUID(message_id))
     except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
