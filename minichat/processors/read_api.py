@@ -305,7 +305,7 @@ class _ReadApi:
                 rows = await chat_messages(con, tenant, chat, limit, after, budget)
                 if rows is None:
                     return not_found()
-                async with aclosing(rows):  # serialised one by one: a page's rows are never all held
+                async with aclosing(rows):  # serialised as they arrive, message by message
                     async for row in rows:
                         item = dumps({f: row.fields[_COLUMN.get(f, f)] for f in MESSAGE_FIELDS})
                         if count and used + 1 + len(item) > budget:

@@ -77,6 +77,9 @@ _MESSAGE_COLUMNS = (
     "output_tokens",
     "created_at",
 )
+PREFETCH = 16
+"""Rows of a page fetched per round trip: few round trips for small messages; big ones are few
+anyway, as the SQL cuts a page by bytes."""
 MESSAGE_JSON_MIN = 150
 """Bytes of a message's JSON besides its content and model, at least (a unit test holds it)."""
 
@@ -105,9 +108,10 @@ class MessageRow:
 async def chat_messages(
     con: asyncpg.Connection, tenant_id: UUID, chat_id: UUID, limit: int, after: Cursor | None, max_bytes: int
 ) -> AsyncGenerator[MessageRow, None] | None:
-    """The next messages of the chat in conversation order, at most `limit + 1` of them and no more
-    than fit `max_bytes` of JSON (always one), read one by one while the caller serialises them
-    (inside the caller's transaction); None when the chat is not this tenant's live chat."""
+    """The next messages of the chat in conversation order, at most `limit + 1` of them and no
+    more than fit `max_bytes` of JSON (always one), read `PREFETCH` at a time while the caller
+    serialises them (inside the caller's transaction); None when the chat is not this tenant's
+    live chat."""
     if not await con.fetchval(_LIVE_CHAT, tenant_id, chat_id):
         return None
     cursor = con.cursor(
@@ -121,7 +125,7 @@ async def chat_messages(
         limit + 1,
         max_bytes,
         MESSAGE_JSON_MIN,
-        prefetch=2,
+        prefetch=PREFETCH,
     )
     return _message_rows(cursor)
 
