@@ -48,6 +48,17 @@ class Settings(BaseSettings):
 
     # Tuning (not in the contract).
     web_enabled: bool = True
+    # The web port under abuse: a connection whose request headers are not complete within
+    # `web_header_timeout_s` (or that stays idle that long between requests) is closed; beyond
+    # `web_max_connections` open ones a new connection is closed at once.
+    web_header_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    web_max_connections: int = Field(default=256, ge=1, le=10_000)
+    # The read API: JSON bytes of one messages page (at least one message), requests in flight
+    # (more answer 503), and its own PostgreSQL connections, shared with /metrics' gauges and
+    # never the engine's.
+    read_page_max_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    read_max_concurrency: int = Field(default=8, ge=1, le=1024)
+    read_pool_max: int = Field(default=2, ge=1, le=64)
     # The ordered engine: records per merged batch (one transaction), records buffered per input
     # partition before its fetching pauses, the grace that covers clock skew and replication lag
     # when an empty partition is judged caught up, and output batches whose acknowledgements may be

@@ -23,20 +23,19 @@ from minichat.partitioning import KeyedPartitioner
 from minichat.processors.batches import MergedBatches
 from minichat.processors.engine import OrderedEngine
 from minichat.processors.errors import stop_worker
-from minichat.processors.metrics import Lag, Metrics, render_metrics
+from minichat.processors.metrics import Metrics
 from minichat.processors.outages import (
     BrokerWatch,
     limit_client_log_repeats,
     log_connection_lines_once,
     pace_failed_metadata_updates,
 )
-from minichat.processors.read_api import register_read_api
 from minichat.processors.relay import register_relay
 from minichat.processors.runtime import Runtime
-from minichat.processors.tokens import TokenStore
 from minichat.processors.turn_events import TurnEvents
 from minichat.processors.turn_requests import TurnRequests
 from minichat.processors.watchdog import register_watchdog
+from minichat.processors.web import register_web
 from minichat.settings import Settings
 from minichat.storage.policies import PolicySnapshots
 
@@ -132,21 +131,9 @@ def register_broker_watch(
     return watch
 
 
-def register_metrics_page(
-    app: faust.App, metrics: Metrics, runtime: Runtime, lag: Callable[[], Lag] | None = None
-) -> None:
-    """`GET /metrics` on the worker's web port: counters of this process, gauges of the state."""
-
-    async def metrics_page(view: Any, request: Any) -> Any:
-        body = await render_metrics(metrics, runtime.pool, lag)
-        return view.text(body, content_type="text/plain; version=0.0.4")
-
-    app.page("/metrics", name="metrics")(metrics_page)
-
-
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.App:
     """Build the worker's faust app: the ordered engine on the input topics, the outbox relay and
-    the watchdog (leader-gated by advisory locks), the metrics page.
+    the watchdog (leader-gated by advisory locks), the web server (health, metrics, read API).
 
     Raises `PolicyError` when the policy file is invalid.
     """
@@ -171,9 +158,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
         # faust makes a data directory even with no tables: not in the working directory
         datadir=str(Path(tempfile.gettempdir()) / "minichat-faust-{conf.name}"),
         table_standby_replicas=0,
-        web_enabled=settings.web_enabled,
-        web_port=settings.web_port,
-        web_bind=settings.web_host,
+        # faust's own web server (its `/`, `/router/`, `/table/` pages) stays off: minichat serves
+        # its routes on its own server (processors/web.py)
+        web_enabled=False,
     )
 
     metrics = Metrics()
@@ -183,8 +170,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
     register_relay(app, runtime, settings, metrics)
     register_watchdog(app, runtime, settings, policy)
     register_broker_watch(app, settings)
-    register_metrics_page(app, metrics, runtime, engine.lag)
-    register_read_api(app, policy, runtime.pool, TokenStore(settings.read_tokens_file), engine.not_ready)
+    if settings.web_enabled:
+        register_web(app, settings, policy, engine.not_ready, metrics, engine.lag)
 
     @app.on_before_shutdown.connect
     async def _close_runtime(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:

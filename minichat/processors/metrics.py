@@ -3,7 +3,8 @@
 
 Counters and histograms are per process (as Prometheus expects: it sums the workers); gauges that
 describe the shared state (parked events, the outbox backlog, reserves held) are read from
-Postgres when the page is scraped, the consumer lag per input partition from the engine. The hot
+Postgres by one background task every few seconds (`web.GaugeCache`; a scrape shows the last
+reading, never queries), the consumer lag per input partition from the engine. The hot
 path only adds to plain Python counters; the exposition objects are built at scrape time.
 """
 
@@ -11,11 +12,10 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 from prometheus_client import (
     CollectorRegistry,
     GCCollector,
@@ -26,7 +26,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from minichat.storage.metrics import StateGauges, state_gauges
+from minichat.storage.metrics import StateGauges
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -206,12 +206,3 @@ def _gauge_values(g: StateGauges) -> Mapping[str, int | float]:
         "minichat_outbox_oldest_age_seconds": round(g.outbox_oldest_age_s, 3),
         "minichat_reserved_credits_micro": g.reserved_credits_micro,
     }
-
-
-async def render_metrics(
-    metrics: Metrics, pool: Callable[[], Awaitable[asyncpg.Pool]], lag: Callable[[], Lag] | None = None
-) -> str:
-    db = await pool()
-    async with db.acquire() as con:
-        gauges = await state_gauges(con)
-    return metrics.render(gauges, lag() if lag is not None else None)

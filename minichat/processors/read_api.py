@@ -3,23 +3,27 @@ messages, a turn, a user's quota. `/v1/` routes need a bearer token of one tenan
 `minichat_reader` with that tenant (row-level security), so another tenant's chat, turn or user
 answers exactly as an unknown one does: 404.
 
-Access logs carry paths (ids) only; message content is only ever in a response body.
+Message content is only ever in a response body, never in a log line (the server writes no
+access log).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import aclosing
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 import asyncpg
-import faust
+from aiohttp import web
 
 from minichat.domain.periods import periods_for
 from minichat.domain.quota_view import quota_view
@@ -76,10 +80,24 @@ QUOTA_FIELDS = ("user_id", "policy_version", "buckets", "tools", "blocked")
 
 # ------------------------------------------------------------------------------------- responses
 
+JSON_TYPE = "application/json"
+CURSOR_MAX = 512
+"""Characters of an `after` cursor, at most (one is about 150)."""
+ENVELOPE_BYTES = 256
+"""Bytes a messages page keeps for its envelope (`{"messages":[`, `],"next":"..."}`)."""
+ACQUIRE_TIMEOUT_S = 10.0
+"""How long a request waits for one of the read pool's connections before it answers 503."""
+WRITE_TIMEOUT_S = 30.0
+"""How long a client may take to read a messages page: a slow reader holds a request slot."""
 
-def _json(view: Any, body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Any:
-    payload = json.dumps(body, default=_encode, separators=(",", ":")).encode()
-    return view.bytes(payload, content_type="application/json", status=status, headers=dict(headers or {}))
+
+def dumps(body: Any) -> bytes:
+    """Compact UTF-8 JSON (no escaped code points: an emoji is 4 bytes, not 12)."""
+    return json.dumps(body, default=_encode, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(body=dumps(body), status=status, content_type=JSON_TYPE, headers=headers)
 
 
 def _encode(value: Any) -> Any:
@@ -90,90 +108,94 @@ def _encode(value: Any) -> Any:
     raise TypeError(type(value).__name__)
 
 
-def _unauthorized(view: Any) -> Any:
-    return _json(view, {"error": "unauthorized"}, 401, {"WWW-Authenticate": 'Bearer realm="minichat"'})
+def unauthorized() -> web.Response:
+    return _json({"error": "unauthorized"}, 401, {"WWW-Authenticate": 'Bearer realm="minichat"'})
 
 
-def _not_found(view: Any) -> Any:
-    return _json(view, {"error": "not_found"}, 404)
+def not_found() -> web.Response:
+    return _json({"error": "not_found"}, 404)
 
 
-def _bad_request(view: Any, detail: str) -> Any:
-    return _json(view, {"error": "bad_request", "detail": detail}, 400)
+def busy(detail: str) -> web.Response:
+    """503 with `Retry-After`: the read API's slots or connections are taken; come back later."""
+    return _json({"error": "busy", "detail": detail}, 503, {"Retry-After": "1"})
+
+
+def _bad_request(detail: str) -> web.Response:
+    return _json({"error": "bad_request", "detail": detail}, 400)
 
 
 def _uuid(text: str) -> UUID | None:
     try:
-        return UUID(text)
+        return UUID(text) if len(text) <= 64 else None
     except ValueError:
         return None
 
 
 def encode_cursor(cursor: Cursor) -> str:
-    raw = f"{cursor.created_at.astimezone(UTC).isoformat()}|{cursor.message_id}".encode()
+    at = cursor.turn_at.astimezone(UTC).isoformat()
+    raw = f"{at}|{cursor.turn_key}|{cursor.rank}|{cursor.message_id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def decode_cursor(text: str) -> Cursor | None:
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
-        at, message_id = raw.split("|")
-        return Cursor(datetime.fromisoformat(at), UUID(message_id))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+    """The cursor `encode_cursor` wrote, or None for anything else (a cursor is opaque: any other
+    text, an unknown shape, a naive or out-of-range time is refused, never passed on)."""
+    if len(text) > CURSOR_MAX or not text.isascii():
         return None
+    try:
+        padded = text.translate(_URLSAFE) + "=" * (-len(text) % 4)
+        at, turn_key, rank, message_id = base64.b64decode(padded, validate=True).decode().split("|")
+        when = datetime.fromisoformat(at)
+        if when.tzinfo is None or rank not in ("0", "1", "2"):
+            return None
+        return Cursor(when.astimezone(UTC), UUID(turn_key), int(rank), UUID(message_id))
+    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
+        return None
+
+
+_URLSAFE = str.maketrans("-_", "+/")
+_COLUMN = {"message_id": "id"}
 
 
 # ---------------------------------------------------------------------------------------- routes
 
 
-def register_read_api(
-    app: faust.App,
+def read_api_routes(
     policy: Policy,
     pool: Callable[[], Awaitable[asyncpg.Pool]],
     tokens: TokenStore,
     not_ready: Callable[[], str | None],
-) -> None:
-    """The contract's routes on `app`'s web server. `not_ready` says why the worker is not ready
-    (None when it is). faust makes a view class of each handler function (its `get`), so the
-    handlers are plain functions that hand over to `_ReadApi`."""
-    api = _ReadApi(policy, pool, tokens, not_ready)
+    page_max_bytes: int,
+) -> list[web.RouteDef]:
+    """The contract's routes (`ROUTES`) as aiohttp routes. `pool` is the read API's own pool;
+    `not_ready` says why the worker is not ready (None when it is)."""
+    api = _ReadApi(policy, pool, tokens, not_ready, page_max_bytes)
 
-    async def health(view: Any, request: Any) -> Any:
-        return _json(view, {"status": "ok"})
+    async def health(request: web.Request) -> web.StreamResponse:
+        return _json({"status": "ok"})
 
-    async def ready(view: Any, request: Any) -> Any:
-        return await api.ready(view)
-
-    async def messages(view: Any, request: Any, chat_id: str) -> Any:
-        return await api.messages(view, request, chat_id)
-
-    async def turn(view: Any, request: Any, chat_id: str, request_id: str) -> Any:
-        return await api.turn(view, request, chat_id, request_id)
-
-    async def quota(view: Any, request: Any, user_id: str) -> Any:
-        return await api.quota(view, request, user_id)
-
-    views: dict[str, Any] = {
+    views: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
         "health": health,
-        "ready": ready,
-        "chat_messages": messages,
-        "chat_turn": turn,
-        "user_quota": quota,
+        "ready": api.ready,
+        "chat_messages": api.messages,
+        "chat_turn": api.turn,
+        "user_quota": api.quota,
     }
-    for path, name in ROUTES:
-        app.page(path, name=name)(views[name])
+    return [web.get(path, views[name], name=name) for path, name in ROUTES]
 
 
 @dataclass(frozen=True)
 class _ReadApi:
-    """What the routes need: the policy (for `blocked`), the worker's pool, the tokens, readiness."""
+    """What the routes need: the policy (for `blocked`), the read pool, the tokens, readiness."""
 
     policy: Policy
     pool: Callable[[], Awaitable[asyncpg.Pool]]
     tokens: TokenStore
     not_ready: Callable[[], str | None]
+    page_max_bytes: int
 
-    async def ready(self, view: Any) -> Any:
+    async def ready(self, request: web.Request) -> web.StreamResponse:
         reason = self.not_ready()
         if reason is None:
             try:
@@ -183,48 +205,69 @@ class _ReadApi:
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 reason = f"database not answering ({type(exc).__name__})"
         if reason is not None:
-            return _json(view, {"status": "not_ready", "reason": reason}, 503)
-        return _json(view, {"status": "ready"})
+            return _json({"status": "not_ready", "reason": reason}, 503)
+        return _json({"status": "ready"})
 
-    def caller(self, view: Any, request: Any, *ids: str) -> tuple[UUID, list[UUID]] | Any:
+    def caller(self, request: web.Request, *names: str) -> tuple[UUID, list[UUID]] | web.Response:
         """The token's tenant and the path's ids, or the response that refuses the request: 401
-        without a known token, 404 for an id that is not a UUID (as for an unknown one)."""
-        tenant = self.tokens.tenant_for(request.headers.get("Authorization"))
+        without a known token (a header that is not printable ASCII cannot hold one), 404 for an id
+        that is not a UUID (as for an unknown one)."""
+        header = request.headers.get("Authorization")
+        if header is not None and not (header.isascii() and header.isprintable()):
+            return unauthorized()
+        tenant = self.tokens.tenant_for(header)
         if tenant is None:
-            return _unauthorized(view)
-        parsed = [_uuid(i) for i in ids]
+            return unauthorized()
+        parsed = [_uuid(request.match_info[name]) for name in names]
         if any(p is None for p in parsed):
-            return _not_found(view)
+            return not_found()
         return tenant, [p for p in parsed if p is not None]
 
-    async def messages(self, view: Any, request: Any, chat_id: str) -> Any:
-        found_caller = self.caller(view, request, chat_id)
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        found_caller = self.caller(request, "chat_id")
         if not isinstance(found_caller, tuple):
             return found_caller
         tenant, [chat] = found_caller
         page = _page(request.query)
         if isinstance(page, str):
-            return _bad_request(view, page)
+            return _bad_request(page)
         limit, after = page
-        async with reading_as(await self.pool(), tenant) as con:
-            found = await chat_messages(con, tenant, chat, limit, after)
-        if found is None:
-            return _not_found(view)
-        rows, cursor = found
-        items = [
-            {field: m["id" if field == "message_id" else field] for field in MESSAGE_FIELDS} for m in rows
-        ]
-        return _json(view, {"messages": items, "next": encode_cursor(cursor) if cursor else None})
+        budget = self.page_max_bytes - ENVELOPE_BYTES
+        parts, count, used = [b'{"messages":['], 0, 0
+        last, page_rows = None, 0
+        try:
+            async with reading_as(await self.pool(), tenant, acquire_timeout=ACQUIRE_TIMEOUT_S) as con:
+                rows = await chat_messages(con, tenant, chat, limit, after, budget)
+                if rows is None:
+                    return not_found()
+                async with aclosing(rows):  # serialised as they arrive, message by message
+                    async for row in rows:
+                        item = dumps({f: row.fields[_COLUMN.get(f, f)] for f in MESSAGE_FIELDS})
+                        if count and used + 1 + len(item) > budget:
+                            break
+                        parts += [b",", item] if count else [item]
+                        count, used = count + 1, used + len(item) + (1 if count else 0)
+                        last, page_rows = row.cursor, row.page_rows
+                        if count == limit:
+                            break
+        except TimeoutError:
+            return busy("no database connection free")
+        more = last is not None and count < page_rows
+        parts.append(b'],"next":' + dumps(encode_cursor(last) if more and last else None) + b"}")
+        return await _send(request, parts)
 
-    async def turn(self, view: Any, request: Any, chat_id: str, request_id: str) -> Any:
-        found_caller = self.caller(view, request, chat_id, request_id)
+    async def turn(self, request: web.Request) -> web.StreamResponse:
+        found_caller = self.caller(request, "chat_id", "request_id")
         if not isinstance(found_caller, tuple):
             return found_caller
         tenant, [chat, req] = found_caller
-        async with reading_as(await self.pool(), tenant) as con:
-            row = await chat_turn(con, tenant, chat, req)
+        try:
+            async with reading_as(await self.pool(), tenant, acquire_timeout=ACQUIRE_TIMEOUT_S) as con:
+                row = await chat_turn(con, tenant, chat, req)
+        except TimeoutError:
+            return busy("no database connection free")
         if row is None:
-            return _not_found(view)
+            return not_found()
         decision = row["decision"]
         usage = {k: row[k] for k in USAGE_FIELDS} if row.get("input_tokens") is not None else None
         shown = {
@@ -234,18 +277,21 @@ class _ReadApi:
             "decision": {**decision, "replay": False} if decision is not None else None,
             "usage": usage,
         }
-        return _json(view, shown)
+        return _json(shown)
 
-    async def quota(self, view: Any, request: Any, user_id: str) -> Any:
-        found_caller = self.caller(view, request, user_id)
+    async def quota(self, request: web.Request) -> web.StreamResponse:
+        found_caller = self.caller(request, "user_id")
         if not isinstance(found_caller, tuple):
             return found_caller
         tenant, [user] = found_caller
         periods = periods_for(datetime.now(UTC))
-        async with reading_as(await self.pool(), tenant) as con:
-            stored = await user_quota(con, tenant, user, periods.daily, periods.monthly)
+        try:
+            async with reading_as(await self.pool(), tenant, acquire_timeout=ACQUIRE_TIMEOUT_S) as con:
+                stored = await user_quota(con, tenant, user, periods.daily, periods.monthly)
+        except TimeoutError:
+            return busy("no database connection free")
         if stored is None:
-            return _not_found(view)
+            return not_found()
         shown = quota_view(self.policy, tenant, periods, stored)
         body = {
             "user_id": user,
@@ -255,15 +301,35 @@ class _ReadApi:
             "blocked": asdict(shown.blocked) if shown.blocked is not None else None,
         }
         assert tuple(body) == QUOTA_FIELDS
-        return _json(view, body)
+        return _json(body)
+
+
+async def _send(request: web.Request, parts: list[bytes]) -> web.StreamResponse:
+    """Write a body while the request still holds its slot (a slow reader holds one slot, not
+    unbounded memory), closing the connection of a client that does not read it in time."""
+    response = web.StreamResponse(headers={"Content-Type": JSON_TYPE})
+    response.content_length = sum(map(len, parts))
+    await response.prepare(request)
+    try:
+        async with asyncio.timeout(WRITE_TIMEOUT_S):
+            for part in parts:
+                await response.write(part)
+            await response.write_eof()
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+    return response
+
+
+_LIMIT = re.compile(r"[0-9]{1,4}")
 
 
 def _page(query: Mapping[str, str]) -> tuple[int, Cursor | None] | str:
     """`limit` and `after` of a listing, or what is wrong with them."""
-    try:
-        limit = int(query.get("limit", PAGE_DEFAULT))
-    except ValueError:
+    text = query.get("limit", str(PAGE_DEFAULT))
+    if not _LIMIT.fullmatch(text):
         return "limit must be an integer"
+    limit = int(text)
     if not 1 <= limit <= PAGE_MAX:
         return f"limit must be between 1 and {PAGE_MAX}"
     after = None

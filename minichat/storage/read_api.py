@@ -4,7 +4,7 @@ rows and no other's even if a query forgot its tenant filter (they all have one 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -19,8 +19,12 @@ from minichat.storage.readers import read_as_tenant
 
 
 @asynccontextmanager
-async def reading_as(pool: asyncpg.Pool, tenant_id: UUID) -> AsyncIterator[asyncpg.Connection]:
-    async with pool.acquire() as con, con.transaction(readonly=True):
+async def reading_as(
+    pool: asyncpg.Pool, tenant_id: UUID, *, acquire_timeout: float | None = None
+) -> AsyncIterator[asyncpg.Connection]:
+    """A read-only transaction as the tenant's reader; `acquire_timeout` bounds the wait for a
+    connection (TimeoutError)."""
+    async with pool.acquire(timeout=acquire_timeout) as con, con.transaction(readonly=True):
         await read_as_tenant(con, tenant_id)
         yield con
 
@@ -29,42 +33,119 @@ _LIVE_CHAT = """
 SELECT EXISTS (SELECT FROM chats WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL)
 """
 
+# Conversation order: turn by turn (the turn's start, then its request id), the user's message
+# before the assistant's; a message's own time never reorders a turn (the assistant's is its
+# completion's append time, on another partition, possibly of another broker's clock). A page is
+# cut in SQL by `limit` and by the bytes its rows' JSON takes at least (`before` < $8): PostgreSQL
+# never sends hundreds of big messages for most of them to be thrown away. Sizes come from
+# `octet_length` (the stored size, read without decompressing); content is read for the rows kept.
 _MESSAGES = """
-SELECT id, request_id, role, content, model, input_tokens, output_tokens, created_at
-FROM messages
-WHERE tenant_id = $1 AND chat_id = $2 AND deleted_at IS NULL
-  AND ($3::timestamptz IS NULL OR (created_at, id) > ($3::timestamptz, $4::uuid))
-ORDER BY created_at, id
-LIMIT $5
+WITH ordered AS (
+    SELECT m.id, COALESCE(t.started_at, m.created_at) AS turn_at, COALESCE(m.request_id, m.id) AS turn_key,
+           CASE m.role WHEN 'user' THEN 0 WHEN 'assistant' THEN 1 ELSE 2 END AS rank,
+           octet_length(m.content) + octet_length(COALESCE(m.model, '')) + $9 AS size
+    FROM messages m
+    LEFT JOIN chat_turns t ON t.tenant_id = m.tenant_id AND t.chat_id = m.chat_id
+                          AND t.request_id = m.request_id
+    WHERE m.tenant_id = $1 AND m.chat_id = $2 AND m.deleted_at IS NULL
+), page AS (
+    SELECT * FROM ordered
+    WHERE $3::timestamptz IS NULL
+       OR (turn_at, turn_key, rank, id) > ($3::timestamptz, $4::uuid, $5::int, $6::uuid)
+    ORDER BY turn_at, turn_key, rank, id
+    LIMIT $7
+), fitting AS (
+    SELECT id, turn_at, turn_key, rank, count(*) OVER () AS page_rows,
+           sum(size) OVER (ORDER BY turn_at, turn_key, rank, id ROWS UNBOUNDED PRECEDING) - size AS before
+    FROM page
+)
+SELECT m.id, m.request_id, m.role, m.content, m.model, m.input_tokens, m.output_tokens, m.created_at,
+       f.turn_at, f.turn_key, f.rank, f.page_rows
+FROM fitting f
+JOIN messages m ON m.tenant_id = $1 AND m.id = f.id
+WHERE f.before < $8
+ORDER BY f.turn_at, f.turn_key, f.rank, f.id
 """
+
+_MESSAGE_COLUMNS = (
+    "id",
+    "request_id",
+    "role",
+    "content",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "created_at",
+)
+PREFETCH = 16
+"""Rows of a page fetched per round trip: few round trips for small messages; big ones are few
+anyway, as the SQL cuts a page by bytes."""
+MESSAGE_JSON_MIN = 150
+"""Bytes of a message's JSON besides its content and model, at least (a unit test holds it)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Cursor:
-    """Where a page ended: the last message's (created_at, id), the order of the listing."""
+    """Where a page ended: the last message's place in conversation order (its turn's start and
+    request id, its role's rank, its id)."""
 
-    created_at: datetime
+    turn_at: datetime
+    turn_key: UUID
+    rank: int
     message_id: UUID
 
 
+@dataclass(frozen=True, slots=True)
+class MessageRow:
+    """One message of a page, where it sits, and how many rows the page's SQL window held (more
+    rows than a page returns: there is a next page)."""
+
+    fields: dict[str, Any]
+    cursor: Cursor
+    page_rows: int
+
+
 async def chat_messages(
-    con: asyncpg.Connection, tenant_id: UUID, chat_id: UUID, limit: int, after: Cursor | None
-) -> tuple[list[dict[str, Any]], Cursor | None] | None:
-    """A page of the chat's live messages and the cursor of the next one (None: last page);
-    None when the chat is not this tenant's live chat."""
+    con: asyncpg.Connection, tenant_id: UUID, chat_id: UUID, limit: int, after: Cursor | None, max_bytes: int
+) -> AsyncGenerator[MessageRow, None] | None:
+    """The next messages of the chat in conversation order, at most `limit + 1` of them and no
+    more than fit `max_bytes` of JSON (always one), read `PREFETCH` at a time while the caller
+    serialises them (inside the caller's transaction); None when the chat is not this tenant's
+    live chat."""
     if not await con.fetchval(_LIVE_CHAT, tenant_id, chat_id):
         return None
-    rows = await con.fetch(
+    cursor = con.cursor(
         _MESSAGES,
         tenant_id,
         chat_id,
-        after.created_at if after else None,
+        after.turn_at if after else None,
+        after.turn_key if after else None,
+        after.rank if after else None,
         after.message_id if after else None,
         limit + 1,
+        max_bytes,
+        MESSAGE_JSON_MIN,
+        prefetch=PREFETCH,
     )
-    page = [dict(r) for r in rows[:limit]]
-    more = len(rows) > limit
-    return page, Cursor(page[-1]["created_at"], page[-1]["id"]) if more else None
+    return _message_rows(cursor)
+
+
+async def _message_rows(rows: AsyncIterable[asyncpg.Record]) -> AsyncGenerator[MessageRow, None]:
+    async for r in rows:
+        fields = {
+            k: r[k]
+            for k in (
+                "id",
+                "request_id",
+                "role",
+                "content",
+                "model",
+                "input_tokens",
+                "output_tokens",
+                "created_at",
+            )
+        }
+        yield MessageRow(fields, Cursor(r["turn_at"], r["turn_key"], r["rank"], r["id"]), r["page_rows"])
 
 
 _TURN = """

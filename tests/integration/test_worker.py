@@ -132,7 +132,9 @@ async def test_metrics_page_under_load_parses_and_moves(deployment: Deployment, 
                     "minichat_dead_letters_total",
                     (("code", "malformed_json"), ("topic", "turn_requests")),
                 )
+                parked = ("minichat_parked_events", ())  # the gauges are refreshed every few seconds
                 ready = found and found.get(latency_count, 0) >= 200 and found.get(dead) == 1
+                ready = ready and found.get(parked) == 1
                 return found if ready else None
 
             found = await wait_until(moved, timeout=60, what="the metrics to move")

@@ -311,8 +311,13 @@ _QUERY_METHODS = frozenset(
 )
 
 
+_NOT_QUERIES = frozenset({"response.prepare"})
+"""Calls that share a query method's name: aiohttp's `StreamResponse.prepare` sends headers."""
+
+
 def _query_method(func: ast.expr) -> bool:
-    return isinstance(func, ast.Attribute) and func.attr in _QUERY_METHODS
+    named = isinstance(func, ast.Attribute) and func.attr in _QUERY_METHODS
+    return named and ast.unparse(func) not in _NOT_QUERIES
 
 
 def sql_outside_storage(source: str) -> list[str]:
