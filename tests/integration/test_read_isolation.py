@@ -28,6 +28,7 @@ from tests.integration.test_security import AT, seed_tenant
 
 pytestmark = pytest.mark.integration
 
+PAGE_MAX_BYTES: int = Settings.model_fields["read_page_max_bytes"].default
 DAY = date(2026, 3, 1)  # the period seed_tenant's quota rows are in
 # the API's statements, each with `tenant_id = $1` (`t.tenant_id = $1`, ...) as its tenant filter
 API_STATEMENTS = ("_LIVE_CHAT", "_MESSAGES", "_TURN", "_REJECTED", "_KNOWN_USER", "_QUOTA_ROWS")
@@ -101,6 +102,14 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
         await pool.close()
 
 
+async def contents(
+    con: asyncpg.Connection, tenant: uuid.UUID, chat: uuid.UUID, limit: int
+) -> set[str] | None:
+    """The contents of a messages page read as the API reads it (None: not this tenant's chat)."""
+    rows = await chat_messages(con, tenant, chat, limit, None, PAGE_MAX_BYTES)
+    return None if rows is None else {row.fields["content"] async for row in rows}
+
+
 async def tenant_tables(owner: asyncpg.Connection) -> list[str]:
     """Every relation with a `tenant_id` column that `minichat_reader` may read, from the catalog:
     a new one is covered the day it is granted."""
@@ -143,9 +152,8 @@ async def test_an_unfiltered_read_is_open_outside_reading_as(
     assert statements == set(API_STATEMENTS), "a new API read: add it to API_STATEMENTS"
     for name in API_STATEMENTS:
         monkeypatch.setattr(read_api, name, without_tenant_filter(getattr(read_api, name)))
-    async with pool.acquire() as con:
-        page = await chat_messages(con, a.tenant, b.chat, 10, None)
-        assert page is not None and page[0] and {m["content"] for m in page[0]} == {f"secret of {b.tenant}"}
+    async with pool.acquire() as con, con.transaction():
+        assert await contents(con, a.tenant, b.chat, 10) == {f"secret of {b.tenant}"}
         assert await chat_turn(con, a.tenant, b.chat, b.request) is not None
         assert await user_quota(con, a.tenant, b.user, DAY, DAY)
 
@@ -160,13 +168,12 @@ async def test_api_reads_with_another_tenants_ids_see_nothing(
             monkeypatch.setattr(read_api, name, without_tenant_filter(getattr(read_api, name)))
     async with reading_as(pool, a.tenant) as con:
         # B's ids, asked for as A: nothing, as if they did not exist
-        assert await chat_messages(con, a.tenant, b.chat, 500, None) is None
+        assert await contents(con, a.tenant, b.chat, 500) is None
         assert await chat_turn(con, a.tenant, b.chat, b.request) is None
         assert await chat_turn(con, a.tenant, b.chat, b.refused_request) is None
         assert await user_quota(con, a.tenant, b.user, DAY, DAY) is None
         # A's own: found, so the reads above are not empty by construction
-        page = await chat_messages(con, a.tenant, a.chat, 500, None)
-        assert page is not None and {m["content"] for m in page[0]} == {f"secret of {a.tenant}"}
+        assert await contents(con, a.tenant, a.chat, 500) == {f"secret of {a.tenant}"}
         turn = await chat_turn(con, a.tenant, a.chat, a.request)
         assert turn is not None and turn["state"] == "running"
         refused = await chat_turn(con, a.tenant, a.chat, a.refused_request)
