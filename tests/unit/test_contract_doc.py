@@ -34,8 +34,8 @@ from minichat.models.policy import Policy
 from minichat.models.topics import (
     ALL_TOPICS,
     BILLING_USAGE,
-    DEAD_LETTERS,
     COMPACTED,
+    DEAD_LETTERS,
     INPUT_TOPICS,
     POLICY_VERSIONS,
     TOPIC_CONFIG,
