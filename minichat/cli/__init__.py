@@ -192,9 +192,9 @@ def _add_topics(group: _Group) -> None:
         topics,
         "create",
         "create the topics with their settings (safe to run again)",
-        "Create the six topics with MINICHAT_PARTITIONS partitions, broker-stamped timestamps "
-        "(LogAppendTime) and infinite retention. An existing topic is checked: a wrong partition "
-        "count is an error, and settings that differ are set again.",
+        "Create the contract's topics with MINICHAT_PARTITIONS partitions, broker-stamped timestamps "
+        "(LogAppendTime) and infinite retention (policy-versions compacted). An existing topic is "
+        "checked: a wrong partition count is an error, and settings that differ are set again.",
         lambda s, a: commands.run(commands.topics_create(s, a)),
     )
     create.add_argument(

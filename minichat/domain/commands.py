@@ -196,15 +196,32 @@ Command = tuple[TurnRequestEvent, datetime]
 # ----------------------------------------------------------------------------------------- fold
 
 
-def decide_batch(state: BatchState, commands: Sequence[Command], policy: Policy) -> BatchResult:
+def decide_batch(
+    state: BatchState,
+    commands: Sequence[Command],
+    policy: Policy,
+    versions: Mapping[int, Policy] | None = None,
+) -> BatchResult:
+    """`policy` decides; in a rebuild (`versions`: every known policy version), a command with a
+    recorded decision is decided wholly under its recorded version: rules, tier, floor and price."""
     changes = Changes()
     answers: list[Answer] = []
     for index, (event, at) in enumerate(commands):
         view = state.chats.setdefault(event.chat_id, ChatView())
         if view.stale:
             return BatchResult(answers, changes, index)
-        answers.append(_decide_one(state, view, event, at, policy, changes))
+        answers.append(_decide_one(state, view, event, at, policy, changes, versions or {}))
     return BatchResult(answers, changes, len(commands))
+
+
+def _policy_for(chat_state: ChatState, policy: Policy, versions: Mapping[int, Policy]) -> Policy:
+    recorded = chat_state.recorded
+    if recorded is None or recorded.policy_version == policy.version:
+        return policy
+    found = versions.get(recorded.policy_version)
+    if found is None:
+        raise LookupError(f"policy version {recorded.policy_version} of a recorded decision is not known")
+    return found
 
 
 def _chat_state(state: BatchState, view: ChatView, event: TurnRequestEvent) -> ChatState:
@@ -233,8 +250,10 @@ def _decide_one(
     at: datetime,
     policy: Policy,
     changes: Changes,
+    versions: Mapping[int, Policy],
 ) -> Answer:
     chat_state = _chat_state(state, view, event)
+    policy = _policy_for(chat_state, policy, versions)
     outcome: Admission | MutationResult | object
     if isinstance(event, TurnRequested):
         outcome = decide_request(

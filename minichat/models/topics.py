@@ -10,9 +10,18 @@ USAGE = "usage"
 TURN_DECISIONS = "turn-decisions"
 BILLING_USAGE = "billing-usage"
 DEAD_LETTERS = "dead-letters"
+POLICY_VERSIONS = "policy-versions"
 
 INPUT_TOPICS = (TURN_REQUESTS, PROVIDER_RESPONSES, USAGE)
-ALL_TOPICS = (TURN_REQUESTS, PROVIDER_RESPONSES, USAGE, TURN_DECISIONS, BILLING_USAGE, DEAD_LETTERS)
+ALL_TOPICS = (
+    TURN_REQUESTS,
+    PROVIDER_RESPONSES,
+    USAGE,
+    TURN_DECISIONS,
+    BILLING_USAGE,
+    DEAD_LETTERS,
+    POLICY_VERSIONS,
+)
 
 # Every topic keeps its records forever and stamps them on append: the record timestamp is the
 # event time. The contract requires it for the inputs and turn-decisions; billing events and dead
@@ -26,10 +35,19 @@ TOPIC_CONFIG: dict[str, str] = {
     "max.message.bytes": str(4 * 1024 * 1024),
 }
 
+COMPACTED: dict[str, dict[str, str]] = {POLICY_VERSIONS: {"cleanup.policy": "compact"}}
+"""Topics keyed by a fact's identity (a policy version): compaction keeps the latest copy of each
+key forever (retention never deletes), so a rebuild always finds every version."""
+
+
+def topic_config(name: str) -> dict[str, str]:
+    """The settings of topic `name` (given without the prefix)."""
+    return {**TOPIC_CONFIG, **COMPACTED.get(name, {})}
+
 
 @dataclass(frozen=True)
 class TopicNames:
-    """The six topic names of one deployment (prefix applied)."""
+    """The topic names of one deployment (prefix applied)."""
 
     prefix: str
 
@@ -59,6 +77,14 @@ class TopicNames:
     @property
     def dead_letters(self) -> str:
         return self.full(DEAD_LETTERS)
+
+    @property
+    def policy_versions(self) -> str:
+        return self.full(POLICY_VERSIONS)
+
+    def config(self, full_name: str) -> dict[str, str]:
+        """The settings of a topic given by its full (prefixed) name."""
+        return topic_config(full_name.removeprefix(self.prefix))
 
     def all(self) -> list[str]:
         return [self.full(name) for name in ALL_TOPICS]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from minichat.processors.outages import (
     log_connection_lines_once,
     pace_failed_metadata_updates,
 )
+from minichat.processors.policy_versions import publish_policy_version
 from minichat.processors.relay import register_relay
 from minichat.processors.runtime import Runtime
 from minichat.processors.turn_events import TurnEvents
@@ -43,13 +44,20 @@ logger = logging.getLogger(__name__)
 
 
 def build_batches(
-    settings: Settings, policy: Policy, metrics: Metrics | None = None, *, follow_recorded: bool = False
+    settings: Settings,
+    policy: Policy,
+    metrics: Metrics | None = None,
+    *,
+    follow_recorded: bool = False,
+    versions: Mapping[int, Policy] | None = None,
 ) -> MergedBatches:
     """The input handlers, without faust: the worker's engine and `minichat replay` run the same
-    object (`follow_recorded`: a rebuild applies recorded decisions as recorded)."""
+    object (`follow_recorded`: a rebuild applies recorded decisions as recorded, each under its
+    own policy version of `versions`)."""
     names = TopicNames(settings.topic_prefix)
     metrics = metrics or Metrics()
-    snapshots = PolicySnapshots(policy)
+    versions = versions or {}
+    snapshots = PolicySnapshots(policy, versions.values())
     parked_decoders: dict[str, Callable[[bytes | None, bytes], TurnEvent]] = {
         names.provider_responses: events.decode_provider_event,
         names.usage: events.decode_usage_event,
@@ -64,6 +72,7 @@ def build_batches(
             parked_decoders,
             metrics,
             follow_recorded=follow_recorded,
+            versions=versions,
         ),
         turn_events=TurnEvents(snapshots, names.dead_letters, metrics),
         metrics=metrics,
@@ -72,11 +81,15 @@ def build_batches(
 
 class EngineService(mode.Service):
     """Runs the ordered engine inside the faust worker; stopping it finishes the batch in hand,
-    waits for its outputs' acknowledgements, then leaves the group."""
+    waits for its outputs' acknowledgements, then leaves the group. `announce` runs first, before
+    the engine's first decision (the policy version is recorded on `policy-versions`)."""
 
-    def __init__(self, engine: OrderedEngine, **kwargs: Any) -> None:
+    def __init__(
+        self, engine: OrderedEngine, announce: Callable[[], Awaitable[None]] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.engine = engine
+        self.announce = announce
         self._task: asyncio.Future[None] | None = None
 
     async def on_start(self) -> None:
@@ -85,6 +98,8 @@ class EngineService(mode.Service):
 
     async def _run(self) -> None:
         try:
+            if self.announce is not None:
+                await self.announce()
             await self.engine.run()
         except Exception as exc:
             if not self.engine.stopping:
@@ -165,7 +180,10 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> faust.A
 
     metrics = Metrics()
     engine = OrderedEngine(settings, build_batches(settings, policy, metrics), runtime.pool, stop_worker)
-    app.service(EngineService(engine, loop=app.loop, beacon=app.beacon))  # type: ignore[arg-type]  # an instance is accepted too
+    service = EngineService(
+        engine, lambda: publish_policy_version(settings, policy), loop=app.loop, beacon=app.beacon
+    )
+    app.service(service)  # type: ignore[arg-type]  # an instance is accepted too
 
     register_relay(app, runtime, settings, metrics)
     register_watchdog(app, runtime, settings, policy)

@@ -10,7 +10,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from minichat.kafka_security import kafka_client_options
-from minichat.models.topics import TOPIC_CONFIG, TopicNames
+from minichat.models.topics import TopicNames
 from minichat.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,9 @@ async def _partition_counts(
         await asyncio.sleep(0.1)
 
 
-async def _config_drift(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
+async def _config_drift(
+    admin: AIOKafkaAdminClient, topics: TopicNames, names: list[str]
+) -> dict[str, dict[str, str]]:
     """Per topic, the contract settings whose current value differs."""
     resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
     drift: dict[str, dict[str, str]] = {}
@@ -64,15 +66,16 @@ async def _config_drift(admin: AIOKafkaAdminClient, names: list[str]) -> dict[st
             if error_code:
                 raise TopicError(f"cannot read the configuration of {name}: error {error_code}")
             current = {entry[0]: entry[1] for entry in entries}
-            wrong = {k: v for k, v in TOPIC_CONFIG.items() if current.get(k) != v}
+            wrong = {k: v for k, v in topics.config(name).items() if current.get(k) != v}
             if wrong:
                 drift[name] = wrong
     return drift
 
 
 async def create_topics(settings: Settings, *, replication_factor: int = 1) -> TopicReport:
-    """Create the six topics; existing ones are checked and their settings brought in line."""
-    names = TopicNames(settings.topic_prefix).all()
+    """Create the contract's topics; existing ones are checked and their settings brought in line."""
+    topics = TopicNames(settings.topic_prefix)
+    names = topics.all()
     admin = _admin(settings)
     await admin.start()
     try:
@@ -82,7 +85,7 @@ async def create_topics(settings: Settings, *, replication_factor: int = 1) -> T
         if missing:
             response = await admin.create_topics(
                 [
-                    NewTopic(n, settings.partitions, replication_factor, topic_configs=dict(TOPIC_CONFIG))
+                    NewTopic(n, settings.partitions, replication_factor, topic_configs=topics.config(n))
                     for n in missing
                 ]
             )
@@ -99,10 +102,13 @@ async def create_topics(settings: Settings, *, replication_factor: int = 1) -> T
                     f"{settings.partitions}: partitions decide which worker owns a chat, "
                     "so fix the topic or MINICHAT_PARTITIONS"
                 )
-        drift = await _config_drift(admin, names)
+        drift = await _config_drift(admin, topics, names)
         if drift:
             await admin.alter_configs(
-                [ConfigResource(ConfigResourceType.TOPIC, name, configs=dict(TOPIC_CONFIG)) for name in drift]
+                [
+                    ConfigResource(ConfigResourceType.TOPIC, name, configs=topics.config(name))
+                    for name in drift
+                ]
             )
         return TopicReport(
             created=created,
@@ -124,7 +130,7 @@ async def topic_problems(settings: Settings) -> list[str]:
         existing = set(await admin.list_topics())
         missing = [n for n in names.all() if n not in existing]
         inputs = [n for n in names.inputs() if n in existing]
-        drift = await _config_drift(admin, inputs) if inputs else {}
+        drift = await _config_drift(admin, names, inputs) if inputs else {}
     finally:
         await admin.close()
     problems = []

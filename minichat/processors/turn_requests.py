@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from uuid import UUID
 
@@ -39,6 +39,8 @@ class TurnRequests:
     metrics: Metrics = field(default_factory=Metrics)
     follow_recorded: bool = False
     """A rebuild: apply the decisions read from `turn-decisions` (storage.recorded) as recorded."""
+    versions: Mapping[int, Policy] = field(default_factory=dict)
+    """A rebuild: every known policy version; a recorded decision is applied under its own."""
 
     async def __call__(
         self, con: asyncpg.Connection, batch: Sequence[Decoded[TurnRequestEvent]]
@@ -53,7 +55,7 @@ class TurnRequests:
             if self.follow_recorded:
                 state.recorded = await self._recorded(con, pending)
             loaded = time.perf_counter()
-            result = decide_batch(state, pending, self.policy)
+            result = decide_batch(state, pending, self.policy, self.versions)
             decided = time.perf_counter()
             await write_changes(con, result.changes)
             stages = {

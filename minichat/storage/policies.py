@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import asyncpg
 
 from minichat.models.policy import Policy, policy_digest, policy_from_snapshot, policy_snapshot_json
@@ -47,8 +49,9 @@ async def ensure_policy_version(con: asyncpg.Connection, policy: Policy) -> bool
 class PolicySnapshots:
     """Stored policy versions, read once each: a turn settles under the version it was admitted with."""
 
-    def __init__(self, current: Policy) -> None:
-        self._by_version: dict[int, Policy] = {current.version: current}
+    def __init__(self, current: Policy, known: Iterable[Policy] = ()) -> None:
+        self._by_version: dict[int, Policy] = {p.version: p for p in known}
+        self._by_version[current.version] = current
 
     async def get(self, con: asyncpg.Connection, version: int) -> Policy:
         policy = self._by_version.get(version)
@@ -62,3 +65,12 @@ class PolicySnapshots:
                 raise LookupError(f"policy version {version} is not stored")
             policy = self._by_version[version] = policy_from_snapshot(snapshot)
         return policy
+
+
+async def stored_policy_versions(con: asyncpg.Connection) -> list[Policy]:
+    """Every policy version the database holds, in version order."""
+    rows = await con.fetch(
+        "SELECT snapshot::text AS snapshot FROM policy_versions WHERE tenant_id = $1::uuid ORDER BY version",
+        GLOBAL_TENANT,
+    )
+    return [policy_from_snapshot(row["snapshot"]) for row in rows]

@@ -1,4 +1,4 @@
-"""`minichat topics create` against a real broker: the contract's six topics, idempotently."""
+"""`minichat topics create` against a real broker: the contract's topics, idempotently."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from minichat.bench.scratch import delete_topics
 from minichat.models.topics import TopicNames
 from minichat.processors.topics import TopicError, create_topics, topic_problems
 from tests.conftest import deployment_settings
-from tests.support import Endpoints
+from tests.support import Endpoints, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -46,6 +47,8 @@ async def test_topics_are_created_once_with_contract_settings(endpoints: Endpoin
     for name in names:
         assert configs[name]["message.timestamp.type"] == "LogAppendTime", name
         assert configs[name]["retention.ms"] == "-1", name
+        compacted = name == TopicNames(settings.topic_prefix).policy_versions
+        assert configs[name]["cleanup.policy"] == ("compact" if compacted else "delete"), name
 
 
 async def test_wrong_partition_count_is_reported(endpoints: Endpoints) -> None:
@@ -54,3 +57,24 @@ async def test_wrong_partition_count_is_reported(endpoints: Endpoints) -> None:
     other = settings.model_copy(update={"partitions": 3})
     with pytest.raises(TopicError, match="has 2 partitions, the deployment expects 3"):
         await create_topics(other)
+
+
+async def test_a_worker_refuses_to_start_without_policy_versions(endpoints: Endpoints) -> None:
+    settings = deployment_settings(endpoints, "postgresql://unused/unused", partitions=1)
+    topic = TopicNames(settings.topic_prefix).policy_versions
+    await create_topics(settings)
+    admin = AIOKafkaAdminClient(bootstrap_servers=endpoints.kafka)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+    finally:
+        await admin.close()
+
+    async def missing() -> list[str] | None:
+        problems = await topic_problems(settings)
+        return problems or None
+
+    assert await wait_until(missing, timeout=30, what="the topic to be gone") == [
+        f"topics missing: {topic}: run `minichat topics create`"
+    ]
+    await delete_topics(settings)

@@ -10,7 +10,14 @@ from typing import Any
 import yaml
 
 from minichat.domain.quota_view import Blocked, BucketView, ToolView
-from minichat.models.events import INPUT_MODELS, DeadLetter, TurnDecision, UsageAdjusted, UsageSettled
+from minichat.models.events import (
+    INPUT_MODELS,
+    DeadLetter,
+    PolicyVersion,
+    TurnDecision,
+    UsageAdjusted,
+    UsageSettled,
+)
 from minichat.models.topics import ALL_TOPICS
 from minichat.processors import read_api
 
@@ -44,7 +51,7 @@ def test_asyncapi_channels_and_messages_are_the_topics_and_events() -> None:
     doc = yaml.safe_load((DOCS / "asyncapi.yaml").read_text())
     assert set(doc["channels"]) == set(ALL_TOPICS)
     messages = {m["name"] for m in doc["components"]["messages"].values()}
-    outputs = (TurnDecision, UsageSettled, UsageAdjusted, DeadLetter)
+    outputs = (TurnDecision, UsageSettled, UsageAdjusted, DeadLetter, PolicyVersion)
     event_types = set(INPUT_MODELS) | {model.model_fields["type"].default for model in outputs}
     assert messages == event_types
     schema_files = {p.stem for p in (DOCS / "schemas").glob("*.json")} - {"policy"}

@@ -34,8 +34,10 @@ from minichat.models.policy import Policy
 from minichat.models.topics import (
     ALL_TOPICS,
     BILLING_USAGE,
+    COMPACTED,
     DEAD_LETTERS,
     INPUT_TOPICS,
+    POLICY_VERSIONS,
     TOPIC_CONFIG,
     TURN_DECISIONS,
 )
@@ -50,6 +52,7 @@ OUTPUT_TOPICS = {
     TURN_DECISIONS: {"turn.decision"},
     BILLING_USAGE: {"usage.settled", "usage.adjusted"},
     DEAD_LETTERS: {"dead_letter"},
+    POLICY_VERSIONS: {"policy.version"},
 }
 """Where each output event goes (the processors' producers, restated)."""
 
@@ -178,7 +181,7 @@ def test_topics_and_the_events_each_carries() -> None:
 def test_topic_settings_are_the_ones_topics_create_sets() -> None:
     rows = _rows(_table("Topic settings"))
     assert {name: code_spans(row[1]) for name, row in rows.items()} == {
-        name: [value] for name, value in TOPIC_CONFIG.items()
+        name: [value] for configs in (TOPIC_CONFIG, *COMPACTED.values()) for name, value in configs.items()
     }
 
 

@@ -33,6 +33,7 @@ from minichat.models.events.vocabulary import (
     TerminalState,
     TurnCommandType,
 )
+from minichat.models.policy import Policy, policy_digest
 
 
 class _Output(BaseModel):
@@ -197,10 +198,30 @@ class DeadLetter(_Output):
         )
 
 
+class PolicyVersion(_Output):
+    """One policy version in full, on `policy-versions` (keyed by the version): a worker writes it,
+    acknowledged, before its first decision under that version; a rebuild reads every one."""
+
+    type: Literal["policy.version"] = "policy.version"
+    version: int = Field(ge=1, description="The policy's `version`; also the record key.")
+    digest: str = Field(pattern="^[0-9a-f]{64}$", description="sha256 hex of the canonical JSON of `policy`.")
+    policy: Policy = Field(description="The policy file's content, as the worker validated it.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PolicyVersion:
+        if self.policy.version != self.version or policy_digest(self.policy) != self.digest:
+            raise ValueError("version and digest must be those of the policy")
+        return self
+
+    @classmethod
+    def of(cls, policy: Policy) -> PolicyVersion:
+        return cls(version=policy.version, digest=policy_digest(policy), policy=policy)
+
+
 OutputEvent = Annotated[TurnDecision | UsageSettled | UsageAdjusted | DeadLetter, Field(discriminator="type")]
 OUTPUT_ADAPTER: Final[TypeAdapter[OutputEvent]] = TypeAdapter(OutputEvent)
 
 OUTPUT_MODELS: Final[dict[str, type[_Output]]] = {
     model.model_fields["type"].default: model
-    for model in (TurnDecision, UsageSettled, UsageAdjusted, DeadLetter)
+    for model in (TurnDecision, UsageSettled, UsageAdjusted, DeadLetter, PolicyVersion)
 }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
@@ -21,7 +21,6 @@ from minichat.processors.app import build_batches
 from minichat.settings import Settings
 from minichat.storage.db import connect
 from minichat.storage.metrics import state_gauges
-from minichat.storage.policies import ensure_policy_version
 from minichat.storage.rebuild import turn_fingerprint_sql
 from minichat.storage.recorded import create_recorded
 from minichat.storage.schema import pending_migrations
@@ -36,6 +35,7 @@ from minichat.tools.rebuild.sources import (
     read_recorded_decisions,
     workers_behind,
 )
+from minichat.tools.rebuild.versions import check_recorded_versions, load_versions
 
 logger = logging.getLogger("minichat.replay")  # the command's name, as before the move
 
@@ -72,14 +72,15 @@ async def run_rebuild(
     # One connection for everything: the recorded decisions live in a temporary table.
     con = await connect(settings)
     try:
-        await _prepare(con, policy)
+        await _prepare(con)
+        versions = await load_versions(con, settings, policy)
         summary.parked_at_start = (await state_gauges(con)).parked_events
-        rebuild = await _wire(con, settings, policy, names, summary)
+        rebuild = await _wire(con, settings, policy, versions, names, summary)
         admin = AIOKafkaAdminClient(**kafka_client_options(settings), client_id="minichat-replay-admin")
         await admin.start()
         try:
             partitions = await input_partitions(admin, topics)
-            await _read_recorded(con, admin, settings, names)
+            check_recorded_versions(await _read_recorded(con, admin, settings, names), versions)
             await _apply_log(admin, settings, rebuild, partitions, from_time, bar_for, check_workers)
         finally:
             await admin.close()
@@ -90,39 +91,45 @@ async def run_rebuild(
     return summary
 
 
-async def _prepare(con: asyncpg.Connection, policy: Policy) -> None:
-    """The schema must be current; the policy version is stored first, as the worker does at start
-    (a rebuild into an empty, migrated database can then admit and settle)."""
+async def _prepare(con: asyncpg.Connection) -> None:
+    """The schema must be current (the policy versions are stored next, `versions.py`)."""
     pending = await pending_migrations(con)
     if pending:
         raise RebuildSetupError(
             f"the database schema is missing or old ({len(pending)} migration(s) pending): "
             "run `minichat db migrate`"
         )
-    if await ensure_policy_version(con, policy):
-        logger.info("stored policy version %d", policy.version)
     await create_recorded(con)
 
 
 async def _wire(
-    con: asyncpg.Connection, settings: Settings, policy: Policy, names: TopicNames, summary: RebuildSummary
+    con: asyncpg.Connection,
+    settings: Settings,
+    policy: Policy,
+    versions: Mapping[int, Policy],
+    names: TopicNames,
+    summary: RebuildSummary,
 ) -> Rebuild:
-    """The worker's handlers (following the recorded decisions), each wrapped to count."""
-    batches = build_batches(settings, policy, follow_recorded=True)
+    """The worker's handlers (following the recorded decisions, each under its own policy
+    version), each wrapped to count."""
+    batches = build_batches(settings, policy, follow_recorded=True, versions=versions)
     commands = CommandOutcomes(batches.turn_requests)
     turn_events = TurnEventOutcomes(batches.turn_events, await turn_fingerprint_sql(con))
     wired = dataclasses.replace(batches, turn_requests=commands, turn_events=turn_events)
     return Rebuild(con, wired, commands, turn_events, names, summary)
 
 
-async def _read_recorded(con: asyncpg.Connection, admin: Any, settings: Settings, names: TopicNames) -> None:
+async def _read_recorded(
+    con: asyncpg.Connection, admin: Any, settings: Settings, names: TopicNames
+) -> set[int]:
     """`turn-decisions` up to its end offsets, into the temporary table. One consumer per pass:
     aiokafka's fetcher dies when a consumer's assignment is emptied and replaced (the rebuild then
     hung when turn-decisions was empty)."""
     decision_partitions = await input_partitions(admin, [names.turn_decisions])
     async with group_free_consumer(settings, "decisions") as decisions:
-        recorded = await read_recorded_decisions(con, decisions, decision_partitions)
+        recorded, versions = await read_recorded_decisions(con, decisions, decision_partitions)
     logger.info("read %d recorded decisions of %s", recorded, names.turn_decisions)
+    return versions
 
 
 async def _apply_log(

@@ -75,8 +75,9 @@ async def workers_behind(admin: Any, group_id: str, ranges: Mapping[TopicPartiti
 
 async def read_recorded_decisions(
     con: asyncpg.Connection, consumer: AIOKafkaConsumer, partitions: Sequence[TopicPartition]
-) -> int:
-    """Every `turn.decision` up to the end offsets taken now, into the temporary table."""
+) -> tuple[int, set[int]]:
+    """Every `turn.decision` up to the end offsets taken now, into the temporary table; returns
+    how many, and the policy versions they were made under."""
     ends = await consumer.end_offsets(list(partitions))
     starts = await consumer.beginning_offsets(list(partitions))
     todo = {tp for tp in partitions if starts[tp] < ends[tp]}
@@ -84,6 +85,7 @@ async def read_recorded_decisions(
     for tp in todo:
         consumer.seek(tp, starts[tp])
     read = 0
+    versions: set[int] = set()
     while todo:
         fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=5000)
         rows = []
@@ -93,12 +95,14 @@ async def read_recorded_decisions(
                     row = decision_row(record.value)
                     if row is not None:
                         rows.append(row)
+                        if isinstance(row[4].get("policy_version"), int):
+                            versions.add(row[4]["policy_version"])
         await insert_recorded(con, rows)
         read += len(rows)
         for tp in list(todo):
             if await consumer.position(tp) >= ends[tp]:
                 todo.discard(tp)
-    return read
+    return read, versions
 
 
 @contextlib.asynccontextmanager
