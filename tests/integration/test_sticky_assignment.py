@@ -1,5 +1,5 @@
-"""Partition sets stay with their workers when others join or leave (docs/architecture.md,
-"Assignment"; docs/guarantees.md).
+"""Partition sets stay with their workers when others join or leave (docs/architecture.md, "The
+ordered engine"; docs/guarantees.md).
 
 Real worker processes on the real broker: two workers, then a third joins, then one of the first
 two stops. After each change every surviving worker still owns the sets it owned before (a joining

@@ -94,13 +94,7 @@ async def run_rebuild(
         finally:
             await admin.close()
         summary.parked_at_end = (await state_gauges(con)).parked_events
-        if summary.decided_afresh:
-            logger.warning(
-                "%d command(s) had no recorded decision in %s and were decided by this rebuild "
-                "under the current policy (their workers had not decided them when it started)",
-                summary.decided_afresh,
-                names.turn_decisions,
-            )
+        _warn_if_decided(summary, names)
     finally:
         await con.close()
     summary.elapsed_s = time.monotonic() - started
@@ -141,6 +135,16 @@ async def _read_recorded(con: asyncpg.Connection, admin: Any, settings: Settings
     async with group_free_consumer(settings, "decisions") as decisions:
         recorded = await read_recorded_decisions(con, decisions, decision_partitions)
     logger.info("read %d recorded decisions of %s", recorded, names.turn_decisions)
+
+
+def _warn_if_decided(summary: RebuildSummary, names: TopicNames) -> None:
+    if summary.decided_afresh:
+        logger.warning(
+            "%d command(s) had no recorded decision in %s and were decided by this rebuild "
+            "under the current policy (their workers had not decided them when it started)",
+            summary.decided_afresh,
+            names.turn_decisions,
+        )
 
 
 async def _warn_if_behind(admin: Any, settings: Settings, ranges: Ranges, check_workers: bool) -> None:
