@@ -12,10 +12,14 @@ What it does
   offset is ever committed, and the workers' stored positions are neither read nor written.
 * Stores the policy version first (`ensure_policy_version`), as the worker does at start: a
   rebuild into an empty, migrated database can then admit and settle.
-* Reads `turn-decisions` first, up to its end offsets, into a temporary table: a command that has
-  a recorded decision is applied as decided (decision, effective model, reserve, policy version);
-  only a command with none is decided afresh. Quota rows are shared by a user's chats on every
-  partition, so deciding again could differ from what the live workers decided.
+* Takes the input partitions' end offsets first, then reads `turn-decisions` up to its end
+  offsets taken after those, into a temporary table: every command of the range that a worker had
+  decided when the rebuild started has its decision there (taken the other way round, the
+  commands arriving between the two reads would be decided afresh). A command that has a recorded
+  decision is applied as decided (decision, effective model, reserve, policy version); only a
+  command with none is decided afresh, and counted (`decided afresh`). Quota rows are shared by a
+  user's chats on every partition, so deciding again could differ from what the live workers
+  decided.
 * Merges the input partitions with the worker's own merge (`processors/merge.py`: one ordered
   stream per partition number, (timestamp, topic rank, offset)) and applies the merged batches
   with the worker's own handlers (`processors/batches.py`), one transaction per batch, all on one

@@ -18,11 +18,14 @@ from minichat.models.events import TurnRequestEvent
 from minichat.processors.pipeline import Decoded, Handler
 from minichat.processors.records import Output, SourceRecord
 from minichat.storage.rebuild import decisions_present, parked_of_batch, turn_fingerprints
+from minichat.storage.recorded import lookup_recorded
 
 RecordId = tuple[str, int, int]
 """(topic, partition, offset)"""
 
 APPLIED = "applied"
+DECIDED_AFRESH = "decided afresh"
+"""A command applied with no recorded decision in `turn-decisions`: the rebuild decided it."""
 UNCHANGED = "unchanged"
 PARKED = "parked"
 
@@ -35,6 +38,7 @@ class RebuildSummary:
     parked: int = 0
     dead_lettered: int = 0
     decisions_discarded: int = 0
+    decided_afresh: int = 0
     parked_at_start: int = 0
     parked_at_end: int = 0
     batches: int = 0
@@ -58,6 +62,7 @@ class RebuildSummary:
             f"(still parked: {self.parked_at_end}, at start: {self.parked_at_start})",
             f"  dead-lettered    {self.dead_lettered:>9}  not re-sent",
             f"  decisions        {self.decisions_discarded:>9}  not re-sent",
+            f"  decided afresh   {self.decided_afresh:>9}  commands with no recorded decision",
         ]
 
     def count(
@@ -72,8 +77,9 @@ class RebuildSummary:
             outcome = outcomes.get(rid, UNCHANGED)
             if rid in dead:
                 self.dead_lettered += 1
-            elif outcome == APPLIED:
+            elif outcome in (APPLIED, DECIDED_AFRESH):
                 self.applied += 1
+                self.decided_afresh += outcome == DECIDED_AFRESH
             elif outcome == PARKED:
                 self.parked += 1
             else:
@@ -86,7 +92,8 @@ def record_id(record: SourceRecord) -> RecordId:
 
 @dataclass
 class CommandOutcomes:
-    """Wraps the turn-requests handler: a command is applied when its decision row is new."""
+    """Wraps the turn-requests handler: a command is applied when its decision row is new, and
+    decided afresh when `turn-decisions` had no decision of it."""
 
     inner: Handler[TurnRequestEvent]
     outcomes: dict[RecordId, str] = field(default_factory=dict)
@@ -99,13 +106,16 @@ class CommandOutcomes:
         before = await decisions_present(con, unique)
         outputs = await self.inner(con, batch)
         after = await decisions_present(con, unique)
+        new_keys = [k for k in unique if k[1:] in after and k[1:] not in before]
+        recorded = await lookup_recorded(con, new_keys) if new_keys else {}
         outcomes: dict[RecordId, str] = {}
         counted: set[tuple[uuid.UUID, uuid.UUID]] = set()
         for item, (_, chat_id, command_id) in zip(batch, keys, strict=True):
             key = (chat_id, command_id)
             new = key in after and key not in before and key not in counted
             counted.add(key)
-            outcomes[record_id(item.record)] = APPLIED if new else UNCHANGED
+            applied = APPLIED if key in recorded else DECIDED_AFRESH
+            outcomes[record_id(item.record)] = applied if new else UNCHANGED
         self.outcomes.update(outcomes)  # reset per batch attempt by the caller
         return outputs
 

@@ -1,17 +1,17 @@
-"""`minichat replay` end to end: check the database, read the recorded decisions, then apply the
-input log's range and count what each record did."""
+"""`minichat replay` end to end: check the database, take the input log's range, read the recorded
+decisions (to an end taken after the range's), then apply the range and count what each record did."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
 import asyncpg
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from minichat.kafka_security import kafka_client_options
@@ -25,7 +25,7 @@ from minichat.storage.rebuild import turn_fingerprint_sql
 from minichat.storage.recorded import create_recorded
 from minichat.storage.schema import pending_migrations
 from minichat.tools.progress import Progress
-from minichat.tools.rebuild.apply import Rebuild, merge_and_apply
+from minichat.tools.rebuild.apply import Ranges, Rebuild, merge_and_apply
 from minichat.tools.rebuild.counting import CommandOutcomes, RebuildSummary, TurnEventOutcomes
 from minichat.tools.rebuild.sources import (
     RebuildSetupError,
@@ -50,9 +50,11 @@ async def run_rebuild(
     progress: TextIO | None = None,
     show_progress: bool = True,
     check_workers: bool = True,
+    between_reads: Callable[[], Awaitable[None]] | None = None,
 ) -> RebuildSummary:
     """Rebuild the state from the input topics into `settings.database_url` (`minichat replay`; see
-    the package docstring).
+    the package docstring). `between_reads` runs after the inputs' end offsets are taken and before
+    `turn-decisions`' are (tests: what is decided in between must change nothing).
 
     Raises `RebuildSetupError` (schema or topics missing), `PolicyError`, `PolicyConflict`.
     """
@@ -80,11 +82,20 @@ async def run_rebuild(
         await admin.start()
         try:
             partitions = await input_partitions(admin, topics)
-            check_recorded_versions(await _read_recorded(con, admin, settings, names), versions)
-            await _apply_log(admin, settings, rebuild, partitions, from_time, bar_for, check_workers)
+            async with group_free_consumer(settings, "inputs") as consumer:
+                # The inputs' end offsets first, turn-decisions' after: a command of the range
+                # that a worker had decided is then always in the recorded table. (The other
+                # order would decide afresh the commands arriving between the two reads.)
+                ranges = await offset_ranges(consumer, partitions, from_time)
+                await _warn_if_behind(admin, settings, ranges, check_workers)
+                if between_reads is not None:
+                    await between_reads()
+                check_recorded_versions(await _read_recorded(con, admin, settings, names), versions)
+                await _apply_log(consumer, settings, rebuild, ranges, from_time, bar_for)
         finally:
             await admin.close()
         summary.parked_at_end = (await state_gauges(con)).parked_events
+        _warn_if_decided(summary, names)
     finally:
         await con.close()
     summary.elapsed_s = time.monotonic() - started
@@ -122,7 +133,8 @@ async def _wire(
 async def _read_recorded(
     con: asyncpg.Connection, admin: Any, settings: Settings, names: TopicNames
 ) -> set[int]:
-    """`turn-decisions` up to its end offsets, into the temporary table. One consumer per pass:
+    """`turn-decisions` up to its end offsets taken now (after the inputs'), into the temporary
+    table; returns the policy versions the decisions name. One consumer per pass:
     aiokafka's fetcher dies when a consumer's assignment is emptied and replaced (the rebuild then
     hung when turn-decisions was empty)."""
     decision_partitions = await input_partitions(admin, [names.turn_decisions])
@@ -132,33 +144,44 @@ async def _read_recorded(
     return versions
 
 
+def _warn_if_decided(summary: RebuildSummary, names: TopicNames) -> None:
+    if summary.decided_afresh:
+        logger.warning(
+            "%d command(s) had no recorded decision in %s and were decided by this rebuild "
+            "under the current policy (their workers had not decided them when it started)",
+            summary.decided_afresh,
+            names.turn_decisions,
+        )
+
+
+async def _warn_if_behind(admin: Any, settings: Settings, ranges: Ranges, check_workers: bool) -> None:
+    """Records of the range the workers have not committed yet have no decision to follow."""
+    behind = await workers_behind(admin, settings.group_id, ranges) if check_workers else 0
+    if behind:
+        logger.warning(
+            "the workers (group %s) have not committed %d record(s) of this range yet; if "
+            "they run on this database, let them catch up first: a record the replay "
+            "decides first is answered by them with replay: true",
+            settings.group_id,
+            behind,
+        )
+
+
 async def _apply_log(
-    admin: Any,
+    consumer: AIOKafkaConsumer,
     settings: Settings,
     rebuild: Rebuild,
-    partitions: Sequence[TopicPartition],
+    ranges: Ranges,
     from_time: datetime | None,
     bar_for: Callable[[int], Progress | None],
-    check_workers: bool,
 ) -> None:
     """The input partitions' range, merged and applied (see `apply.py`)."""
-    async with group_free_consumer(settings, "inputs") as consumer:
-        ranges = await offset_ranges(consumer, partitions, from_time)
-        total = sum(max(0, end - start) for start, end in ranges.values())
-        logger.info(
-            "replaying %d records of %s %s", total, ", ".join(dict.fromkeys(tp.topic for tp in partitions)),
-            f"from {from_time.isoformat()}" if from_time else "from the beginning",
-        )  # fmt: skip
-        behind = await workers_behind(admin, settings.group_id, ranges) if check_workers else 0
-        if behind:
-            logger.warning(
-                "the workers (group %s) have not committed %d record(s) of this range yet; if "
-                "they run on this database, let them catch up first: a record the replay "
-                "decides first is answered by them with replay: true",
-                settings.group_id,
-                behind,
-            )
-        bar = bar_for(total)
-        await merge_and_apply(consumer, ranges, rebuild, settings, bar)
-        if bar is not None:
-            bar.finish()
+    total = sum(max(0, end - start) for start, end in ranges.values())
+    logger.info(
+        "replaying %d records of %s %s", total, ", ".join(dict.fromkeys(tp.topic for tp in ranges)),
+        f"from {from_time.isoformat()}" if from_time else "from the beginning",
+    )  # fmt: skip
+    bar = bar_for(total)
+    await merge_and_apply(consumer, ranges, rebuild, settings, bar)
+    if bar is not None:
+        bar.finish()
