@@ -1,4 +1,4 @@
-"""Where a worker resumes, against the real broker and database (docs/guarantees.md, "Positions under faults").
+"""Where a worker resumes, on the real broker and database (docs/guarantees.md, "Positions under faults").
 
 * a zombie owner's batch commits while the new owner's first batch waits on the position rows:
   the new owner re-reads every lane of its batch's sets, so nothing is skipped, nothing applied
