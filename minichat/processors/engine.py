@@ -47,7 +47,7 @@ from minichat.processors.pacing import pacing
 from minichat.processors.pipeline import Decoded, isolating
 from minichat.processors.progress import ProgressReport
 from minichat.processors.records import Output, SourceRecord, source_record
-from minichat.processors.resume import next_offsets, resume_offset
+from minichat.processors.resume import acknowledged, apply_nothing, next_offsets, resume_offset
 from minichat.settings import Settings
 from minichat.storage import coordination
 from minichat.storage.coordination import PositionConflict
@@ -100,6 +100,7 @@ class OrderedEngine:
         self._generation = 0
         self._unit = asyncio.Lock()  # a batch, or a rebalance step: never both
         self._flights = Flights(lambda: self._producer, batches.metrics, self.retry, on_fatal)
+        self._acknowledged_group = coordination.acknowledged_group(settings.group_id)
         self._stopping = False
         self._blocking: dict[LaneKey, float] = {}
         self._progress = ProgressReport(batches.metrics)
@@ -136,6 +137,7 @@ class OrderedEngine:
                 await cancel_and_wait(self._fetching)
             async with self._unit:
                 await self._flights.land_all(consumer, self.assigned)
+                await self._transaction({}, apply_nothing)  # what was acknowledged (see `_seek`)
 
     def stop(self) -> None:
         self._stopping = True
@@ -302,7 +304,7 @@ class OrderedEngine:
         if len(groups) > 1:
             outputs = await self._apply_groups(offsets, groups, owners)
             try:
-                await self._transaction(offsets, _nothing)  # the positions, once every group committed
+                await self._transaction(offsets, apply_nothing)  # the positions, once every group committed
             except PositionConflict:
                 self._flights.send(outputs, {}, [])  # committed: their decisions leave all the same
                 raise
@@ -379,7 +381,7 @@ class OrderedEngine:
             type(exc).__name__,
         )
         offsets = next_offsets((record,))
-        await self._transaction(offsets, _nothing)
+        await self._transaction(offsets, apply_nothing)
         self.batches.metrics.inc("minichat_records_refused_total", topic=self.batches.label(record.topic))
         self.batches.count_applied((), 1)
         self._flights.send([self.batches.refused(record, exc)], offsets, [])
@@ -394,6 +396,7 @@ class OrderedEngine:
         """Claim the positions, apply, store the positions after `offsets`: one unit. Without
         `store` (a group of a split batch) the claim is shared and nothing is stored."""
         expected = {lane: self.positions.get(lane) for lane in offsets}
+        acknowledged = dict(self._flights.acknowledged)  # outputs acknowledged: kept with the positions
 
         async def attempt() -> list[Output]:
             pool = await self.pool()
@@ -402,6 +405,7 @@ class OrderedEngine:
                 outputs = await apply(con)
                 if store:
                     await coordination.store_positions(con, self.settings.group_id, offsets)
+                    await coordination.store_positions(con, self._acknowledged_group, acknowledged)
                 return outputs
 
         outputs = await with_retries(
@@ -409,6 +413,7 @@ class OrderedEngine:
         )
         if not store:
             return outputs
+        self._flights.forget_acknowledged(acknowledged)
         for lane, next_offset in offsets.items():
             previous = self.positions.get(lane)
             self.positions[lane] = next_offset if previous is None else max(previous, next_offset)
@@ -453,33 +458,31 @@ class OrderedEngine:
             return
         tps = [TopicPartition(*lane) for lane in lanes]
         beginnings = await consumer.beginning_offsets(tps)
-        first = {(tp.topic, tp.partition): offset for tp, offset in beginnings.items()}
+        first = {(tp.topic, tp.partition): beginnings[tp] for tp in tps}
 
-        async def load() -> dict[LaneKey, int]:
+        async def load() -> tuple[dict[LaneKey, int], dict[LaneKey, int]]:
             pool = await self.pool()
             async with pool.acquire() as con:
-                return await coordination.prepare_positions(con, self.settings.group_id, first)
+                acked = await coordination.load_positions(con, self._acknowledged_group, lanes)
+                return await coordination.prepare_positions(con, self.settings.group_id, first), acked
 
-        stored = await with_retries("load positions", load, self.retry, dependency="PostgreSQL")
-        committed = {tp: await consumer.committed(tp) for tp in tps}
+        stored, acked = await with_retries("load positions", load, self.retry, dependency="PostgreSQL")
+        kafka = {tp: await consumer.committed(tp) for tp in tps}
         # Every lane opens in one go, with no await in between: a partition set whose other lanes
         # are not open yet would release its records as if those lanes were empty.
         for lane, tp in zip(lanes, tps, strict=True):
             position = stored.get(lane, beginnings[tp])
-            start = resume_offset(position, committed[tp], beginnings[tp])
+            done = acknowledged(kafka[tp], acked.get(lane))
+            start = resume_offset(position, done, beginnings[tp])
             consumer.seek(tp, start)
             self.positions[lane] = stored.get(lane)
             self.merge.open(tp.topic, tp.partition, start)
             if lane in self.paused:
                 consumer.resume(tp)
                 self.paused.discard(lane)
-            done = committed[tp]
-            logger.info("%s[%d]: resuming at %d (stored %s, committed %s)", *lane, start, position, done)
+            where = f"stored {position}, committed {kafka[tp]}, acknowledged {done}"
+            logger.info("%s[%d]: resuming at %d (%s)", *lane, start, where)
         self._generation += 1  # what a step took out of the lanes before they opened is void
-
-
-async def _nothing(con: asyncpg.Connection) -> list[Output]:
-    return []
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

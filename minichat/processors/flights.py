@@ -51,6 +51,8 @@ class Flights:
         self._on_fatal = on_fatal
         self._flights: deque[_Flight] = deque()
         self._commits_failing = False
+        self.acknowledged: dict[LaneKey, int] = {}
+        """Next offsets whose batches' outputs were all acknowledged, not yet kept in PostgreSQL."""
 
     def __len__(self) -> int:
         return len(self._flights)
@@ -92,6 +94,7 @@ class Flights:
         if not self._flights or self._flights[0] is not flight:
             return  # a rebalance landed it meanwhile
         self._flights.popleft()
+        self._acknowledge(flight)
         offsets = {
             TopicPartition(*lane): OffsetAndMetadata(offset, "")
             for lane, offset in flight.offsets.items()
@@ -127,3 +130,15 @@ class Flights:
                 await flight.done
             except Exception as exc:  # aiokafka would swallow it in a rebalance callback
                 self._on_fatal("engine produce", exc)
+            else:
+                self._acknowledge(flight)
+
+    def _acknowledge(self, flight: _Flight) -> None:
+        for lane, offset in flight.offsets.items():
+            self.acknowledged[lane] = max(offset, self.acknowledged.get(lane, offset))
+
+    def forget_acknowledged(self, kept: dict[LaneKey, int]) -> None:
+        """`kept` is in PostgreSQL now: drop what it covers."""
+        for lane, offset in kept.items():
+            if self.acknowledged.get(lane) == offset:
+                del self.acknowledged[lane]

@@ -51,6 +51,13 @@ SET next_offset = GREATEST(p.next_offset, EXCLUDED.next_offset), updated_at = no
 """
 
 
+def acknowledged_group(group_id: str) -> str:
+    """The rows (same table, same statements) that keep up to where a group's outputs were
+    acknowledged: where to resume when Kafka's committed offsets are gone (`processors/resume.py`).
+    Never claimed: whichever worker saw the acknowledgement writes, and the offset only grows."""
+    return f"{group_id}/acknowledged"
+
+
 class PositionConflict(RuntimeError):
     """Another worker moved a partition this batch was going to apply: the batch is abandoned
     (its transaction rolls back) and the partitions are re-read from the stored positions."""
