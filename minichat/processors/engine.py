@@ -47,8 +47,10 @@ from minichat.processors.pacing import pacing
 from minichat.processors.pipeline import Decoded, isolating
 from minichat.processors.progress import ProgressReport
 from minichat.processors.records import Output, SourceRecord, source_record
+from minichat.processors.resume import acknowledged, apply_nothing, next_offsets, resume_offset
 from minichat.settings import Settings
-from minichat.storage.coordination import PositionConflict, claim_positions, load_positions, store_positions
+from minichat.storage import coordination
+from minichat.storage.coordination import PositionConflict
 from minichat.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ class OrderedEngine:
         self._generation = 0
         self._unit = asyncio.Lock()  # a batch, or a rebalance step: never both
         self._flights = Flights(lambda: self._producer, batches.metrics, self.retry, on_fatal)
+        self._acknowledged_group = coordination.acknowledged_group(settings.group_id)
         self._stopping = False
         self._blocking: dict[LaneKey, float] = {}
         self._progress = ProgressReport(batches.metrics)
@@ -134,6 +137,7 @@ class OrderedEngine:
                 await cancel_and_wait(self._fetching)
             async with self._unit:
                 await self._flights.land_all(consumer, self.assigned)
+                await self._transaction({}, apply_nothing)  # what was acknowledged (see `_seek`)
 
     def stop(self) -> None:
         self._stopping = True
@@ -281,8 +285,11 @@ class OrderedEngine:
                 lambda i, exc: self._refuse(records[i], exc),
             )
         except PositionConflict as conflict:
-            logger.warning("%s; re-reading those partitions from the stored positions", conflict)
-            await self._reseek(consumer, list(conflict.moved))
+            # Every lane of every set the batch took records from is past them in memory and at
+            # the consumer, whichever rows moved: all of them are dropped and re-read.
+            sets = sorted({r.partition for r in records})
+            logger.warning("%s; re-reading partition sets %s from the stored positions", conflict, sets)
+            await self._reseek(consumer, [(topic, p) for p in sets for topic in self.topics])
 
     async def _commit(
         self, records: list[SourceRecord], decoded: list[Decoded[Any] | Output], run: Sequence[int]
@@ -291,12 +298,16 @@ class OrderedEngine:
         after them; then their outputs leave (a flight)."""
         good = [d for i in run if isinstance(d := decoded[i], Decoded)]
         dead = [d for i in run if isinstance(d := decoded[i], Output)]
-        offsets = _next_offsets(records[i] for i in run)
+        offsets = next_offsets(records[i] for i in run)
         began = time.monotonic()
         groups, owners = await self._split(good)
         if len(groups) > 1:
             outputs = await self._apply_groups(offsets, groups, owners)
-            await self._transaction(offsets, _nothing)  # the positions, once every group committed
+            try:
+                await self._transaction(offsets, apply_nothing)  # the positions, once every group committed
+            except PositionConflict:
+                self._flights.send(outputs, {}, [])  # committed: their decisions leave all the same
+                raise
         else:
             outputs = await self._transaction(offsets, functools.partial(self.batches.apply, good=good))
         if self.settings.fault_exit_after_commit and any(
@@ -339,7 +350,9 @@ class OrderedEngine:
         others' Python runs. They claim the positions shared and store none; a crash before the
         positions are stored re-applies the batch, as a crash before any commit would (what
         committed is a no-op the second time, its decisions re-sent as replays). A record
-        PostgreSQL refuses fails its group, and the whole run goes back to `isolating`."""
+        PostgreSQL refuses fails its group, and the whole run goes back to `isolating`. A group
+        that committed next to one that met a position conflict sends its decisions: its records
+        will not be applied again by this worker."""
         results = await asyncio.gather(
             *(
                 self._transaction(
@@ -349,10 +362,14 @@ class OrderedEngine:
             ),
             return_exceptions=True,
         )
+        outputs = [out for r in results if not isinstance(r, BaseException) for out in r]
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
-            raise next((e for e in failed if classify(e) is not Action.ISOLATE), failed[0])
-        return [out for r in results if not isinstance(r, BaseException) for out in r]
+            error = next((e for e in failed if classify(e) is not Action.ISOLATE), failed[0])
+            if isinstance(error, PositionConflict) and outputs:
+                self._flights.send(outputs, {}, [])
+            raise error
+        return outputs
 
     async def _refuse(self, record: SourceRecord, exc: BaseException) -> None:
         """Move the positions past a record the database refused; its dead letter says why."""
@@ -363,8 +380,8 @@ class OrderedEngine:
             record.offset,
             type(exc).__name__,
         )
-        offsets = _next_offsets((record,))
-        await self._transaction(offsets, _nothing)
+        offsets = next_offsets((record,))
+        await self._transaction(offsets, apply_nothing)
         self.batches.metrics.inc("minichat_records_refused_total", topic=self.batches.label(record.topic))
         self.batches.count_applied((), 1)
         self._flights.send([self.batches.refused(record, exc)], offsets, [])
@@ -379,14 +396,16 @@ class OrderedEngine:
         """Claim the positions, apply, store the positions after `offsets`: one unit. Without
         `store` (a group of a split batch) the claim is shared and nothing is stored."""
         expected = {lane: self.positions.get(lane) for lane in offsets}
+        acknowledged = dict(self._flights.acknowledged)  # outputs acknowledged: kept with the positions
 
         async def attempt() -> list[Output]:
             pool = await self.pool()
             async with pool.acquire() as con, con.transaction():
-                await claim_positions(con, self.settings.group_id, expected, shared=not store)
+                await coordination.claim_positions(con, self.settings.group_id, expected, shared=not store)
                 outputs = await apply(con)
                 if store:
-                    await store_positions(con, self.settings.group_id, offsets)
+                    await coordination.store_positions(con, self.settings.group_id, offsets)
+                    await coordination.store_positions(con, self._acknowledged_group, acknowledged)
                 return outputs
 
         outputs = await with_retries(
@@ -394,6 +413,7 @@ class OrderedEngine:
         )
         if not store:
             return outputs
+        self._flights.forget_acknowledged(acknowledged)
         for lane, next_offset in offsets.items():
             previous = self.positions.get(lane)
             self.positions[lane] = next_offset if previous is None else max(previous, next_offset)
@@ -432,48 +452,37 @@ class OrderedEngine:
         await self._seek(consumer, [lane for lane in lanes if lane in self.assigned])
 
     async def _seek(self, consumer: AIOKafkaConsumer, lanes: list[LaneKey]) -> None:
-        """Resume each partition at its stored position, or earlier where Kafka's committed offset
-        is lower (outputs of records between the two may not have been acknowledged: running those
-        records again re-sends them, changing nothing)."""
+        """Resume each partition at its stored position (`resume.resume_offset`), after making the
+        position rows that do not exist yet, so that every later claim has a row to lock."""
         if not lanes:
             return
-
-        async def load() -> dict[LaneKey, int]:
-            pool = await self.pool()
-            async with pool.acquire() as con:
-                return await load_positions(con, self.settings.group_id, lanes)
-
-        stored = await with_retries("load positions", load, self.retry, dependency="PostgreSQL")
         tps = [TopicPartition(*lane) for lane in lanes]
         beginnings = await consumer.beginning_offsets(tps)
-        committed = {tp: await consumer.committed(tp) for tp in tps}
+        first = {(tp.topic, tp.partition): beginnings[tp] for tp in tps}
+
+        async def load() -> tuple[dict[LaneKey, int], dict[LaneKey, int]]:
+            pool = await self.pool()
+            async with pool.acquire() as con:
+                acked = await coordination.load_positions(con, self._acknowledged_group, lanes)
+                return await coordination.prepare_positions(con, self.settings.group_id, first), acked
+
+        stored, acked = await with_retries("load positions", load, self.retry, dependency="PostgreSQL")
+        kafka = {tp: await consumer.committed(tp) for tp in tps}
         # Every lane opens in one go, with no await in between: a partition set whose other lanes
         # are not open yet would release its records as if those lanes were empty.
         for lane, tp in zip(lanes, tps, strict=True):
-            position = stored.get(lane)
-            # Kafka's offset is where acknowledged outputs end; none at all means nothing was
-            # acknowledged yet (or it expired): run from the beginning, which re-sends and
-            # changes nothing.
-            done = committed[tp]
-            acknowledged = beginnings[tp] if done is None else max(done, beginnings[tp])
-            start = beginnings[tp] if position is None else min(position, acknowledged)
+            position = stored.get(lane, beginnings[tp])
+            done = acknowledged(kafka[tp], acked.get(lane))
+            start = resume_offset(position, done, beginnings[tp])
             consumer.seek(tp, start)
-            self.positions[lane] = position
+            self.positions[lane] = stored.get(lane)
             self.merge.open(tp.topic, tp.partition, start)
             if lane in self.paused:
                 consumer.resume(tp)
                 self.paused.discard(lane)
-            logger.info("%s[%d]: resuming at %d (stored %s, committed %s)", *lane, start, position, done)
+            where = f"stored {position}, committed {kafka[tp]}, acknowledged {done}"
+            logger.info("%s[%d]: resuming at %d (%s)", *lane, start, where)
         self._generation += 1  # what a step took out of the lanes before they opened is void
-
-
-async def _nothing(con: asyncpg.Connection) -> list[Output]:
-    return []
-
-
-def _next_offsets(records: Iterable[SourceRecord]) -> dict[LaneKey, int]:
-    """Per input partition, the offset after the last of `records` (in offset order per partition)."""
-    return {(r.topic, r.partition): r.offset + 1 for r in records}
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -50,6 +50,9 @@ class Flights:
         self._retry = retry
         self._on_fatal = on_fatal
         self._flights: deque[_Flight] = deque()
+        self._commits_failing = False
+        self.acknowledged: dict[LaneKey, int] = {}
+        """Next offsets whose batches' outputs were all acknowledged, not yet kept in PostgreSQL."""
 
     def __len__(self) -> int:
         return len(self._flights)
@@ -91,6 +94,7 @@ class Flights:
         if not self._flights or self._flights[0] is not flight:
             return  # a rebalance landed it meanwhile
         self._flights.popleft()
+        self._acknowledge(flight)
         offsets = {
             TopicPartition(*lane): OffsetAndMetadata(offset, "")
             for lane, offset in flight.offsets.items()
@@ -99,8 +103,22 @@ class Flights:
         if offsets:
             try:
                 await consumer.commit(offsets)
-            except KafkaError as exc:  # monitoring only: the stored positions are the truth
-                logger.info("Kafka offset commit skipped (%s)", type(exc).__name__)
+            except KafkaError as exc:  # the stored positions are the truth: nothing is lost
+                self._commit_failed(exc)
+            else:
+                if self._commits_failing:
+                    logger.info("Kafka offset commits succeed again")
+                self._commits_failing = False
+
+    def _commit_failed(self, exc: KafkaError) -> None:
+        """Counted every time, said once per streak: commits that keep failing let the group's
+        offsets expire (the worker then resumes at its stored positions, but lag monitoring that
+        reads the group's offsets goes blind)."""
+        self._metrics.inc("minichat_offset_commit_failures_total", error=type(exc).__name__)
+        if not self._commits_failing:
+            name = type(exc).__name__
+            logger.warning("Kafka offset commit failed (%s); the stored positions still hold", name)
+        self._commits_failing = True
 
     async def await_all(self) -> None:
         """Every output acknowledged before partitions move (no Kafka commit here: the coordinator
@@ -112,3 +130,15 @@ class Flights:
                 await flight.done
             except Exception as exc:  # aiokafka would swallow it in a rebalance callback
                 self._on_fatal("engine produce", exc)
+            else:
+                self._acknowledge(flight)
+
+    def _acknowledge(self, flight: _Flight) -> None:
+        for lane, offset in flight.offsets.items():
+            self.acknowledged[lane] = max(offset, self.acknowledged.get(lane, offset))
+
+    def forget_acknowledged(self, kept: dict[LaneKey, int]) -> None:
+        """`kept` is in PostgreSQL now: drop what it covers."""
+        for lane, offset in kept.items():
+            if self.acknowledged.get(lane) == offset:
+                del self.acknowledged[lane]

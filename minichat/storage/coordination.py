@@ -30,6 +30,14 @@ JOIN unnest($2::text[], $3::int[]) AS k (topic, partition)
 WHERE p.group_id = $1
 """
 
+_ENSURE: Final = """
+INSERT INTO consumer_positions AS p (group_id, topic, partition, next_offset)
+SELECT $1, k.topic, k.partition, k.next_offset
+FROM unnest($2::text[], $3::int[], $4::bigint[]) AS k (topic, partition, next_offset)
+ORDER BY k.topic, k.partition
+ON CONFLICT (group_id, topic, partition) DO NOTHING
+"""
+
 _LOCK: Final = _LOAD + "ORDER BY p.topic, p.partition\nFOR UPDATE OF p"
 _SHARE: Final = _LOAD + "ORDER BY p.topic, p.partition\nFOR SHARE OF p"
 
@@ -41,6 +49,13 @@ ORDER BY k.topic, k.partition
 ON CONFLICT (group_id, topic, partition) DO UPDATE
 SET next_offset = GREATEST(p.next_offset, EXCLUDED.next_offset), updated_at = now()
 """
+
+
+def acknowledged_group(group_id: str) -> str:
+    """The rows (same table, same statements) that keep up to where a group's outputs were
+    acknowledged: where to resume when Kafka's committed offsets are gone (`processors/resume.py`).
+    Never claimed: whichever worker saw the acknowledgement writes, and the offset only grows."""
+    return f"{group_id}/acknowledged"
 
 
 class PositionConflict(RuntimeError):
@@ -63,6 +78,20 @@ async def load_positions(
     return {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
 
 
+async def prepare_positions(
+    con: asyncpg.Connection, group_id: str, beginnings: Mapping[TopicPartitionKey, int]
+) -> dict[TopicPartitionKey, int]:
+    """Every partition's stored position, after making a row (at the log's beginning: nothing of
+    it applied) for each that has none. A claim locks rows, so a row must exist before anyone can
+    claim it: without one, two owners of a new partition would both pass an empty claim."""
+    keys = sorted(beginnings)
+    if not keys:
+        return {}
+    async with con.transaction():
+        await con.execute(_ENSURE, group_id, *columns([(t, p, beginnings[(t, p)]) for t, p in keys], 3))
+        return await load_positions(con, group_id, keys)
+
+
 async def claim_positions(
     con: asyncpg.Connection,
     group_id: str,
@@ -71,8 +100,9 @@ async def claim_positions(
     shared: bool = False,
 ) -> None:
     """Lock the batch's position rows and check they still say what this worker last read or
-    wrote (None: no row). Two workers that both believe they own a partition (a rebalance racing
-    a slow batch) serialise here, and the later one finds the row moved and backs off.
+    wrote (`prepare_positions` made the rows before). Two workers that both believe they own a
+    partition (a rebalance racing a slow batch) serialise here, and the later one finds the row
+    moved and backs off.
 
     `shared`: for the concurrent groups of one batch, which store no position (the batch's own
     exclusive claim stores them once every group committed). Another worker's exclusive claim
