@@ -23,11 +23,43 @@ class TopicError(RuntimeError):
     """A topic is missing or set up differently from the contract."""
 
 
+MIN_INSYNC = "min.insync.replicas"
+DEFAULT_MAX_REPLICATION = 3
+
+
 @dataclass(frozen=True)
 class TopicReport:
     created: list[str]
     existing: list[str]
     reconfigured: list[str]
+    replication_factor: int = 1
+    """The factor the topics were made (or checked) with."""
+
+
+def min_insync(replication_factor: int) -> int:
+    """`min.insync.replicas` for a factor: all but one copy (so one broker may be down while
+    producers with `acks=all` go on), at least 1."""
+    return max(1, replication_factor - 1)
+
+
+def topic_config(replication_factor: int) -> dict[str, str]:
+    """The settings every topic of the contract carries, at this replication factor."""
+    return {**TOPIC_CONFIG, MIN_INSYNC: str(min_insync(replication_factor))}
+
+
+async def _replication_factor(admin: AIOKafkaAdminClient, settings: Settings) -> int:
+    """`MINICHAT_REPLICATION_FACTOR`, else min(3, brokers in the cluster's metadata); never more
+    than there are brokers (the broker's own refusal would not say which setting to change)."""
+    brokers = len((await admin.describe_cluster())["brokers"])
+    wanted = settings.replication_factor
+    if wanted is None:
+        return max(1, min(DEFAULT_MAX_REPLICATION, brokers))
+    if wanted > brokers:
+        raise TopicError(
+            f"MINICHAT_REPLICATION_FACTOR={wanted} but the cluster has {brokers} broker(s): "
+            "lower the setting or add brokers"
+        )
+    return wanted
 
 
 def _admin(settings: Settings) -> AIOKafkaAdminClient:
@@ -38,25 +70,36 @@ def _admin(settings: Settings) -> AIOKafkaAdminClient:
     )
 
 
-async def _partition_counts(
+@dataclass(frozen=True)
+class _Layout:
+    partitions: int
+    replicas: int
+    """The smallest replica count of the topic's partitions."""
+
+
+async def _layouts(
     admin: AIOKafkaAdminClient, names: list[str], *, timeout_s: float = 30.0
-) -> dict[str, int]:
-    """Partition counts, waiting for new topics' metadata to reach the broker we ask."""
+) -> dict[str, _Layout]:
+    """Partition and replica counts, waiting for new topics' metadata to reach the broker we ask."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
-        counts = {
-            topic["topic"]: len(topic["partitions"])
+        layouts = {
+            topic["topic"]: _Layout(
+                len(topic["partitions"]), min(len(p["replicas"]) for p in topic["partitions"])
+            )
             for topic in await admin.describe_topics(names)
             if topic["error_code"] == 0 and topic["partitions"]
         }
-        if len(counts) == len(names) or loop.time() > deadline:
-            return counts
+        if len(layouts) == len(names) or loop.time() > deadline:
+            return layouts
         await asyncio.sleep(0.1)
 
 
-async def _config_drift(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
-    """Per topic, the contract settings whose current value differs."""
+async def _config_drift(
+    admin: AIOKafkaAdminClient, names: list[str], wanted: dict[str, str] = TOPIC_CONFIG
+) -> dict[str, dict[str, str]]:
+    """Per topic, the `wanted` settings whose current value differs."""
     resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
     drift: dict[str, dict[str, str]] = {}
     for response in await admin.describe_configs(resources):
@@ -64,50 +107,64 @@ async def _config_drift(admin: AIOKafkaAdminClient, names: list[str]) -> dict[st
             if error_code:
                 raise TopicError(f"cannot read the configuration of {name}: error {error_code}")
             current = {entry[0]: entry[1] for entry in entries}
-            wrong = {k: v for k, v in TOPIC_CONFIG.items() if current.get(k) != v}
+            wrong = {k: v for k, v in wanted.items() if current.get(k) != v}
             if wrong:
                 drift[name] = wrong
     return drift
 
 
-async def create_topics(settings: Settings, *, replication_factor: int = 1) -> TopicReport:
-    """Create the six topics; existing ones are checked and their settings brought in line."""
+async def create_topics(settings: Settings) -> TopicReport:
+    """Create the contract's topics at the replication factor of `_replication_factor`, with
+    `min.insync.replicas` = factor - 1; existing ones are checked (partitions, replication factor)
+    and their settings brought in line."""
     names = TopicNames(settings.topic_prefix).all()
     admin = _admin(settings)
     await admin.start()
     try:
+        factor = await _replication_factor(admin, settings)
+        config = topic_config(factor)
         existing = set(await admin.list_topics()) & set(names)
         missing = [n for n in names if n not in existing]
         created: list[str] = []
         if missing:
             response = await admin.create_topics(
-                [
-                    NewTopic(n, settings.partitions, replication_factor, topic_configs=dict(TOPIC_CONFIG))
-                    for n in missing
-                ]
+                [NewTopic(n, settings.partitions, factor, topic_configs=dict(config)) for n in missing]
             )
             for topic, code, *rest in response.topic_errors:
                 if code not in (0, _TOPIC_ALREADY_EXISTS):
                     raise TopicError(f"creating {topic} failed: error {code} {rest[0] if rest else ''}")
                 if code == 0:
                     created.append(topic)
-        counts = await _partition_counts(admin, names)
+        layouts = await _layouts(admin, names)
         for name in names:
-            if counts.get(name) != settings.partitions:
+            partitions = layouts[name].partitions if name in layouts else None
+            if partitions != settings.partitions:
                 raise TopicError(
-                    f"{name} has {counts.get(name)} partitions, the deployment expects "
+                    f"{name} has {partitions} partitions, the deployment expects "
                     f"{settings.partitions}: partitions decide which worker owns a chat, "
                     "so fix the topic or MINICHAT_PARTITIONS"
                 )
-        drift = await _config_drift(admin, names)
+        # Changing an existing topic's factor moves data (kafka-reassign-partitions): an operator's
+        # decision, not this command's. Its min.insync.replicas follows the factor it has.
+        short = {n: layouts[n].replicas for n in names if layouts[n].replicas != factor}
+        if short:
+            raise TopicError(
+                "replication factor differs from the wanted "
+                f"{factor} (MINICHAT_REPLICATION_FACTOR, default min(3, brokers)): "
+                + ", ".join(f"{n} has {r}" for n, r in short.items())
+                + ": reassign the topics' partitions (kafka-reassign-partitions), or set "
+                "MINICHAT_REPLICATION_FACTOR to the factor they have"
+            )
+        drift = await _config_drift(admin, names, config)
         if drift:
             await admin.alter_configs(
-                [ConfigResource(ConfigResourceType.TOPIC, name, configs=dict(TOPIC_CONFIG)) for name in drift]
+                [ConfigResource(ConfigResourceType.TOPIC, name, configs=dict(config)) for name in drift]
             )
         return TopicReport(
             created=created,
             existing=[n for n in names if n in existing],
             reconfigured=sorted(drift),
+            replication_factor=factor,
         )
     finally:
         await admin.close()

@@ -36,10 +36,10 @@ from minichat.models.topics import (
     BILLING_USAGE,
     DEAD_LETTERS,
     INPUT_TOPICS,
-    TOPIC_CONFIG,
     TURN_DECISIONS,
 )
 from minichat.processors import read_api
+from minichat.processors.topics import topic_config
 from minichat.settings import Settings
 from tests.unit.commands import command_parsers, options
 from tests.unit.markdown import DOCS, ROOT, Document, Table, code_spans, names
@@ -176,9 +176,10 @@ def test_topics_and_the_events_each_carries() -> None:
 
 
 def test_topic_settings_are_the_ones_topics_create_sets() -> None:
+    """`min.insync.replicas` depends on the factor: the table gives its value at factor 3."""
     rows = _rows(_table("Topic settings"))
     assert {name: code_spans(row[1]) for name, row in rows.items()} == {
-        name: [value] for name, value in TOPIC_CONFIG.items()
+        name: [value] for name, value in topic_config(3).items()
     }
 
 
