@@ -16,6 +16,7 @@ from minichat.settings import Settings
 logger = logging.getLogger(__name__)
 
 _TOPIC_ALREADY_EXISTS = 36
+_UNKNOWN_TOPIC = 3
 TIMESTAMP_TYPE = "message.timestamp.type"
 
 
@@ -97,20 +98,35 @@ async def _layouts(
 
 
 async def _config_drift(
-    admin: AIOKafkaAdminClient, names: list[str], wanted: dict[str, str] = TOPIC_CONFIG
+    admin: AIOKafkaAdminClient,
+    names: list[str],
+    wanted: dict[str, str] = TOPIC_CONFIG,
+    *,
+    timeout_s: float = 30.0,
 ) -> dict[str, dict[str, str]]:
-    """Per topic, the `wanted` settings whose current value differs."""
+    """Per topic, the `wanted` settings whose current value differs. On a cluster the broker
+    asked may not know a topic just made yet (UNKNOWN_TOPIC_OR_PARTITION): asked again until
+    `timeout_s`."""
     resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
-    drift: dict[str, dict[str, str]] = {}
-    for response in await admin.describe_configs(resources):
-        for error_code, _msg, _type, name, entries in response.resources:
-            if error_code:
-                raise TopicError(f"cannot read the configuration of {name}: error {error_code}")
-            current = {entry[0]: entry[1] for entry in entries}
-            wrong = {k: v for k, v in wanted.items() if current.get(k) != v}
-            if wrong:
-                drift[name] = wrong
-    return drift
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        drift: dict[str, dict[str, str]] = {}
+        unknown = False
+        for response in await admin.describe_configs(resources):
+            for error_code, _msg, _type, name, entries in response.resources:
+                if error_code == _UNKNOWN_TOPIC and loop.time() < deadline:
+                    unknown = True
+                    continue
+                if error_code:
+                    raise TopicError(f"cannot read the configuration of {name}: error {error_code}")
+                current = {entry[0]: entry[1] for entry in entries}
+                wrong = {k: v for k, v in wanted.items() if current.get(k) != v}
+                if wrong:
+                    drift[name] = wrong
+        if not unknown:
+            return drift
+        await asyncio.sleep(0.1)
 
 
 async def create_topics(settings: Settings) -> TopicReport:

@@ -55,7 +55,7 @@ from tests.integration.test_crash import (
     play_rounds,
     soak_selected,
 )
-from tests.support import Endpoints, wait_until
+from tests.support import Endpoints, run_cli, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -243,3 +243,30 @@ async def test_broker_kills_lose_nothing_and_rebuild_matches(
         check(breaks.kills == variant.kills, f"{breaks.kills} kills of {variant.kills}")
         check((lost, duplicated) == (0, 0), f"lost {lost}, duplicated {duplicated}")
         assert not failures, "\n\n".join([*failures, render(summary), progress.getvalue()[-4000:], logs])
+
+
+async def test_topics_create_on_three_brokers(cluster: Cluster, endpoints: Endpoints) -> None:
+    """Factor 3 and `min.insync.replicas` 2 by default, idempotently; topics made at another
+    factor are reported (exit status 2, each topic and its factor named), never silently kept."""
+    settings = deployment_settings(cluster.endpoints(endpoints), "postgresql://unused/unused", partitions=2)
+    names = TopicNames(settings.topic_prefix).all()
+    first, second = await create_topics(settings), await create_topics(settings)
+    assert (first.created, first.replication_factor) == (names, 3)
+    assert (second.created, second.existing, second.reconfigured) == ([], names, [])
+    assert await topic_layout(settings.kafka_bootstrap_servers, names) == {n: ({3}, "2") for n in names}
+
+    single = settings.model_copy(
+        update={"topic_prefix": f"{settings.topic_prefix}one.", "replication_factor": 1}
+    )
+    await create_topics(single)
+    one = TopicNames(single.topic_prefix).all()
+    assert await topic_layout(settings.kafka_bootstrap_servers, one) == {n: ({1}, "1") for n in one}
+    env = {
+        "MINICHAT_KAFKA_BOOTSTRAP_SERVERS": single.kafka_bootstrap_servers,
+        "MINICHAT_TOPIC_PREFIX": single.topic_prefix,
+        "MINICHAT_PARTITIONS": "2",
+    }
+    done = await asyncio.to_thread(run_cli, env, "topics", "create")
+    assert done.returncode == 2, done
+    assert "replication factor differs from the wanted 3" in done.stderr
+    assert all(f"{n} has 1" in done.stderr for n in one), done.stderr

@@ -54,3 +54,16 @@ async def test_wrong_partition_count_is_reported(endpoints: Endpoints) -> None:
     other = settings.model_copy(update={"partitions": 3})
     with pytest.raises(TopicError, match="has 2 partitions, the deployment expects 3"):
         await create_topics(other)
+
+
+async def test_default_replication_factor_is_what_the_cluster_holds(endpoints: Endpoints) -> None:
+    """On the single-broker stack the default factor is min(3, 1) = 1, `min.insync.replicas` 1;
+    asking for more copies than there are brokers names the setting."""
+    settings = deployment_settings(endpoints, "postgresql://unused/unused", partitions=2)
+    report = await create_topics(settings)
+    assert report.replication_factor == 1
+    names = TopicNames(settings.topic_prefix).all()
+    configs = await _configs(endpoints.kafka, names)
+    assert {configs[n]["min.insync.replicas"] for n in names} == {"1"}
+    with pytest.raises(TopicError, match="MINICHAT_REPLICATION_FACTOR=3 but the cluster has 1 broker"):
+        await create_topics(settings.model_copy(update={"replication_factor": 3}))
