@@ -6,6 +6,7 @@
 #   make up / down / status        the local Kafka + PostgreSQL of scripts/stack.sh (make down PURGE=1 deletes data)
 #   make check                     ruff check, ruff format --check, mypy
 #   make soak                      the long crash tests: >= 50 kill -9 under load (MINICHAT_CRASH_KILLS=N for more)
+#   make soak-cluster              three brokers, >= 50 kill -9 of a partition leader (MINICHAT_CLUSTER_KILLS=N for more)
 #   make bench                     venv + local stack + `minichat bench` (BENCH_ARGS, JSON to BENCH_OUT)
 #
 # Variables: PYTHON (interpreter for the venv, default python3), VENV (.venv), PYTEST_ARGS,
@@ -30,7 +31,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: help venv up down status test check run demo
 
 help:
-	@sed -n '3,13p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '3,14p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 venv: $(STAMP)
 
@@ -97,6 +98,15 @@ soak: venv
 	export MINICHAT_CRASH_KILLS=$${MINICHAT_CRASH_KILLS:-50}; \
 	echo "make soak: $$MINICHAT_CRASH_KILLS kills per test against $$MINICHAT_KAFKA_BOOTSTRAP_SERVERS" >&2; \
 	"$(VENV)/bin/pytest" -m soak tests/integration/test_crash.py $(PYTEST_ARGS)
+
+# tests/integration/test_cluster.py's soak version on a three-broker cluster that tests/cluster.py
+# starts (and stops) next to the stack: PostgreSQL is the stack's, Kafka the cluster's.
+.PHONY: soak-cluster
+soak-cluster: venv
+	@exports=$$($(STACK) up); eval "$$exports"; \
+	export MINICHAT_CLUSTER_KILLS=$${MINICHAT_CLUSTER_KILLS:-50}; \
+	echo "make soak-cluster: $$MINICHAT_CLUSTER_KILLS SIGKILLs of a partition leader on three brokers" >&2; \
+	"$(VENV)/bin/pytest" -m soak tests/integration/test_cluster.py $(PYTEST_ARGS)
 
 # docs/performance.md: the ceiling, a backlog drain, decision latency and replay, side by side.
 BENCH_ARGS ?=

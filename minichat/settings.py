@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     topic_prefix: str = "minichat."
     group_id: str = "minichat"
     partitions: int = Field(default=8, ge=1, le=1024)
+    # Copies of each partition of the topics `topics create` makes (min.insync.replicas: one
+    # less, at least 1); None: min(3, brokers in the cluster).
+    replication_factor: int | None = Field(default=None, ge=1, le=16)
     policy_file: Path = PACKAGED_POLICY
     web_port: int = Field(default=6066, ge=0, le=65535)
     web_host: str = "127.0.0.1"

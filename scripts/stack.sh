@@ -9,6 +9,19 @@
 #   scripts/stack.sh restart-kafka | restart-pg  stop one service and start it again (same data, ports)
 #   scripts/stack.sh up-kafka    start (or reuse) the broker only; prints its export lines
 #
+# Three-broker mode (MINICHAT_STACK_KAFKA_BROKERS=3, for every command above): three KRaft nodes,
+# each broker + controller (a controller quorum of 3), replication factor 3 by default,
+# min.insync.replicas=2, no unclean leader election, the offsets and transaction state topics at
+# factor 3. Node N (1-3) has node.id N, broker port PORT+N-1 and controller port CPORT+N-1 (ports
+# default to 9192 and 9292 in this mode); the export line names all three. For fault tests:
+#   scripts/stack.sh kill-broker N    SIGKILL node N (kill -9; its data stays)
+#   scripts/stack.sh start-broker N   start node N again and wait until it is ready
+#   scripts/stack.sh stop-broker N    stop node N gracefully
+#   scripts/stack.sh brokers          one line per node: N, node id, port, pid (or -), running|stopped
+# (a partition's leader is a node id in the cluster's metadata: tests/cluster.py reads it).
+# Use its own state dir; a state dir keeps the broker count it was formatted with. The secure mode
+# is for the single broker only.
+#
 # Secure mode (MINICHAT_STACK_KAFKA_SECURE=1, for every command above): the broker's only client
 # listener is SASL_SSL (SCRAM-SHA-512; a throwaway CA and broker certificate made with openssl and
 # keytool in <state dir>/kafka/secure), the StandardAuthorizer denies what no ACL allows, and the
@@ -17,7 +30,7 @@
 # and admin's password files lie next to it (MINICHAT_STACK_KAFKA_SECURE_DIR). Use its own state
 # dir: a state dir keeps the mode it was formatted in.
 #
-# Kafka: a single-node KRaft broker+controller from Maven Central jars (tools/kafka/pom.xml).
+# Kafka: one KRaft broker+controller (or three) from Maven Central jars (tools/kafka/pom.xml).
 # PostgreSQL: a throwaway cluster (fsync off) from the distribution's binaries, run as user postgres.
 # Only stdout carries the export lines; every progress or log line goes to stderr, so
 #   eval "$(scripts/stack.sh up)"
@@ -37,6 +50,8 @@
 #   MINICHAT_STACK_PG_BIN                  PostgreSQL bin dir (default: newest /usr/lib/postgresql/*/bin)
 #   MINICHAT_STACK_PURGE=1                 make `down` behave like `down --purge`
 #   MINICHAT_STACK_KAFKA_SECURE=1          secure mode (above)
+#   MINICHAT_STACK_KAFKA_BROKERS           1 (default) or 3: three-broker mode (above)
+#   MINICHAT_STACK_KAFKA_HEAP              each broker's JVM heap (512m with one broker, 384m with three)
 #   MINICHAT_STACK_KAFKA_TOPIC_PREFIX      secure mode: topic prefix the ACLs cover (minichat.)
 #   MINICHAT_STACK_KAFKA_GROUP_ID          secure mode: minichat's consumer group (prefix) the ACLs cover (minichat)
 set -euo pipefail
@@ -44,8 +59,16 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 POM="$REPO/tools/kafka/pom.xml"
 STACK_DIR=${MINICHAT_STACK_DIR:-$REPO/.stack}
-KAFKA_PORT=${MINICHAT_STACK_KAFKA_PORT:-9092}
-KAFKA_CPORT=${MINICHAT_STACK_KAFKA_CONTROLLER_PORT:-9093}
+KAFKA_BROKERS=${MINICHAT_STACK_KAFKA_BROKERS:-1}
+if [[ $KAFKA_BROKERS == 3 ]]; then
+    KAFKA_PORT=${MINICHAT_STACK_KAFKA_PORT:-9192}
+    KAFKA_CPORT=${MINICHAT_STACK_KAFKA_CONTROLLER_PORT:-9292}
+    KAFKA_HEAP=${MINICHAT_STACK_KAFKA_HEAP:-384m}
+else
+    KAFKA_PORT=${MINICHAT_STACK_KAFKA_PORT:-9092}
+    KAFKA_CPORT=${MINICHAT_STACK_KAFKA_CONTROLLER_PORT:-9093}
+    KAFKA_HEAP=${MINICHAT_STACK_KAFKA_HEAP:-512m}
+fi
 PG_PORT=${MINICHAT_STACK_PG_PORT:-5432}
 TIMEOUT=${MINICHAT_STACK_TIMEOUT:-90}
 READY_LINE="Kafka Server started"
@@ -71,21 +94,46 @@ die() {
 for _v in KAFKA_PORT KAFKA_CPORT PG_PORT TIMEOUT; do
     [[ ${!_v} =~ ^[0-9]+$ ]] || die "$_v must be a number, got '${!_v}'"
 done
-[[ $KAFKA_PORT != "$KAFKA_CPORT" ]] || die "Kafka broker and controller ports must differ ($KAFKA_PORT)"
+[[ $KAFKA_BROKERS == 1 || $KAFKA_BROKERS == 3 ]] || die "MINICHAT_STACK_KAFKA_BROKERS must be 1 or 3, got '$KAFKA_BROKERS'"
+[[ $KAFKA_HEAP =~ ^[0-9]+[mMgG]$ ]] || die "MINICHAT_STACK_KAFKA_HEAP must look like 512m, got '$KAFKA_HEAP'"
+# broker ports PORT..PORT+n-1 and controller ports CPORT..CPORT+n-1 must not overlap
+((KAFKA_PORT + KAFKA_BROKERS <= KAFKA_CPORT || KAFKA_CPORT + KAFKA_BROKERS <= KAFKA_PORT)) ||
+    die "Kafka broker ports ($KAFKA_PORT+) and controller ports ($KAFKA_CPORT+) overlap"
 
 [[ $STACK_DIR == /* ]] || STACK_DIR="$PWD/$STACK_DIR" # absolute: mvn and postgres need it; created by up/down
 KAFKA_DIR="$STACK_DIR/kafka"
 KAFKA_LIBS=${MINICHAT_STACK_KAFKA_LIBS:-$KAFKA_DIR/libs}
 [[ $KAFKA_LIBS == /* ]] || KAFKA_LIBS="$PWD/$KAFKA_LIBS"
-KAFKA_PIDFILE="$KAFKA_DIR/kafka.pid"
-KAFKA_OUT="$KAFKA_DIR/server.out"
-KAFKA_PROPS="$KAFKA_DIR/server.properties"
 KAFKA_LOG4J="$KAFKA_DIR/log4j2.properties"
+KAFKA_MODE_FILE="$KAFKA_DIR/brokers" # the broker count the state dir was formatted with
 KAFKA_SECURE=${MINICHAT_STACK_KAFKA_SECURE:-0}
+[[ $KAFKA_SECURE != 1 || $KAFKA_BROKERS == 1 ]] || die "the secure mode runs one broker only (MINICHAT_STACK_KAFKA_BROKERS=1)"
 KAFKA_SECURE_DIR="$KAFKA_DIR/secure"
 KAFKA_SECURE_USERS="admin gateway minichat" # SCRAM users of secure mode
 KAFKA_ACL_PREFIX=${MINICHAT_STACK_KAFKA_TOPIC_PREFIX:-minichat.}
 KAFKA_ACL_GROUP=${MINICHAT_STACK_KAFKA_GROUP_ID:-minichat}
+
+# Selects Kafka node $1 (1-based): NODE, NODE_DIR, its files and its ports. With one broker the
+# node's files are the state dir's kafka/ itself.
+kafka_node() {
+    NODE=$1
+    if [[ $KAFKA_BROKERS == 1 ]]; then NODE_DIR=$KAFKA_DIR; else NODE_DIR="$KAFKA_DIR/node$1"; fi
+    KAFKA_PIDFILE="$NODE_DIR/kafka.pid"
+    KAFKA_OUT="$NODE_DIR/server.out"
+    KAFKA_PROPS="$NODE_DIR/server.properties"
+    NODE_PORT=$((KAFKA_PORT + $1 - 1))
+    NODE_CPORT=$((KAFKA_CPORT + $1 - 1))
+}
+kafka_node 1
+
+kafka_nodes() { seq 1 "$KAFKA_BROKERS"; }
+
+# Selects the node named by the argument of kill-broker / start-broker / stop-broker.
+node_arg() {
+    [[ ${1:-} =~ ^[0-9]+$ ]] && (($1 >= 1 && $1 <= KAFKA_BROKERS)) ||
+        die "name a node from 1 to $KAFKA_BROKERS (MINICHAT_STACK_KAFKA_BROKERS=$KAFKA_BROKERS), got '${1:-}'"
+    kafka_node "$1"
+}
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -98,7 +146,9 @@ print_env() {
 }
 
 print_kafka_env() {
-    printf 'export MINICHAT_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:%s\n' "$KAFKA_PORT"
+    local n servers=""
+    for n in $(kafka_nodes); do servers+=",127.0.0.1:$((KAFKA_PORT + n - 1))"; done
+    printf 'export MINICHAT_KAFKA_BOOTSTRAP_SERVERS=%s\n' "${servers#,}"
     if [[ $KAFKA_SECURE == 1 ]]; then kafka_secure_env; fi
 }
 
@@ -192,29 +242,46 @@ ensure_kafka_libs() {
     log "jar cache ready: $(find "$KAFKA_LIBS" -name '*.jar' | wc -l) jars"
 }
 
+# The replication settings of the mode: factor 1 with one broker; factor 3, two in sync and no
+# unclean leader election with three.
+kafka_replication_config() {
+    local rf=1 isr=1 n voters=""
+    if [[ $KAFKA_BROKERS == 3 ]]; then rf=3 isr=2; fi
+    for n in $(kafka_nodes); do voters+=",$n@127.0.0.1:$((KAFKA_CPORT + n - 1))"; done
+    cat <<EOF
+controller.quorum.voters=${voters#,}
+offsets.topic.replication.factor=$rf
+transaction.state.log.replication.factor=$rf
+transaction.state.log.min.isr=$isr
+share.coordinator.state.topic.replication.factor=$rf
+share.coordinator.state.topic.min.isr=$isr
+default.replication.factor=$rf
+min.insync.replicas=$isr
+unclean.leader.election.enable=false
+EOF
+    if [[ $KAFKA_BROKERS == 3 ]]; then
+        # a SIGKILLed node is fenced (its partitions led elsewhere, it leaves their ISRs) after
+        # 4 s without a heartbeat rather than 9 s: the same failover, sooner
+        printf '%s\n' broker.session.timeout.ms=4000 broker.heartbeat.interval.ms=500
+    fi
+}
+
 write_kafka_config() {
     cat >"$KAFKA_PROPS" <<EOF
 # Generated by scripts/stack.sh on every start; edits are overwritten.
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:$KAFKA_CPORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CPORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+node.id=$NODE
+listeners=PLAINTEXT://127.0.0.1:$NODE_PORT,CONTROLLER://127.0.0.1:$NODE_CPORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$NODE_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-log.dirs=$KAFKA_DIR/data
+log.dirs=$NODE_DIR/data
 num.partitions=8
 auto.create.topics.enable=false
-offsets.topic.replication.factor=1
 offsets.topic.num.partitions=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
 transaction.state.log.num.partitions=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
-default.replication.factor=1
-min.insync.replicas=1
+$(kafka_replication_config)
 group.initial.rebalance.delay.ms=0
 num.network.threads=2
 num.io.threads=2
@@ -235,7 +302,7 @@ appender.console.layout.type = PatternLayout
 appender.console.layout.pattern = [%d] %p %m (%c)%n
 rootLogger.level = WARN
 rootLogger.appenderRef.stdout.ref = STDOUT
-# keeps the readiness line "[KafkaRaftServer nodeId=1] Kafka Server started"
+# keeps the readiness line "[KafkaRaftServer nodeId=N] Kafka Server started"
 logger.ready.name = kafka.server.KafkaRaftServer
 logger.ready.level = INFO
 EOF
@@ -245,7 +312,7 @@ kafka_jvm_opts() {
     local extra=()
     read -r -a extra <<<"${MINICHAT_STACK_KAFKA_JVM_OPTS:-}"
     JVM_OPTS=(-XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError -XX:TieredStopAtLevel=1
-        -Djava.awt.headless=true "-Dlog4j2.configurationFile=$KAFKA_LOG4J" "-Dkafka.logs.dir=$KAFKA_DIR/logs"
+        -Djava.awt.headless=true "-Dlog4j2.configurationFile=$KAFKA_LOG4J" "-Dkafka.logs.dir=$NODE_DIR/logs"
         "${extra[@]}")
 }
 
@@ -260,36 +327,82 @@ kafka_cluster_id() {
     printf '%s\n' "$id"
 }
 
-# Starts the broker in the background (own session, output to server.out). Does not wait.
-kafka_start() {
+# The broker count the state dir was formatted with must be the wanted one.
+kafka_check_mode() {
+    local had=1
+    if [[ -f $KAFKA_MODE_FILE ]]; then
+        had=$(<"$KAFKA_MODE_FILE")
+    elif [[ ! -f "$KAFKA_DIR/data/meta.properties" ]]; then
+        return 0 # nothing formatted yet
+    fi
+    [[ $had == "$KAFKA_BROKERS" ]] ||
+        die "$KAFKA_DIR was formatted with $had broker(s), MINICHAT_STACK_KAFKA_BROKERS=$KAFKA_BROKERS: use another MINICHAT_STACK_DIR, or 'down --purge' first"
+}
+
+# Formats the selected node's log dir when it is not formatted yet (every node of a cluster with
+# the same cluster id, kept in kafka/cluster.id).
+kafka_format() {
     local cid
-    mkdir -p "$KAFKA_DIR/data" "$KAFKA_DIR/logs"
+    [[ -f "$NODE_DIR/data/meta.properties" ]] && return 0
+    if [[ ! -s "$KAFKA_DIR/cluster.id" ]]; then kafka_cluster_id >"$KAFKA_DIR/cluster.id"; fi
+    cid=$(<"$KAFKA_DIR/cluster.id")
+    printf '%s\n' "$KAFKA_BROKERS" >"$KAFKA_MODE_FILE"
+    log "formatting Kafka log dir of node $NODE (cluster id $cid)"
+    SCRAM_ARGS=()
+    if [[ $KAFKA_SECURE == 1 ]]; then kafka_secure_scram_args; fi
+    if ! java -Xmx256m "${JVM_OPTS[@]}" -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool \
+        format -t "$cid" -c "$KAFKA_PROPS" "${SCRAM_ARGS[@]}" >"$NODE_DIR/format.out" 2>&1 </dev/null; then
+        cat "$NODE_DIR/format.out" >&2
+        die "kafka-storage format failed (node $NODE)"
+    fi
+    if [[ $KAFKA_SECURE == 1 ]]; then touch "$KAFKA_SECURE_DIR/formatted"; fi
+}
+
+# Starts the selected node in the background (own session, output to server.out). Does not wait.
+kafka_start() {
+    kafka_check_mode
+    mkdir -p "$NODE_DIR/data" "$NODE_DIR/logs"
     if [[ $KAFKA_SECURE == 1 ]]; then kafka_secure_prepare; fi
     write_kafka_config
     kafka_jvm_opts
-    SCRAM_ARGS=()
-    if [[ ! -f "$KAFKA_DIR/data/meta.properties" ]]; then
-        cid=$(kafka_cluster_id)
-        log "formatting Kafka log dir (cluster id $cid)"
-        if [[ $KAFKA_SECURE == 1 ]]; then kafka_secure_scram_args; fi
-        if ! java -Xmx256m "${JVM_OPTS[@]}" -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool \
-            format -t "$cid" -c "$KAFKA_PROPS" "${SCRAM_ARGS[@]}" >"$KAFKA_DIR/format.out" 2>&1 </dev/null; then
-            cat "$KAFKA_DIR/format.out" >&2
-            die "kafka-storage format failed"
-        fi
-        if [[ $KAFKA_SECURE == 1 ]]; then touch "$KAFKA_SECURE_DIR/formatted"; fi
-    fi
-    log "starting Kafka on 127.0.0.1:$KAFKA_PORT (controller $KAFKA_CPORT)$([[ $KAFKA_SECURE == 1 ]] && echo ', SASL_SSL')"
+    kafka_format
+    log "starting Kafka node $NODE on 127.0.0.1:$NODE_PORT (controller $NODE_CPORT)$([[ $KAFKA_SECURE == 1 ]] && echo ', SASL_SSL')"
     : >"$KAFKA_OUT"
     rm -f "$KAFKA_PIDFILE"
     # setsid: own session, so Ctrl-C in the calling shell or make does not reach the broker;
     # 9>&- : do not inherit the stack lock.
     # shellcheck disable=SC2016  # $$ and $1 are expanded by the inner bash
     setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$KAFKA_PIDFILE" \
-        java -Xms512m -Xmx512m "${JVM_OPTS[@]}" -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_PROPS" \
+        java "-Xms$KAFKA_HEAP" "-Xmx$KAFKA_HEAP" "${JVM_OPTS[@]}" -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_PROPS" \
         </dev/null >>"$KAFKA_OUT" 2>&1 9>&- &
 }
 
+# Starts every node that does not run yet, without waiting (a cluster's new nodes are formatted in
+# parallel first: a JVM each).
+kafka_start_all() {
+    local n pids=()
+    kafka_check_mode
+    if [[ $KAFKA_BROKERS != 1 ]]; then
+        mkdir -p "$KAFKA_DIR"
+        if [[ ! -s "$KAFKA_DIR/cluster.id" ]]; then kafka_cluster_id >"$KAFKA_DIR/cluster.id"; fi
+        for n in $(kafka_nodes); do
+            kafka_node "$n"
+            if kafka_pid >/dev/null || [[ -f "$NODE_DIR/data/meta.properties" ]]; then continue; fi
+            mkdir -p "$NODE_DIR/data" "$NODE_DIR/logs"
+            write_kafka_config
+            kafka_jvm_opts
+            kafka_format &
+            pids+=($!)
+        done
+        for n in "${pids[@]}"; do wait "$n" || die "formatting a Kafka node failed"; done
+    fi
+    for n in $(kafka_nodes); do
+        kafka_node "$n"
+        kafka_pid >/dev/null || kafka_start
+    done
+}
+
+# Waits until the selected node answers (its readiness line logged and its port open).
 kafka_wait_ready() {
     local deadline=$((SECONDS + TIMEOUT)) pid=""
     while :; do
@@ -298,44 +411,104 @@ kafka_wait_ready() {
         fi
         if [[ -n $pid ]] && ! alive "$pid"; then
             tail -n 40 "$KAFKA_OUT" >&2 || true
-            die "Kafka exited during start-up (full output: $KAFKA_OUT)"
+            die "Kafka node $NODE exited during start-up (full output: $KAFKA_OUT)"
         fi
-        if [[ -n $pid ]] && grep -q "$READY_LINE" "$KAFKA_OUT" && port_open "$KAFKA_PORT"; then
+        if [[ -n $pid ]] && grep -q "$READY_LINE" "$KAFKA_OUT" && port_open "$NODE_PORT"; then
             if [[ $KAFKA_SECURE == 1 ]]; then kafka_secure_acls; fi
             return 0
         fi
         if ((SECONDS >= deadline)); then
             tail -n 40 "$KAFKA_OUT" >&2 || true
             kafka_stop
-            die "Kafka not ready after ${TIMEOUT}s (full output: $KAFKA_OUT)"
+            die "Kafka node $NODE not ready after ${TIMEOUT}s (full output: $KAFKA_OUT)"
         fi
         sleep 0.2
     done
 }
 
+kafka_wait_ready_all() {
+    local n
+    for n in $(kafka_nodes); do
+        kafka_node "$n"
+        kafka_wait_ready
+    done
+}
+
+# Pids of the running nodes, space-separated.
+kafka_pids() {
+    local n pid pids=()
+    for n in $(kafka_nodes); do
+        kafka_node "$n"
+        if pid=$(kafka_pid); then pids+=("$pid"); fi
+    done
+    echo "${pids[*]}"
+}
+
+# Stops every running node: SIGTERM to all at once (one by one, the last node of a cluster would
+# wait for a controller quorum that is gone), SIGKILL after the timeout.
 kafka_stop() {
-    local pid deadline
-    if ! pid=$(kafka_pid); then
-        rm -f "$KAFKA_PIDFILE"
+    local pid deadline n pids=() left
+    if [[ ${1:-} == all ]]; then
+        read -r -a pids <<<"$(kafka_pids)"
+    elif pid=$(kafka_pid); then
+        pids=("$pid")
+    fi
+    if [[ ${#pids[@]} -eq 0 ]]; then
+        if [[ ${1:-} == all ]]; then
+            for n in $(kafka_nodes); do
+                kafka_node "$n"
+                rm -f "$KAFKA_PIDFILE"
+            done
+        else
+            rm -f "$KAFKA_PIDFILE"
+        fi
         log "kafka: not running"
         return 0
     fi
-    log "stopping Kafka (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
+    log "stopping Kafka (pid ${pids[*]})"
+    kill -TERM "${pids[@]}" 2>/dev/null || true
     deadline=$((SECONDS + TIMEOUT))
-    while alive "$pid"; do
+    while :; do
+        left=()
+        for pid in "${pids[@]}"; do
+            if alive "$pid"; then left+=("$pid"); fi
+        done
+        [[ ${#left[@]} -eq 0 ]] && break
         if ((SECONDS >= deadline)); then
-            log "Kafka did not stop within ${TIMEOUT}s: SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
+            log "Kafka (pid ${left[*]}) did not stop within ${TIMEOUT}s: SIGKILL"
+            kill -KILL "${left[@]}" 2>/dev/null || true
             break
         fi
         sleep 0.2
     done
-    rm -f "$KAFKA_PIDFILE"
+    if [[ ${1:-} == all ]]; then
+        for n in $(kafka_nodes); do
+            kafka_node "$n"
+            rm -f "$KAFKA_PIDFILE"
+        done
+    else
+        rm -f "$KAFKA_PIDFILE"
+    fi
 }
 
-# Sets KAFKA_RUNNING_PID when our broker already runs (on the wanted port; KAFKA_WAIT=1 when it
-# does not answer yet); otherwise checks that its ports are free. Starts nothing.
+# SIGKILL of the selected node (a crash: no controlled shutdown); returns once it is gone.
+kafka_kill() {
+    local pid deadline=$((SECONDS + TIMEOUT))
+    if ! pid=$(kafka_pid); then
+        log "kafka node $NODE: not running"
+        return 0
+    fi
+    kill -KILL "$pid" 2>/dev/null || true
+    while alive "$pid"; do
+        ((SECONDS < deadline)) || die "Kafka node $NODE (pid $pid) survived SIGKILL for ${TIMEOUT}s"
+        sleep 0.05
+    done
+    rm -f "$KAFKA_PIDFILE"
+    log "kafka node $NODE: killed (pid $pid)"
+}
+
+# For the selected node: sets KAFKA_RUNNING_PID when it already runs (on the wanted port;
+# KAFKA_WAIT=1 when it does not answer yet); otherwise checks that its ports are free. Starts nothing.
 kafka_preflight() {
     local p
     local running_port
@@ -344,19 +517,38 @@ kafka_preflight() {
     if KAFKA_RUNNING_PID=$(kafka_pid); then
         # server.properties is rewritten only when a broker starts: it holds the running one's ports
         running_port=$(sed -n 's|^advertised.listeners=[A-Z_]*://127.0.0.1:\([0-9]*\).*|\1|p' "$KAFKA_PROPS" | tail -n 1)
-        [[ $running_port == "$KAFKA_PORT" ]] ||
-            die "Kafka (pid $KAFKA_RUNNING_PID) runs on port $running_port, not $KAFKA_PORT: run 'scripts/stack.sh down' first"
-        if ! port_open "$KAFKA_PORT"; then
+        [[ $running_port == "$NODE_PORT" ]] ||
+            die "Kafka (pid $KAFKA_RUNNING_PID) runs on port $running_port, not $NODE_PORT: run 'scripts/stack.sh down' first"
+        if ! port_open "$NODE_PORT"; then
             KAFKA_WAIT=1 # still starting (say, an earlier `up` was interrupted): wait for it below
         fi
         return 0
     fi
     KAFKA_RUNNING_PID=""
-    for p in "$KAFKA_PORT" "$KAFKA_CPORT"; do
+    for p in "$NODE_PORT" "$NODE_CPORT"; do
         if port_open "$p"; then
             die "port 127.0.0.1:$p is taken by another process (not this stack's Kafka, state dir $STACK_DIR); stop it or set MINICHAT_STACK_KAFKA_PORT / MINICHAT_STACK_KAFKA_CONTROLLER_PORT"
         fi
     done
+}
+
+# kafka_preflight for every node: KAFKA_START=1 when one of them must be started, KAFKA_WAIT=1
+# when one must be waited for, KAFKA_RUNNING_PIDS those already running.
+kafka_preflight_all() {
+    local n start=0 wait=0 running=()
+    for n in $(kafka_nodes); do
+        kafka_node "$n"
+        kafka_preflight
+        if [[ -z $KAFKA_RUNNING_PID ]]; then
+            start=1 wait=1
+        else
+            running+=("$KAFKA_RUNNING_PID")
+            if [[ $KAFKA_WAIT -eq 1 ]]; then wait=1; fi
+        fi
+    done
+    KAFKA_START=$start
+    KAFKA_WAIT=$wait
+    KAFKA_RUNNING_PIDS="${running[*]}"
 }
 
 # ------------------------------------------------------------------------------------------ Kafka, secure mode
@@ -711,22 +903,21 @@ cmd_up() {
     local t0=$EPOCHREALTIME
     lock
     # 1. what runs already, and are the ports of the rest free? (fail before starting anything)
-    kafka_preflight
+    kafka_preflight_all
     pg_preflight
     # 2. tools, installed only when missing
-    if [[ -z $KAFKA_RUNNING_PID ]]; then
+    if [[ $KAFKA_START -eq 1 ]]; then
         ensure_java
         ensure_kafka_libs
     fi
     ensure_pg_bin
-    # 3. start the broker without waiting, bring PostgreSQL up meanwhile, then wait for the broker
-    if [[ -z $KAFKA_RUNNING_PID ]]; then
-        kafka_start
-        KAFKA_WAIT=1
+    # 3. start the broker(s) without waiting, bring PostgreSQL up meanwhile, then wait for them
+    if [[ $KAFKA_START -eq 1 ]]; then
+        kafka_start_all
     elif [[ $KAFKA_WAIT -eq 0 ]]; then
-        log "kafka: already running (pid $KAFKA_RUNNING_PID, 127.0.0.1:$KAFKA_PORT)"
+        log "kafka: already running (pid $KAFKA_RUNNING_PIDS, $(kafka_servers))"
     else
-        log "kafka: pid $KAFKA_RUNNING_PID is still starting; waiting for it"
+        log "kafka: pid $KAFKA_RUNNING_PIDS still starting; waiting for it"
     fi
     if [[ -n $PG_RUNNING_PID ]]; then
         log "postgres: already running (pid $PG_RUNNING_PID, 127.0.0.1:$PG_PORT)"
@@ -736,15 +927,18 @@ cmd_up() {
     pg_wait_ready
     pg_provision
     if [[ $KAFKA_WAIT -eq 1 ]]; then
-        kafka_wait_ready
-        log "kafka: ready (pid $(<"$KAFKA_PIDFILE"), 127.0.0.1:$KAFKA_PORT)"
+        kafka_wait_ready_all
+        log "kafka: ready (pid $(kafka_pids), $(kafka_servers))"
     fi
     log "stack up in $(elapsed "$t0") s"
     print_env
 }
 
+# host:port of every node, comma-separated.
+kafka_servers() { print_kafka_env | sed -n 's/^export MINICHAT_KAFKA_BOOTSTRAP_SERVERS=//p'; }
+
 cmd_down() {
-    local purge=${MINICHAT_STACK_PURGE:-0} arg
+    local purge=${MINICHAT_STACK_PURGE:-0} arg n
     for arg in "$@"; do
         case $arg in
             --purge) purge=1 ;;
@@ -752,13 +946,15 @@ cmd_down() {
         esac
     done
     lock
-    kafka_stop
+    kafka_stop all
     pg_stop
     if [[ $purge == 1 ]]; then
         log "purging data in $STACK_DIR (keeping the jar cache $KAFKA_LIBS)"
+        kafka_node 1
         rm -rf "$KAFKA_DIR/data" "$KAFKA_DIR/logs" "$KAFKA_OUT" "$KAFKA_PROPS" "$KAFKA_LOG4J" \
             "$KAFKA_DIR/format.out" "$KAFKA_DIR/mvn.log" "$KAFKA_PIDFILE" "$KAFKA_DIR"/libs.tmp.* "$STACK_DIR/initdb.log" \
-            "$KAFKA_SECURE_DIR"
+            "$KAFKA_SECURE_DIR" "$KAFKA_MODE_FILE" "$KAFKA_DIR/cluster.id"
+        for n in 1 2 3; do rm -rf "$KAFKA_DIR/node$n"; done
         rm -rf "$PG_DIR"
         if [[ -L "$STACK_DIR/pg" ]]; then rm -f "$STACK_DIR/pg"; fi
     fi
@@ -767,7 +963,7 @@ cmd_down() {
 # One service only, for fault tests: the other keeps running, data and ports stay.
 cmd_stop_kafka() {
     lock
-    kafka_stop
+    kafka_stop all
 }
 
 cmd_stop_pg() {
@@ -778,29 +974,69 @@ cmd_stop_pg() {
 cmd_restart_kafka() {
     local t0=$EPOCHREALTIME
     lock
-    kafka_stop
-    kafka_preflight
+    kafka_stop all
+    kafka_preflight_all
     ensure_java
     ensure_kafka_libs
-    kafka_start
-    kafka_wait_ready
-    log "kafka: restarted in $(elapsed "$t0") s (pid $(<"$KAFKA_PIDFILE"), 127.0.0.1:$KAFKA_PORT)"
+    kafka_start_all
+    kafka_wait_ready_all
+    log "kafka: restarted in $(elapsed "$t0") s (pid $(kafka_pids), $(kafka_servers))"
 }
 
 cmd_up_kafka() {
     local t0=$EPOCHREALTIME
+    lock
+    kafka_preflight_all
+    if [[ $KAFKA_START -eq 1 ]]; then
+        ensure_java
+        ensure_kafka_libs
+        kafka_start_all
+    fi
+    if [[ $KAFKA_WAIT -eq 1 ]]; then kafka_wait_ready_all; fi
+    log "kafka: ready in $(elapsed "$t0") s (pid $(kafka_pids), $(kafka_servers))"
+    print_kafka_env
+}
+
+# One node of the cluster, for fault tests: the others keep running.
+cmd_kill_broker() {
+    node_arg "${1:-}"
+    lock
+    kafka_kill
+}
+
+cmd_start_broker() {
+    local t0=$EPOCHREALTIME
+    node_arg "${1:-}"
     lock
     kafka_preflight
     if [[ -z $KAFKA_RUNNING_PID ]]; then
         ensure_java
         ensure_kafka_libs
         kafka_start
-        kafka_wait_ready
-    elif [[ $KAFKA_WAIT -eq 1 ]]; then
-        kafka_wait_ready
     fi
-    log "kafka: ready in $(elapsed "$t0") s (pid $(<"$KAFKA_PIDFILE"), 127.0.0.1:$KAFKA_PORT)"
-    print_kafka_env
+    kafka_wait_ready
+    log "kafka node $NODE: ready in $(elapsed "$t0") s (pid $(kafka_pid), 127.0.0.1:$NODE_PORT)"
+}
+
+cmd_stop_broker() {
+    node_arg "${1:-}"
+    lock
+    kafka_stop
+}
+
+# One line per node: number, node id, broker port, pid or -, running|starting|stopped.
+cmd_brokers() {
+    local n pid state
+    for n in $(kafka_nodes); do
+        kafka_node "$n"
+        if pid=$(kafka_pid); then
+            state=starting
+            if grep -q "$READY_LINE" "$KAFKA_OUT" 2>/dev/null && port_open "$NODE_PORT"; then state=running; fi
+        else
+            pid=- state=stopped
+        fi
+        printf '%s %s %s %s %s\n' "$n" "$n" "$NODE_PORT" "$pid" "$state"
+    done
 }
 
 cmd_restart_pg() {
@@ -815,23 +1051,28 @@ cmd_restart_pg() {
 }
 
 cmd_status() {
-    local ok=0 pid libs version
+    local ok=0 pid libs version n name
     version=$(kafka_version)
     libs="no jar cache"
     if [[ -f "$KAFKA_LIBS/.stamp" ]]; then libs="jars: $(cut -d' ' -f1 "$KAFKA_LIBS/.stamp")"; fi
-    if pid=$(kafka_pid); then
-        if port_open "$KAFKA_PORT"; then
-            printf 'kafka     running      pid %-7s 127.0.0.1:%s (controller %s)  %s\n' \
-                "$pid" "$KAFKA_PORT" "$KAFKA_CPORT" "$libs"
+    for n in $(kafka_nodes); do
+        kafka_node "$n"
+        name=kafka
+        if [[ $KAFKA_BROKERS != 1 ]]; then name="kafka-$n"; fi
+        if pid=$(kafka_pid); then
+            if port_open "$NODE_PORT"; then
+                printf '%-9s running      pid %-7s 127.0.0.1:%s (controller %s)  %s\n' \
+                    "$name" "$pid" "$NODE_PORT" "$NODE_CPORT" "$libs"
+            else
+                printf '%-9s starting     pid %-7s 127.0.0.1:%s not answering yet\n' "$name" "$pid" "$NODE_PORT"
+                ok=3
+            fi
         else
-            printf 'kafka     starting     pid %-7s 127.0.0.1:%s not answering yet\n' "$pid" "$KAFKA_PORT"
+            printf '%-9s stopped      %s (want %s); data %s\n' "$name" "$libs" "$version" \
+                "$([[ -f "$NODE_DIR/data/meta.properties" ]] && echo "kept in $NODE_DIR/data" || echo none)"
             ok=3
         fi
-    else
-        printf 'kafka     stopped      %s (want %s); data %s\n' "$libs" "$version" \
-            "$([[ -f "$KAFKA_DIR/data/meta.properties" ]] && echo "kept in $KAFKA_DIR/data" || echo none)"
-        ok=3
-    fi
+    done
     pg_dirs
     if pid=$(pg_pid); then
         if port_open "$(pg_running_port)"; then
@@ -850,7 +1091,7 @@ cmd_status() {
 }
 
 usage() {
-    sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,/^# Environment/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -867,6 +1108,10 @@ main() {
         restart-kafka) cmd_restart_kafka ;;
         restart-pg) cmd_restart_pg ;;
         up-kafka) cmd_up_kafka ;;
+        kill-broker) cmd_kill_broker "$@" ;;
+        start-broker) cmd_start_broker "$@" ;;
+        stop-broker) cmd_stop_broker "$@" ;;
+        brokers) cmd_brokers ;;
         -h | --help | help) usage ;;
         *) usage ;;
     esac

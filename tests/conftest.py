@@ -26,6 +26,7 @@ import pytest
 from minichat.bench.scratch import delete_topics
 from minichat.models.topics import TopicNames
 from minichat.settings import Settings
+from tests.cluster import cluster  # noqa: F401  (the three-broker cluster fixture)
 from tests.gateway import Gateway
 from tests.support import (
     ROOT,

@@ -88,7 +88,7 @@ async def _client_instance(settings: Settings, model: CatalogModel, requests: in
 
 async def _raw_instance(settings: Settings, model: CatalogModel, requests: int) -> list[float]:
     names = TopicNames(settings.topic_prefix)
-    producer = AIOKafkaProducer(**kafka_client_options(settings), acks="all")
+    producer = AIOKafkaProducer(**kafka_client_options(settings), acks="all", enable_idempotence=True)
     consumer = AIOKafkaConsumer(**kafka_client_options(settings), enable_auto_commit=False)
     waiting: dict[str, asyncio.Future[None]] = {}
 

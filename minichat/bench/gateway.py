@@ -22,6 +22,7 @@ class Gateway:
         self.producer = AIOKafkaProducer(
             **kafka_client_options(settings),
             acks="all",
+            enable_idempotence=True,
             linger_ms=linger_ms,
             max_batch_size=256 * 1024,
             partitioner=KeyedPartitioner(),

@@ -41,6 +41,10 @@ _SETTING_OPTIONS: dict[str, tuple[str, type]] = {
     "topic_prefix": ("prefix of every topic name, to run several deployments on one cluster", str),
     "group_id": ("consumer group the workers share", str),
     "partitions": ("partitions of every topic, and the count the worker expects", int),
+    "replication_factor": (
+        "copies of each partition of the topics `topics create` makes (min.insync.replicas: one less)",
+        int,
+    ),
     "policy_file": ("the quota policy, a YAML file", Path),
     "web_port": ("port of a worker's health checks, metrics and read API", int),
     "web_host": ("address a worker's web server listens on", str),
@@ -55,6 +59,7 @@ _DEFAULT_IN_WORDS = {
     "kafka_ssl_certfile": "none",
     "kafka_ssl_keyfile": "none",
     "admin_database_url": "the database URL",
+    "replication_factor": "min(3, brokers)",
     "policy_file": "the packaged example policy",
     "read_tokens_file": "none, and the read API refuses every token",
 }
@@ -188,21 +193,16 @@ def _add_db(group: _Group) -> None:
 
 def _add_topics(group: _Group) -> None:
     topics = _subcommands(group, "topics", "manage the Kafka topics")
-    create = _command(
+    _command(
         topics,
         "create",
         "create the topics with their settings (safe to run again)",
-        "Create the contract's topics with MINICHAT_PARTITIONS partitions, broker-stamped timestamps "
-        "(LogAppendTime) and infinite retention (policy-versions compacted). An existing topic is "
-        "checked: a wrong partition count is an error, and settings that differ are set again.",
+        "Create the contract's topics with MINICHAT_PARTITIONS partitions, MINICHAT_REPLICATION_FACTOR "
+        "copies (default: 3, or the number of brokers when fewer), min.insync.replicas one less "
+        "(at least 1), broker-stamped timestamps (LogAppendTime) and infinite retention "
+        "(policy-versions compacted). An existing topic is checked: a wrong partition count or "
+        "replication factor is an error, and settings that differ are set again.",
         lambda s, a: commands.run(commands.topics_create(s, a)),
-    )
-    create.add_argument(
-        "--replication-factor",
-        type=int,
-        default=1,
-        metavar="N",
-        help="copies of each new topic's partitions (default: 1; 3 on a production cluster)",
     )
 
 

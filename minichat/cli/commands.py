@@ -173,9 +173,15 @@ async def db_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def topics_create(settings: Settings, args: argparse.Namespace) -> int:
-    from minichat.processors.topics import create_topics
+    from minichat.processors.topics import TopicError, create_topics, min_insync
 
-    report = await create_topics(settings, replication_factor=args.replication_factor)
+    try:
+        report = await create_topics(settings)
+    except TopicError as exc:  # our own words: which topic, what differs, what fixes it
+        print(f"minichat topics create: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    factor = report.replication_factor
+    print(f"replication factor {factor}, min.insync.replicas {min_insync(factor)}")
     for name in report.created:
         print(f"created {name}")
     for name in report.existing:

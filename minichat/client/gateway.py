@@ -4,7 +4,6 @@ acknowledged by the broker."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -40,6 +39,20 @@ class DecisionTimeout(TimeoutError):
 
 def _path(value: str | Path | None) -> Path | None:
     return None if value is None else Path(value)
+
+
+async def _stop(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    """Stop a client whatever state it is in. While a broker of the cluster is down, aiokafka's
+    fetcher cancels the fetch waiting to retry it and awaits it: that CancelledError is not a
+    cancellation of ours (re-raised only when this task is being cancelled)."""
+    try:
+        await client.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    except Exception:  # a client that failed to stop cleanly is still done with
+        pass
 
 
 class GatewayClient:
@@ -130,8 +143,7 @@ class GatewayClient:
             await self._decisions.stop()
         for client in (self._offsets, self._consumer, self._producer):
             if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.stop()
+                await _stop(client)
 
     # ------------------------------------------------------------------------------- commands
 

@@ -12,6 +12,8 @@ from typing import Any
 import faust
 import mode
 from faust.app.base import BootStrategy
+from faust.transport.drivers.aiokafka import Producer as FaustKafkaProducer
+from faust.types import ProducerT
 
 from minichat.domain.turns import TurnEvent
 from minichat.gc_tuning import tune_gc
@@ -118,8 +120,19 @@ class _WorkerBoot(BootStrategy):
     enable_kafka_consumer = False
 
 
+class _IdempotentProducer(FaustKafkaProducer):
+    """faust's producer (the relay's and the watchdog's) with the engine's guarantees: `acks=all`
+    and idempotence, so a batch retried across a leader change is written once."""
+
+    def _settings_extra(self) -> Any:
+        return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
+
+
 class WorkerApp(faust.App):
     BootStrategy = _WorkerBoot
+
+    def _new_producer(self) -> ProducerT:
+        return _IdempotentProducer(self.transport, loop=self.loop, beacon=self.beacon)
 
 
 def register_broker_watch(

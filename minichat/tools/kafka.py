@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from minichat.kafka_security import kafka_client_options
 from minichat.models.topics import INPUT_TOPICS, TopicNames
@@ -95,11 +97,23 @@ class InputLag:
         await self._consumer.stop()
         await self._admin.close()
 
-    async def measure(self) -> int:
+    async def measure(self, *, retry_for_s: float = 60.0) -> int:
+        """The lag now. A retriable error (a broker of a cluster down, the group coordinator
+        moving) is asked again for up to `retry_for_s`: a failover is not the tool's failure."""
         tps = self._partitions
-        end = await self._consumer.end_offsets(tps)
-        committed = await self._admin.list_consumer_group_offsets(self._settings.group_id, partitions=tps)
-        return sum(max(end[tp] - committed_offset(committed, tp), 0) for tp in tps)
+        deadline = time.monotonic() + retry_for_s
+        while True:
+            try:
+                end = await self._consumer.end_offsets(tps)
+                committed = await self._admin.list_consumer_group_offsets(
+                    self._settings.group_id, partitions=tps
+                )
+            except KafkaError as exc:
+                if not exc.retriable or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+                continue
+            return sum(max(end[tp] - committed_offset(committed, tp), 0) for tp in tps)
 
 
 def committed_offset(committed: Mapping[TopicPartition, Any], tp: TopicPartition) -> int:

@@ -78,3 +78,16 @@ async def test_a_worker_refuses_to_start_without_policy_versions(endpoints: Endp
         f"topics missing: {topic}: run `minichat topics create`"
     ]
     await delete_topics(settings)
+
+
+async def test_default_replication_factor_is_what_the_cluster_holds(endpoints: Endpoints) -> None:
+    """On the single-broker stack the default factor is min(3, 1) = 1, `min.insync.replicas` 1;
+    asking for more copies than there are brokers names the setting."""
+    settings = deployment_settings(endpoints, "postgresql://unused/unused", partitions=2)
+    report = await create_topics(settings)
+    assert report.replication_factor == 1
+    names = TopicNames(settings.topic_prefix).all()
+    configs = await _configs(endpoints.kafka, names)
+    assert {configs[n]["min.insync.replicas"] for n in names} == {"1"}
+    with pytest.raises(TopicError, match="MINICHAT_REPLICATION_FACTOR=3 but the cluster has 1 broker"):
+        await create_topics(settings.model_copy(update={"replication_factor": 3}))

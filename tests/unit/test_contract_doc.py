@@ -42,6 +42,7 @@ from minichat.models.topics import (
     TURN_DECISIONS,
 )
 from minichat.processors import read_api
+from minichat.processors.topics import MIN_INSYNC, min_insync
 from minichat.settings import Settings
 from tests.unit.commands import command_parsers, options
 from tests.unit.markdown import DOCS, ROOT, Document, Table, code_spans, names
@@ -179,9 +180,12 @@ def test_topics_and_the_events_each_carries() -> None:
 
 
 def test_topic_settings_are_the_ones_topics_create_sets() -> None:
+    """`min.insync.replicas` depends on the factor: the table gives its value at factor 3."""
     rows = _rows(_table("Topic settings"))
     assert {name: code_spans(row[1]) for name, row in rows.items()} == {
-        name: [value] for configs in (TOPIC_CONFIG, *COMPACTED.values()) for name, value in configs.items()
+        name: [value]
+        for configs in (TOPIC_CONFIG, *COMPACTED.values(), {MIN_INSYNC: str(min_insync(3))})
+        for name, value in configs.items()
     }
 
 
