@@ -404,8 +404,7 @@ class OrderedEngine:
                 await coordination.claim_positions(con, self.settings.group_id, expected, shared=not store)
                 outputs = await apply(con)
                 if store:
-                    await coordination.store_positions(con, self.settings.group_id, offsets)
-                    await coordination.store_positions(con, self._acknowledged_group, acknowledged)
+                    await coordination.store_positions(con, self.settings.group_id, offsets, acknowledged)
                 return outputs
 
         outputs = await with_retries(

@@ -43,9 +43,9 @@ _SHARE: Final = _LOAD + "ORDER BY p.topic, p.partition\nFOR SHARE OF p"
 
 _UPSERT: Final = """
 INSERT INTO consumer_positions AS p (group_id, topic, partition, next_offset)
-SELECT $1, k.topic, k.partition, k.next_offset
-FROM unnest($2::text[], $3::int[], $4::bigint[]) AS k (topic, partition, next_offset)
-ORDER BY k.topic, k.partition
+SELECT k.group_id, k.topic, k.partition, k.next_offset
+FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[]) AS k (group_id, topic, partition, next_offset)
+ORDER BY k.group_id, k.topic, k.partition
 ON CONFLICT (group_id, topic, partition) DO UPDATE
 SET next_offset = GREATEST(p.next_offset, EXCLUDED.next_offset), updated_at = now()
 """
@@ -117,11 +117,19 @@ async def claim_positions(
 
 
 async def store_positions(
-    con: asyncpg.Connection, group_id: str, next_offsets: Mapping[TopicPartitionKey, int]
+    con: asyncpg.Connection,
+    group_id: str,
+    next_offsets: Mapping[TopicPartitionKey, int],
+    acknowledged: Mapping[TopicPartitionKey, int] | None = None,
 ) -> None:
-    if next_offsets:
-        keys = sorted(next_offsets)
-        await con.execute(_UPSERT, group_id, *columns([(t, p, next_offsets[(t, p)]) for t, p in keys], 3))
+    """Store the group's positions and, in the same statement, how far its outputs were
+    acknowledged (`acknowledged_group`); offsets only grow."""
+    rows = [(group_id, t, p, next_offsets[(t, p)]) for t, p in sorted(next_offsets)]
+    if acknowledged:
+        ack_group = acknowledged_group(group_id)
+        rows += [(ack_group, t, p, acknowledged[(t, p)]) for t, p in sorted(acknowledged)]
+    if rows:
+        await con.execute(_UPSERT, *columns(rows, 4))
 
 
 # ------------------------------------------------------------------- leaders of the timers

@@ -124,7 +124,10 @@ async def test_a_lane_paused_by_the_byte_budget_and_emptied_does_not_stall_its_s
         async def applied() -> bool:
             con = await asyncpg.connect(url)
             try:
-                stored = await con.fetchval("SELECT coalesce(sum(next_offset), 0) FROM consumer_positions")
+                stored = await con.fetchval(
+                    "SELECT coalesce(sum(next_offset), 0) FROM consumer_positions WHERE group_id = $1",
+                    settings.group_id,
+                )
             finally:
                 await con.close()
             return bool(stored == total)
