@@ -232,5 +232,6 @@ def test_a_rebuild_with_ends_known_for_good_keeps_a_token_past_the_end_in_timest
 def test_the_worker_needs_only_turn_requests_tokens() -> None:
     needs = needs_of(NAMES)
     assert needs(rec(TR, 0, 1, {"usage": 4})) == {US: 4}
-    fact = SourceRecord(PR, 0, 0, b"k", json.dumps(command(after={"usage": 4})).encode(), timestamp_from_ms(1))
+    value = json.dumps(command(after={"usage": 4})).encode()
+    fact = SourceRecord(PR, 0, 0, b"k", value, timestamp_from_ms(1))
     assert needs(fact) == {}
