@@ -16,6 +16,7 @@ would not decode (dead-lettered later) names nothing and is not held.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from typing import Literal, Protocol
 
@@ -27,6 +28,10 @@ AFTER_TOPICS = {"provider-responses": "provider_responses", "usage": "usage"}
 """Contract key of `after` -> attribute of `TopicNames`."""
 
 Met = Literal["offset", "end"]
+
+_AFTER_OBJECT = re.compile(rb'"after"\s*:\s*\{')
+"""A key `after` with an object value (in JSON text a `"` inside a string is escaped, so content
+never matches)."""
 
 
 def met(offset: int, applied_below: int, end: int | None) -> Met | None:
@@ -44,7 +49,7 @@ def met(offset: int, applied_below: int, end: int | None) -> Met | None:
 def after_offsets(value: bytes) -> dict[str, int]:
     """The contract keys and offsets a command's `after` names ({} for none, or for anything the
     codec would refuse: such a record is dead-lettered, not held)."""
-    if b'"after"' not in value:  # cheap: most commands carry no token
+    if _AFTER_OBJECT.search(value) is None:  # cheap: most commands carry no token
         return {}
     try:
         event = json.loads(value)

@@ -85,6 +85,7 @@ def test_the_token_round_trips_through_the_codec_under_its_wire_names() -> None:
     event = decoded(command("turn.edit")).model_copy(update={"after": events.After.of(usage=4)})
     wire = json.loads(events.to_json_bytes(event))
     assert wire["after"] == {"provider-responses": None, "usage": 4}
+    assert "after" not in json.loads(events.to_json_bytes(decoded(command())))  # none: not sent
     assert decoded(wire).after == events.After.of(usage=4)
 
 
@@ -117,6 +118,8 @@ def test_the_requirement_is_read_from_the_bytes_and_anything_the_codec_refuses_n
     assert after_offsets(raw(command(after=[1]))) == {}
     assert after_offsets(raw({**command(), "type": "turn.delete", "after": {"usage": 1}})) == {}
     assert after_offsets(b'{"after": ') == {}
+    assert after_offsets(raw(command(content='quoting "after": {"usage": 1}'))) == {}
+    assert after_offsets(b'{"type": "turn.edit", "after" :\n {"usage": 2}}') == {"usage": 2}
 
 
 # ---------------------------------------------------------------------------- the merge

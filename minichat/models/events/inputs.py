@@ -105,7 +105,10 @@ class After(BaseModel):
 AfterField = Annotated[
     After | None,
     BeforeValidator(null_is_default),
-    Field(description="Apply this command only after its partition set applied these records."),
+    Field(
+        description="Apply this command only after its partition set applied these records.",
+        exclude_if=lambda value: value is None,  # absent on the wire when it names nothing
+    ),
 ]
 
 
