@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
@@ -17,7 +18,7 @@ from minichat.client.decisions import DecisionReader
 from minichat.client.messages import Command, Fact, envelope
 from minichat.kafka_security import KafkaSecurity
 from minichat.models import events
-from minichat.models.events import TurnDecision, Usage
+from minichat.models.events import After, TurnDecision, Usage
 from minichat.models.topics import TopicNames
 from minichat.partitioning import KeyedPartitioner
 
@@ -35,6 +36,13 @@ class DecisionTimeout(TimeoutError):
             f"the log and will be decided: send it again with the same ids, or read {where}"
         )
         self.command = command
+
+
+TOKEN_CHATS_MAX = 100_000
+"""Chats whose causal token a client remembers (the least recently used are forgotten: their next
+command then carries no token, and is ordered by time alone)."""
+TOKEN_COMMANDS = (events.TurnRequested, events.TurnRetry, events.TurnEdit)
+TERMINAL_FACTS = (events.TurnCompleted, events.TurnFailed, events.TurnCancelled)
 
 
 def _path(value: str | Path | None) -> Path | None:
@@ -94,6 +102,8 @@ class GatewayClient:
         self._consumer: AIOKafkaConsumer | None = None
         self._offsets: AIOKafkaConsumer | None = None
         self._decisions: DecisionReader | None = None
+        self._tokens: OrderedDict[uuid.UUID, dict[str, int]] = OrderedDict()
+        """Per chat: the acknowledged offsets of the last terminal and usage events produced."""
 
     async def __aenter__(self) -> Self:
         security = self._security.client_options()
@@ -148,8 +158,11 @@ class GatewayClient:
     # ------------------------------------------------------------------------------- commands
 
     async def send_command(self, command: Command, *, timeout_s: float | None = None) -> TurnDecision:
-        """Produce a command and return its decision (`replay: true` when it was decided before)."""
+        """Produce a command and return its decision (`replay: true` when it was decided before).
+        A `turn.requested`, `turn.retry` or `turn.edit` without `after` gets the chat's causal
+        token: the offsets of the last terminal and usage events this client produced for it."""
         decisions = self._require_decisions()
+        command = self.with_token(command)
         future = await decisions.expect(command)
         try:
             await self._produce(self.topics.turn_requests, command)
@@ -175,9 +188,11 @@ class GatewayClient:
         web_search: bool = False,
         code_interpreter: bool = False,
         image_count: int = 0,
+        after: After | None = None,
         timeout_s: float | None = None,
     ) -> TurnDecision:
-        """A user's message. `model` is required for a new chat and ignored afterwards."""
+        """A user's message. `model` is required for a new chat and ignored afterwards; `after`
+        (default: the chat's causal token, `send_command`)."""
         command = events.TurnRequested(
             **envelope(tenant_id, chat_id),
             user_id=user_id,
@@ -188,6 +203,7 @@ class GatewayClient:
             web_search=web_search,
             code_interpreter=code_interpreter,
             image_count=image_count,
+            after=after,
         )
         return await self.send_command(command, timeout_s=timeout_s)
 
@@ -199,6 +215,7 @@ class GatewayClient:
         user_id: uuid.UUID,
         request_id: uuid.UUID,
         new_request_id: uuid.UUID,
+        after: After | None = None,
         timeout_s: float | None = None,
     ) -> TurnDecision:
         """Regenerate the chat's latest turn `request_id` as a new turn `new_request_id`."""
@@ -207,6 +224,7 @@ class GatewayClient:
             user_id=user_id,
             request_id=request_id,
             new_request_id=new_request_id,
+            after=after,
         )
         return await self.send_command(command, timeout_s=timeout_s)
 
@@ -219,6 +237,7 @@ class GatewayClient:
         request_id: uuid.UUID,
         new_request_id: uuid.UUID,
         content: str,
+        after: After | None = None,
         timeout_s: float | None = None,
     ) -> TurnDecision:
         """Replace the latest turn's message with `content`, as a new turn `new_request_id`."""
@@ -228,6 +247,7 @@ class GatewayClient:
             request_id=request_id,
             new_request_id=new_request_id,
             content=content,
+            after=after,
         )
         return await self.send_command(command, timeout_s=timeout_s)
 
@@ -256,7 +276,7 @@ class GatewayClient:
         topic = (
             self.topics.usage if isinstance(fact, events.UsageReported) else self.topics.provider_responses
         )
-        await self._produce(topic, fact)
+        self._remember(fact, await self._produce(topic, fact))
 
     async def progress(self, *, tenant_id: uuid.UUID, chat_id: uuid.UUID, request_id: uuid.UUID) -> None:
         await self.send_fact(events.TurnProgress(**envelope(tenant_id, chat_id), request_id=request_id))
@@ -328,6 +348,30 @@ class GatewayClient:
             )
         )
 
+    # ---------------------------------------------------------------------------- causal tokens
+
+    def token(self, chat_id: uuid.UUID) -> After | None:
+        """The causal token this client would put on the chat's next command (None: none)."""
+        offsets = self._tokens.get(chat_id)
+        return None if offsets is None else After.model_validate(offsets)
+
+    def with_token(self, command: Command) -> Command:
+        """`command` with the chat's causal token, when it may carry one and names none itself."""
+        if not isinstance(command, TOKEN_COMMANDS) or command.after is not None:
+            return command
+        token = self.token(command.chat_id)
+        return command if token is None else command.model_copy(update={"after": token})
+
+    def _remember(self, fact: Fact, offset: int) -> None:
+        key = "usage" if isinstance(fact, events.UsageReported) else "provider-responses"
+        if key == "provider-responses" and not isinstance(fact, TERMINAL_FACTS):
+            return  # progress: a later command need not wait for it
+        offsets = self._tokens.pop(fact.chat_id, {})
+        offsets[key] = max(offset, offsets.get(key, offset))
+        self._tokens[fact.chat_id] = offsets
+        while len(self._tokens) > TOKEN_CHATS_MAX:
+            self._tokens.popitem(last=False)
+
     # ---------------------------------------------------------------------------------- inside
 
     def decision_partitions(self) -> Iterable[int]:
@@ -344,9 +388,12 @@ class GatewayClient:
             raise RuntimeError("use GatewayClient as `async with GatewayClient(...) as client`")
         return self._decisions
 
-    async def _produce(self, topic: str, event: Command | Fact) -> None:
+    async def _produce(self, topic: str, event: Command | Fact) -> int:
+        """Produce and wait for the acknowledgement; returns the record's offset."""
         if self._producer is None:
             raise RuntimeError("use GatewayClient as `async with GatewayClient(...) as client`")
-        await self._producer.send_and_wait(
+        metadata = await self._producer.send_and_wait(
             topic, events.to_json_bytes(event), key=str(event.chat_id).encode()
         )
+        offset: int = metadata.offset
+        return offset

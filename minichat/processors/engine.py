@@ -39,10 +39,12 @@ from aiokafka.errors import KafkaError
 
 from minichat.models.topics import TopicNames
 from minichat.processors.batches import MergedBatches, UserKey
+from minichat.processors.causal import counter
 from minichat.processors.clients import input_consumer, offsets_client, output_producer
 from minichat.processors.errors import Action, RetryPolicy, classify, with_retries
 from minichat.processors.flights import Flights
 from minichat.processors.merge import LaneKey, OrderedMerge
+from minichat.processors.merge import input_ranks as input_ranks
 from minichat.processors.pacing import pacing
 from minichat.processors.pipeline import Decoded, isolating
 from minichat.processors.progress import ProgressReport
@@ -67,13 +69,6 @@ ms each) than it could win: what arrives during a batch waits for the batch in h
 FAULT_EXIT = 86
 """Exit status of `fault_exit_after_commit` (tests only)."""
 
-INPUT_RANKS = ("provider_responses", "usage", "turn_requests")
-"""docs/contract.md, "Order of processing": on equal timestamps facts come before commands."""
-
-
-def input_ranks(names: TopicNames) -> dict[str, int]:
-    return {getattr(names, attr): rank for rank, attr in enumerate(INPUT_RANKS)}
-
 
 class OrderedEngine:
     """Owns the worker's input partitions; `run` until `stop`."""
@@ -92,7 +87,7 @@ class OrderedEngine:
         self.pool = pool
         self.on_fatal = on_fatal
         self.retry = RetryPolicy.from_settings(settings)
-        self.merge = OrderedMerge(input_ranks(self.names))
+        self.merge = OrderedMerge.of_inputs(self.names, counter(batches.metrics, batches.label))
         self.positions: dict[LaneKey, int | None] = {}
         """What the database says (or this worker last wrote) for each owned partition."""
         self.assigned: set[LaneKey] = set()
@@ -260,7 +255,7 @@ class OrderedEngine:
         frontier its new position does not justify."""
         if self._offsets is None:
             return
-        sent_ms = time.time() * 1000.0
+        tick, sent_ms = self.merge.tick(), time.time() * 1000.0
         try:
             ends = await self._offsets.end_offsets([TopicPartition(*lane) for lane in lanes])
             fetched = {tp: await consumer.position(tp) for tp in ends}
@@ -271,6 +266,8 @@ class OrderedEngine:
             return
         for tp, end in ends.items():
             lane = (tp.topic, tp.partition)
+            if lane in self.assigned:
+                self.merge.end_read(tp.topic, tp.partition, end, tick)  # for causal tokens
             if lane in self.assigned and self.merge.next_offset(*lane) >= end and fetched[tp] >= end:
                 self.merge.caught_up(tp.topic, tp.partition, sent_ms - self.settings.order_grace_ms)
 

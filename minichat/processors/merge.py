@@ -11,6 +11,10 @@ found the partition fetched to its end (a record appended later carries a LogApp
 T, less the configured grace for clock skew and replication), `minichat replay` when a partition
 reached the end offset it took at start (+∞). The same class serves both, so a rebuild merges
 exactly like the live worker.
+
+A command carrying a causal token (`after`, `causal.py`) is held at the head of its lane until
+its set has applied the records it names (or their lane's end, read after it arrived, is not past
+them); the records behind it in its lane wait with it, the set's other lanes go on in order.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from minichat.models.topics import TopicNames
+from minichat.processors.causal import Met, met, needs_of
 from minichat.processors.records import SourceRecord
 
 LaneKey = tuple[str, int]
@@ -28,6 +34,13 @@ LaneKey = tuple[str, int]
 
 OrderKey = tuple[int, int, int, int]
 """(timestamp ms, topic rank, partition, offset): the merged order, total over every input record."""
+
+INPUT_RANKS = ("provider_responses", "usage", "turn_requests")
+"""docs/contract.md, "Order of processing": on equal timestamps facts come before commands."""
+
+
+def input_ranks(names: TopicNames) -> dict[str, int]:
+    return {getattr(names, attr): rank for rank, attr in enumerate(INPUT_RANKS)}
 
 
 @dataclass(slots=True)
@@ -42,6 +55,14 @@ class _Lane:
     """Size of the buffered records' keys and values."""
     frontier_ms: float = -math.inf
     """No record the lane has not been handed yet can carry a timestamp below this."""
+    waits: dict[int, tuple[dict[str, int], int]] = field(default_factory=dict)
+    """Buffered commands' unmet causal tokens ({topic: offset}) by offset, with their arrival tick."""
+    end: tuple[int, float] = (0, -math.inf)
+    """(end offset, tick of the read): the lane's end offset as last read, and when."""
+
+    def applied_below(self) -> int:
+        """Every record of the lane below this offset has been handed out (or preceded the lane)."""
+        return self.buffer[0].offset if self.buffer else self.next_offset
 
     def head_key(self) -> OrderKey:
         record = self.buffer[0]
@@ -56,10 +77,25 @@ class OrderedMerge:
     """Lanes of every owned input partition; `release` hands out the records that are safe to
     apply, in merged order. Partition sets (same partition number) are independent of each other."""
 
-    def __init__(self, ranks: Mapping[str, int]) -> None:
+    def __init__(
+        self,
+        ranks: Mapping[str, int],
+        needs: Callable[[SourceRecord], Mapping[str, int]] | None = None,
+        on_met: Callable[[str, Met], None] | None = None,
+    ) -> None:
+        """`needs`: a record's causal token as {topic: offset}; `on_met` hears each named offset
+        met (topic, how)."""
         self.ranks = dict(ranks)
         self._lanes: dict[LaneKey, _Lane] = {}
         self._sets: dict[int, list[_Lane]] = {}
+        self._needs = needs
+        self._on_met = on_met
+        self._tick = 0
+
+    @classmethod
+    def of_inputs(cls, names: TopicNames, on_met: Callable[[str, Met], None] | None = None) -> OrderedMerge:
+        """The three input topics, with their commands' causal tokens."""
+        return cls(input_ranks(names), needs_of(names), on_met)
 
     # ------------------------------------------------------------------------------ lanes
 
@@ -97,10 +133,13 @@ class OrderedMerge:
     def add(self, records: Iterable[SourceRecord]) -> None:
         """Records of owned lanes in offset order; records of lanes not open, or already handed
         (a fetch that raced a seek), are ignored."""
+        self._tick += 1
         for record in records:
             lane = self._lanes.get((record.topic, record.partition))
             if lane is None or record.offset < lane.next_offset:
                 continue
+            if self._needs is not None and (need := self._needs(record)):
+                lane.waits[record.offset] = (dict(need), self._tick)
             lane.buffer.append(record)
             lane.bytes += _size(record)
             lane.next_offset = record.offset + 1
@@ -115,6 +154,18 @@ class OrderedMerge:
         lane.frontier_ms = as_of_ms
         return True
 
+    def tick(self) -> int:
+        """Advances with every `add`: take it before asking for end offsets (`end_read`)."""
+        return self._tick
+
+    def end_read(self, topic: str, partition: int, end: int, tick: float) -> None:
+        """The lane's end offset, read with a request sent at `tick` (`math.inf`: the end for good,
+        as `minichat replay` takes it at start). It releases held commands that arrived by `tick`
+        and name an offset at or past it."""
+        lane = self._lanes.get((topic, partition))
+        if lane is not None and tick >= lane.end[1]:
+            lane.end = (end, tick)
+
     def exhausted(self, topic: str, partition: int) -> None:
         """Nothing more will come (`minichat replay` at its end offset)."""
         lane = self._lanes.get((topic, partition))
@@ -127,22 +178,28 @@ class OrderedMerge:
         """Empty lanes that hold back a buffered record of their set: the ones worth a
         ListOffsets request (or a fetch) before the next `release`."""
         waiting: list[LaneKey] = []
-        for members in self._sets.values():
-            heads = [lane.head_key() for lane in members if lane.buffer]
+        for number, members in self._sets.items():
+            waiting.extend((topic, number) for lane in members for topic in self._unread(lane))
+            heads = [lane.head_key() for lane in members if lane.buffer and not self._held(lane)]
             if not heads:
                 continue
             first = min(heads)
             waiting.extend(
                 (lane.topic, lane.partition) for lane in members if not lane.buffer and lane.precedes(first)
             )
-        return sorted(waiting)
+        return sorted(set(waiting))
 
     def release(self, limit: int, max_bytes: int | None = None) -> list[SourceRecord]:
         """Up to `limit` records (and about `max_bytes`: at least one record, then none that would
         pass it) that no record still to come can precede, in merged order."""
         heap: list[tuple[OrderKey, int]] = []
+        held: dict[int, list[_Lane]] = {}
         for number, members in self._sets.items():
-            heap.extend((lane.head_key(), number) for lane in members if lane.buffer)
+            for lane in members:
+                if lane.buffer and self._held(lane):
+                    held.setdefault(number, []).append(lane)
+                elif lane.buffer:
+                    heap.append((lane.head_key(), number))
         heapq.heapify(heap)
         released: list[SourceRecord] = []
         size = 0
@@ -165,9 +222,50 @@ class OrderedMerge:
             released.append(lane.buffer.popleft())
             lane.bytes -= record_size
             size += record_size
-            if lane.buffer:
+            if lane.buffer and self._held(lane):
+                held.setdefault(number, []).append(lane)
+            elif lane.buffer:
                 heapq.heappush(heap, (lane.head_key(), number))
+            for waiting in held.get(number, ())[:]:
+                if not self._held(waiting):  # what it waited for was just handed out
+                    held[number].remove(waiting)
+                    heapq.heappush(heap, (waiting.head_key(), number))
         return released
+
+    # ------------------------------------------------------------------------ causal tokens
+
+    def _held(self, lane: _Lane) -> bool:
+        """Does the lane's head wait for a record its token names? Offsets met are dropped from
+        the token (and heard by `on_met`) as they are found met."""
+        wait = lane.waits.get(lane.buffer[0].offset) if lane.waits and lane.buffer else None
+        if wait is None:
+            return False
+        need, arrived = wait
+        for topic, offset in list(need.items()):
+            other = self._lanes.get((topic, lane.partition))
+            if other is None:
+                continue  # a lane not open holds the whole set back (`release`)
+            end = other.end[0] if other.end[1] >= arrived else None
+            how = met(offset, other.applied_below(), end)
+            if how is not None:
+                del need[topic]
+                if self._on_met is not None:
+                    self._on_met(topic, how)
+        if need:
+            return True
+        del lane.waits[lane.buffer[0].offset]
+        return False
+
+    def _unread(self, lane: _Lane) -> list[str]:
+        """Topics whose lane a held head waits on with no end read since it arrived."""
+        if not self._held(lane):
+            return []
+        need, arrived = lane.waits[lane.buffer[0].offset]
+        return [
+            topic
+            for topic in need
+            if (other := self._lanes.get((topic, lane.partition))) is not None and other.end[1] < arrived
+        ]
 
 
 def _size(record: SourceRecord) -> int:

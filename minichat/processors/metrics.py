@@ -48,6 +48,13 @@ _HELP = {
     "minichat_batch_steps_total": "Steps (runs of commands or of facts) the merged batches were cut into.",
     "minichat_offset_commit_failures_total": "Kafka offset commits that failed, by error class.",
     "minichat_batch_groups_total": "Concurrent groups (no chat or user shared) big batches were split into.",
+    "minichat_after_satisfied_by_offset_total": (
+        "Offsets named by commands' causal tokens (after) met by their record being applied, by topic."
+    ),
+    "minichat_after_satisfied_by_end_total": (
+        "Offsets named by commands' causal tokens (after) met because the lane's end was not past them "
+        "(no such record), by topic."
+    ),
     "minichat_events_parked_total": "Provider and usage events parked until their command is decided.",
     "minichat_parked_events": "Provider and usage events waiting for their command's decision.",
     "minichat_parked_oldest_age_seconds": "Age of the oldest parked event (0 when none).",

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from minichat.client import DecisionTimeout, GatewayClient, partition_of
-from minichat.models.events import Usage
+from minichat.models.events import After, Usage
+from minichat.models.topics import TopicNames
 from tests.conftest import Live
-from tests.support import wait_until
+from tests.support import TopicReader, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -157,3 +158,61 @@ async def test_the_example_gateway_plays_its_conversation(live: Live) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count(": allow on gpt-5-mini") == 2 and "chat deleted: done" in result.stdout
+
+
+async def test_the_client_fills_after_from_the_acknowledged_terminal_and_usage_events(live: Live) -> None:
+    """Each turn-creating command carries the offsets of the chat's last terminal and usage events
+    as the broker acknowledged them; a caller's own `after` wins; commands are decided as usual."""
+    tenant, user, chat = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    names = TopicNames(live.settings.topic_prefix)
+    async with (
+        client_of(live) as client,
+        TopicReader(live.settings.kafka_bootstrap_servers, names.provider_responses) as facts,
+        TopicReader(live.settings.kafka_bootstrap_servers, names.turn_requests) as commands,
+    ):
+        first, second, third = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        await client.request_turn(
+            tenant_id=tenant, chat_id=chat, user_id=user, request_id=first, content="hi", model="gpt-5-mini"
+        )
+        assert client.token(chat) is None
+        await client.progress(tenant_id=tenant, chat_id=chat, request_id=first)
+        assert client.token(chat) is None  # progress is not a terminal event
+        await client.completed(tenant_id=tenant, chat_id=chat, request_id=first, content="hello")
+        await client.usage(
+            tenant_id=tenant, chat_id=chat, request_id=first, usage=Usage(input_tokens=3, output_tokens=5)
+        )
+        await facts.wait_for(
+            lambda values: sum(v["chat_id"] == str(chat) for v in values) == 2, what="progress, completion"
+        )
+        ours = [r for r in facts.records if r.key == str(chat).encode()]
+        terminal = max(r.offset for r in ours)  # the completion (after the progress)
+        token = client.token(chat)
+        assert token is not None and token.provider_responses == terminal and token.usage is not None
+        nxt = await client.request_turn(
+            tenant_id=tenant, chat_id=chat, user_id=user, request_id=second, content="more"
+        )
+        assert nxt.decision == "allow", nxt
+        await client.failed(tenant_id=tenant, chat_id=chat, request_id=second, error_code="provider_error")
+        failed_token = client.token(chat)
+        assert failed_token is not None and failed_token.provider_responses is not None
+        assert failed_token.provider_responses > terminal and failed_token.usage == token.usage
+        mine = After.of(usage=0)  # the caller's own token wins
+        edit = await client.edit_turn(
+            tenant_id=tenant,
+            chat_id=chat,
+            user_id=user,
+            request_id=second,
+            new_request_id=third,
+            content="fixed",
+            after=mine,
+        )
+        assert edit.decision == "allow", edit
+        sent = await commands.wait_for(
+            lambda values: sum(v["chat_id"] == str(chat) for v in values) == 3, what="the three commands"
+        )
+        carried = [v.get("after") for v in sent if v["chat_id"] == str(chat)]
+        assert carried == [
+            None,
+            {"provider-responses": terminal, "usage": token.usage},
+            {"provider-responses": None, "usage": 0},
+        ]

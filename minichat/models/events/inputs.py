@@ -82,6 +82,36 @@ class Envelope(_Input):
     chat_id: UUID
 
 
+class After(BaseModel):
+    """A command's causal token: offsets, in the chat's partition of `provider-responses` and
+    `usage`, of records its partition set must have applied before the command (docs/contract.md,
+    "Causal token `after`"). Strict: an unknown key is a schema violation, not ignored."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", serialize_by_alias=True)
+
+    provider_responses: NonNegInt | None = Field(default=None, alias="provider-responses")
+    usage: NonNegInt | None = None
+
+    @classmethod
+    def of(cls, provider_responses: int | None = None, usage: int | None = None) -> After:
+        """Built from Python names (the wire accepts only `provider-responses` and `usage`)."""
+        return cls.model_validate({"provider-responses": provider_responses, "usage": usage})
+
+    def offsets(self) -> dict[str, int]:
+        """The named offsets by contract key (`provider-responses`, `usage`)."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+AfterField = Annotated[
+    After | None,
+    BeforeValidator(null_is_default),
+    Field(
+        description="Apply this command only after its partition set applied these records.",
+        exclude_if=lambda value: value is None,  # absent on the wire when it names nothing
+    ),
+]
+
+
 class TurnRequested(Envelope):
     """A user sends a message; the first accepted one of an unknown chat creates the chat."""
 
@@ -97,6 +127,7 @@ class TurnRequested(Envelope):
     code_interpreter: Flag = False
     image_count: ImageCount = 0
     requester_type: Annotated[RequesterType, BeforeValidator(null_is_default)] = "user"
+    after: AfterField = None
 
 
 class TurnRetry(Envelope):
@@ -106,6 +137,7 @@ class TurnRetry(Envelope):
     user_id: UUID
     request_id: UUID = Field(description="The turn to replace.")
     new_request_id: UUID = Field(description="Idempotency key of the new turn.")
+    after: AfterField = None
 
 
 class TurnEdit(Envelope):
@@ -116,6 +148,7 @@ class TurnEdit(Envelope):
     request_id: UUID = Field(description="The turn to replace.")
     new_request_id: UUID = Field(description="Idempotency key of the new turn.")
     content: Text
+    after: AfterField = None
 
 
 class TurnDelete(Envelope):

@@ -5,6 +5,7 @@ connection; what the handlers produce is counted, never sent."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -13,7 +14,6 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from minichat.models.topics import TopicNames
 from minichat.processors.batches import MergedBatches
-from minichat.processors.engine import input_ranks
 from minichat.processors.errors import RetryPolicy, with_retries
 from minichat.processors.merge import OrderedMerge
 from minichat.processors.pipeline import Decoded, isolating
@@ -79,7 +79,7 @@ async def merge_and_apply(
     consumer: AIOKafkaConsumer, ranges: Ranges, rebuild: Rebuild, settings: Settings, bar: Progress | None
 ) -> None:
     """The worker's merge, with every partition's frontier at +∞ once it reached its end offset."""
-    merge = OrderedMerge(input_ranks(rebuild.names))
+    merge = OrderedMerge.of_inputs(rebuild.names)
     active = _open_lanes(consumer, merge, ranges)
     while True:
         if active:
@@ -94,11 +94,14 @@ async def merge_and_apply(
 
 
 def _open_lanes(consumer: AIOKafkaConsumer, merge: OrderedMerge, ranges: Ranges) -> set[TopicPartition]:
-    """Open a lane per partition at its start; the partitions with records to read."""
+    """Open a lane per partition at its start; the partitions with records to read. Each lane's
+    end is known for good: a causal token naming an offset at or past it is met by the end (the
+    worker met it so, once it read that lane's end), and the command keeps its merged place."""
     active = {tp for tp, (start, end) in ranges.items() if start < end}
     consumer.assign(sorted(active, key=lambda tp: (tp.topic, tp.partition)))
-    for tp, (start, _) in ranges.items():
+    for tp, (start, end) in ranges.items():
         merge.open(tp.topic, tp.partition, start)
+        merge.end_read(tp.topic, tp.partition, end, math.inf)
         if tp in active:
             consumer.seek(tp, start)
         else:
