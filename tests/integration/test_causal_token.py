@@ -133,6 +133,9 @@ async def test_a_command_sorting_before_the_terminal_event_it_names_waits_for_it
                     for command in (token_next, nothing_next):
                         finished = g.provider("turn.completed", command, content="more")
                         await send(producer, names.provider_responses, finished)
+                    # their usage, so that every turn settles now rather than after the usage grace
+                    for command in (firsts[token_chat], firsts[plain_chat], token_next, nothing_next):
+                        await send(producer, names.usage, g.usage(command, 30, 40))
                     await settled(settings, turns=5)
                     assert worker.terminate() == 0
         finally:
