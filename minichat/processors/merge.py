@@ -21,7 +21,16 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from minichat.models.topics import TopicNames
 from minichat.processors.records import SourceRecord
+
+INPUT_RANKS = ("provider_responses", "usage", "turn_requests")
+"""docs/contract.md, "Order of processing": on equal timestamps facts come before commands."""
+
+
+def input_ranks(names: TopicNames) -> dict[str, int]:
+    return {getattr(names, attr): rank for rank, attr in enumerate(INPUT_RANKS)}
+
 
 LaneKey = tuple[str, int]
 """(topic, partition)"""

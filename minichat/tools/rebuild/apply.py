@@ -13,9 +13,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from minichat.models.topics import TopicNames
 from minichat.processors.batches import MergedBatches
-from minichat.processors.engine import input_ranks
 from minichat.processors.errors import RetryPolicy, with_retries
-from minichat.processors.merge import OrderedMerge
+from minichat.processors.merge import OrderedMerge, input_ranks
 from minichat.processors.pipeline import Decoded, isolating
 from minichat.processors.records import Output, SourceRecord, source_record
 from minichat.settings import Settings
