@@ -1,4 +1,4 @@
--- minichat schema v8: the applied order is a fact (docs/architecture.md, "Rebuild").
+-- minichat schema v8: the applied order is a fact (docs/architecture.md, "Determinism").
 --
 -- Each batch transaction adds, per partition set it applied records of, one row: the order in
 -- which it applied them (an `order.applied` record, as JSON text, published as is). The outbox

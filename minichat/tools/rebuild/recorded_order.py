@@ -1,7 +1,7 @@
 """The applied order a rebuild follows: each partition set's records in the order the workers
 recorded on `order-log` (`processors/order_log.py`), the timestamp merge only past its end.
 
-Rules (docs/architecture.md, "Rebuild"):
+Rules (docs/architecture.md, "Determinism"):
 
 * Entries are read in the topic's order (partition *p*: set *p*). The first entry that names a
   record wins: a later one (a batch retried, or re-applied after a restart before its outputs were

@@ -95,7 +95,6 @@ async def run_rebuild(
                     await between_reads()
                 check_recorded_versions(await _read_recorded(con, admin, settings, names), versions)
                 order = await read_order(settings, names, ranges) if follow_order_log else None
-                summary.in_recorded_order = recorded_count(order, ranges)
                 await _apply_log(consumer, settings, rebuild, ranges, from_time, bar_for, order)
         finally:
             await admin.close()
@@ -187,6 +186,7 @@ async def _apply_log(
         "replaying %d records of %s %s", total, ", ".join(dict.fromkeys(tp.topic for tp in ranges)),
         f"from {from_time.isoformat()}" if from_time else "from the beginning",
     )  # fmt: skip
+    rebuild.summary.in_recorded_order = recorded_count(order, ranges)
     bar = bar_for(total)
     await merge_and_apply(consumer, ranges, rebuild, settings, bar, order)
     if bar is not None:
