@@ -11,6 +11,7 @@ TURN_DECISIONS = "turn-decisions"
 BILLING_USAGE = "billing-usage"
 DEAD_LETTERS = "dead-letters"
 POLICY_VERSIONS = "policy-versions"
+ORDER_LOG = "order-log"
 
 INPUT_TOPICS = (TURN_REQUESTS, PROVIDER_RESPONSES, USAGE)
 ALL_TOPICS = (
@@ -21,6 +22,7 @@ ALL_TOPICS = (
     BILLING_USAGE,
     DEAD_LETTERS,
     POLICY_VERSIONS,
+    ORDER_LOG,
 )
 
 # Every topic keeps its records forever and stamps them on append: the record timestamp is the
@@ -81,6 +83,10 @@ class TopicNames:
     @property
     def policy_versions(self) -> str:
         return self.full(POLICY_VERSIONS)
+
+    @property
+    def order_log(self) -> str:
+        return self.full(ORDER_LOG)
 
     def config(self, full_name: str) -> dict[str, str]:
         """The settings of a topic given by its full (prefixed) name."""

@@ -44,7 +44,7 @@ from minichat.processors.clients import input_consumer, offsets_client, output_p
 from minichat.processors.errors import Action, RetryPolicy, classify, with_retries
 from minichat.processors.flights import Flights
 from minichat.processors.merge import LaneKey, OrderedMerge
-from minichat.processors.merge import input_ranks as input_ranks
+from minichat.processors.order_log import OrderRecorder
 from minichat.processors.pacing import pacing
 from minichat.processors.pipeline import Decoded, isolating
 from minichat.processors.progress import ProgressReport
@@ -88,6 +88,7 @@ class OrderedEngine:
         self.on_fatal = on_fatal
         self.retry = RetryPolicy.from_settings(settings)
         self.merge = OrderedMerge.of_inputs(self.names, counter(batches.metrics, batches.label))
+        self._recorded = OrderRecorder(self.names.prefix)  # each transaction's applied order, kept
         self.positions: dict[LaneKey, int | None] = {}
         """What the database says (or this worker last wrote) for each owned partition."""
         self.assigned: set[LaneKey] = set()
@@ -300,13 +301,15 @@ class OrderedEngine:
         groups, owners = await self._split(good)
         if len(groups) > 1:
             outputs = await self._apply_groups(offsets, groups, owners)
-            try:
-                await self._transaction(offsets, apply_nothing)  # the positions, once every group committed
+            dead_records = [records[i] for i in run if isinstance(decoded[i], Output)]
+            try:  # the positions (and the dead letters' order), once every group committed
+                await self._transaction(offsets, self._recorded(apply_nothing, dead_records))
             except PositionConflict:
                 self._flights.send(outputs, {}, [])  # committed: their decisions leave all the same
                 raise
         else:
-            outputs = await self._transaction(offsets, functools.partial(self.batches.apply, good=good))
+            apply = functools.partial(self.batches.apply, good=good)
+            outputs = await self._transaction(offsets, self._recorded(apply, [records[i] for i in run]))
         if self.settings.fault_exit_after_commit and any(
             d.record.topic == self.names.turn_requests for d in good
         ):
@@ -353,7 +356,9 @@ class OrderedEngine:
         results = await asyncio.gather(
             *(
                 self._transaction(
-                    offsets, functools.partial(self.batches.apply, good=g, owners=owners), store=False
+                    offsets,
+                    self._recorded(functools.partial(self.batches.apply, good=g, owners=owners), g),
+                    store=False,
                 )
                 for g in groups
             ),
@@ -378,7 +383,7 @@ class OrderedEngine:
             type(exc).__name__,
         )
         offsets = next_offsets((record,))
-        await self._transaction(offsets, apply_nothing)
+        await self._transaction(offsets, self._recorded(apply_nothing, [record]))
         self.batches.metrics.inc("minichat_records_refused_total", topic=self.batches.label(record.topic))
         self.batches.count_applied((), 1)
         self._flights.send([self.batches.refused(record, exc)], offsets, [])

@@ -29,18 +29,19 @@ from minichat.models.topics import TopicNames
 from minichat.processors.causal import Met, met, needs_of
 from minichat.processors.records import SourceRecord
 
-LaneKey = tuple[str, int]
-"""(topic, partition)"""
-
-OrderKey = tuple[int, int, int, int]
-"""(timestamp ms, topic rank, partition, offset): the merged order, total over every input record."""
-
 INPUT_RANKS = ("provider_responses", "usage", "turn_requests")
 """docs/contract.md, "Order of processing": on equal timestamps facts come before commands."""
 
 
 def input_ranks(names: TopicNames) -> dict[str, int]:
     return {getattr(names, attr): rank for rank, attr in enumerate(INPUT_RANKS)}
+
+
+LaneKey = tuple[str, int]
+"""(topic, partition)"""
+
+OrderKey = tuple[int, int, int, int]
+"""(timestamp ms, topic rank, partition, offset): the merged order, total over every input record."""
 
 
 @dataclass(slots=True)

@@ -47,6 +47,7 @@ _HELP = {
     "minichat_batch_records_total": "Records in the merged batches applied.",
     "minichat_batch_steps_total": "Steps (runs of commands or of facts) the merged batches were cut into.",
     "minichat_offset_commit_failures_total": "Kafka offset commits that failed, by error class.",
+    "minichat_order_log_published_total": "order.applied entries relayed to order-log.",
     "minichat_batch_groups_total": "Concurrent groups (no chat or user shared) big batches were split into.",
     "minichat_after_satisfied_by_offset_total": (
         "Offsets named by commands' causal tokens (after) met by their record being applied, by topic."

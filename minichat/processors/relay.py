@@ -1,4 +1,5 @@
-"""The outbox relay: publishes committed billing events to `billing-usage`, then marks them.
+"""The outbox relay: publishes committed billing events to `billing-usage`, then marks them; then
+the applied order to `order-log` (`order_log.py`), then deletes it.
 
 Order of durability: produce, await every ack, then mark published. A crash in between publishes
 the same rows again on the next run (allowed: billing de-duplicates on `dedupe_key`); a row is
@@ -21,6 +22,7 @@ import faust
 from minichat.processors.errors import RetryPolicy, stop_worker, with_retries
 from minichat.processors.leadership import RELAY_LOCK, ExclusiveSession, FatalHandler, leader_timer
 from minichat.processors.metrics import Metrics
+from minichat.processors.order_log import relay_order
 from minichat.processors.pipeline import Producer, send_all
 from minichat.processors.records import Output
 from minichat.processors.runtime import Runtime
@@ -71,6 +73,8 @@ class OutboxRelay:
     batch_max: int = 500
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     metrics: Metrics = field(default_factory=Metrics)
+    order_log_topic: str | None = None
+    """Also publishes the applied order (`order_log.relay_order`) after the billing events."""
 
     async def run_once(self) -> int:
         """Publish every committed unpublished row; returns how many were published (0 if not leader)."""
@@ -97,7 +101,14 @@ class OutboxRelay:
                 if len(batch) == len(rows) and len(rows) < self.batch_max:
                     return
 
-        await with_retries("outbox relay", lambda: self.session.run(drain), self.retry)
+        async def drain_all(con: asyncpg.Connection) -> None:
+            await drain(con)
+            if self.order_log_topic is not None and not self.session.closing:
+                order = await relay_order(con, await self.producer(), self.order_log_topic, self.batch_max)
+                if order:
+                    self.metrics.inc("minichat_order_log_published_total", order)
+
+        await with_retries("outbox relay", lambda: self.session.run(drain_all), self.retry)
         return published
 
 
@@ -122,6 +133,7 @@ def register_relay(
         batch_max=settings.relay_batch_max,
         retry=RetryPolicy.from_settings(settings),
         metrics=metrics,
+        order_log_topic=runtime.topics.order_log,
     )
     leader_timer(
         app, "outbox_relay", settings.relay_interval_s, relay.run_once, relay.session, on_fatal, drain=True

@@ -29,6 +29,7 @@ TABLE_GRANTS = {
     "quota_usage": {"SELECT", "INSERT", "UPDATE", "DELETE"},
     "turn_decisions": {"SELECT", "INSERT", "UPDATE", "DELETE"},
     "outbox": {"SELECT", "INSERT", "UPDATE", "DELETE"},
+    "order_log": {"SELECT", "INSERT", "DELETE"},  # rows leave once relayed (0008)
     "parked_events": {"SELECT", "INSERT", "UPDATE", "DELETE"},
     "consumer_positions": {"SELECT", "INSERT", "UPDATE", "DELETE"},
     "policy_versions": {"SELECT", "INSERT", "UPDATE", "DELETE"},
@@ -236,6 +237,7 @@ async def test_the_runtime_role_owns_nothing_and_holds_only_its_grants(
         }
         assert held == granted, table
     assert await runtime.fetchval("SELECT has_sequence_privilege('outbox_id_seq', 'USAGE')")
+    assert await runtime.fetchval("SELECT has_sequence_privilege('order_log_id_seq', 'USAGE')")
     assert not await runtime.fetchval("SELECT has_schema_privilege(current_schema(), 'CREATE')")
 
 

@@ -37,6 +37,7 @@ from minichat.models.topics import (
     COMPACTED,
     DEAD_LETTERS,
     INPUT_TOPICS,
+    ORDER_LOG,
     POLICY_VERSIONS,
     TOPIC_CONFIG,
     TURN_DECISIONS,
@@ -54,6 +55,7 @@ OUTPUT_TOPICS = {
     BILLING_USAGE: {"usage.settled", "usage.adjusted"},
     DEAD_LETTERS: {"dead_letter"},
     POLICY_VERSIONS: {"policy.version"},
+    ORDER_LOG: {"order.applied"},
 }
 """Where each output event goes (the processors' producers, restated)."""
 

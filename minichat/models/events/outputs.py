@@ -218,10 +218,32 @@ class PolicyVersion(_Output):
         return cls(version=policy.version, digest=policy_digest(policy), policy=policy)
 
 
+InputTopicName = Literal["turn-requests", "provider-responses", "usage"]
+"""An input topic's name without the deployment's prefix (the prefix is the deployment's, not the fact's)."""
+
+OrderRun = tuple[InputTopicName, NonNegInt, NonNegInt]
+"""(topic, first offset, last offset): consecutive records of one input partition, applied in a row."""
+
+
+class OrderApplied(_Output):
+    """The order in which one committed batch transaction applied the records of one partition set,
+    on `order-log` (partition and key: the set). A rebuild applies each set in this order."""
+
+    type: Literal["order.applied"] = "order.applied"
+    partition_set: NonNegInt = Field(description="The partition number; also the record's key and partition.")
+    runs: list[OrderRun] = Field(
+        min_length=1,
+        description=(
+            "In applied order: [topic, first offset, last offset], every offset of the range in offset "
+            "order, in partition `partition_set` of that input topic (no prefix)."
+        ),
+    )
+
+
 OutputEvent = Annotated[TurnDecision | UsageSettled | UsageAdjusted | DeadLetter, Field(discriminator="type")]
 OUTPUT_ADAPTER: Final[TypeAdapter[OutputEvent]] = TypeAdapter(OutputEvent)
 
 OUTPUT_MODELS: Final[dict[str, type[_Output]]] = {
     model.model_fields["type"].default: model
-    for model in (TurnDecision, UsageSettled, UsageAdjusted, DeadLetter, PolicyVersion)
+    for model in (TurnDecision, UsageSettled, UsageAdjusted, DeadLetter, PolicyVersion, OrderApplied)
 }

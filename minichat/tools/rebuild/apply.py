@@ -1,6 +1,7 @@
-"""Applying the log: the input partitions merged with the worker's own merge (`processors/merge.py`)
-and applied in batches with the worker's own handlers, one transaction per batch, all on one
-connection; what the handlers produce is counted, never sent."""
+"""Applying the log: each partition set's records in the order the workers recorded on `order-log`
+(`recorded_order.py`), past its end the input partitions merged with the worker's own merge
+(`processors/merge.py`); applied in batches with the worker's own handlers, one transaction per
+batch, all on one connection; what the handlers produce is counted, never sent."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from minichat.processors.records import Output, SourceRecord, source_record
 from minichat.settings import Settings
 from minichat.tools.progress import Progress
 from minichat.tools.rebuild.counting import CommandOutcomes, RebuildSummary, RecordId, TurnEventOutcomes
+from minichat.tools.rebuild.recorded_order import RecordedOrder
 
 Ranges = Mapping[TopicPartition, tuple[int, int]]
 """[start, end) offsets of each input partition."""
@@ -76,15 +78,30 @@ class Rebuild:
 
 
 async def merge_and_apply(
-    consumer: AIOKafkaConsumer, ranges: Ranges, rebuild: Rebuild, settings: Settings, bar: Progress | None
+    consumer: AIOKafkaConsumer,
+    ranges: Ranges,
+    rebuild: Rebuild,
+    settings: Settings,
+    bar: Progress | None,
+    order: RecordedOrder | None = None,
 ) -> None:
-    """The worker's merge, with every partition's frontier at +∞ once it reached its end offset."""
+    """Each set's records in the order `order-log` recorded (`recorded_order.py`), then the
+    worker's merge, with every partition's frontier at +∞ once it reached its end offset."""
+    lanes = {(tp.topic, tp.partition): span for tp, span in ranges.items()}
+    order = order if order is not None else RecordedOrder({}, lanes)
     merge = OrderedMerge.of_inputs(rebuild.names)
-    active = _open_lanes(consumer, merge, ranges)
+    active = _open_lanes(consumer, ranges)
+    for number in sorted({tp.partition for tp in ranges}):
+        if not order.pending(number):
+            _open_set(merge, ranges, active, order, number, [])
     while True:
         if active:
-            await _fetch(consumer, merge, active, ranges, settings)
-        released = merge.release(settings.batch_max, settings.batch_max_bytes)
+            await _fetch(consumer, merge, active, ranges, settings, order)
+        released = order.release(settings.batch_max)
+        for number, beyond in order.finished():
+            _open_set(merge, ranges, active, order, number, beyond)
+        if not released:
+            released = merge.release(settings.batch_max, settings.batch_max_bytes)
         if released:
             await rebuild.apply(released)
             if bar is not None:
@@ -93,20 +110,34 @@ async def merge_and_apply(
             return
 
 
-def _open_lanes(consumer: AIOKafkaConsumer, merge: OrderedMerge, ranges: Ranges) -> set[TopicPartition]:
-    """Open a lane per partition at its start; the partitions with records to read. Each lane's
-    end is known for good: a causal token naming an offset at or past it is met by the end (the
-    worker met it so, once it read that lane's end), and the command keeps its merged place."""
+def _open_lanes(consumer: AIOKafkaConsumer, ranges: Ranges) -> set[TopicPartition]:
+    """Assign and seek every partition with records to read; returns them."""
     active = {tp for tp, (start, end) in ranges.items() if start < end}
     consumer.assign(sorted(active, key=lambda tp: (tp.topic, tp.partition)))
-    for tp, (start, end) in ranges.items():
-        merge.open(tp.topic, tp.partition, start)
-        merge.end_read(tp.topic, tp.partition, end, math.inf)
-        if tp in active:
-            consumer.seek(tp, start)
-        else:
-            merge.exhausted(tp.topic, tp.partition)
+    for tp in active:
+        consumer.seek(tp, ranges[tp][0])
     return active
+
+
+def _open_set(
+    merge: OrderedMerge,
+    ranges: Ranges,
+    active: set[TopicPartition],
+    order: RecordedOrder,
+    number: int,
+    beyond: list[SourceRecord],
+) -> None:
+    """The merge takes set `number` on where its recorded order ended, with what was fetched past
+    it. Each lane's end is known for good: a causal token naming an offset at or past it is met by
+    the end (the worker met it so, once it read that lane's end), and the command keeps its merged
+    place."""
+    for tp in ranges:
+        if tp.partition == number:
+            merge.open(tp.topic, number, order.ends[(tp.topic, number)])
+            merge.end_read(tp.topic, number, ranges[tp][1], math.inf)
+            if tp not in active:
+                merge.exhausted(tp.topic, number)
+    merge.add(beyond)
 
 
 async def _fetch(
@@ -115,22 +146,26 @@ async def _fetch(
     active: set[TopicPartition],
     ranges: Ranges,
     settings: Settings,
+    order: RecordedOrder,
 ) -> None:
     """Fetch into the lanes within the worker's bounds (`OrderedEngine._pace`: per lane in records,
-    all in bytes); a partition that reached its end offset is paused and its lane exhausted."""
+    all in bytes), and always the partition a set's next recorded record is on; a partition that
+    reached its end offset is paused and its lane exhausted."""
     sizes = {tp: merge.buffered_of(tp.topic, tp.partition) for tp in active}
     total = sum(size_bytes for _, size_bytes in sizes.values())
+    counts = {tp: size + order.buffered_of((tp.topic, tp.partition)) for tp, (size, _) in sizes.items()}
     wanted = [
         tp
-        for tp, (size, _) in sizes.items()
-        if size < settings.lane_buffer_max and (size == 0 or total < settings.input_buffer_max_bytes)
+        for tp, count in counts.items()
+        if order.wants((tp.topic, tp.partition))
+        or (count < settings.lane_buffer_max and (count == 0 or total < settings.input_buffer_max_bytes))
     ]
     if not wanted:
         return
     fetched = await consumer.getmany(*wanted, timeout_ms=200, max_records=settings.batch_max)
     for tp, records in fetched.items():
         end = ranges[tp][1]
-        merge.add(source_record(r) for r in records if r.offset < end)
+        merge.add(r for r in map(source_record, records) if r.offset < end and not order.add(r))
     for tp in wanted:
         if await consumer.position(tp) >= ranges[tp][1]:
             active.discard(tp)

@@ -39,6 +39,8 @@ class RebuildSummary:
     dead_lettered: int = 0
     decisions_discarded: int = 0
     decided_afresh: int = 0
+    in_recorded_order: int = 0
+    """Records applied in the order `order-log` recorded (the rest: in the timestamp merge)."""
     parked_at_start: int = 0
     parked_at_end: int = 0
     batches: int = 0
@@ -63,6 +65,7 @@ class RebuildSummary:
             f"  dead-lettered    {self.dead_lettered:>9}  not re-sent",
             f"  decisions        {self.decisions_discarded:>9}  not re-sent",
             f"  decided afresh   {self.decided_afresh:>9}  commands with no recorded decision",
+            f"  recorded order   {self.in_recorded_order:>9}  applied in the order the workers recorded",
         ]
 
     def count(

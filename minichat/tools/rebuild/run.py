@@ -27,6 +27,7 @@ from minichat.storage.schema import pending_migrations
 from minichat.tools.progress import Progress
 from minichat.tools.rebuild.apply import Ranges, Rebuild, merge_and_apply
 from minichat.tools.rebuild.counting import CommandOutcomes, RebuildSummary, TurnEventOutcomes
+from minichat.tools.rebuild.recorded_order import RecordedOrder, read_order, recorded_count
 from minichat.tools.rebuild.sources import (
     RebuildSetupError,
     group_free_consumer,
@@ -51,10 +52,12 @@ async def run_rebuild(
     show_progress: bool = True,
     check_workers: bool = True,
     between_reads: Callable[[], Awaitable[None]] | None = None,
+    follow_order_log: bool = True,
 ) -> RebuildSummary:
     """Rebuild the state from the input topics into `settings.database_url` (`minichat replay`; see
     the package docstring). `between_reads` runs after the inputs' end offsets are taken and before
-    `turn-decisions`' are (tests: what is decided in between must change nothing).
+    `turn-decisions`' are (tests: what is decided in between must change nothing). Without
+    `follow_order_log` every record is applied in the timestamp merge (tests: what the log changes).
 
     Raises `RebuildSetupError` (schema or topics missing), `PolicyError`, `PolicyConflict`.
     """
@@ -91,7 +94,8 @@ async def run_rebuild(
                 if between_reads is not None:
                     await between_reads()
                 check_recorded_versions(await _read_recorded(con, admin, settings, names), versions)
-                await _apply_log(consumer, settings, rebuild, ranges, from_time, bar_for)
+                order = await read_order(settings, names, ranges) if follow_order_log else None
+                await _apply_log(consumer, settings, rebuild, ranges, from_time, bar_for, order)
         finally:
             await admin.close()
         summary.parked_at_end = (await state_gauges(con)).parked_events
@@ -174,14 +178,16 @@ async def _apply_log(
     ranges: Ranges,
     from_time: datetime | None,
     bar_for: Callable[[int], Progress | None],
+    order: RecordedOrder | None,
 ) -> None:
-    """The input partitions' range, merged and applied (see `apply.py`)."""
+    """The input partitions' range, in the recorded order then merged, and applied (`apply.py`)."""
     total = sum(max(0, end - start) for start, end in ranges.values())
     logger.info(
         "replaying %d records of %s %s", total, ", ".join(dict.fromkeys(tp.topic for tp in ranges)),
         f"from {from_time.isoformat()}" if from_time else "from the beginning",
     )  # fmt: skip
+    rebuild.summary.in_recorded_order = recorded_count(order, ranges)
     bar = bar_for(total)
-    await merge_and_apply(consumer, ranges, rebuild, settings, bar)
+    await merge_and_apply(consumer, ranges, rebuild, settings, bar, order)
     if bar is not None:
         bar.finish()
