@@ -217,6 +217,10 @@ async def run_episodes(endpoints: Endpoints, template_database: str, tmp_path: P
                     await wait_until(logged(a, "engine resumed:", 0), timeout=90, what="A assigned")
                     with run_worker(env, tmp_path / "b.log") as b:
                         books = Books(settings, producer)
+                        # a whole turn first: every lane has a stored position row (claims lock rows)
+                        await books.send(books.request(books.chats))
+                        await books.applied()
+                        await books.send(books.complete(books.chats) + books.report(books.chats))
                         await books.send(books.request(books.chats))
                         await books.applied()
                         for episode in range(episodes):
