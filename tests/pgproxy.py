@@ -22,17 +22,16 @@ GSS_REQUEST = 80877104
 CANCEL_REQUEST = 80877102
 MAX_CONNECTIONS = 64
 CHUNK = 65536
+UP, DOWN = "up", "down"
 
 
 @dataclass
 class _Connection:
     client: asyncio.StreamWriter
     server: asyncio.StreamWriter
-    upstream_port: int
     statements: dict[str, str] = field(default_factory=dict)
     open: asyncio.Event = field(default_factory=asyncio.Event)
-    """Client-to-server bytes flow while set."""
-    held: bool = False
+    """Client-to-server bytes flow while set (cleared by `hold_after`)."""
 
 
 class PgProxy:
@@ -41,13 +40,15 @@ class PgProxy:
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.port = 0
-        self.delay_s = 0.0
-        """Added before every chunk forwarded, both directions."""
+        self.delay_s = {UP: 0.0, DOWN: 0.0}
+        """Added before every chunk forwarded in that direction (a slow link)."""
+        self.flowing = {UP: asyncio.Event(), DOWN: asyncio.Event()}
+        """A direction of every connection moves bytes only while its event is set (`stall`)."""
+        for event in self.flowing.values():
+            event.set()
         self.connections: list[_Connection] = []
         self.hit = asyncio.Event()
         """Set once an armed `hold_after` held a connection."""
-        self.held_port: int | None = None
-        """The held connection's local port towards PostgreSQL (`pg_stat_activity.client_port`)."""
         self._trigger: str | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -70,14 +71,18 @@ class PgProxy:
     def hold_after(self, text: str) -> None:
         """Arm: the next connection asked to run a statement containing `text` is held after it."""
         self.hit.clear()
-        self.held_port = None
         self._trigger = text
 
+    def stall(self, direction: str) -> None:
+        """Hold every connection's bytes in `direction` (UP: to PostgreSQL, DOWN: its answers)."""
+        self.flowing[direction].clear()
+
     def resume(self) -> None:
-        """Release every held connection (and disarm)."""
+        """Release every stall and every held connection (and disarm `hold_after`)."""
         self._trigger = None
+        for event in self.flowing.values():
+            event.set()
         for c in self.connections:
-            c.held = False
             c.open.set()
 
     async def close(self) -> None:
@@ -107,7 +112,7 @@ class PgProxy:
         except OSError:
             writer.close()
             return
-        conn = _Connection(writer, up_writer, up_writer.get_extra_info("sockname")[1])
+        conn = _Connection(writer, up_writer)
         conn.open.set()
         self.connections.append(conn)
         tasks = [
@@ -125,15 +130,16 @@ class PgProxy:
             self.connections.remove(conn)
             self._tasks.difference_update(tasks)
 
-    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)  # the fault itself: a slow database link
+    async def _send(self, direction: str, writer: asyncio.StreamWriter, data: bytes) -> None:
+        await self.flowing[direction].wait()
+        if self.delay_s[direction]:
+            await asyncio.sleep(self.delay_s[direction])  # the fault itself: a slow database link
         writer.write(data)
         await writer.drain()
 
     async def _server_to_client(self, reader: asyncio.StreamReader, conn: _Connection) -> None:
         while data := await reader.read(CHUNK):
-            await self._send(conn.client, data)
+            await self._send(DOWN, conn.client, data)
 
     async def _client_to_server(self, reader: asyncio.StreamReader, conn: _Connection) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
@@ -143,7 +149,7 @@ class PgProxy:
                 head = await reader.readexactly(8)
                 length, code = struct.unpack("!ii", head)
                 body = await reader.readexactly(length - 8)
-                await self._send(conn.server, head + body)
+                await self._send(UP, conn.server, head + body)
                 if code not in (SSL_REQUEST, GSS_REQUEST):
                     break
             # typed messages: type byte, int32 length (counting itself), body
@@ -160,12 +166,10 @@ class PgProxy:
                     bound = conn.statements.get(body.split(b"\0", 2)[1].decode(), "")
                 elif kind == b"Q":
                     bound = body.split(b"\0", 1)[0].decode(errors="replace")
-                await self._send(conn.server, head + body)
+                await self._send(UP, conn.server, head + body)
                 if kind in (b"S", b"Q"):
                     trigger = self._trigger
                     if trigger is not None and trigger in bound and not self.hit.is_set():
-                        conn.held = True
                         conn.open.clear()
-                        self.held_port = conn.upstream_port
                         self.hit.set()
                     bound = ""

@@ -251,6 +251,10 @@ async def run_episodes(endpoints: Endpoints, template_database: str, tmp_path: P
         )
         assert charged == spent
         assert await live_digest(url) == await rebuilt_digest(settings, endpoints, template_database)
+        print(
+            f"{episodes} zombie episodes: {books.commands} commands, {len(values)} decisions (0 re-sent),"
+            f" {books.settled} turns settled on their reported usage, digest(live) = digest(rebuild)"
+        )
 
 
 @pytest.mark.timeout(600)
