@@ -88,7 +88,8 @@ class Books:
         self.settled = 0
 
     def partition(self, chat: Chat) -> int:
-        return (murmur2(str(chat[2]).encode()) & 0x7FFFFFFF) % self.settings.partitions
+        hashed: int = murmur2(str(chat[2]).encode())
+        return (hashed & 0x7FFFFFFF) % self.settings.partitions
 
     async def send(self, events: list[tuple[str, Event]]) -> None:
         for topic, event in events:
