@@ -7,6 +7,7 @@
 #   make check                     ruff check, ruff format --check, mypy
 #   make soak                      the long crash tests: >= 50 kill -9 under load (MINICHAT_CRASH_KILLS=N for more)
 #   make soak-cluster              three brokers, >= 50 kill -9 of a partition leader (MINICHAT_CLUSTER_KILLS=N for more)
+#   make soak-zombie               >= 50 zombie owners in a rebalance (MINICHAT_ZOMBIE_EPISODES=N for more)
 #   make bench                     venv + local stack + `minichat bench` (BENCH_ARGS, JSON to BENCH_OUT)
 #
 # Variables: PYTHON (interpreter for the venv, default python3), VENV (.venv), PYTEST_ARGS,
@@ -107,6 +108,15 @@ soak-cluster: venv
 	export MINICHAT_CLUSTER_KILLS=$${MINICHAT_CLUSTER_KILLS:-50}; \
 	echo "make soak-cluster: $$MINICHAT_CLUSTER_KILLS SIGKILLs of a partition leader on three brokers" >&2; \
 	"$(VENV)/bin/pytest" -m soak tests/integration/test_cluster.py $(PYTEST_ARGS)
+
+# tests/integration/test_zombie_rebalance.py's soak version: a worker frozen inside its batch (held by
+# a PostgreSQL proxy after its position claim, then SIGSTOP) until its sets move, episode after episode.
+.PHONY: soak-zombie
+soak-zombie: venv
+	@exports=$$($(STACK) up); eval "$$exports"; \
+	export MINICHAT_ZOMBIE_EPISODES=$${MINICHAT_ZOMBIE_EPISODES:-50}; \
+	echo "make soak-zombie: $$MINICHAT_ZOMBIE_EPISODES zombie owners against $$MINICHAT_KAFKA_BOOTSTRAP_SERVERS" >&2; \
+	"$(VENV)/bin/pytest" -m soak tests/integration/test_zombie_rebalance.py $(PYTEST_ARGS)
 
 # docs/performance.md: the ceiling, a backlog drain, decision latency and replay, side by side.
 BENCH_ARGS ?=
