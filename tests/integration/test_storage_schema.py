@@ -87,8 +87,13 @@ async def test_every_table_carries_the_tenant(database_url: str) -> None:
         await con.close()
     tables = {r["table_name"]: r["has_tenant"] for r in rows}
     assert set(tables) >= CONTRACT_TABLES
-    # Operator tables name no tenant: the migrations ledger and the consumer group's input offsets.
-    assert {name for name, has in tables.items() if not has} == {"schema_migrations", "consumer_positions"}
+    # Operator tables name no tenant: the migrations ledger, the consumer group's input offsets and
+    # the applied order of the partition sets (offset ranges, relayed to `order-log`).
+    assert {name for name, has in tables.items() if not has} == {
+        "schema_migrations",
+        "consumer_positions",
+        "order_log",
+    }
 
 
 async def _chat_and_turn(con: asyncpg.Connection, *, request_id: uuid.UUID | None = None) -> uuid.UUID:

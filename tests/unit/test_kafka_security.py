@@ -26,7 +26,8 @@ def _sasl(**overrides: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
-def test_plaintext_is_the_default_and_adds_nothing() -> None:
+def test_plaintext_is_the_default_and_adds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MINICHAT_KAFKA_BOOTSTRAP_SERVERS", raising=False)  # `make test` sets it
     assert kafka_client_options(Settings()) == {
         "bootstrap_servers": "127.0.0.1:9092",
         "security_protocol": "PLAINTEXT",
