@@ -23,7 +23,8 @@
 # node N starts (up, up-kafka, start-broker N) runs its JVM under libfaketime (LD_PRELOAD, Debian
 # package libfaketime, installed with apt when missing) with FAKETIME=OFFSET, e.g. +2s, +0.05s,
 # -0.05s (seconds with a fraction; libfaketime reads "+50ms" as 50 minutes), and
-# FAKETIME_DONT_FAKE_MONOTONIC=1 (the JVM's monotonic clock, which its timers use, stays true). The
+# FAKETIME_DONT_FAKE_MONOTONIC=1 and FAKETIME_FORCE_MONOTONIC_FIX=0 (the JVM's monotonic clock and
+# its timed waits stay true: without them its timed waits return at once and it spins). The
 # node's wall clock - and so the LogAppendTime of every record it appends as a partition's leader -
 # is then off by OFFSET; restart it without the variable to end the skew.
 # (a partition's leader is a node id in the cluster's metadata: tests/cluster.py reads it).
@@ -410,7 +411,10 @@ kafka_start() {
     offset=$(kafka_node_faketime) || exit 1
     if [[ -n $offset ]]; then
         lib=$(faketime_lib) || exit 1
-        skew=(env "LD_PRELOAD=$lib" "FAKETIME=$offset" FAKETIME_DONT_FAKE_MONOTONIC=1)
+        # FAKETIME_FORCE_MONOTONIC_FIX=0: Debian builds libfaketime with that fix on, and with it
+        # every timed wait of the JVM (Object.wait, LockSupport.parkNanos) returns at once: its
+        # periodic threads spin, a start takes ten times longer
+        skew=(env "LD_PRELOAD=$lib" "FAKETIME=$offset" FAKETIME_DONT_FAKE_MONOTONIC=1 FAKETIME_FORCE_MONOTONIC_FIX=0)
     fi
     log "starting Kafka node $NODE on 127.0.0.1:$NODE_PORT (controller $NODE_CPORT)$([[ $KAFKA_SECURE == 1 ]] && echo ', SASL_SSL')$([[ -n $offset ]] && echo ", clock $offset")"
     : >"$KAFKA_OUT"
