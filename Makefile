@@ -101,8 +101,7 @@ soak: venv
 	"$(VENV)/bin/pytest" -m soak tests/integration/test_crash.py $(PYTEST_ARGS)
 
 # The soak versions of tests/integration/test_cluster.py, test_clock_skew.py and test_policy_change.py
-# on a three-broker cluster that tests/cluster.py
-# starts (and stops) next to the stack: PostgreSQL is the stack's, Kafka the cluster's.
+# on a three-broker cluster that tests/cluster.py starts (and stops) next to the stack: PostgreSQL is the stack's, Kafka the cluster's.
 .PHONY: soak-cluster
 soak-cluster: venv
 	@exports=$$($(STACK) up); eval "$$exports"; \
