@@ -100,8 +100,9 @@ soak: venv
 	echo "make soak: $$MINICHAT_CRASH_KILLS kills per test against $$MINICHAT_KAFKA_BOOTSTRAP_SERVERS" >&2; \
 	"$(VENV)/bin/pytest" -m soak tests/integration/test_crash.py $(PYTEST_ARGS)
 
-# The soak versions of tests/integration/test_cluster.py, test_clock_skew.py and test_policy_change.py
-# on a three-broker cluster that tests/cluster.py starts (and stops) next to the stack: PostgreSQL is the stack's, Kafka the cluster's.
+# The soak versions of tests/integration/test_cluster.py, test_clock_skew.py and
+# test_policy_change.py on a three-broker cluster that tests/cluster.py starts (and stops) next to
+# the stack: PostgreSQL is the stack's, Kafka the cluster's.
 .PHONY: soak-cluster
 soak-cluster: venv
 	@exports=$$($(STACK) up); eval "$$exports"; \
