@@ -6,7 +6,8 @@
 #   make up / down / status        the local Kafka + PostgreSQL of scripts/stack.sh (make down PURGE=1 deletes data)
 #   make check                     ruff check, ruff format --check, mypy
 #   make soak                      the long crash tests: >= 50 kill -9 under load (MINICHAT_CRASH_KILLS=N for more)
-#   make soak-cluster              three brokers, >= 50 kill -9 of a partition leader (MINICHAT_CLUSTER_KILLS=N for more)
+#   make soak-cluster              three brokers: >= 50 kill -9 of a partition leader (MINICHAT_CLUSTER_KILLS=N for more),
+#                                  >= 50 flips of one broker's clock skew, >= 50 policy changes mid-run
 #   make soak-zombie               >= 50 zombie owners in a rebalance (MINICHAT_ZOMBIE_EPISODES=N for more)
 #   make bench                     venv + local stack + `minichat bench` (BENCH_ARGS, JSON to BENCH_OUT)
 #
@@ -32,7 +33,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: help venv up down status test check run demo
 
 help:
-	@sed -n '3,14p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '3,12p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 venv: $(STAMP)
 
@@ -100,14 +101,16 @@ soak: venv
 	echo "make soak: $$MINICHAT_CRASH_KILLS kills per test against $$MINICHAT_KAFKA_BOOTSTRAP_SERVERS" >&2; \
 	"$(VENV)/bin/pytest" -m soak tests/integration/test_crash.py $(PYTEST_ARGS)
 
-# tests/integration/test_cluster.py's soak version on a three-broker cluster that tests/cluster.py
-# starts (and stops) next to the stack: PostgreSQL is the stack's, Kafka the cluster's.
+# The soak versions of tests/integration/test_cluster.py, test_clock_skew.py and
+# test_policy_change.py on a three-broker cluster that tests/cluster.py starts (and stops) next to
+# the stack: PostgreSQL is the stack's, Kafka the cluster's.
 .PHONY: soak-cluster
 soak-cluster: venv
 	@exports=$$($(STACK) up); eval "$$exports"; \
 	export MINICHAT_CLUSTER_KILLS=$${MINICHAT_CLUSTER_KILLS:-50}; \
 	echo "make soak-cluster: $$MINICHAT_CLUSTER_KILLS SIGKILLs of a partition leader on three brokers" >&2; \
-	"$(VENV)/bin/pytest" -m soak tests/integration/test_cluster.py $(PYTEST_ARGS)
+	"$(VENV)/bin/pytest" -m soak tests/integration/test_cluster.py tests/integration/test_clock_skew.py \
+		tests/integration/test_policy_change.py $(PYTEST_ARGS)
 
 # tests/integration/test_zombie_rebalance.py's soak version: a worker frozen inside its batch (held by
 # a PostgreSQL proxy after its position claim, then SIGSTOP) until its sets move, episode after episode.

@@ -17,7 +17,16 @@
 #   scripts/stack.sh kill-broker N    SIGKILL node N (kill -9; its data stays)
 #   scripts/stack.sh start-broker N   start node N again and wait until it is ready
 #   scripts/stack.sh stop-broker N    stop node N gracefully
-#   scripts/stack.sh brokers          one line per node: N, node id, port, pid (or -), running|stopped
+#   scripts/stack.sh brokers          one line per node: N, node id, port, pid (or -), running|stopped,
+#                                     and the clock offset it was started with (0: none)
+# A skewed clock on one node (clock-skew tests): MINICHAT_STACK_KAFKA_NODE<N>_FAKETIME=OFFSET when
+# node N starts (up, up-kafka, start-broker N) runs its JVM under libfaketime (LD_PRELOAD, Debian
+# package libfaketime, installed with apt when missing) with FAKETIME=OFFSET, e.g. +2s, +0.05s,
+# -0.05s (seconds with a fraction; libfaketime reads "+50ms" as 50 minutes), and
+# FAKETIME_DONT_FAKE_MONOTONIC=1 and FAKETIME_FORCE_MONOTONIC_FIX=0 (the JVM's monotonic clock and
+# its timed waits stay true: without them its timed waits return at once and it spins). The
+# node's wall clock - and so the LogAppendTime of every record it appends as a partition's leader -
+# is then off by OFFSET; restart it without the variable to end the skew.
 # (a partition's leader is a node id in the cluster's metadata: tests/cluster.py reads it).
 # Use its own state dir; a state dir keeps the broker count it was formatted with. The secure mode
 # is for the single broker only.
@@ -186,6 +195,34 @@ apt_install() {
 }
 
 ensure_java() { command -v java >/dev/null || apt_install openjdk-17-jre-headless; }
+
+# The multithreaded libfaketime (for a JVM), installed when missing; its path on stdout.
+faketime_lib() {
+    local lib
+    for lib in /usr/lib/*/faketime/libfaketimeMT.so.1 /usr/lib/faketime/libfaketimeMT.so.1; do
+        if [[ -f $lib ]]; then
+            echo "$lib"
+            return 0
+        fi
+    done
+    apt_install libfaketime
+    for lib in /usr/lib/*/faketime/libfaketimeMT.so.1 /usr/lib/faketime/libfaketimeMT.so.1; do
+        if [[ -f $lib ]]; then
+            echo "$lib"
+            return 0
+        fi
+    done
+    die "libfaketime installed, but no libfaketimeMT.so.1 found"
+}
+
+# The selected node's clock offset (MINICHAT_STACK_KAFKA_NODE<N>_FAKETIME), empty for none.
+kafka_node_faketime() {
+    local name="MINICHAT_STACK_KAFKA_NODE${NODE}_FAKETIME"
+    local offset=${!name:-}
+    [[ -z $offset || $offset =~ ^[+-][0-9]+([.][0-9]+)?[smhdy]?$ ]] ||
+        die "$name must be an offset like +2s or -0.05s, got '$offset'"
+    echo "$offset"
+}
 ensure_mvn() { command -v mvn >/dev/null || apt_install maven; }
 
 # ------------------------------------------------------------------------------------------ Kafka
@@ -263,6 +300,10 @@ EOF
         # a SIGKILLed node is fenced (its partitions led elsewhere, it leaves their ISRs) after
         # 4 s without a heartbeat rather than 9 s: the same failover, sooner
         printf '%s\n' broker.session.timeout.ms=4000 broker.heartbeat.interval.ms=500
+        # a restarted node takes back the partitions it prefers (first in their replica list)
+        # within seconds rather than 5 minutes, and a replica order changed by a reassignment
+        # moves the leader as soon: tests place leaders on a chosen node this way
+        printf '%s\n' leader.imbalance.check.interval.seconds=3
     fi
 }
 
@@ -366,15 +407,25 @@ kafka_start() {
     write_kafka_config
     kafka_jvm_opts
     kafka_format
-    log "starting Kafka node $NODE on 127.0.0.1:$NODE_PORT (controller $NODE_CPORT)$([[ $KAFKA_SECURE == 1 ]] && echo ', SASL_SSL')"
+    local offset lib skew=()
+    offset=$(kafka_node_faketime) || exit 1
+    if [[ -n $offset ]]; then
+        lib=$(faketime_lib) || exit 1
+        # FAKETIME_FORCE_MONOTONIC_FIX=0: Debian builds libfaketime with that fix on, and with it
+        # every timed wait of the JVM (Object.wait, LockSupport.parkNanos) returns at once: its
+        # periodic threads spin, a start takes ten times longer
+        skew=(env "LD_PRELOAD=$lib" "FAKETIME=$offset" FAKETIME_DONT_FAKE_MONOTONIC=1 FAKETIME_FORCE_MONOTONIC_FIX=0)
+    fi
+    log "starting Kafka node $NODE on 127.0.0.1:$NODE_PORT (controller $NODE_CPORT)$([[ $KAFKA_SECURE == 1 ]] && echo ', SASL_SSL')$([[ -n $offset ]] && echo ", clock $offset")"
     : >"$KAFKA_OUT"
     rm -f "$KAFKA_PIDFILE"
+    echo "${offset:-0}" >"$NODE_DIR/faketime"
     # setsid: own session, so Ctrl-C in the calling shell or make does not reach the broker;
     # 9>&- : do not inherit the stack lock.
     # shellcheck disable=SC2016  # $$ and $1 are expanded by the inner bash
     setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$KAFKA_PIDFILE" \
-        java "-Xms$KAFKA_HEAP" "-Xmx$KAFKA_HEAP" "${JVM_OPTS[@]}" -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_PROPS" \
-        </dev/null >>"$KAFKA_OUT" 2>&1 9>&- &
+        "${skew[@]}" java "-Xms$KAFKA_HEAP" "-Xmx$KAFKA_HEAP" "${JVM_OPTS[@]}" -cp "$KAFKA_LIBS/*" kafka.Kafka \
+        "$KAFKA_PROPS" </dev/null >>"$KAFKA_OUT" 2>&1 9>&- &
 }
 
 # Starts every node that does not run yet, without waiting (a cluster's new nodes are formatted in
@@ -1024,9 +1075,10 @@ cmd_stop_broker() {
     kafka_stop
 }
 
-# One line per node: number, node id, broker port, pid or -, running|starting|stopped.
+# One line per node: number, node id, broker port, pid or -, running|starting|stopped, and the
+# clock offset it was started with (0: none).
 cmd_brokers() {
-    local n pid state
+    local n pid state skew
     for n in $(kafka_nodes); do
         kafka_node "$n"
         if pid=$(kafka_pid); then
@@ -1035,7 +1087,9 @@ cmd_brokers() {
         else
             pid=- state=stopped
         fi
-        printf '%s %s %s %s %s\n' "$n" "$n" "$NODE_PORT" "$pid" "$state"
+        skew=0
+        if [[ $pid != - && -s "$NODE_DIR/faketime" ]]; then skew=$(<"$NODE_DIR/faketime"); fi
+        printf '%s %s %s %s %s %s\n' "$n" "$n" "$NODE_PORT" "$pid" "$state" "$skew"
     done
 }
 

@@ -8,6 +8,11 @@ can keep one up between runs: `MINICHAT_STACK_DIR=... MINICHAT_STACK_KAFKA_BROKE
 up-kafka`), and stops and deletes it afterwards only when it started it. PostgreSQL stays the
 session's (`endpoints`): `Cluster.endpoints` combines the two.
 
+Clock skew: `restart(node, faketime="+2s")` restarts one node with its wall clock off by the offset
+(libfaketime; `scripts/stack.sh`, `MINICHAT_STACK_KAFKA_NODE<N>_FAKETIME`), `restart(node)` without
+it; `prefer` places partition leaders on chosen nodes (a replica order changed by a reassignment;
+the cluster moves leaders to their preferred replica within seconds).
+
 Environment (optional): `MINICHAT_TEST_CLUSTER_DIR` (state dir, default
 `<tmp>/minichat-test-cluster`), `MINICHAT_TEST_CLUSTER_PORT` / `MINICHAT_TEST_CLUSTER_CONTROLLER_PORT`
 (first broker / controller port, default 9192 / 9292; node N uses port + N - 1),
@@ -28,6 +33,7 @@ from typing import Any
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
+from aiokafka.protocol.admin import AlterPartitionReassignmentsRequest
 
 from tests.support import ROOT, Endpoints, wait_until
 
@@ -88,10 +94,61 @@ class Cluster:
         """Start node `node` again; returns once it answers."""
         self.stack("start-broker", str(node))
 
+    def restart(self, node: int, faketime: str | None = None) -> None:
+        """Stop node `node` gracefully (its partitions led elsewhere first) and start it again,
+        with its wall clock off by `faketime` (a libfaketime offset: "+2s", "-0.05s") or true."""
+        self.stack("stop-broker", str(node))
+        variable = f"MINICHAT_STACK_KAFKA_NODE{node}_FAKETIME"
+        env = {**self.env, variable: faketime or ""}
+        done = subprocess.run(
+            [str(STACK), "start-broker", str(node)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=ROOT,
+        )
+        if done.returncode != 0:
+            raise AssertionError(f"stack.sh start-broker {node} failed ({done.returncode}):\n{done.stderr}")
+
     def running(self) -> dict[int, bool]:
         """Node id -> running, per `stack.sh brokers`."""
         lines = [line.split() for line in self.stack("brokers").splitlines() if line.strip()]
         return {int(cols[1]): cols[4] == "running" for cols in lines}
+
+    def skews(self) -> dict[int, str]:
+        """Node id -> the clock offset it runs with ("0": none), per `stack.sh brokers`."""
+        lines = [line.split() for line in self.stack("brokers").splitlines() if line.strip()]
+        return {int(cols[1]): cols[5] if len(cols) > 5 else "0" for cols in lines}
+
+    async def prefer(self, replicas: dict[tuple[str, int], list[int]], *, timeout: float = 60) -> None:
+        """Give each (topic, partition) the replica order `replicas` (same replica set, first one
+        preferred) and wait until every one of them is led by its first replica."""
+        topics: dict[str, list[tuple[int, list[int], dict[int, Any]]]] = {}
+        for (topic, partition), order in replicas.items():
+            topics.setdefault(topic, []).append((partition, order, {}))
+        request = AlterPartitionReassignmentsRequest(
+            30_000, [(topic, parts, {}) for topic, parts in topics.items()], {}
+        )
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=30_000)
+        await admin.start()
+        try:
+            response = await admin._send_to_controller(request)
+        finally:
+            await admin.close()
+        errors = [(r[0], p[0], p[1]) for r in response.responses for p in r[1] if p[1]] + (
+            [("*", -1, response.error_code)] if response.error_code else []
+        )
+        assert not errors, f"reassignment refused: {errors}"
+
+        async def placed() -> bool:
+            described = await self.describe(sorted(topics))
+            if not described:
+                return False
+            leaders = {(t["topic"], p["partition"]): p["leader"] for t in described for p in t["partitions"]}
+            return all(leaders.get(key) == order[0] for key, order in replicas.items())
+
+        await wait_until(placed, timeout=timeout, what="the chosen partition leaders")
 
     async def describe(self, topics: list[str]) -> list[dict[str, Any]] | None:
         """The topics' metadata (partitions with leader, replicas, isr); None while the cluster
