@@ -132,19 +132,7 @@ async def chat_messages(
 
 async def _message_rows(rows: AsyncIterable[asyncpg.Record]) -> AsyncGenerator[MessageRow, None]:
     async for r in rows:
-        fields = {
-            k: r[k]
-            for k in (
-                "id",
-                "request_id",
-                "role",
-                "content",
-                "model",
-                "input_tokens",
-                "output_tokens",
-                "created_at",
-            )
-        }
+        fields = {k: r[k] for k in _MESSAGE_COLUMNS}
         yield MessageRow(fields, Cursor(r["turn_at"], r["turn_key"], r["rank"], r["id"]), r["page_rows"])
 
 

@@ -33,25 +33,19 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from minichat.models.topics import INPUT_TOPICS, TopicNames
+from minichat.models.topics import TopicNames
 from minichat.processors.topics import create_topics
-from minichat.tools.rebuild import run_rebuild
 from minichat.tools.simulator import SimulateOptions
-from minichat.tools.summary import render, summarize, wait_quiescent
 from tests.cluster import BROKERS, Cluster
 from tests.conftest import Deployment, deployment_settings
+from tests.integration.cluster_checks import verify
 from tests.integration.test_crash import (
     CI_ROUND,
     SESSION_TIMEOUT_S,
     SOAK_ROUND,
     Fleet,
-    check_decisions,
-    compare,
     crash_policy,
-    db_digest,
-    end_offsets,
     fresh_database,
-    lost_and_duplicated,
     play_rounds,
     soak_selected,
 )
@@ -199,50 +193,17 @@ async def test_broker_kills_lose_nothing_and_rebuild_matches(
                 print(progress.getvalue()[-4000:], fleet.tails())
                 raise
             failures.extend(f"simulator: {p}" for r in results for p in r.problems)
-
-            backlog = await wait_quiescent(settings, None, within=120)
-            check(backlog.quiescent, f"not quiescent: {backlog.describe()}")
-            summary = await summarize(settings)
-            failures.extend(f"books: {f}" for f in summary.failures)
-            check(summary.accepted_turns == summary.stored_turns == summary.settled_turns > 0, "turns")
-            check(summary.reserved_credits_micro == 0, "reserves held")
-            check(summary.settled_events == summary.settled_turns, "usage.settled != settled turns")
-            check(summary.dead_letters == 0, f"{summary.dead_letters} dead letter(s)")
-            decisions = await check_decisions(settings)
-            check(decisions.unanswered == [], f"commands without a decision: {decisions.unanswered[:10]}")
-            check(decisions.unknown == 0, f"{decisions.unknown} decision(s) of no command")
-            check(decisions.differing == [], f"commands answered differently: {decisions.differing[:10]}")
-            statuses = fleet.stop()
-            check(statuses == [0], f"exit status on SIGTERM: {statuses}")
-            logs = fleet.tails()
-
-        live_digest = await db_digest(live_url)
-        rebuild = await run_rebuild(
-            settings.model_copy(update={"database_url": rebuilt_url}), show_progress=False
-        )
-        rebuilt_digest = await db_digest(rebuilt_url)
-        if rebuilt_digest != live_digest:
-            comparison = await compare(live_url, rebuilt_url, live_digest, rebuilt_digest)
-            failures.append(
-                f"digest: rebuilt differs from live {comparison.counts}\n" + "\n".join(comparison.lines)
-            )
-        check(rebuild.dead_lettered == 0 and rebuild.parked_at_end == 0, f"rebuild: {rebuild}")
-        inputs = await end_offsets(settings, [names.full(t) for t in INPUT_TOPICS])
-        check(rebuild.read == sum(inputs.values()), "the rebuild did not read the whole log")
-
-        lost, duplicated = lost_and_duplicated(summary, decisions)
+            verdict = await verify(settings, fleet, rebuilt_url)
+        failures.extend(verdict.failures)
+        restart_s = sum(breaks.restart_s) / max(1, len(breaks.restart_s))
         print(
             f"cluster[{variant.name}]: {breaks.kills} SIGKILLs of the leader of turn-requests[0] "
-            f"(nodes {breaks.leaders}; restart {sum(breaks.restart_s) / max(1, len(breaks.restart_s)):.1f} s "
-            f"on average), {len(results)} simulator round(s), {sum(inputs.values())} input events, "
-            f"{decisions.commands} commands, {decisions.decisions} decisions "
-            f"({decisions.resent} re-sent), {summary.settled_turns} turns settled once; lost {lost}, "
-            f"duplicated {duplicated}; digest(live) {'==' if rebuilt_digest == live_digest else '!='} "
-            f"digest(rebuild); {time.monotonic() - began:.0f} s"
+            f"(nodes {breaks.leaders}; restart {restart_s:.1f} s on average), {len(results)} simulator "
+            f"round(s), {verdict.line()}; {time.monotonic() - began:.0f} s"
         )
         check(breaks.kills == variant.kills, f"{breaks.kills} kills of {variant.kills}")
-        check((lost, duplicated) == (0, 0), f"lost {lost}, duplicated {duplicated}")
-        assert not failures, "\n\n".join([*failures, render(summary), progress.getvalue()[-4000:], logs])
+        evidence = [*failures, verdict.books, progress.getvalue()[-4000:], verdict.logs]
+        assert not failures, "\n\n".join(evidence)
 
 
 async def test_topics_create_on_three_brokers(cluster: Cluster, endpoints: Endpoints) -> None:
