@@ -11,7 +11,7 @@ the batch's outputs were acknowledged, for monitoring; they never decide where a
 past the stored positions.
 
 ```
-on assign(numbers):  seek every (topic, p) to min(stored position, Kafka committed)
+on assign(numbers):  seek every (topic, p) to min(stored, acknowledged); commit that if Kafka's is behind
 fetch task:          merge.add(fetched records) as soon as they come     # never waits for a batch
 loop:
     for each empty partition holding back a record: ListOffsets, frontier = sent time − grace
@@ -49,7 +49,7 @@ from minichat.processors.pacing import pacing
 from minichat.processors.pipeline import Decoded, isolating
 from minichat.processors.progress import ProgressReport
 from minichat.processors.records import Output, SourceRecord, source_record
-from minichat.processors.resume import acknowledged, apply_nothing, next_offsets, resume_offset
+from minichat.processors.resume import ahead_of_group, apply_nothing, next_offsets, resume_at
 from minichat.settings import Settings
 from minichat.storage import coordination
 from minichat.storage.coordination import PositionConflict
@@ -459,7 +459,7 @@ class OrderedEngine:
             return
         tps = [TopicPartition(*lane) for lane in lanes]
         beginnings = await consumer.beginning_offsets(tps)
-        first = {(tp.topic, tp.partition): beginnings[tp] for tp in tps}
+        first = {lane: beginnings[tp] for lane, tp in zip(lanes, tps, strict=True)}
 
         async def load() -> tuple[dict[LaneKey, int], dict[LaneKey, int]]:
             pool = await self.pool()
@@ -469,13 +469,13 @@ class OrderedEngine:
 
         stored, acked = await with_retries("load positions", load, self.retry, dependency="PostgreSQL")
         kafka = {tp: await consumer.committed(tp) for tp in tps}
+        starts: dict[TopicPartition, int] = {}
         # Every lane opens in one go, with no await in between: a partition set whose other lanes
         # are not open yet would release its records as if those lanes were empty.
         for lane, tp in zip(lanes, tps, strict=True):
             position = stored.get(lane, beginnings[tp])
-            done = acknowledged(kafka[tp], acked.get(lane))
-            start = resume_offset(position, done, beginnings[tp])
-            consumer.seek(tp, start)
+            start, done = resume_at(position, kafka[tp], acked.get(lane), beginnings[tp])
+            consumer.seek(tp, starts.setdefault(tp, start))
             self.positions[lane] = stored.get(lane)
             self.merge.open(tp.topic, tp.partition, start)
             if lane in self.paused:
@@ -484,6 +484,7 @@ class OrderedEngine:
             where = f"stored {position}, committed {kafka[tp]}, acknowledged {done}"
             logger.info("%s[%d]: resuming at %d (%s)", *lane, start, where)
         self._generation += 1  # what a step took out of the lanes before they opened is void
+        await self._flights.commit(consumer, ahead_of_group(starts, kafka))
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

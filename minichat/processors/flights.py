@@ -95,20 +95,22 @@ class Flights:
             return  # a rebalance landed it meanwhile
         self._flights.popleft()
         self._acknowledge(flight)
-        offsets = {
-            TopicPartition(*lane): OffsetAndMetadata(offset, "")
-            for lane, offset in flight.offsets.items()
-            if lane in owned
-        }
-        if offsets:
-            try:
-                await consumer.commit(offsets)
-            except KafkaError as exc:  # the stored positions are the truth: nothing is lost
-                self._commit_failed(exc)
-            else:
-                if self._commits_failing:
-                    logger.info("Kafka offset commits succeed again")
-                self._commits_failing = False
+        await self.commit(
+            consumer, {TopicPartition(*lane): n for lane, n in flight.offsets.items() if lane in owned}
+        )
+
+    async def commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        """Commit the next offsets `offsets` to the group; a failure is counted, never fatal."""
+        if not offsets:
+            return
+        try:
+            await consumer.commit({tp: OffsetAndMetadata(n, "") for tp, n in offsets.items()})
+        except KafkaError as exc:  # the stored positions are the truth: nothing is lost
+            self._commit_failed(exc)
+        else:
+            if self._commits_failing:
+                logger.info("Kafka offset commits succeed again")
+            self._commits_failing = False
 
     def _commit_failed(self, exc: KafkaError) -> None:
         """Counted every time, said once per streak: commits that keep failing let the group's

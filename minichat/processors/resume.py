@@ -12,12 +12,15 @@ acknowledged) the log's beginning.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Mapping
+from typing import TypeVar
 
 import asyncpg
 
 from minichat.processors.merge import LaneKey
 from minichat.processors.records import Output, SourceRecord
+
+K = TypeVar("K", bound=Hashable)
 
 
 def acknowledged(committed: int | None, kept: int | None) -> int | None:
@@ -33,6 +36,19 @@ def resume_offset(stored: int, acknowledged: int | None, beginning: int) -> int:
     if acknowledged is None:
         return beginning
     return min(stored, max(acknowledged, beginning))
+
+
+def resume_at(stored: int, committed: int | None, kept: int | None, beginning: int) -> tuple[int, int | None]:
+    """The offset to seek to, and the acknowledged offset it was chosen from (for the log)."""
+    done = acknowledged(committed, kept)
+    return resume_offset(stored, done, beginning), done
+
+
+def ahead_of_group(starts: Mapping[K, int], committed: Mapping[K, int | None]) -> dict[K, int]:
+    """The resume offsets past the group's committed offset, to be committed: acknowledged offsets
+    kept only in PostgreSQL (a rebalance lands outputs without committing) would otherwise leave
+    a partition that gets no new record showing lag for ever."""
+    return {k: start for k, start in starts.items() if start > (committed.get(k) or 0)}
 
 
 def next_offsets(records: Iterable[SourceRecord]) -> dict[LaneKey, int]:

@@ -16,9 +16,9 @@ from tests.integration.test_crash import (
     check_decisions,
     compare,
     db_digest,
-    end_offsets,
     lost_and_duplicated,
 )
+from tests.support import end_offsets
 
 
 @dataclasses.dataclass

@@ -85,7 +85,7 @@ from minichat.tools.simulator import DEMO_POLICY, SimulateOptions, SimulationRes
 from minichat.tools.summary import Summary, render, summarize, wait_quiescent
 from tests.conftest import Deployment, deployment_settings
 from tests.gateway import policy_file
-from tests.support import Endpoints, WorkerProcess, run_worker, scratch_database, wait_until
+from tests.support import Endpoints, WorkerProcess, end_offsets, run_worker, scratch_database, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -628,16 +628,6 @@ def log_excerpt(paths: list[Path], around_ms: list[int], window_s: float = 8.0) 
     return f"worker log lines from {lo * 1000:.0f} to {hi * 1000:.0f} ms:\n" + "\n".join(
         text for _, text in sorted(lines)
     )
-
-
-async def end_offsets(settings: Settings, topics: list[str]) -> dict[TopicPartition, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(t, p) for t in topics for p in range(settings.partitions)]
-        return dict(await consumer.end_offsets(partitions))
-    finally:
-        await consumer.stop()
 
 
 async def table_counts(url: str) -> dict[str, int]:

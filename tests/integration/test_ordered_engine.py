@@ -5,6 +5,7 @@
   refused `generation_in_progress`, and a rebuild into an empty database has the live digest;
 * the same traffic live, with no pause before a chat's next request;
 * a group offset moved on the broker past records never applied skips nothing;
+* offsets acknowledged only in PostgreSQL (a rebalance landed the outputs) are committed on resume;
 * a crash between a batch's commit and its produce re-sends its decisions (`replay: true`) and
   applies nothing twice;
 * three workers joining and leaving: every partition number's three topics stay with one member.
@@ -16,7 +17,7 @@ import asyncio
 import json
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,19 @@ from minichat.processors.engine import FAULT_EXIT
 from minichat.processors.topics import create_topics
 from minichat.settings import Settings
 from minichat.storage.digest import digest
+from minichat.tools.kafka import InputLag
 from minichat.tools.rebuild import run_rebuild
 from tests.conftest import Deployment, deployment_settings
 from tests.gateway import Gateway, policy_file
-from tests.support import Endpoints, TopicReader, run_worker, scrape_metrics, scratch_database, wait_until
+from tests.support import (
+    Endpoints,
+    TopicReader,
+    end_offsets,
+    run_worker,
+    scrape_metrics,
+    scratch_database,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -226,7 +236,8 @@ async def test_live_traffic_sending_the_next_request_at_the_terminal_ack_is_refu
         await assert_refused_nothing_and_rebuilds(settings, endpoints, template_database)
 
 
-async def commit_group_offsets_to_end(settings: Settings) -> dict[TopicPartition, int]:
+async def commit_group_offsets_to_end(settings: Settings, *, less: int = 0) -> dict[TopicPartition, int]:
+    """Commit every input partition's end offset (less `less`, not below 0) for the workers' group."""
     names = TopicNames(settings.topic_prefix)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
@@ -242,7 +253,7 @@ async def commit_group_offsets_to_end(settings: Settings) -> dict[TopicPartition
         ]
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
-        await consumer.commit({tp: OffsetAndMetadata(end, "") for tp, end in ends.items()})
+        await consumer.commit({tp: OffsetAndMetadata(max(end - less, 0), "") for tp, end in ends.items()})
         return ends
     finally:
         await consumer.stop()
@@ -271,6 +282,49 @@ async def test_a_group_offset_moved_past_unapplied_records_skips_none_of_them(
             )
             == traffic.commands
         )
+
+
+@pytest.mark.timeout(240)
+async def test_offsets_acknowledged_only_in_postgresql_are_committed_when_a_worker_resumes(
+    endpoints: Endpoints, template_database: str, tmp_path: Path
+) -> None:
+    """A rebalance lands a batch's outputs without committing its offsets (the coordinator is
+    moving); the acknowledged offsets are kept in PostgreSQL and the next owner resumes past them.
+    With no new record on such a partition nothing would ever commit it: the group's lag, what
+    monitoring and `wait_quiescent` read, stayed at 1 for ever (a CI run's `lag 1`)."""
+    async with fresh(endpoints, template_database, tmp_path) as settings:
+        traffic = Traffic(settings, tenants=2, users=4, chats=16, turns=1, seed=13)
+        await traffic.play()
+        env = Deployment(settings).env()
+        with run_worker(env, tmp_path / "first.log"):
+            await quiet(settings, traffic.commands)
+            async with InputLag(settings) as lag:
+                await wait_until(lambda: returns(lag.measure(), 0), timeout=60, what="the group's lag 0")
+        await wait_until(lambda: group_empty(settings), timeout=60, what="the worker out of the group")
+        ends = await commit_group_offsets_to_end(settings, less=1)  # as if the last commits were lost
+        moved_back = sum(1 for end in ends.values() if end > 0)
+        assert moved_back > 1
+        async with InputLag(settings) as lag:
+            assert await lag.measure() == moved_back
+            decisions = [TopicNames(settings.topic_prefix).turn_decisions]
+            decided = await end_offsets(settings, decisions)
+            with run_worker(env, tmp_path / "second.log"):
+                await wait_until(lambda: returns(lag.measure(), 0), timeout=60, what="the group's lag 0")
+            assert await end_offsets(settings, decisions) == decided  # resumed where stored: nothing re-sent
+
+
+async def returns(measured: Awaitable[int], wanted: int) -> bool:
+    return await measured == wanted
+
+
+async def group_empty(settings: Settings) -> bool:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        described = await admin.describe_consumer_groups([settings.group_id])
+    finally:
+        await admin.close()
+    return bool(described[0].groups[0][2] == "Empty")
 
 
 @pytest.mark.timeout(240)

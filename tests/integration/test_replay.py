@@ -23,15 +23,13 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from minichat.models.topics import TopicNames
-from minichat.settings import Settings
 from minichat.storage.digest import Digest, digest
 from minichat.tools.rebuild import RebuildSummary, parse_time, run_rebuild
 from tests.conftest import Deployment, Live, live_deployment
 from tests.gateway import Event, policy_file
-from tests.support import ROOT, Endpoints, produce, scratch_database, wait_until, worker_env
+from tests.support import ROOT, Endpoints, end_offsets, produce, scratch_database, wait_until, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -81,16 +79,6 @@ async def counts(db: asyncpg.Pool) -> dict[str, int]:
         table: await db.fetchval(f"SELECT count(*) FROM {table}")
         for table in ("outbox", "turn_decisions", "chat_turns", "parked_events")
     }
-
-
-async def end_offsets(settings: Settings, topics: list[str]) -> dict[TopicPartition, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(t, p) for t in topics for p in range(settings.partitions)]
-        return dict(await consumer.end_offsets(partitions))
-    finally:
-        await consumer.stop()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ may not have been acknowledged."""
 
 from __future__ import annotations
 
-from minichat.processors.resume import acknowledged, resume_offset
+from minichat.processors.resume import acknowledged, ahead_of_group, resume_at, resume_offset
 
 
 def test_without_kafka_offsets_the_acknowledged_offset_kept_in_postgresql_counts() -> None:
@@ -26,3 +26,17 @@ def test_a_lower_acknowledged_offset_re_sends_what_may_not_have_gone_out() -> No
 
 def test_a_higher_committed_offset_never_skips_records_not_applied() -> None:
     assert resume_offset(40, 90, 0) == 40
+
+
+def test_an_offset_acknowledged_only_in_postgresql_is_committed_to_the_group() -> None:
+    # a rebalance landed the last batch's outputs without a commit; the next owner resumes past
+    # it and gets no new record: without this commit the group's lag stays 1 for ever
+    start, done = resume_at(41, 40, 41, 0)
+    assert (start, done) == (41, 41)
+    assert ahead_of_group({"a": start, "b": 7, "c": 3}, {"a": 40, "b": 7, "c": None}) == {"a": 41, "c": 3}
+
+
+def test_nothing_is_committed_that_the_group_already_has_or_passed() -> None:
+    start, _ = resume_at(40, 90, None, 0)  # a higher committed offset: resume at the stored one
+    assert ahead_of_group({"a": start}, {"a": 90}) == {}
+    assert ahead_of_group({"a": 0}, {"a": None}) == {}
