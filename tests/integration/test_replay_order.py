@@ -74,3 +74,27 @@ async def test_commands_decided_between_the_two_reads_keep_their_recorded_decisi
         assert again.decided_afresh == 0
         assert again.read == len(first) + len(late)
         assert await db_digest(url) == await db_digest(live.settings.database_url)
+
+
+async def test_deletes_are_applied_not_decided_afresh(
+    live: Live, endpoints: Endpoints, template_database: str, blank_database_url: str
+) -> None:
+    """A delete's decision is not one a rebuild follows (no policy decides it): counting it as
+    "decided afresh" made the rebuild warn about hundreds of commands after a soak."""
+    g = live.gateway
+    tenant, user = uuid.uuid4(), uuid.uuid4()
+    chats = [uuid.uuid4() for _ in range(3)]
+    turns = [g.requested(tenant, user, chat) for chat in chats]
+    assert [a["decision"] for a in await g.decide(*turns)] == ["allow"] * len(turns)
+    await g.send_provider(*(g.provider("turn.completed", t, content="done") for t in turns))
+    await g.send_usage(*(g.usage(t, 10, 20) for t in turns))
+    deletes = [
+        g.delete_turn(tenant, user, chats[0], turns[0]["request_id"]),
+        g.delete_chat(tenant, user, chats[1]),
+        g.delete_turn(tenant, user, chats[2], turns[2]["request_id"]),
+    ]  # one per chat: each decided after its chat's completion and usage were applied
+    assert len(await g.decide(*deletes)) == len(deletes)
+    settings = live.settings.model_copy(update={"database_url": blank_database_url})
+    summary = await run_rebuild(settings, show_progress=False)
+    assert summary.decided_afresh == 0, summary.as_dict()
+    assert await db_digest(blank_database_url) == await db_digest(live.settings.database_url)

@@ -14,7 +14,7 @@ import asyncpg
 
 from minichat.domain.commands import command_id_of
 from minichat.domain.turns import TurnEvent
-from minichat.models.events import TurnRequestEvent
+from minichat.models.events import TurnEdit, TurnRequested, TurnRequestEvent, TurnRetry
 from minichat.processors.pipeline import Decoded, Handler
 from minichat.processors.records import Output, SourceRecord
 from minichat.storage.rebuild import decisions_present, parked_of_batch, turn_fingerprints
@@ -96,7 +96,7 @@ def record_id(record: SourceRecord) -> RecordId:
 @dataclass
 class CommandOutcomes:
     """Wraps the turn-requests handler: a command is applied when its decision row is new, and
-    decided afresh when `turn-decisions` had no decision of it."""
+    decided afresh when it creates a turn and `turn-decisions` had no decision of it."""
 
     inner: Handler[TurnRequestEvent]
     outcomes: dict[RecordId, str] = field(default_factory=dict)
@@ -117,7 +117,10 @@ class CommandOutcomes:
             key = (chat_id, command_id)
             new = key in after and key not in before and key not in counted
             counted.add(key)
-            applied = APPLIED if key in recorded else DECIDED_AFRESH
+            # Only a turn-creating command follows a recorded decision; a delete's is not
+            # recorded for a rebuild (no policy decides it), so it is never "decided afresh".
+            creates = isinstance(item.event, TurnRequested | TurnRetry | TurnEdit)
+            applied = DECIDED_AFRESH if creates and key not in recorded else APPLIED
             outcomes[record_id(item.record)] = applied if new else UNCHANGED
         self.outcomes.update(outcomes)  # reset per batch attempt by the caller
         return outputs
