@@ -166,7 +166,9 @@ class MergedBatches:
 
         return split_disjoint(good, keys, parts)
 
-    def count_applied(self, good: Sequence[Decoded[Any]], dead: int, *, statements: int | None = None) -> None:
+    def count_applied(
+        self, good: Sequence[Decoded[Any]], dead: int, *, statements: int | None = None
+    ) -> None:
         """Count an applied batch; `statements`: what its transaction(s) sent (when counted)."""
         by_topic: dict[str, int] = {}
         for d in good:
