@@ -16,6 +16,10 @@ def _phases(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
+def _dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
 def _share(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
@@ -49,8 +53,8 @@ def _cpu_rows(phases: list[tuple[str, dict[str, Any]]]) -> list[list[object]]:
                 written,
                 _rows(c),
                 _share(c["chat_turns_hot_share"]),
-                f"{stmts['mean']} ({stmts['batches']})",
-                f"{stmts['mean_le_50']} ({stmts['batches_le_50']})",
+                f"{_dash(stmts['mean'])} ({stmts['batches']})",
+                f"{_dash(stmts['mean_le_50'])} ({stmts['batches_le_50']})",
                 " / ".join(_share(share[k]) for k in ("worker", "postgres", "broker", "generator")),
             ]
         )

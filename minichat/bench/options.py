@@ -131,6 +131,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.client_requests,
         help=f"requests per gateway instance of the client-overhead phase (default: {d.client_requests})",
     )
+    _add_phase_arguments(add, d)
+
+
+def _add_phase_arguments(add: Callable[..., object], d: BenchOptions) -> None:
     add(
         "--idle-seconds",
         type=_arg(_positive_float),
