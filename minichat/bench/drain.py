@@ -19,12 +19,22 @@ from pathlib import Path
 
 import asyncpg
 
+from minichat.bench.cost import (
+    Cost,
+    CpuUsed,
+    Snapshot,
+    StatementStats,
+    cpu_between,
+    snapshot,
+    statement_stats,
+    writes_between,
+)
 from minichat.bench.gateway import Gateway
 from minichat.bench.options import BenchOptions
 from minichat.bench.probe import Backlog, Outcomes, backlog, digest_of, input_records, outcomes
 from minichat.bench.progress import Ticker, say
 from minichat.bench.rebuilds import RebuildRun, rebuild_into_empty, rebuild_over_live
-from minichat.bench.scratch import deployment
+from minichat.bench.scratch import database_name, deployment
 from minichat.bench.traffic import Chat, make_turn, population, sizes, turns_per_chat
 from minichat.bench.workers import (
     Worker,
@@ -37,6 +47,7 @@ from minichat.bench.workers import (
 )
 from minichat.models.policy import CatalogModel
 from minichat.settings import Settings
+from minichat.storage.bench import TableWrites, table_writes, wait_for_no_sessions
 from minichat.tools.kafka import InputLag
 
 PROGRESS_EVENTS = 2
@@ -81,6 +92,12 @@ class Drained:
     """p50/p99 of the relay's lag, outbox commit to acknowledged on billing-usage."""
     machine_busy: float = 0.0
     """Share of all cores busy during the drain (see `busy_share`)."""
+    cpu: CpuUsed | None = None
+    """Everyone's CPU from the first decision to quiescent."""
+    statements: StatementStats | None = None
+    """Statements per batch, all of the workers' batches."""
+    writes: dict[str, TableWrites] | None = None
+    """Rows written, workers' start to their end (None: their sessions outlived the wait)."""
 
 
 @dataclass
@@ -102,6 +119,13 @@ class DrainResult:
     @property
     def turns_per_s(self) -> float:
         return self.produced.turns / self.drained.drain_s if self.drained.drain_s > 0 else 0.0
+
+    @property
+    def cost(self) -> Cost | None:
+        d = self.drained
+        if d.cpu is None or d.statements is None:
+            return None
+        return Cost(self.produced.events, self.produced.turns, d.cpu, d.statements, d.writes)
 
 
 async def _play(
@@ -145,10 +169,10 @@ async def produce_backlog(
 
 async def _wait_quiescent(
     con: asyncpg.Connection, lag: InputLag, workers: list[Worker], commands: int, deadline_s: float
-) -> tuple[float, list[float]]:
-    """Poll (every 0.25 s) until quiescent; returns (time of the first decision, CPU then)."""
+) -> Snapshot:
+    """Poll (every 0.25 s) until quiescent; returns everyone's CPU at the first decision."""
     last: list[Backlog] = []  # the latest look, for the progress line
-    first: tuple[float, list[float]] | None = None
+    first: Snapshot | None = None
     deadline = time.monotonic() + deadline_s
     async with Ticker(
         f"drain[{len(workers)} worker(s)]", lambda: last[-1].describe(commands) if last else "-"
@@ -159,7 +183,7 @@ async def _wait_quiescent(
             look = await backlog(con, lag)
             last[:] = [look]
             if first is None and look.decided:
-                first = (time.monotonic(), [sample(w.pid).cpu_s for w in workers])
+                first = snapshot([w.pid for w in workers])
             if look.done(commands) and first is not None:
                 return first
             if time.monotonic() > deadline:
@@ -169,21 +193,28 @@ async def _wait_quiescent(
 
 async def drain(settings: Settings, count: int, commands: int, deadline_s: float, workdir: Path) -> Drained:
     con = await asyncpg.connect(settings.database_url)
+    admin = await asyncpg.connect(settings.admin_url)  # the statistics, no other session left open
     try:
+        await wait_for_no_sessions(admin)  # the migration's counts are in
+        writes_before = await table_writes(admin)
         async with running_workers(settings, count, workdir) as workers, InputLag(settings) as lag:
             spawned, machine_before = time.monotonic(), cpu_times()
-            first_at, cpu_first = await _wait_quiescent(con, lag, workers, commands, deadline_s)
-            done_at, machine_after = time.monotonic(), cpu_times()
+            first = await _wait_quiescent(con, lag, workers, commands, deadline_s)
+            done, machine_after = snapshot([w.pid for w in workers]), cpu_times()
             samples = [sample(w.pid) for w in workers]
             scrapes = [await w.metrics() for w in workers]
             codes = [await w.stop() for w in workers]
+        await con.close()
+        counted = await wait_for_no_sessions(admin)
+        writes = writes_between(writes_before, await table_writes(admin)) if counted else None
     finally:
         await con.close()
+        await admin.close()
     return Drained(
-        startup_s=first_at - spawned,
-        drain_s=done_at - first_at,
+        startup_s=first.at - spawned,
+        drain_s=done.at - first.at,
         peak_rss_kib=[s.peak_rss_kib for s in samples],
-        cpu_s=[s.cpu_s - c for s, c in zip(samples, cpu_first, strict=True)],
+        cpu_s=[s.cpu_s - c for s, c in zip(samples, first.workers_s, strict=True)],
         cpu_total_s=[s.cpu_s for s in samples],
         exit_codes=codes,
         dropped=metric_total(scrapes, "minichat_turn_events_dropped_total"),
@@ -191,6 +222,9 @@ async def drain(settings: Settings, count: int, commands: int, deadline_s: float
         billing_published=sum(metric_total(scrapes, "minichat_billing_published_total").values()),
         billing_lag_ms=histogram_quantiles(scrapes, "minichat_billing_lag_seconds"),
         machine_busy=busy_share(machine_before, machine_after),
+        cpu=cpu_between(first, done, database_name(settings.database_url)),
+        statements=statement_stats([], scrapes),
+        writes=writes,
     )
 
 

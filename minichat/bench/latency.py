@@ -21,12 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+import asyncpg
 from aiokafka import AIOKafkaConsumer
 
+from minichat.bench.cost import Cost, CpuUsed, cpu_between, snapshot, statement_stats, writes_between
 from minichat.bench.gateway import Gateway
 from minichat.bench.options import BenchOptions
+from minichat.bench.procstat import stack_readings, stack_used
 from minichat.bench.progress import Ticker, say
-from minichat.bench.scratch import deployment
+from minichat.bench.scratch import database_name, deployment
 from minichat.bench.traffic import Chat, Turn, make_turn, population
 from minichat.bench.workers import (
     Worker,
@@ -34,19 +37,19 @@ from minichat.bench.workers import (
     cpu_times,
     running_workers,
     sample,
-    stack_cpu,
-    stack_cpu_used,
     stage_quantiles,
 )
 from minichat.kafka_security import kafka_client_options
 from minichat.models.policy import CatalogModel
 from minichat.settings import Settings
+from minichat.storage.bench import TableWrites, table_writes, wait_for_no_sessions
 from minichat.tasks import cancel_and_wait
 from minichat.tools.kafka import InputLag, topic_partitions
 
 EVENTS_PER_REQUEST = 3
 """turn.requested, turn.completed, usage.reported."""
 WARM_UP_REQUESTS = 20
+STATS_SETTLE_S = 11.0
 KEPT_UP_S = 2.0
 
 
@@ -196,6 +199,8 @@ class RateResult:
     """CPU seconds of the broker and of PostgreSQL while the rate ran (None: not on this machine)."""
     worker_stages: dict[str, dict[str, float]] = field(default_factory=dict)
     """The worker's own p50/p99 per stage (ms, histogram bucket bounds), see `WORKER_STAGES`."""
+    cost: Cost | None = None
+    """From the rate's start to the end of its catch-up; rows written up to the next rate's start."""
 
     @property
     def sent_per_s(self) -> float:
@@ -225,6 +230,8 @@ class LatencyResult:
     rates: list[RateResult] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     """Rates not run because the worker never caught up with an earlier one."""
+    idle: CpuUsed | None = None
+    """The caught-up worker with no traffic, before the first rate."""
 
 
 def percentiles(values: list[int]) -> dict[str, int]:
@@ -276,11 +283,17 @@ async def _catch_up(
 
 
 async def _one_rate(
-    pacer: Pacer, clock: DecisionClock, lag: InputLag, worker: Worker, rate: int, options: BenchOptions
+    pacer: Pacer,
+    clock: DecisionClock,
+    lag: InputLag,
+    worker: Worker,
+    rate: int,
+    options: BenchOptions,
+    database: str,
 ) -> RateResult:
     planned = pacer.plan(max(1, round(rate * options.rate_seconds)))
     cpu_worker, cpu_bench, machine = sample(worker.pid).cpu_s, time.process_time(), cpu_times()
-    cpu_stack = stack_cpu()
+    cpu_stack, began = stack_readings(), snapshot([worker.pid])
     scrape = await worker.metrics()
 
     def describe() -> str:
@@ -293,12 +306,19 @@ async def _one_rate(
             time.process_time() - cpu_bench,
             busy_share(machine, cpu_times()),
         )
-        stack_used = stack_cpu_used(cpu_stack, stack_cpu())
+        stack_cpu_s = stack_used(cpu_stack, stack_readings())
         lag_at_end = await lag.measure()
         caught = await _catch_up(window, clock, lag, worker, options.catch_up_timeout_s)
-    stages = stage_quantiles(scrape, await worker.metrics())
+    ended, scraped = snapshot([worker.pid]), await worker.metrics()
+    summary = summarize(window, clock, lag_at_end, caught, cpu)
+    cost = Cost(
+        summary.sent * EVENTS_PER_REQUEST,
+        summary.answered,
+        cpu_between(began, ended, database),
+        statement_stats([scrape], [scraped]),
+    )
     result = dataclasses.replace(
-        summarize(window, clock, lag_at_end, caught, cpu), worker_stages=stages, stack_cpu_s=stack_used
+        summary, worker_stages=stage_quantiles(scrape, scraped), stack_cpu_s=stack_cpu_s, cost=cost
     )
     p99 = result.latency_ms.get("p99")
     say(
@@ -328,11 +348,47 @@ async def run_latency(
             if await _catch_up(warm, clock, lag, workers[0], options.catch_up_timeout_s) is None:
                 raise TimeoutError("the worker did not answer the warm-up requests")
             result.start_s = time.monotonic() - started
-            for i, rate in enumerate(options.rates):
-                rate_result = await _one_rate(pacer, clock, lag, workers[0], rate, options)
-                result.rates.append(rate_result)
-                if rate_result.catch_up_s is None:
-                    result.skipped = list(options.rates[i + 1 :])
-                    break
-            await workers[0].stop()
+            database = database_name(settings.database_url)
+            result.idle = await _idle(workers[0], options.idle_seconds, database)
+            admin = await asyncpg.connect(settings.admin_url)
+            try:
+                readings: list[dict[str, TableWrites]] = []
+                for i, rate in enumerate(options.rates):
+                    readings.append(await table_writes(admin))
+                    rate_result = await _one_rate(pacer, clock, lag, workers[0], rate, options, database)
+                    result.rates.append(rate_result)
+                    if rate_result.catch_up_s is None:
+                        result.skipped = list(options.rates[i + 1 :])
+                        break
+                await workers[0].stop()
+                readings.append(await table_writes(admin) if await wait_for_no_sessions(admin) else {})
+            finally:
+                await admin.close()
+    result.rates = _with_writes(result.rates, readings)
     return result
+
+
+async def _idle(worker: Worker, seconds: float, database: str) -> CpuUsed:
+    """The worker, caught up, with no traffic for `seconds`: what it (and the stack) use idle.
+    Then, up to `STATS_SETTLE_S` after the warm-up, nothing: an idle session reports its row
+    counts to PostgreSQL's statistics within 10 s, and the first rate's rows must not include the
+    warm-up's."""
+    say(f"latency: the worker idle for {seconds:g} s")
+    before = snapshot([worker.pid])
+    await asyncio.sleep(seconds)
+    idle = cpu_between(before, snapshot([worker.pid]), database)
+    await asyncio.sleep(max(0.0, STATS_SETTLE_S - seconds))
+    return idle
+
+
+def _with_writes(rates: list[RateResult], readings: list[dict[str, TableWrites]]) -> list[RateResult]:
+    """Each rate's rows: from its start to the next rate's start (the last: to the worker's end).
+    A running worker's sessions report their counts about once a second, so up to a second of
+    a rate's rows can be counted in the next one's."""
+    out = []
+    for i, rate in enumerate(rates):
+        after = readings[i + 1] if i + 1 < len(readings) else {}
+        writes = writes_between(readings[i], after) if after and rate.cost is not None else None
+        cost = None if rate.cost is None else dataclasses.replace(rate.cost, writes=writes)
+        out.append(dataclasses.replace(rate, cost=cost))
+    return out

@@ -46,6 +46,8 @@ class BenchOptions:
     """Requests per gateway instance of the client-overhead phase."""
     catch_up_timeout_s: float = 300.0
     """How long the latency phase waits, after a rate, for the worker to answer everything."""
+    idle_seconds: float = 10.0
+    """How long the latency phase watches its caught-up worker with no traffic (its idle CPU)."""
 
     def wants(self, phase: str) -> bool:
         return phase in self.phases
@@ -129,6 +131,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.client_requests,
         help=f"requests per gateway instance of the client-overhead phase (default: {d.client_requests})",
     )
+    _add_phase_arguments(add, d)
+
+
+def _add_phase_arguments(add: Callable[..., object], d: BenchOptions) -> None:
+    add(
+        "--idle-seconds",
+        type=_arg(_positive_float),
+        default=d.idle_seconds,
+        help=f"seconds the latency phase's worker is watched idle, before the first rate "
+        f"(default: {d.idle_seconds:g})",
+    )
     add(
         "--ceiling-rounds",
         type=_arg(_positive_int),
@@ -163,4 +176,5 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         in_flight=args.in_flight,
         ceiling_rounds=args.ceiling_rounds,
         client_requests=args.client_requests,
+        idle_seconds=args.idle_seconds,
     )

@@ -7,6 +7,7 @@ from typing import Any
 
 from minichat.bench.ceiling import CeilingResult
 from minichat.bench.client_overhead import OverheadResult
+from minichat.bench.cost import Cost, cost_json, idle_json
 from minichat.bench.drain import DrainResult
 from minichat.bench.latency import EVENTS_PER_REQUEST, LatencyResult, RateResult
 from minichat.bench.options import TENANTS
@@ -104,6 +105,7 @@ def _drain_json(d: DrainResult, result: BenchResult) -> dict[str, Any]:
         "digest_rebuild": d.rebuild.digest,
         "digest_equal": d.rebuild.digest_equal,
         "rebuild": _rebuild_json(d.rebuild, result),
+        "cost": _cost_json(d.cost, result),
     }
 
 
@@ -132,7 +134,22 @@ def _rate_json(r: RateResult, result: BenchResult) -> dict[str, Any]:
         "machine_busy": r.machine_busy,
         "requests_behind_their_chat": r.behind,
         "worker_stages_ms": r.worker_stages,
+        "cost": _cost_json(r.cost, result),
     }
+
+
+def _cost_json(cost: Cost | None, result: BenchResult) -> dict[str, Any] | None:
+    """`cost.cost_json`, with the worker's µs per event also per ms of the calibration's Python loop
+    (a figure that travels between machines better)."""
+    if cost is None:
+        return None
+    doc = cost_json(cost)
+    loop_ms = (result.machine.get("calibration") or {}).get("python_sum_range_1e7_ms")
+    per_event = doc["worker_cpu_us_per_event"]
+    doc["worker_cpu_us_per_event_per_calibration_ms"] = (
+        round(per_event / loop_ms, 4) if per_event is not None and loop_ms else None
+    )
+    return doc
 
 
 def to_json(result: BenchResult) -> dict[str, Any]:
@@ -157,6 +174,7 @@ def to_json(result: BenchResult) -> dict[str, Any]:
             "users": lat.users,
             "start_s": _r(lat.start_s, 2),
             "rates": [_rate_json(r, result) for r in lat.rates],
+            "idle": idle_json(lat.idle) if lat.idle is not None else None,
             "skipped_rates": lat.skipped,
         }
     if result.client is not None:

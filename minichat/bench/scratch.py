@@ -40,6 +40,10 @@ def database_url_for(base_url: str, dbname: str) -> str:
     return urlunsplit(urlsplit(base_url)._replace(path=f"/{dbname}"))
 
 
+def database_name(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
 def runtime_url_for(base: Settings, scratch_url: str) -> str:
     """The scratch database `scratch_url` (made with the admin login) as `base`'s own login: the
     bench's workers run with the privileges the worker has in production."""

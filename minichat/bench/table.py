@@ -190,6 +190,8 @@ def _replay(rep: dict[str, Any]) -> list[str]:
 
 
 def render(doc: dict[str, Any]) -> str:
+    from minichat.bench.cost_table import render_cost  # it uses `grid` of this module
+
     parts = ["\n".join(_header(doc))]
     if doc["ceiling"]:
         parts.append("\n".join(_ceiling(doc["ceiling"])))
@@ -201,6 +203,9 @@ def render(doc: dict[str, Any]) -> str:
         parts.append("\n".join(_replay(doc["replay"])))
     if doc.get("client"):
         parts.append("\n".join(_client(doc["client"])))
+    cost = render_cost(doc)
+    if cost:
+        parts.append("\n".join(cost))
     gen = [f"bench process (the generator and the probes): {doc['generator']['bench_process_cpu_s']} CPU s"]
     for d in doc["drain"]:
         b = d["backlog"]

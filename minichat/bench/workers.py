@@ -15,9 +15,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from minichat.bench.procstat import read_stat
 from minichat.settings import Settings
 
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
@@ -32,9 +32,7 @@ class ProcSample:
 
 def sample(pid: int) -> ProcSample:
     """CPU and peak memory of a running process, from /proc (Linux)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    cpu = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # fields 14 and 15 of stat(5)
+    cpu = read_stat(pid).own_s
     peak = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -47,50 +45,6 @@ def cpu_times() -> tuple[int, int]:
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     return sum(fields) - idle, sum(fields)
-
-
-STACK_PROCESSES = {"broker": "kafka.Kafka", "postgres": "postgres"}
-"""Where the rest of the machine's CPU goes: the broker (the JVM whose main class is `kafka.Kafka`)
-and PostgreSQL (every process named `postgres`), when they run on this machine."""
-
-
-def stack_cpu() -> dict[str, dict[int, float]]:
-    """CPU seconds so far of the broker's and PostgreSQL's processes on this machine, by pid
-    (empty when the services run elsewhere)."""
-    found: dict[str, dict[int, float]] = {name: {} for name in STACK_PROCESSES}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            comm = (entry / "comm").read_text().strip()
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            name = next(
-                (
-                    n
-                    for n, marker in STACK_PROCESSES.items()
-                    if comm == marker or f" {marker} " in f" {command} "
-                ),
-                None,
-            )
-            if name is not None:
-                found[name][int(entry.name)] = sample(int(entry.name)).cpu_s
-        except OSError:  # ended meanwhile
-            continue
-    return found
-
-
-def stack_cpu_used(
-    before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]
-) -> dict[str, float | None]:
-    """CPU seconds each service used between two `stack_cpu()` readings (None: not on this
-    machine). A process that ended in between is not counted: PostgreSQL's are the pool's
-    connections, which live as long as the worker."""
-    return {
-        name: round(sum(cpu - before[name].get(pid, 0.0) for pid, cpu in after[name].items()), 2)
-        if after[name]
-        else None
-        for name in STACK_PROCESSES
-    }
 
 
 def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:

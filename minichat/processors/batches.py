@@ -26,7 +26,7 @@ from minichat.models import events
 from minichat.models.events import DecodeError, TurnDelete, TurnEdit, TurnRequestEvent, TurnRetry
 from minichat.models.topics import TopicNames
 from minichat.processors.levels import plan_steps, split_disjoint
-from minichat.processors.metrics import Metrics
+from minichat.processors.metrics import Metrics, records_label
 from minichat.processors.pipeline import Decoded, Handler, dead_letter_for, refused_detail
 from minichat.processors.records import LOG_APPEND_TIME, Output, SourceRecord
 from minichat.storage.locks import lock_batch
@@ -166,7 +166,10 @@ class MergedBatches:
 
         return split_disjoint(good, keys, parts)
 
-    def count_applied(self, good: Sequence[Decoded[Any]], dead: int) -> None:
+    def count_applied(
+        self, good: Sequence[Decoded[Any]], dead: int, *, statements: int | None = None
+    ) -> None:
+        """Count an applied batch; `statements`: what its transaction(s) sent (when counted)."""
         by_topic: dict[str, int] = {}
         for d in good:
             by_topic[d.record.topic] = by_topic.get(d.record.topic, 0) + 1
@@ -177,6 +180,9 @@ class MergedBatches:
         self.metrics.inc("minichat_batches_total", agent="engine")
         self.metrics.inc("minichat_batch_records_total", len(good) + dead)
         self.metrics.observe("minichat_batch_size_records", (len(good) + dead,))
+        if statements is not None:
+            records = records_label(len(good) + dead)
+            self.metrics.observe("minichat_batch_statements", (statements,), records=records)
 
     def label(self, topic: str) -> str:
         """A metric label: the topic without the deployment's prefix (`turn_requests`)."""

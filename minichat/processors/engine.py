@@ -51,7 +51,7 @@ from minichat.processors.progress import ProgressReport
 from minichat.processors.records import Output, SourceRecord, source_record
 from minichat.processors.resume import ahead_of_group, apply_nothing, next_offsets, resume_at
 from minichat.settings import Settings
-from minichat.storage import coordination
+from minichat.storage import coordination, statements
 from minichat.storage.coordination import PositionConflict
 from minichat.tasks import cancel_and_wait
 
@@ -297,7 +297,7 @@ class OrderedEngine:
         good = [d for i in run if isinstance(d := decoded[i], Decoded)]
         dead = [d for i in run if isinstance(d := decoded[i], Output)]
         offsets = next_offsets(records[i] for i in run)
-        began = time.monotonic()
+        began, sent = time.monotonic(), statements.count_statements()
         groups, owners = await self._split(good)
         if len(groups) > 1:
             outputs = await self._apply_groups(offsets, groups, owners)
@@ -318,7 +318,7 @@ class OrderedEngine:
         self.batches.metrics.observe(
             "minichat_batch_seconds", (time.monotonic() - began,), stage="transaction"
         )
-        self.batches.count_applied(good, len(dead))
+        self.batches.count_applied(good, len(dead), statements=sent.sent)
         commands = [records[i].timestamp_ms for i in run if records[i].topic == self.names.turn_requests]
         self._flights.send(dead + outputs, offsets, commands)
 

@@ -67,6 +67,10 @@ _HELP = {
     ),
     "minichat_batch_stage_seconds": "Time of a batch step's stages in the transaction: load, decide, write.",
     "minichat_batch_size_records": "Records per merged batch.",
+    "minichat_batch_statements": (
+        "Statements a merged batch sent to PostgreSQL inside its transaction(s) (BEGIN and COMMIT not "
+        "counted), by the batch-size bucket its records fall in (records: the bucket's upper bound)."
+    ),
     "minichat_billing_published_total": "Billing events this worker relayed to billing-usage (acknowledged).",
     "minichat_billing_lag_seconds": (
         "From a billing event's commit to the outbox until billing-usage acknowledged it (the relay's lag)."
@@ -82,11 +86,26 @@ _HELP = {
     ),
 }
 
-BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-"""Upper bounds (seconds) of the histograms of durations."""
+BUCKETS_S = (
+    *(0.0005, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.009, 0.01),
+    *(0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0),
+    *(10.0, 30.0),
+)
+"""Upper bounds (seconds) of the histograms of durations: a millisecond apart from 1 to 10 ms, where
+a decision at low load should be."""
 BUCKETS_RECORDS = (1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0)
 """Upper bounds of the batch-size histogram."""
-_BOUNDS = {"minichat_batch_size_records": BUCKETS_RECORDS}
+BUCKETS_STATEMENTS = (1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0, 24.0, 32.0, 48.0, 64.0, 128.0, 256.0)
+"""Upper bounds of the statements-per-batch histogram."""
+_BOUNDS = {"minichat_batch_size_records": BUCKETS_RECORDS, "minichat_batch_statements": BUCKETS_STATEMENTS}
+
+
+def records_label(records: int) -> str:
+    """The `records` label of `minichat_batch_statements`: the upper bound of the batch-size bucket
+    a batch of `records` falls in (`"50"`: 11 to 50 records), so a scrape gives the mean number of
+    statements of small batches exactly (its `_sum` / `_count`)."""
+    bound = next((b for b in BUCKETS_RECORDS if records <= b), None)
+    return "+Inf" if bound is None else str(int(bound))
 
 
 @dataclass(slots=True)

@@ -1,6 +1,6 @@
 """SQL of `minichat bench`: its scratch databases (created and dropped), the drain's progress and
-correctness counts, and the ceiling's admission-shaped writes (`bench/ceiling.py` says why they
-are written that way).
+correctness counts, the rows written (PostgreSQL's statistics), and the ceiling's admission-shaped
+writes (`bench/ceiling.py` says why they are written that way).
 
 The bench owns every row of its scratch databases, so its counts span all tenants on purpose.
 """
@@ -106,6 +106,52 @@ async def _counts(con: asyncpg.Connection, sql: str) -> dict[str, int]:
     row = await con.fetchrow(sql)
     assert row is not None
     return {name: int(value) for name, value in row.items()}
+
+
+# ------------------------------------------------------------------- rows written (statistics)
+
+_TABLE_WRITES: Final = """
+SELECT relname AS name, n_tup_ins AS inserted, n_tup_upd AS updated, n_tup_hot_upd AS hot_updated,
+       n_tup_del AS deleted
+FROM pg_stat_user_tables ORDER BY relname
+"""
+
+_OTHER_SESSIONS: Final = """
+SELECT count(*) FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+"""
+
+
+@dataclass(frozen=True)
+class TableWrites:
+    """Rows a table's statistics counted so far (`pg_stat_user_tables`)."""
+
+    inserted: int
+    updated: int
+    hot_updated: int
+    deleted: int
+
+
+async def table_writes(con: asyncpg.Connection) -> dict[str, TableWrites]:
+    """Per table of the connection's database, the rows inserted, updated (HOT or not) and deleted
+    so far, as far as the sessions have reported them: a busy session reports its counts at most
+    once a second, an idle one within 10 s, an ending one as it ends (`wait_for_no_sessions`)."""
+    rows = await con.fetch(_TABLE_WRITES)
+    return {
+        str(r["name"]): TableWrites(*(int(r[k]) for k in ("inserted", "updated", "hot_updated", "deleted")))
+        for r in rows
+    }
+
+
+async def wait_for_no_sessions(con: asyncpg.Connection, within: float = 15.0) -> bool:
+    """Poll until no other client session is connected to the connection's database (their row
+    counts are then all in the statistics); False when some still are after `within` seconds."""
+    deadline = time.monotonic() + within
+    while await con.fetchval(_OTHER_SESSIONS):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
 
 # ------------------------------------------------------------------- the ceiling's writes

@@ -12,6 +12,7 @@ from typing import Any, Final
 import asyncpg
 
 from minichat.settings import Settings
+from minichat.storage.statements import CountingConnection
 
 SYSTEM_LEVEL: Final = "connection-level statements: a round trip and server settings, no table is read"
 
@@ -35,8 +36,10 @@ async def _keep_session(con: asyncpg.Connection) -> None:
 
 
 async def create_pool(settings: Settings, **overrides: Any) -> asyncpg.Pool:
-    """The worker's pool: small on purpose (a batch is one transaction on one connection)."""
+    """The worker's pool: small on purpose (a batch is one transaction on one connection); its
+    connections count the statements of a batch (`statements.py`)."""
     options: dict[str, Any] = {
+        "connection_class": CountingConnection,
         "min_size": settings.db_pool_min,
         "max_size": max(settings.db_pool_min, settings.db_pool_max),
         "init": _init_connection,

@@ -1,7 +1,8 @@
 """`minichat bench` as CI runs it: a small run of every phase, so the instrument cannot rot.
 
-Checks that every section is there with figures that agree with what was sent, and that the
-bench removed its scratch databases and topics. No speed is asserted anywhere.
+Checks that every section is there with figures that agree with what was sent (the cost figures
+present and above 0 where they must be), and that the bench removed its scratch databases and
+topics. No speed is asserted anywhere.
 """
 
 from __future__ import annotations
@@ -65,6 +66,37 @@ def _check_drain(drain: dict[str, Any]) -> None:
     assert re.fullmatch("[0-9a-f]{64}", drain["digest_rebuild"])
     assert drain["digest_equal"] == (drain["digest_live"] == drain["digest_rebuild"])
     assert drain["rebuild"]["records"] == TURNS * EVENTS_PER_TURN + drain["watchdog_events"]
+    _check_drain_cost(drain)
+
+
+def _check_cpu(cost: dict[str, Any], local: bool) -> None:
+    """CPU per event and per turn of every process, measured where it runs."""
+    assert cost["worker_cpu_us_per_event"] > 0 and cost["worker_cpu_us_per_turn"] > 0
+    assert cost["generator_cpu_us_per_event"] >= 0
+    for name in ("postgres_cpu_us_per_event", "postgres_cpu_us_per_turn", "broker_cpu_us_per_event"):
+        assert cost[name] > 0 if local else cost[name] is None or cost[name] >= 0, name
+    if local:
+        # this database's own backends are part of all of PostgreSQL's processes
+        assert 0 <= cost["postgres_database_cpu_us_per_event"] <= cost["postgres_cpu_us_per_event"]
+        assert cost["worker_and_postgres_cpu_ms_per_turn"] > 0
+
+
+def _check_drain_cost(drain: dict[str, Any]) -> None:
+    cost = drain["cost"]
+    assert (cost["events"], cost["turns"]) == (TURNS * EVENTS_PER_TURN, TURNS)
+    _check_cpu(cost, local=cost["cpu_s"]["postgres"] is not None)
+    assert cost["worker_cpu_us_per_event_per_calibration_ms"] > 0
+    stmts = cost["statements_per_batch"]
+    assert stmts["batches"] >= 1 and stmts["mean"] > 0
+    assert stmts["mean_le_50"] is None or stmts["mean_le_50"] > 0
+    # The rows are the worker's whole life, read once its sessions ended: exact.
+    rows = cost["rows_per_turn"]
+    assert rows["tables"]["chat_turns"]["inserted"] == round(drain["turns_stored"] / TURNS, 2)
+    assert rows["tables"]["turn_decisions"]["inserted"] == 1.0  # one stored decision per command
+    total = rows["total"]
+    assert total["inserted"] > 0 and total["updated"] > 0 and 0 <= total["hot_updated"] <= total["updated"]
+    assert total["written"] == pytest.approx(total["inserted"] + total["updated"], abs=0.011)
+    assert cost["chat_turns_hot_share"] is None or 0 <= cost["chat_turns_hot_share"] <= 1
 
 
 def _check_latency(latency: dict[str, Any], endpoints: Endpoints) -> None:
@@ -80,6 +112,16 @@ def _check_latency(latency: dict[str, Any], endpoints: Endpoints) -> None:
     local = endpoints.kafka.startswith(("127.0.0.1:", "localhost:"))
     for service in ("broker_cpu_s", "postgres_cpu_s"):
         assert rate[service] > 0 if local else rate[service] is None or rate[service] >= 0, service
+    cost = rate["cost"]
+    assert (cost["events"], cost["turns"]) == (rate["sent"] * 3, rate["answered"])
+    _check_cpu(cost, local)
+    # every batch of this rate is small; its statements come from the worker's histogram
+    stmts = cost["statements_per_batch"]
+    assert stmts["batches"] >= 1 and stmts["batches_le_50"] >= 1 and stmts["mean_le_50"] > 0
+    # a rate's rows are counted from its start to the worker's end: about one turn row per turn
+    assert cost["rows_per_turn"]["tables"]["chat_turns"]["inserted"] == pytest.approx(1.0, abs=0.15)
+    idle = latency["idle"]
+    assert idle["seconds"] >= 9.9 and idle["worker_cpu_share_of_a_core"] > 0
 
 
 async def _leftovers(endpoints: Endpoints, stderr: str) -> tuple[set[str], set[str]]:
@@ -130,6 +172,8 @@ async def test_bench_smoke_run_reports_every_section(endpoints: Endpoints, tmp_p
         assert heading in result.stdout
     assert "PostgreSQL CPU" in result.stdout and "broker CPU" in result.stdout
     assert "billing lag" in result.stdout and "the worker's own timings" in result.stdout
+    assert "6. cost, the same run" in result.stdout and "idle worker over" in result.stdout
+    assert "rows per turn by table" in result.stdout and "same-run ceiling" in result.stdout
     assert "5. client overhead" in result.stdout
     rounds = {r["instances"]: r for r in doc["client"]}
     assert set(rounds) == {1, 8} and rounds[8]["requests"] == 8 * 5

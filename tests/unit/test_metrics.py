@@ -6,7 +6,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from minichat.bench.workers import parse_metrics, stage_quantiles
-from minichat.processors.metrics import BUCKETS_S, Metrics
+from minichat.processors.metrics import BUCKETS_S, Metrics, records_label
 from minichat.storage.metrics import StateGauges
 
 
@@ -81,7 +81,7 @@ def test_quantiles_count_only_what_happened_between_two_scrapes() -> None:
     before = parse_metrics(m.render())
     m.observe("minichat_decision_seconds", [0.003] * 98 + [0.2, 0.2])
     stages = stage_quantiles(before, parse_metrics(m.render()))
-    assert stages == {"decision": {"p50": 5.0, "p99": 250.0}}
+    assert stages == {"decision": {"p50": 3.0, "p99": 200.0}}  # bucket bounds
     assert stage_quantiles(before, before) == {}
 
 
@@ -106,3 +106,24 @@ def test_alerts_and_dashboard_name_only_metrics_the_worker_exports() -> None:
         "minichat_decision_seconds",
         "minichat_outbox_oldest_age_seconds",
     } <= used
+
+
+def test_duration_buckets_are_a_millisecond_apart_from_1_to_10_ms() -> None:
+    assert {n / 1000 for n in range(1, 11)} <= set(BUCKETS_S)
+    assert list(BUCKETS_S) == sorted(set(BUCKETS_S))
+    assert {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 30.0} <= set(BUCKETS_S)  # the bounds kept
+
+
+def test_statements_per_batch_by_batch_size_bucket_give_the_mean_of_small_batches() -> None:
+    m = Metrics()
+    for records, statements in ((1, 9), (30, 12), (50, 15), (51, 20), (6000, 40)):
+        m.observe("minichat_batch_statements", [statements], records=records_label(records))
+    found = samples(m.render())
+    by_label = {
+        dict(labels)["records"]: value
+        for (name, labels), value in found.items()
+        if name == "minichat_batch_statements_sum"
+    }
+    assert by_label == {"1": 9, "50": 27, "100": 20, "+Inf": 40}
+    assert found[("minichat_batch_statements_count", (("records", "50"),))] == 2
+    assert found[("minichat_batch_statements_bucket", (("le", "12.0"), ("records", "50")))] == 1
