@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
@@ -25,15 +25,19 @@ from minichat.domain.turns import (
     TurnEvent,
     TurnRecord,
     apply_event,
-    billing_event,
+    billing_fields,
+    billing_json,
 )
 from minichat.models.events import DecodeError
+from minichat.models.policy import Policy
 from minichat.processors.metrics import Metrics
 from minichat.processors.pipeline import Decoded, dead_letter_for
 from minichat.processors.records import Output, SourceRecord
-from minichat.storage.outbox import OutboxEntry, insert_outbox, outbox_entry
+from minichat.storage.locks import RequestKey
+from minichat.storage.outbox import OutboxEntry, insert_outbox
 from minichat.storage.policies import PolicySnapshots
 from minichat.storage.turns import (
+    Found,
     Parked,
     QuotaSlot,
     TurnWrite,
@@ -82,12 +86,32 @@ async def apply_turn_events(
     could never apply; they are dropped (`foreign_chat`) rather than parked again forever."""
     began = time.perf_counter()
     found = await load_turns(con, {(e.tenant_id, e.chat_id, e.request_id) for _, e in items})
+    versions = {f.turn.policy_version_applied for f in found.values() if f.turn is not None}
+    policies = {version: await snapshots.get(con, version) for version in versions}
     loaded = time.perf_counter()
+    effects, outputs = fold_events(found, items, policies, dead_letters_topic, park_unknown=park_unknown)
+    decided = time.perf_counter()
+    await _write(con, effects)
+    stages = {"load": loaded - began, "decide": decided - loaded, "write": time.perf_counter() - decided}
+    _count(metrics, effects, stages, dead_letters=len(outputs))
+    return outputs
+
+
+def fold_events(
+    found: dict[tuple[UUID, RequestKey], Found],
+    items: Sequence[Item],
+    policies: Mapping[int, Policy],
+    dead_letters_topic: str,
+    *,
+    park_unknown: bool = True,
+) -> tuple[_Effects, list[Output]]:
+    """The events applied in order to the turns `load_turns` found (`found`: this batch's own
+    objects, changed in place, one working turn per request), under each turn's policy snapshot
+    (`policies`, by version): the batch's writes and its dead letters. No I/O."""
     effects = _Effects()
     outputs: list[Output] = []
     for record, event in items:
-        key = (event.tenant_id, (event.chat_id, event.request_id))
-        stored = found.get(key)
+        stored = found.get((event.tenant_id, (event.chat_id, event.request_id)))
         if stored is None:
             if park_unknown:
                 effects.parked.append(_parked(record, event))
@@ -99,28 +123,30 @@ async def apply_turn_events(
             effects.dropped["request_rejected"] += 1
         else:
             turn = stored.turn
-            snapshot = await snapshots.get(con, turn.policy_version_applied)
-            step = apply_event(turn, event, record.timestamp, record.offset, snapshot)
+            policy = policies[turn.policy_version_applied]
+            step = apply_event(turn, event, record.timestamp, record.offset, policy, own=True)
             if step.changed:
-                found[key] = type(stored)(step.turn, True)
                 _add_step(effects, turn.id, step)
             else:
                 effects.dropped[step.dropped or "unchanged"] += 1
-    decided = time.perf_counter()
-    await _write(con, effects)
-    stages = {"load": loaded - began, "decide": decided - loaded, "write": time.perf_counter() - decided}
-    _count(metrics, effects, stages, dead_letters=len(outputs))
-    return outputs
+    return effects, outputs
 
 
 def _add_step(effects: _Effects, turn_id: UUID, step: Step) -> None:
     """One applied event's writes, folded into the batch's (a turn is written once, as it ends up)."""
     previous = effects.turns.get(turn_id)
-    effects.turns[turn_id] = TurnWrite(
-        step.turn,
-        progressed=step.progressed or bool(previous and previous.progressed),
-        awaiting_usage=step.awaiting_usage or bool(previous and previous.awaiting_usage),
-    )
+    if previous is None:
+        effects.turns[turn_id] = TurnWrite(step.turn, step.progressed, step.awaiting_usage)
+    elif (
+        previous.turn is not step.turn
+        or (step.progressed and not previous.progressed)
+        or (step.awaiting_usage and not previous.awaiting_usage)
+    ):
+        effects.turns[turn_id] = TurnWrite(
+            step.turn,
+            progressed=step.progressed or previous.progressed,
+            awaiting_usage=step.awaiting_usage or previous.awaiting_usage,
+        )
     if step.message is not None:
         effects.messages[turn_id] = step.message
     if step.message_usage:
@@ -150,7 +176,9 @@ def _add_billing(effects: _Effects, turn: TurnRecord, billing: Billing) -> None:
         slot: QuotaSlot = (turn.tenant_id, turn.requester_user_id, bucket_key)
         total, latest = effects.deltas.get(slot, (EMPTY_ROW, at))
         effects.deltas[slot] = (total + delta, max(latest, at))
-    effects.outbox.append(outbox_entry(billing_event(turn, billing)))
+    fields = billing_fields(turn, billing)
+    entry = OutboxEntry(turn.tenant_id, fields["dedupe_key"], billing.kind, billing_json(fields), at)
+    effects.outbox.append(entry)
 
 
 async def _write(con: asyncpg.Connection, effects: _Effects) -> None:
