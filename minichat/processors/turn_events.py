@@ -6,7 +6,6 @@ parked and applied by the turn-requests agent right after it decides (same locks
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections import Counter
@@ -18,6 +17,7 @@ from uuid import UUID
 import asyncpg
 
 from minichat.domain.quota import EMPTY_ROW, QuotaDelta
+from minichat.domain.settlement import UsageFigures
 from minichat.domain.turns import (
     AssistantMessage,
     Billing,
@@ -58,10 +58,11 @@ Item = tuple[SourceRecord, TurnEvent]
 class _Effects:
     """Everything one batch writes, accumulated in event order."""
 
-    turns: dict[UUID, TurnWrite] = field(default_factory=dict)
-    messages: dict[UUID, AssistantMessage] = field(default_factory=dict)
+    turns: dict[int, TurnWrite] = field(default_factory=dict)
+    """By turn (`id.int`, as every dict here: cheaper to hash than a UUID)."""
+    messages: dict[int, AssistantMessage] = field(default_factory=dict)
     """The assistant messages this batch inserts, by turn."""
-    message_usage: dict[UUID, TurnRecord] = field(default_factory=dict)
+    message_usage: dict[int, TurnRecord] = field(default_factory=dict)
     """Turns whose stored assistant message takes the usage reported for them."""
     deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]] = field(default_factory=dict)
     outbox: list[OutboxEntry] = field(default_factory=list)
@@ -110,8 +111,10 @@ def fold_events(
     (`policies`, by version): the batch's writes and its dead letters. No I/O."""
     effects = _Effects()
     outputs: list[Output] = []
+    # Keyed by the ids' integers: a UUID's hash and equality run in Python, an int's do not.
+    by_ints = {(tenant.int, chat.int, request.int): f for (tenant, (chat, request)), f in found.items()}
     for record, event in items:
-        stored = found.get((event.tenant_id, (event.chat_id, event.request_id)))
+        stored = by_ints.get((event.tenant_id.int, event.chat_id.int, event.request_id.int))
         if stored is None:
             if park_unknown:
                 effects.parked.append(_parked(record, event))
@@ -126,13 +129,13 @@ def fold_events(
             policy = policies[turn.policy_version_applied]
             step = apply_event(turn, event, record.timestamp, record.offset, policy, own=True)
             if step.changed:
-                _add_step(effects, turn.id, step)
+                _add_step(effects, turn.id.int, step)
             else:
                 effects.dropped[step.dropped or "unchanged"] += 1
     return effects, outputs
 
 
-def _add_step(effects: _Effects, turn_id: UUID, step: Step) -> None:
+def _add_step(effects: _Effects, turn_id: int, step: Step) -> None:
     """One applied event's writes, folded into the batch's (a turn is written once, as it ends up)."""
     previous = effects.turns.get(turn_id)
     if previous is None:
@@ -152,11 +155,27 @@ def _add_step(effects: _Effects, turn_id: UUID, step: Step) -> None:
     if step.message_usage:
         inserting = effects.messages.get(turn_id)
         if inserting is not None:  # completed in this batch too: inserted with the usage already
-            effects.messages[turn_id] = dataclasses.replace(inserting, usage=step.turn.usage)
+            effects.messages[turn_id] = _with_usage(inserting, step.turn.usage)
         else:
             effects.message_usage[turn_id] = step.turn
     if step.billing is not None:
         _add_billing(effects, step.turn, step.billing)
+
+
+def _with_usage(message: AssistantMessage, usage: UsageFigures | None) -> AssistantMessage:
+    """`dataclasses.replace(message, usage=usage)`, spelled out (it introspects the fields per call)."""
+    m = message
+    return AssistantMessage(
+        m.id,
+        m.tenant_id,
+        m.chat_id,
+        m.request_id,
+        m.content,
+        m.model,
+        m.provider_response_id,
+        usage,
+        m.created_at,
+    )
 
 
 def _count(metrics: Metrics, effects: _Effects, stages: dict[str, float], *, dead_letters: int) -> None:
