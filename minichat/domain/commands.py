@@ -226,11 +226,14 @@ def decide_batch(
     recorded decision is decided wholly under its recorded version: rules, tier, floor and price."""
     changes = Changes()
     answers: list[Answer] = []
+    chats, versions = state.chats, versions or {}
     for index, (event, at) in enumerate(commands):
-        view = state.chats.setdefault(event.chat_id, ChatView())
-        if view.stale:
+        view = chats.get(event.chat_id)
+        if view is None:
+            view = chats[event.chat_id] = ChatView()
+        elif view.stale:
             return BatchResult(answers, changes, index)
-        answers.append(_decide_one(state, view, event, at, policy, changes, versions or {}))
+        answers.append(_decide_one(state, view, event, at, policy, changes, versions))
     return BatchResult(answers, changes, len(commands))
 
 
@@ -244,7 +247,10 @@ def _policy_for(chat_state: ChatState, policy: Policy, versions: Mapping[int, Po
     return found
 
 
-def _chat_state(state: BatchState, view: ChatView, event: TurnRequestEvent) -> ChatState:
+def _chat_state(
+    state: BatchState, view: ChatView, event: TurnRequestEvent, key: tuple[UUID, UUID]
+) -> ChatState:
+    """`key`: (chat_id, command id)."""
     user: UserKey = (event.tenant_id, event.user_id)
     target = None
     previous = view.settled
@@ -253,13 +259,13 @@ def _chat_state(state: BatchState, view: ChatView, event: TurnRequestEvent) -> C
         previous = [t for t in view.settled if t.request_id != event.request_id]
     return ChatState(
         chat=view.facts,
-        already_decided=(event.chat_id, command_id_of(event)) in state.decisions,
+        already_decided=key in state.decisions,
         turn_running=view.running,
         previous_turn_tokens=(previous[0].settled_tokens or 0) if previous else 0,
         quota=state.quota.get(user, {}),
         target_turn=target,
         latest_live_request_id=view.latest_live.request_id if view.latest_live else None,
-        recorded=state.recorded.get((event.chat_id, command_id_of(event))),
+        recorded=state.recorded.get(key) if state.recorded else None,
     )
 
 
@@ -272,7 +278,9 @@ def _decide_one(
     changes: Changes,
     versions: Mapping[int, Policy],
 ) -> Answer:
-    chat_state = _chat_state(state, view, event)
+    command_id = command_id_of(event)
+    key = (event.chat_id, command_id)
+    chat_state = _chat_state(state, view, event, key)
     policy = _policy_for(chat_state, policy, versions)
     outcome: Admission | MutationResult | object
     if isinstance(event, TurnRequested):
@@ -300,12 +308,11 @@ def _decide_one(
     else:
         outcome = decide_chat_delete(event.tenant_id, event.user_id, chat_state)
 
-    command_id = command_id_of(event)
-    if (event.chat_id, command_id) in state.foreign_decisions:
+    if state.foreign_decisions and key in state.foreign_decisions:
         # Another tenant holds this command key: treated as a hidden chat, nothing stored.
         outcome = _hidden(event, policy, at)
     if outcome is REPLAY:
-        return _replay(state.decisions[(event.chat_id, command_id)])
+        return _replay(state.decisions[key])
     if isinstance(outcome, Admission):
         fields = admission_decision(event, outcome, at)
         if outcome.accepted:
@@ -318,7 +325,7 @@ def _decide_one(
     text, value = decision_encoding(fields)
     if not _is_hidden(view, event, fields["error_code"]):
         # (Someone else's chat: answer, but store nothing under a key its owner may use.)
-        _store(state, changes, event, command_id, fields, text)
+        _store(state, changes, event, key, fields, text)
     return Answer(value, False, fields)
 
 
@@ -355,15 +362,15 @@ def _store(
     state: BatchState,
     changes: Changes,
     event: TurnRequestEvent,
-    command_id: UUID,
+    key: tuple[UUID, UUID],
     fields: Mapping[str, Any],
     text: str,
 ) -> None:
-    key = (event.chat_id, command_id)
+    """`key`: (chat_id, command id)."""
     if key not in state.decisions:  # a decision is final: the first one stays stored
         state.decisions[key] = text.encode()
         stored = StoredDecision(
-            event.tenant_id, event.chat_id, command_id, fields["command"], fields["command_event_id"],
+            event.tenant_id, event.chat_id, key[1], fields["command"], fields["command_event_id"],
             fields["request_id"], fields["decision"], fields["error_code"], fields["decided_at"], text,
         )  # fmt: skip
         changes.decisions.append(stored)
@@ -400,7 +407,7 @@ def _start_turn(
     view.running = True
     view.latest_live = started
     view.targets[request_id] = started
-    if (event.chat_id, request_id) in state.parked_requests:
+    if state.parked_requests and (event.chat_id, request_id) in state.parked_requests:
         # Its parked events are applied once this round is written (they may finish the turn):
         # the chat's next command must see the turn as they leave it, so reload first.
         view.stale = True
