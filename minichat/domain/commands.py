@@ -13,6 +13,7 @@ again in the same transaction and continues with the rest.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -34,12 +35,12 @@ from minichat.domain.admission import (
     decide_request,
     decide_turn_delete,
 )
+from minichat.domain.decisions import admission_decision, decision_encoding, mutation_decision, new_request_id
 from minichat.domain.ids import message_id_for, turn_id_for
 from minichat.domain.periods import periods_for
 from minichat.domain.quota import BucketKey, QuotaRow, apply_reserve
 from minichat.models.events import (
     ChatDelete,
-    TurnDecision,
     TurnDelete,
     TurnEdit,
     TurnRequested,
@@ -82,8 +83,9 @@ class ChatView:
 @dataclass(slots=True)
 class BatchState:
     chats: dict[UUID, ChatView]
-    decisions: dict[tuple[UUID, UUID], dict[str, Any]]
-    """(chat_id, command_id) → stored decision payload of the command's own tenant."""
+    decisions: dict[tuple[UUID, UUID], Mapping[str, Any] | bytes]
+    """(chat_id, command_id) → stored decision payload of the command's own tenant (JSON form), or
+    the JSON of the decision this batch made for it."""
     quota: dict[UserKey, dict[BucketKey, QuotaRow]]
     foreign_decisions: set[tuple[UUID, UUID]] = field(default_factory=set)
     """(chat_id, command_id) keys whose stored decision belongs to another tenant."""
@@ -151,10 +153,19 @@ class ChatRemoval:
 
 @dataclass(frozen=True, slots=True)
 class StoredDecision:
+    """A `turn_decisions` row: its key, the columns storage indexes, and the decision's JSON."""
+
     tenant_id: UUID
     chat_id: UUID
     command_id: UUID
-    decision: TurnDecision
+    command: str
+    command_event_id: UUID
+    request_id: UUID | None
+    decision: str
+    error_code: str | None
+    decided_at: datetime
+    payload: str
+    """The decision's JSON text (`TurnDecision.model_dump_json`, `replay` false)."""
 
 
 @dataclass(slots=True)
@@ -175,10 +186,19 @@ class Changes:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """The decision to produce for one command (its JSON form); `replay` re-sends a stored one."""
+    """The decision to produce for one command; `replay` re-sends a stored one."""
 
-    payload: Mapping[str, Any]
+    value: bytes
+    """The record value: the decision's JSON, encoded once."""
     replay: bool
+    fields: Mapping[str, Any]
+    """Its fields: a new decision's as built (UUIDs, datetimes), a replay's as stored (JSON form)."""
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        """The decision in JSON form, as a consumer reads it."""
+        loaded: dict[str, Any] = json.loads(self.value)
+        return loaded
 
 
 @dataclass(slots=True)
@@ -206,11 +226,14 @@ def decide_batch(
     recorded decision is decided wholly under its recorded version: rules, tier, floor and price."""
     changes = Changes()
     answers: list[Answer] = []
+    chats, versions = state.chats, versions or {}
     for index, (event, at) in enumerate(commands):
-        view = state.chats.setdefault(event.chat_id, ChatView())
-        if view.stale:
+        view = chats.get(event.chat_id)
+        if view is None:
+            view = chats[event.chat_id] = ChatView()
+        elif view.stale:
             return BatchResult(answers, changes, index)
-        answers.append(_decide_one(state, view, event, at, policy, changes, versions or {}))
+        answers.append(_decide_one(state, view, event, at, policy, changes, versions))
     return BatchResult(answers, changes, len(commands))
 
 
@@ -224,7 +247,10 @@ def _policy_for(chat_state: ChatState, policy: Policy, versions: Mapping[int, Po
     return found
 
 
-def _chat_state(state: BatchState, view: ChatView, event: TurnRequestEvent) -> ChatState:
+def _chat_state(
+    state: BatchState, view: ChatView, event: TurnRequestEvent, key: tuple[UUID, UUID]
+) -> ChatState:
+    """`key`: (chat_id, command id)."""
     user: UserKey = (event.tenant_id, event.user_id)
     target = None
     previous = view.settled
@@ -233,13 +259,13 @@ def _chat_state(state: BatchState, view: ChatView, event: TurnRequestEvent) -> C
         previous = [t for t in view.settled if t.request_id != event.request_id]
     return ChatState(
         chat=view.facts,
-        already_decided=(event.chat_id, command_id_of(event)) in state.decisions,
+        already_decided=key in state.decisions,
         turn_running=view.running,
         previous_turn_tokens=(previous[0].settled_tokens or 0) if previous else 0,
         quota=state.quota.get(user, {}),
         target_turn=target,
         latest_live_request_id=view.latest_live.request_id if view.latest_live else None,
-        recorded=state.recorded.get((event.chat_id, command_id_of(event))),
+        recorded=state.recorded.get(key) if state.recorded else None,
     )
 
 
@@ -252,7 +278,9 @@ def _decide_one(
     changes: Changes,
     versions: Mapping[int, Policy],
 ) -> Answer:
-    chat_state = _chat_state(state, view, event)
+    command_id = command_id_of(event)
+    key = (event.chat_id, command_id)
+    chat_state = _chat_state(state, view, event, key)
     policy = _policy_for(chat_state, policy, versions)
     outcome: Admission | MutationResult | object
     if isinstance(event, TurnRequested):
@@ -280,25 +308,32 @@ def _decide_one(
     else:
         outcome = decide_chat_delete(event.tenant_id, event.user_id, chat_state)
 
-    command_id = command_id_of(event)
-    if (event.chat_id, command_id) in state.foreign_decisions:
+    if state.foreign_decisions and key in state.foreign_decisions:
         # Another tenant holds this command key: treated as a hidden chat, nothing stored.
         outcome = _hidden(event, policy, at)
     if outcome is REPLAY:
-        return Answer(state.decisions[(event.chat_id, command_id)], replay=True)
+        return _replay(state.decisions[key])
     if isinstance(outcome, Admission):
-        decision = _admission_decision(event, outcome, at)
+        fields = admission_decision(event, outcome, at)
         if outcome.accepted:
-            _start_turn(state, view, event, outcome, decision, at, changes)
+            _start_turn(state, view, event, outcome, at, changes)
     else:
         assert isinstance(outcome, MutationResult)
-        decision = _mutation_decision(event, outcome, at)
+        fields = mutation_decision(event, outcome, at)
         if outcome.decision == "done":
             _apply_mutation(view, event, at, changes)
-    if _is_hidden(view, event, decision):
-        # Someone else's chat: answer, but store nothing under a key its owner may use.
-        return Answer(decision.model_dump(mode="json"), replay=False)
-    return Answer(_store(state, changes, event, command_id, decision), replay=False)
+    text, value = decision_encoding(fields)
+    if not _is_hidden(view, event, fields["error_code"]):
+        # (Someone else's chat: answer, but store nothing under a key its owner may use.)
+        _store(state, changes, event, key, fields, text)
+    return Answer(value, False, fields)
+
+
+def _replay(stored: Mapping[str, Any] | bytes) -> Answer:
+    """A stored decision sent again with `replay: true` (its stored JSON form, keys as stored)."""
+    payload = json.loads(stored) if isinstance(stored, bytes) else stored
+    fields = {**payload, "replay": True}
+    return Answer(json.dumps(fields, separators=(",", ":")).encode(), True, payload)
 
 
 def _hidden(event: TurnRequestEvent, policy: Policy, at: datetime) -> Admission | MutationResult:
@@ -313,70 +348,32 @@ def _hidden(event: TurnRequestEvent, policy: Policy, at: datetime) -> Admission 
     return MutationResult("reject", "chat_not_found")
 
 
-def _is_hidden(view: ChatView, event: TurnRequestEvent, decision: TurnDecision) -> bool:
+def _is_hidden(view: ChatView, event: TurnRequestEvent, error_code: str | None) -> bool:
     """A `chat_not_found` for a chat that exists under another tenant or owner."""
     facts = view.facts
     return (
-        decision.error_code == "chat_not_found"
+        error_code == "chat_not_found"
         and facts is not None
         and (facts.tenant_id != event.tenant_id or facts.owner_user_id != event.user_id)
     )
 
 
 def _store(
-    state: BatchState, changes: Changes, event: TurnRequestEvent, command_id: UUID, decision: TurnDecision
-) -> dict[str, Any]:
-    payload = decision.model_dump(mode="json")
-    key = (event.chat_id, command_id)
+    state: BatchState,
+    changes: Changes,
+    event: TurnRequestEvent,
+    key: tuple[UUID, UUID],
+    fields: Mapping[str, Any],
+    text: str,
+) -> None:
+    """`key`: (chat_id, command id)."""
     if key not in state.decisions:  # a decision is final: the first one stays stored
-        state.decisions[key] = payload
-        changes.decisions.append(StoredDecision(event.tenant_id, event.chat_id, command_id, decision))
-    return payload
-
-
-def _new_request_id(event: TurnRequestEvent) -> UUID:
-    if isinstance(event, TurnRetry | TurnEdit):
-        return event.new_request_id
-    assert isinstance(event, TurnRequested)
-    return event.request_id
-
-
-def _admission_decision(event: TurnRequestEvent, outcome: Admission, at: datetime) -> TurnDecision:
-    request_id = _new_request_id(event)
-    accepted = outcome.accepted
-    return TurnDecision(
-        tenant_id=event.tenant_id,
-        chat_id=event.chat_id,
-        request_id=request_id,
-        command=event.type,
-        command_event_id=event.event_id,
-        decision=outcome.decision,
-        turn_id=turn_id_for(event.chat_id, request_id) if accepted else None,
-        effective_model=outcome.effective_model,
-        selected_model=outcome.selected_model,
-        max_output_tokens=outcome.max_output_tokens,
-        reserve_tokens=outcome.reserve_tokens,
-        reserved_credits_micro=outcome.reserved_credits_micro,
-        policy_version=outcome.policy_version,
-        downgrade_from=outcome.downgrade_from,
-        downgrade_reason=outcome.downgrade_reason,
-        error_code=outcome.error_code,
-        quota_scope=outcome.quota_scope,
-        decided_at=at,
-    )
-
-
-def _mutation_decision(event: TurnRequestEvent, outcome: MutationResult, at: datetime) -> TurnDecision:
-    return TurnDecision(
-        tenant_id=event.tenant_id,
-        chat_id=event.chat_id,
-        request_id=event.request_id if isinstance(event, TurnDelete) else None,
-        command=event.type,
-        command_event_id=event.event_id,
-        decision=outcome.decision,
-        error_code=outcome.error_code,
-        decided_at=at,
-    )
+        state.decisions[key] = text.encode()
+        stored = StoredDecision(
+            event.tenant_id, event.chat_id, key[1], fields["command"], fields["command_event_id"],
+            fields["request_id"], fields["decision"], fields["error_code"], fields["decided_at"], text,
+        )  # fmt: skip
+        changes.decisions.append(stored)
 
 
 def _start_turn(
@@ -384,13 +381,12 @@ def _start_turn(
     view: ChatView,
     event: TurnRequestEvent,
     outcome: Admission,
-    decision: TurnDecision,
     at: datetime,
     changes: Changes,
 ) -> None:
     assert isinstance(event, TurnRequested | TurnRetry | TurnEdit)
     assert outcome.selected_model and outcome.content is not None
-    request_id = _new_request_id(event)
+    request_id = new_request_id(event)
     if view.facts is None:
         assert isinstance(event, TurnRequested)
         changes.chats.append(
@@ -411,7 +407,7 @@ def _start_turn(
     view.running = True
     view.latest_live = started
     view.targets[request_id] = started
-    if (event.chat_id, request_id) in state.parked_requests:
+    if state.parked_requests and (event.chat_id, request_id) in state.parked_requests:
         # Its parked events are applied once this round is written (they may finish the turn):
         # the chat's next command must see the turn as they leave it, so reload first.
         view.stale = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import lru_cache
 from typing import Literal
 
 from minichat.domain.credits import credits_micro
@@ -116,11 +117,19 @@ def awaits_usage(terminal_state: TerminalState, error_code: str | None, usage: U
     )
 
 
-def exceeds_tolerance(actual_tokens: int, reserve_tokens: int, tolerance: float) -> bool:
-    """`actual > reserve · tolerance`, exactly: the tolerance is taken as the decimal written in the
-    policy file (`Fraction(str(1.10)) == 11/10`), so 1100 tokens on a 1000 reserve is not over."""
+@lru_cache(maxsize=64)
+def tolerance_ratio(tolerance: float) -> tuple[int, int]:
+    """(numerator, denominator) of the tolerance as the decimal written in the policy file
+    (`1.10` → 11/10). Cached: a policy has one tolerance, and `Fraction` costs microseconds."""
     exact = Fraction(str(tolerance))
-    return actual_tokens * exact.denominator > reserve_tokens * exact.numerator
+    return exact.numerator, exact.denominator
+
+
+def exceeds_tolerance(actual_tokens: int, reserve_tokens: int, tolerance: float) -> bool:
+    """`actual > reserve · tolerance`, exactly, in integers: the tolerance is taken as the decimal
+    written in the policy file, so 1100 tokens on a 1000 reserve is not over a 1.10 tolerance."""
+    numerator, denominator = tolerance_ratio(tolerance)
+    return actual_tokens * denominator > reserve_tokens * numerator
 
 
 def settle(

@@ -16,12 +16,13 @@ from datetime import date, datetime
 from typing import Any, Literal
 from uuid import UUID
 
+from pydantic_core import to_json
+
 from minichat.domain.ids import message_id_for
 from minichat.domain.periods import Periods
 from minichat.domain.quota import BucketKey, QuotaDelta
 from minichat.domain.settlement import (
     ORPHAN_TIMEOUT,
-    USAGE_FIGURES,
     Settlement,
     TurnCharge,
     UsageFigures,
@@ -215,24 +216,42 @@ def _noop(turn: TurnRecord, why: str) -> Step:
 
 
 def domain_usage(usage: WireUsage | UsageReported) -> UsageFigures:
-    return UsageFigures(*(getattr(usage, name) for name in USAGE_FIGURES))
+    return UsageFigures(
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cache_read_input_tokens,
+        usage.cache_write_input_tokens,
+        usage.reasoning_tokens,
+        usage.web_search_calls,
+        usage.code_interpreter_calls,
+    )
 
 
-def wire_usage(usage: UsageFigures, model: str | None) -> WireUsage:
-    figures = {name: getattr(usage, name) for name in USAGE_FIGURES}
-    return WireUsage.model_validate({**figures, "model": model})
+def _changed(turn: TurnRecord, own: bool, **changes: Any) -> TurnRecord:
+    """The turn with `changes`: the same object changed in place when the caller owns it (a batch's
+    working copy: one turn object per batch, not one frozen copy per change), else a copy."""
+    if not own:
+        return turn.evolve(**changes)
+    for name, value in changes.items():
+        _set(turn, name, value)
+    return turn
 
 
-def apply_event(turn: TurnRecord, event: TurnEvent, at: datetime, offset: int, snapshot: Policy) -> Step:
+def apply_event(
+    turn: TurnRecord, event: TurnEvent, at: datetime, offset: int, snapshot: Policy, *, own: bool = False
+) -> Step:
     """Apply one provider or usage event at event time `at` (its record timestamp). `offset` is the
     record's offset (used to count progress once); `snapshot` is the policy the turn was admitted
-    under."""
+    under. `own`: the caller owns `turn` (nobody else holds it) and lets it be changed in place;
+    `Step.turn` is then `turn` itself."""
     if isinstance(event, TurnProgress):
         if not turn.running:
             return _noop(turn, "not_running")
         if offset <= turn.progress_offset:
             return _noop(turn, "progress_seen")
-        progressed = turn.evolve(
+        progressed = _changed(
+            turn,
+            own,
             progress_seq=turn.progress_seq + 1,
             progress_offset=offset,
             last_progress_at=at,
@@ -244,13 +263,13 @@ def apply_event(turn: TurnRecord, event: TurnEvent, at: datetime, offset: int, s
     if isinstance(event, TurnOrphaned | TurnCompleted | TurnFailed | TurnCancelled):
         if not turn.running:
             return _noop(turn, "not_running")
-        return _finish(turn, _terminal_of(event), at, snapshot)
+        return _finish(turn, _terminal_of(event), at, snapshot, own)
     if isinstance(event, UsageReported):
-        return _usage_reported(turn, domain_usage(event), event.model, at, snapshot)
+        return _usage_reported(turn, domain_usage(event), event.model, at, snapshot, own)
     assert isinstance(event, UsageGraceExpired)
     if turn.running or turn.settled_at is not None:
         return _noop(turn, "not_waiting_for_usage")
-    return _settle(turn.evolve(updated_at=max(turn.updated_at, at)), at, snapshot)
+    return _settle(_changed(turn, own, updated_at=max(turn.updated_at, at)), at, snapshot, own)
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +308,7 @@ def _reported_model(usage: WireUsage | None) -> str | None:
     return usage.model if usage is not None else None
 
 
-def _finish(turn: TurnRecord, terminal: _Terminal, at: datetime, snapshot: Policy) -> Step:
+def _finish(turn: TurnRecord, terminal: _Terminal, at: datetime, snapshot: Policy, own: bool) -> Step:
     inline = domain_usage(terminal.usage) if terminal.usage is not None else None
     first_usage = _first_known(turn.usage, inline)
     message = None
@@ -305,7 +324,9 @@ def _finish(turn: TurnRecord, terminal: _Terminal, at: datetime, snapshot: Polic
             usage=first_usage,
             created_at=at,
         )
-    finished = turn.evolve(
+    finished = _changed(
+        turn,
+        own,
         state=terminal.state,
         error_code=terminal.error_code,
         error_detail=terminal.error_detail,
@@ -319,8 +340,7 @@ def _finish(turn: TurnRecord, terminal: _Terminal, at: datetime, snapshot: Polic
     )
     if awaits_usage(terminal.state, terminal.error_code, first_usage):
         return Step(finished, changed=True, message=message, awaiting_usage=True)
-    settled = _settle(finished, at, snapshot)
-    return dataclasses.replace(settled, message=message)
+    return _settle(finished, at, snapshot, own, message=message)
 
 
 def _first_known(stored: UsageFigures | None, arriving: UsageFigures | None) -> UsageFigures | None:
@@ -331,41 +351,57 @@ def _first_known(stored: UsageFigures | None, arriving: UsageFigures | None) -> 
 
 
 def _usage_reported(
-    turn: TurnRecord, usage: UsageFigures, model: str | None, at: datetime, snapshot: Policy
+    turn: TurnRecord, usage: UsageFigures, model: str | None, at: datetime, snapshot: Policy, own: bool
 ) -> Step:
     if turn.usage is not None and (turn.usage.known or not usage.known):
         return _noop(turn, "usage_already_reported")
-    reported = turn.evolve(usage=usage, usage_model=model, updated_at=max(turn.updated_at, at))
     has_message = turn.assistant_message_id is not None
-    if turn.running or (turn.settled_at is None and not usage.known):
+    previous = turn.settlement  # read before the new usage lands (in place, it would read that)
+    previous_committed, adjusted_before = turn.committed_credits_micro, turn.adjusted_at
+    reported = _changed(turn, own, usage=usage, usage_model=model, updated_at=max(turn.updated_at, at))
+    if reported.running or (reported.settled_at is None and not usage.known):
         # A report of zeros is not usage: a waiting turn keeps waiting (for a real report or the
         # grace period), so zeros can neither make a turn free nor block the real figures.
         return Step(reported, changed=True, message_usage=has_message)
-    if turn.settled_at is None:
-        return dataclasses.replace(_settle(reported, at, snapshot), message_usage=has_message)
-    previous = turn.settlement
-    assert previous is not None and turn.committed_credits_micro is not None
-    adjusted = reprice(turn.charge, previous, usage, turn.terminal_state, turn.error_code, snapshot)
-    if adjusted is None or turn.adjusted_at is not None:
+    if reported.settled_at is None:
+        return _settle(reported, at, snapshot, own, message_usage=has_message)
+    assert previous is not None and previous_committed is not None
+    charge = reported.charge
+    adjusted = reprice(charge, previous, usage, reported.terminal_state, reported.error_code, snapshot)
+    if adjusted is None or adjusted_before is not None:
         return Step(reported, changed=True, message_usage=has_message)
-    repriced = reported.evolve(
+    billing = Billing(
+        "usage.adjusted",
+        adjusted,
+        adjustment_deltas(charge, previous, adjusted, snapshot),
+        previous_committed_credits_micro=previous_committed,
+    )
+    repriced = _changed(
+        reported,
+        own,
         settlement_method=adjusted.method,
         committed_credits_micro=adjusted.committed_credits_micro,
         overshoot_capped=adjusted.overshoot_capped,
         adjusted_at=at,
     )
-    billing = Billing(
-        "usage.adjusted",
-        adjusted,
-        adjustment_deltas(turn.charge, previous, adjusted, snapshot),
-        previous_committed_credits_micro=turn.committed_credits_micro,
-    )
     return Step(repriced, changed=True, message_usage=has_message, billing=billing)
 
 
-def _settle(turn: TurnRecord, at: datetime, snapshot: Policy) -> Step:
-    settlement = settle(turn.charge, turn.usage, turn.terminal_state, turn.error_code, snapshot)
-    settled = turn.evolve(
+def _settle(
+    turn: TurnRecord,
+    at: datetime,
+    snapshot: Policy,
+    own: bool,
+    *,
+    message: AssistantMessage | None = None,
+    message_usage: bool = False,
+) -> Step:
+    charge = turn.charge
+    settlement = settle(charge, turn.usage, turn.terminal_state, turn.error_code, snapshot)
+    billing = Billing("usage.settled", settlement, settlement_deltas(charge, settlement, snapshot))
+    settled = _changed(
+        turn,
+        own,
         billing_outcome=settlement.outcome,
         settlement_method=settlement.method,
         committed_credits_micro=settlement.committed_credits_micro,
@@ -374,17 +410,21 @@ def _settle(turn: TurnRecord, at: datetime, snapshot: Policy) -> Step:
         # was read first, so a replay settles at the same instant.
         settled_at=max(at, turn.updated_at),
     )
-    billing = Billing("usage.settled", settlement, settlement_deltas(turn.charge, settlement, snapshot))
-    return Step(settled, changed=True, billing=billing)
+    return Step(settled, changed=True, message=message, message_usage=message_usage, billing=billing)
 
 
-def billing_event(turn: TurnRecord, billing: Billing) -> UsageSettled | UsageAdjusted:
-    """The `usage.settled` / `usage.adjusted` event of a settled turn (docs/contract.md, "Output events")."""
+def billing_fields(turn: TurnRecord, billing: Billing) -> dict[str, Any]:
+    """The `usage.settled` / `usage.adjusted` event of a settled turn (docs/contract.md, "Output
+    events") as its fields, in the wire model's order: `billing_json` encodes them as the model's
+    `model_dump_json` would, `billing_event` validates them (a unit test holds the two together)."""
     assert turn.settled_at is not None
     settlement = billing.settlement
     usage = turn.usage
-    fields: dict[str, object] = {
-        "dedupe_key": dedupe_key(turn.tenant_id, turn.id, turn.request_id, billing.kind == "usage.adjusted"),
+    adjusted = billing.kind == "usage.adjusted"
+    fields: dict[str, Any] = {
+        "type": billing.kind,
+        "schema_version": 1,
+        "dedupe_key": dedupe_key(turn.tenant_id, turn.id, turn.request_id, adjusted),
         "tenant_id": turn.tenant_id,
         "user_id": turn.requester_user_id,
         "chat_id": turn.chat_id,
@@ -396,7 +436,7 @@ def billing_event(turn: TurnRecord, billing: Billing) -> UsageSettled | UsageAdj
         "billing_outcome": settlement.outcome,
         "settlement_method": settlement.method,
         "error_code": turn.error_code,
-        "usage": wire_usage(usage, turn.usage_model) if usage is not None else None,
+        "usage": _usage_fields(usage, turn.usage_model) if usage is not None else None,
         "reserve_tokens": turn.reserve_tokens,
         "reserved_credits_micro": turn.reserved_credits_micro,
         "committed_credits_micro": settlement.committed_credits_micro,
@@ -406,16 +446,38 @@ def billing_event(turn: TurnRecord, billing: Billing) -> UsageSettled | UsageAdj
         "code_interpreter_calls": settlement.code_interpreter_calls,
         "period_daily": turn.period_daily,
         "period_monthly": turn.period_monthly,
+        "settled_at": turn.adjusted_at if adjusted else turn.settled_at,
     }
-    # Validated as the wire models validate what they receive (strict): the two events share these
-    # fields, so they are spelled once here and once in the models.
-    if billing.kind == "usage.adjusted":
+    if adjusted:
         assert turn.adjusted_at is not None and billing.previous_committed_credits_micro is not None
-        return UsageAdjusted.model_validate(
-            fields
-            | {
-                "settled_at": turn.adjusted_at,
-                "previous_committed_credits_micro": billing.previous_committed_credits_micro,
-            }
-        )
-    return UsageSettled.model_validate(fields | {"settled_at": turn.settled_at})
+        fields["previous_committed_credits_micro"] = billing.previous_committed_credits_micro
+    return fields
+
+
+def _usage_fields(usage: UsageFigures, model: str | None) -> dict[str, Any]:
+    """The wire `Usage` of a turn's figures, in its fields' order."""
+    return {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cache_read_input_tokens": usage.cache_read_input_tokens,
+        "cache_write_input_tokens": usage.cache_write_input_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "web_search_calls": usage.web_search_calls,
+        "code_interpreter_calls": usage.code_interpreter_calls,
+        "model": model,
+    }
+
+
+def billing_json(fields: dict[str, Any]) -> str:
+    """`billing_fields` as the JSON text the wire model's `model_dump_json` gives, encoded once by
+    pydantic-core without building and validating the model (the event is built by this code)."""
+    return to_json(fields).decode()
+
+
+def billing_event(turn: TurnRecord, billing: Billing) -> UsageSettled | UsageAdjusted:
+    """The billing event as its wire model, validated as the models validate what they receive
+    (strict): every contract rule of the event checked."""
+    fields = billing_fields(turn, billing)
+    if billing.kind == "usage.adjusted":
+        return UsageAdjusted.model_validate(fields)
+    return UsageSettled.model_validate(fields)

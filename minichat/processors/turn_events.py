@@ -6,11 +6,10 @@ parked and applied by the turn-requests agent right after it decides (same locks
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
@@ -18,6 +17,7 @@ from uuid import UUID
 import asyncpg
 
 from minichat.domain.quota import EMPTY_ROW, QuotaDelta
+from minichat.domain.settlement import UsageFigures
 from minichat.domain.turns import (
     AssistantMessage,
     Billing,
@@ -25,15 +25,19 @@ from minichat.domain.turns import (
     TurnEvent,
     TurnRecord,
     apply_event,
-    billing_event,
+    billing_fields,
+    billing_json,
 )
 from minichat.models.events import DecodeError
+from minichat.models.policy import Policy
 from minichat.processors.metrics import Metrics
 from minichat.processors.pipeline import Decoded, dead_letter_for
 from minichat.processors.records import Output, SourceRecord
-from minichat.storage.outbox import OutboxEntry, insert_outbox, outbox_entry
+from minichat.storage.locks import RequestKey
+from minichat.storage.outbox import OutboxEntry, insert_outbox
 from minichat.storage.policies import PolicySnapshots
 from minichat.storage.turns import (
+    Found,
     Parked,
     QuotaSlot,
     TurnWrite,
@@ -54,10 +58,11 @@ Item = tuple[SourceRecord, TurnEvent]
 class _Effects:
     """Everything one batch writes, accumulated in event order."""
 
-    turns: dict[UUID, TurnWrite] = field(default_factory=dict)
-    messages: dict[UUID, AssistantMessage] = field(default_factory=dict)
+    turns: dict[int, TurnWrite] = field(default_factory=dict)
+    """By turn (`id.int`, as every dict here: cheaper to hash than a UUID)."""
+    messages: dict[int, AssistantMessage] = field(default_factory=dict)
     """The assistant messages this batch inserts, by turn."""
-    message_usage: dict[UUID, TurnRecord] = field(default_factory=dict)
+    message_usage: dict[int, TurnRecord] = field(default_factory=dict)
     """Turns whose stored assistant message takes the usage reported for them."""
     deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]] = field(default_factory=dict)
     outbox: list[OutboxEntry] = field(default_factory=list)
@@ -82,12 +87,34 @@ async def apply_turn_events(
     could never apply; they are dropped (`foreign_chat`) rather than parked again forever."""
     began = time.perf_counter()
     found = await load_turns(con, {(e.tenant_id, e.chat_id, e.request_id) for _, e in items})
+    versions = {f.turn.policy_version_applied for f in found.values() if f.turn is not None}
+    policies = {version: await snapshots.get(con, version) for version in versions}
     loaded = time.perf_counter()
+    effects, outputs = fold_events(found, items, policies, dead_letters_topic, park_unknown=park_unknown)
+    decided = time.perf_counter()
+    await _write(con, effects)
+    stages = {"load": loaded - began, "decide": decided - loaded, "write": time.perf_counter() - decided}
+    _count(metrics, effects, stages, dead_letters=len(outputs))
+    return outputs
+
+
+def fold_events(
+    found: dict[tuple[UUID, RequestKey], Found],
+    items: Sequence[Item],
+    policies: Mapping[int, Policy],
+    dead_letters_topic: str,
+    *,
+    park_unknown: bool = True,
+) -> tuple[_Effects, list[Output]]:
+    """The events applied in order to the turns `load_turns` found (`found`: this batch's own
+    objects, changed in place, one working turn per request), under each turn's policy snapshot
+    (`policies`, by version): the batch's writes and its dead letters. No I/O."""
     effects = _Effects()
     outputs: list[Output] = []
+    # Keyed by the ids' integers: a UUID's hash and equality run in Python, an int's do not.
+    by_ints = {(tenant.int, chat.int, request.int): f for (tenant, (chat, request)), f in found.items()}
     for record, event in items:
-        key = (event.tenant_id, (event.chat_id, event.request_id))
-        stored = found.get(key)
+        stored = by_ints.get((event.tenant_id.int, event.chat_id.int, event.request_id.int))
         if stored is None:
             if park_unknown:
                 effects.parked.append(_parked(record, event))
@@ -99,38 +126,56 @@ async def apply_turn_events(
             effects.dropped["request_rejected"] += 1
         else:
             turn = stored.turn
-            snapshot = await snapshots.get(con, turn.policy_version_applied)
-            step = apply_event(turn, event, record.timestamp, record.offset, snapshot)
+            policy = policies[turn.policy_version_applied]
+            step = apply_event(turn, event, record.timestamp, record.offset, policy, own=True)
             if step.changed:
-                found[key] = type(stored)(step.turn, True)
-                _add_step(effects, turn.id, step)
+                _add_step(effects, turn.id.int, step)
             else:
                 effects.dropped[step.dropped or "unchanged"] += 1
-    decided = time.perf_counter()
-    await _write(con, effects)
-    stages = {"load": loaded - began, "decide": decided - loaded, "write": time.perf_counter() - decided}
-    _count(metrics, effects, stages, dead_letters=len(outputs))
-    return outputs
+    return effects, outputs
 
 
-def _add_step(effects: _Effects, turn_id: UUID, step: Step) -> None:
+def _add_step(effects: _Effects, turn_id: int, step: Step) -> None:
     """One applied event's writes, folded into the batch's (a turn is written once, as it ends up)."""
     previous = effects.turns.get(turn_id)
-    effects.turns[turn_id] = TurnWrite(
-        step.turn,
-        progressed=step.progressed or bool(previous and previous.progressed),
-        awaiting_usage=step.awaiting_usage or bool(previous and previous.awaiting_usage),
-    )
+    if previous is None:
+        effects.turns[turn_id] = TurnWrite(step.turn, step.progressed, step.awaiting_usage)
+    elif (
+        previous.turn is not step.turn
+        or (step.progressed and not previous.progressed)
+        or (step.awaiting_usage and not previous.awaiting_usage)
+    ):
+        effects.turns[turn_id] = TurnWrite(
+            step.turn,
+            progressed=step.progressed or previous.progressed,
+            awaiting_usage=step.awaiting_usage or previous.awaiting_usage,
+        )
     if step.message is not None:
         effects.messages[turn_id] = step.message
     if step.message_usage:
         inserting = effects.messages.get(turn_id)
         if inserting is not None:  # completed in this batch too: inserted with the usage already
-            effects.messages[turn_id] = dataclasses.replace(inserting, usage=step.turn.usage)
+            effects.messages[turn_id] = _with_usage(inserting, step.turn.usage)
         else:
             effects.message_usage[turn_id] = step.turn
     if step.billing is not None:
         _add_billing(effects, step.turn, step.billing)
+
+
+def _with_usage(message: AssistantMessage, usage: UsageFigures | None) -> AssistantMessage:
+    """`dataclasses.replace(message, usage=usage)`, spelled out (it introspects the fields per call)."""
+    m = message
+    return AssistantMessage(
+        m.id,
+        m.tenant_id,
+        m.chat_id,
+        m.request_id,
+        m.content,
+        m.model,
+        m.provider_response_id,
+        usage,
+        m.created_at,
+    )
 
 
 def _count(metrics: Metrics, effects: _Effects, stages: dict[str, float], *, dead_letters: int) -> None:
@@ -150,7 +195,9 @@ def _add_billing(effects: _Effects, turn: TurnRecord, billing: Billing) -> None:
         slot: QuotaSlot = (turn.tenant_id, turn.requester_user_id, bucket_key)
         total, latest = effects.deltas.get(slot, (EMPTY_ROW, at))
         effects.deltas[slot] = (total + delta, max(latest, at))
-    effects.outbox.append(outbox_entry(billing_event(turn, billing)))
+    fields = billing_fields(turn, billing)
+    entry = OutboxEntry(turn.tenant_id, fields["dedupe_key"], billing.kind, billing_json(fields), at)
+    effects.outbox.append(entry)
 
 
 async def _write(con: asyncpg.Connection, effects: _Effects) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,9 +86,9 @@ class TurnRequests:
         if not waiting:
             return []
         started = (
-            (UUID(a.payload["tenant_id"]), UUID(a.payload["chat_id"]), UUID(a.payload["request_id"]))
+            (a.fields["tenant_id"], a.fields["chat_id"], a.fields["request_id"])
             for a in answers
-            if not a.replay and a.payload["command"] in ("turn.requested", "turn.retry", "turn.edit")
+            if not a.replay and a.fields["command"] in ("turn.requested", "turn.retry", "turn.edit")
         )
         keys = {key for key in started if key[1:] in waiting}
         outputs: list[Output] = []
@@ -104,13 +103,12 @@ class TurnRequests:
         return outputs
 
     def _decision(self, answer: Answer) -> Output:
-        payload = {**answer.payload, "replay": answer.replay}
+        fields = answer.fields
         self.metrics.inc(
             "minichat_decisions_total",
-            command=payload["command"],
-            decision=payload["decision"],
-            error_code=payload["error_code"],
-            replay=str(answer.replay).lower(),
+            command=fields["command"],
+            decision=fields["decision"],
+            error_code=fields["error_code"],
+            replay="true" if answer.replay else "false",
         )
-        value = json.dumps(payload, separators=(",", ":")).encode()
-        return Output(topic=self.decisions_topic, key=str(payload["chat_id"]).encode(), value=value)
+        return Output(topic=self.decisions_topic, key=str(fields["chat_id"]).encode(), value=answer.value)

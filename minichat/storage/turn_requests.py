@@ -7,7 +7,8 @@ inside the caller's transaction.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -196,10 +197,10 @@ async def _load_latest_turns(
 
 async def _load_decisions(
     con: asyncpg.Connection, commands: Sequence[Command]
-) -> tuple[dict[tuple[UUID, UUID], dict[str, object]], set[tuple[UUID, UUID]]]:
+) -> tuple[dict[tuple[UUID, UUID], Mapping[str, Any] | bytes], set[tuple[UUID, UUID]]]:
     """The commands' stored decisions of their own tenant, and the keys another tenant holds."""
     keys = list({(e.tenant_id, e.chat_id, command_id_of(e)) for e, _ in commands})
-    decisions: dict[tuple[UUID, UUID], dict[str, object]] = {}
+    decisions: dict[tuple[UUID, UUID], Mapping[str, Any] | bytes] = {}
     foreign: set[tuple[UUID, UUID]] = set()
     for row in await con.fetch(_LOAD_DECISIONS, *columns(keys, 3)):
         key = (row["chat_id"], row["command_id"])
@@ -345,7 +346,7 @@ _DECISIONS = Unnest.of(
     "tenant_id uuid", "chat_id uuid", "command_id uuid", "command text", "command_event_id uuid",
     "request_id uuid", "decision text", "error_code text", "payload text", "decided_at timestamptz",
 )  # fmt: skip
-"""`payload` goes in as the decision's JSON text (pydantic's serializer, in Rust), cast to jsonb:
+"""`payload` goes in as the decision's JSON text (pydantic-core's encoder, in Rust), cast to jsonb:
 the pool's jsonb codec would run `json.dumps` on the dict in Python instead."""
 _INSERT_DECISIONS = f"""
 INSERT INTO turn_decisions ({_DECISIONS.names})
@@ -388,16 +389,19 @@ def _reserve_rows(changes: Changes) -> Iterable[tuple[object, ...]]:
         yield (row_id, tenant, user, key.period_type, key.period_start, key.bucket, amount, at)
 
 
-async def _insert_decisions(con: asyncpg.Connection, decisions: Sequence[StoredDecision]) -> None:
-    rows = (
+def decision_rows(decisions: Sequence[StoredDecision]) -> Iterable[tuple[object, ...]]:
+    """The `_DECISIONS` rows of a batch's decisions (the payload is their JSON, encoded once)."""
+    return (
         (
-            d.tenant_id, d.chat_id, d.command_id, d.decision.command, d.decision.command_event_id,
-            d.decision.request_id, d.decision.decision, d.decision.error_code, d.decision.model_dump_json(),
-            d.decision.decided_at,
+            d.tenant_id, d.chat_id, d.command_id, d.command, d.command_event_id, d.request_id, d.decision,
+            d.error_code, d.payload, d.decided_at,
         )
         for d in decisions
     )  # fmt: skip
-    status = await con.execute(_INSERT_DECISIONS, *_DECISIONS.params(rows))
+
+
+async def _insert_decisions(con: asyncpg.Connection, decisions: Sequence[StoredDecision]) -> None:
+    status = await con.execute(_INSERT_DECISIONS, *_DECISIONS.params(decision_rows(decisions)))
     if int(status.split()[-1]) != len(decisions):
         # The loaded state said these keys were free: a decision that cannot be stored would
         # let a redelivered command reserve again. Roll back and retry the batch instead.

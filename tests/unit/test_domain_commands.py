@@ -30,7 +30,6 @@ from minichat.domain.commands import (
     ChatView,
     NewChat,
     NewTurn,
-    StoredDecision,
     TurnRemoval,
     command_id_of,
     decide_batch,
@@ -277,18 +276,23 @@ def test_new_chat_allow_creates_chat_turn_message_reserve_and_decision(
         "replay": False,
         "decided_at": iso(NOW),
     }
-    assert result.answers == [Answer(payload, replay=False)]
+    [answer] = result.answers
+    assert answer.payload == payload and not answer.replay
+    assert answer.value == json.dumps(payload, separators=(",", ":")).encode()  # the record value
     [stored] = changes.decisions
     assert (stored.tenant_id, stored.chat_id, stored.command_id) == (TENANT, CHAT, R1)
-    assert stored.decision == through_the_wire(payload)
-    assert json.loads(stored.decision.model_dump_json()) == payload  # what the table stores
+    assert (stored.command, stored.command_event_id, stored.request_id) == ("turn.requested", eid, R1)
+    assert (stored.decision, stored.error_code, stored.decided_at) == ("allow", None, NOW)
+    assert json.loads(stored.payload) == payload  # what the table stores
+    assert through_the_wire(json.loads(stored.payload)) == through_the_wire(payload)
 
     # What the next command of the batch sees.
     view = state.chats[CHAT]
     assert (view.facts, view.running, view.stale) == (ChatFacts(TENANT, USER, model), True, False)
     assert view.latest_live is not None and view.latest_live.request_id == R1
     assert state.quota[(TENANT, USER)] == {key: QuotaRow(reserved_credits_micro=reserve) for key in keys}
-    assert state.decisions[(CHAT, R1)] == payload
+    stored_json = state.decisions[(CHAT, R1)]
+    assert isinstance(stored_json, bytes) and json.loads(stored_json) == payload
 
 
 def test_downgrade_is_stored_with_its_reason() -> None:
@@ -416,7 +420,7 @@ def test_duplicate_request_in_one_batch_is_replayed(second: str) -> None:
     result = run(batch_state(), first, again)
     assert result.consumed == 2
     assert outcome(result) == [("allow", None, None, False), ("allow", None, None, True)]
-    assert result.answers[1].payload == result.answers[0].payload
+    assert result.answers[1].payload == {**result.answers[0].payload, "replay": True}
     assert len(result.changes.turns) == len(result.changes.chats) == len(result.changes.decisions) == 1
     assert result.changes.reserves[(TENANT, USER, D_TOTAL)][0] == STD_RESERVE
 
@@ -451,8 +455,9 @@ def test_duplicate_across_batches_resends_the_stored_decision(
         decisions={(CHAT, command_id_of(command)): stored},
     )
     result = run(state, command, (command, LATER))
-    assert result.answers == [Answer(stored, replay=True), Answer(stored, replay=True)]
-    assert result.answers[0].payload is stored
+    resent = json.dumps({**stored, "replay": True}, separators=(",", ":")).encode()
+    assert result.answers == [Answer(resent, True, stored), Answer(resent, True, stored)]
+    assert result.answers[0].fields is stored
     assert only_decisions_changed(result) and result.changes.decisions == []
     assert result.consumed == 2
 
@@ -848,5 +853,20 @@ def test_every_decision_validates_and_carries_its_event_time() -> None:
         assert decision.command_event_id == command.event_id
         assert (decision.tenant_id, decision.chat_id) == (command.tenant_id, command.chat_id)
         assert not decision.replay
-        assert stored == StoredDecision(TENANT, command.chat_id, command_id_of(command), decision)
-        assert json.loads(stored.decision.model_dump_json())["decided_at"] == iso(time)
+        assert (stored.tenant_id, stored.chat_id, stored.command_id) == (
+            TENANT,
+            command.chat_id,
+            command_id_of(command),
+        )
+        assert through_the_wire(json.loads(stored.payload)) == decision
+        assert (stored.command, stored.command_event_id, stored.request_id) == (
+            decision.command,
+            decision.command_event_id,
+            decision.request_id,
+        )
+        assert (stored.decision, stored.error_code, stored.decided_at) == (
+            decision.decision,
+            decision.error_code,
+            decision.decided_at,
+        )
+        assert json.loads(stored.payload)["decided_at"] == iso(time)

@@ -13,6 +13,7 @@ est_in 1000 + floor 50 = 1050. The policy is `test_domain_admission.POLICY` (tol
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -32,6 +33,8 @@ from minichat.domain.turns import (
     TurnRecord,
     apply_event,
     billing_event,
+    billing_fields,
+    billing_json,
 )
 from minichat.models.events import TurnState, UsageAdjusted, UsageSettled, to_json_bytes
 from minichat.models.policy import Policy
@@ -111,11 +114,17 @@ Timed = TurnEvent | tuple[TurnEvent, datetime]
 
 
 def play(turn: TurnRecord, *events: Timed, policy: Policy = POLICY, first_offset: int = 100) -> list[Step]:
-    """Apply events in order, one second apart (unless timed) with increasing offsets."""
+    """Apply events in order, one second apart (unless timed) with increasing offsets. Each event is
+    also applied to a working copy changed in place (`own=True`, as a batch applies them): the same
+    step and the same turn, every time."""
     steps = []
+    working = turn.evolve()
     for index, item in enumerate(events):
         event, at = item if isinstance(item, tuple) else (item, T0 + timedelta(seconds=index + 1))
         step = apply_event(turn, event, at, first_offset + index, policy)
+        in_place = apply_event(working, event, at, first_offset + index, policy, own=True)
+        assert in_place.turn is working and working == step.turn
+        assert dataclasses.replace(in_place, turn=step.turn) == step
         steps.append(step)
         turn = step.turn
     return steps
@@ -141,6 +150,7 @@ def wire(turn: TurnRecord, billing: Billing) -> UsageSettled | UsageAdjusted:
     """`billing_event`, checked to survive the wire (JSON out, validated back in)."""
     event = billing_event(turn, billing)
     assert through_the_wire(json.loads(to_json_bytes(event))) == event
+    assert billing_json(billing_fields(turn, billing)) == event.model_dump_json()  # the outbox text
     return event
 
 
