@@ -27,6 +27,7 @@ from minichat.domain.ids import quota_row_id
 from minichat.domain.periods import periods_for
 from minichat.domain.quota import BUCKET_PREMIUM, BUCKET_TOTAL, BucketKey, QuotaRow
 from minichat.models.events import TurnDelete, TurnEdit, TurnRequested, TurnRetry
+from minichat.storage.combined import Part, execute_parts
 from minichat.storage.db import RetryableConflict, Unnest, columns
 
 _NIL = UUID(int=0)
@@ -362,22 +363,37 @@ class DecisionConflict(RetryableConflict):
 
 
 async def write_changes(con: asyncpg.Connection, changes: Changes) -> None:
-    """The batch's changes, one set-based statement per table and kind."""
+    """The batch's changes in one statement (`combined.execute_parts`), one part per table and
+    kind. The parts run on one snapshot, as the removals did before the inserts of turns and
+    messages (a removal never meets a row inserted in the same step); a chat inserted and deleted
+    in the same step is inserted by a statement of its own first, so that the delete finds it."""
+    first: list[Part] = []
+    parts: list[Part] = []
     if changes.chats:
-        await con.execute(_INSERT_CHATS, *_CHATS.params_of(changes.chats))
+        insert = Part(_INSERT_CHATS, _CHATS.params_of(changes.chats))
+        removed = {c.chat_id for c in changes.removed_chats}
+        (first if removed & {c.id for c in changes.chats} else parts).append(insert)
     if changes.removed_turns:
-        removed = _REMOVED_TURNS.params_of(changes.removed_turns)
-        await con.execute(_REMOVE_TURNS, *removed)
-        await con.execute(_REMOVE_MESSAGES, *removed)
+        removed_turns = _REMOVED_TURNS.params_of(changes.removed_turns)
+        parts += [Part(_REMOVE_TURNS, removed_turns), Part(_REMOVE_MESSAGES, removed_turns)]
     if changes.removed_chats:
-        await con.execute(_REMOVE_CHATS, *_REMOVED_CHATS.params_of(changes.removed_chats))
+        parts.append(Part(_REMOVE_CHATS, _REMOVED_CHATS.params_of(changes.removed_chats)))
     if changes.turns:
-        await con.execute(_INSERT_TURNS, *_TURNS.params_of(changes.turns))
-        await con.execute(_INSERT_USER_MESSAGES, *_USER_MESSAGES.params_of(changes.turns))
+        parts.append(Part(_INSERT_TURNS, _TURNS.params_of(changes.turns)))
+        parts.append(Part(_INSERT_USER_MESSAGES, _USER_MESSAGES.params_of(changes.turns)))
     if changes.reserves:
-        await con.execute(_ADD_RESERVES, *_RESERVES.params(_reserve_rows(changes)))
+        parts.append(Part(_ADD_RESERVES, _RESERVES.params(_reserve_rows(changes))))
+    decisions = None
     if changes.decisions:
-        await _insert_decisions(con, changes.decisions)
+        decisions = Part(_INSERT_DECISIONS, _DECISIONS.params(decision_rows(changes.decisions)))
+        parts.append(decisions)
+    if first:
+        await execute_parts(con, first)
+    stored = await execute_parts(con, parts)
+    if decisions is not None and stored[-1] != len(changes.decisions):
+        # The loaded state said these keys were free: a decision that cannot be stored would
+        # let a redelivered command reserve again. Roll back and retry the batch instead.
+        raise DecisionConflict(f"{len(changes.decisions)} decisions, {stored[-1]} stored")
 
 
 def _reserve_rows(changes: Changes) -> Iterable[tuple[object, ...]]:
@@ -398,11 +414,3 @@ def decision_rows(decisions: Sequence[StoredDecision]) -> Iterable[tuple[object,
         )
         for d in decisions
     )  # fmt: skip
-
-
-async def _insert_decisions(con: asyncpg.Connection, decisions: Sequence[StoredDecision]) -> None:
-    status = await con.execute(_INSERT_DECISIONS, *_DECISIONS.params(decision_rows(decisions)))
-    if int(status.split()[-1]) != len(decisions):
-        # The loaded state said these keys were free: a decision that cannot be stored would
-        # let a redelivered command reserve again. Roll back and retry the batch instead.
-        raise DecisionConflict(f"{len(decisions)} decisions, {status.split()[-1]} stored")
