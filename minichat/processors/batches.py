@@ -97,13 +97,30 @@ class MergedBatches:
         owners: Mapping[UUID, UserKey] | None = None,
     ) -> list[Output]:
         """Apply decoded records (merged order) inside the caller's transaction. `owners`: what
-        `self.owners` read for a batch these records are part of (read here when not given)."""
+        `self.owners` read for a batch these records are part of (read here, by the statement that
+        takes the batch's locks, when not given)."""
         if not good:
             return []
         commands = [d for d in good if d.record.topic == self.topics.turn_requests]
         facts = [d for d in good if d.record.topic != self.topics.turn_requests]
+        users = {(d.event.tenant_id, d.event.user_id) for d in commands}
+        if owners is not None:
+            users.update(o for d in facts if (o := owners.get(d.event.chat_id)) is not None)
+        # One lock order for the whole transaction: every request, then every user (the owners of
+        # the chats the facts name are read by the same statement, unless given). The handlers
+        # take the same locks again per step, which no longer waits.
+        # A retry, edit or delete also locks the turn it targets: every turn row is then locked
+        # only under its request's lock, which each transaction takes up front in one order.
+        found = await lock_batch(
+            con,
+            {(d.event.chat_id, command_id_of(d.event)) for d in commands}
+            | {(d.event.chat_id, d.event.request_id) for d in commands if _targets_a_turn(d.event)}
+            | {(d.event.chat_id, d.event.request_id) for d in facts},
+            users,
+            () if owners is not None else {(d.event.tenant_id, d.event.chat_id) for d in facts},
+        )
         if owners is None:
-            owners = await self.owners(con, facts)
+            owners = found
         claimants: dict[UUID, set[UserKey]] = {}
         for d in commands:
             claimants.setdefault(d.event.chat_id, set()).add((d.event.tenant_id, d.event.user_id))
@@ -127,17 +144,6 @@ class MergedBatches:
             elif event.type != "turn.progress":
                 yield from ((partition, t.int, u.int) for t, u in claimants.get(event.chat_id, ()))
 
-        # One lock order for the whole transaction: every request, then every user. The handlers
-        # take the same locks again per step, which no longer waits.
-        # A retry, edit or delete also locks the turn it targets: every turn row is then locked
-        # only under its request's lock, which each transaction takes up front in one order.
-        await lock_batch(
-            con,
-            {(d.event.chat_id, command_id_of(d.event)) for d in commands}
-            | {(d.event.chat_id, d.event.request_id) for d in commands if _targets_a_turn(d.event)}
-            | {(d.event.chat_id, d.event.request_id) for d in facts},
-            {u for users in claimants.values() for u in users},
-        )
         outputs: list[Output] = []
         steps = plan_steps(good, kind, keys)
         self.metrics.inc("minichat_batch_steps_total", len(steps))
