@@ -103,24 +103,7 @@ class MergedBatches:
             return []
         commands = [d for d in good if d.record.topic == self.topics.turn_requests]
         facts = [d for d in good if d.record.topic != self.topics.turn_requests]
-        users = {(d.event.tenant_id, d.event.user_id) for d in commands}
-        if owners is not None:
-            users.update(o for d in facts if (o := owners.get(d.event.chat_id)) is not None)
-        # One lock order for the whole transaction: every request, then every user (the owners of
-        # the chats the facts name are read by the same statement, unless given). The handlers
-        # take the same locks again per step, which no longer waits.
-        # A retry, edit or delete also locks the turn it targets: every turn row is then locked
-        # only under its request's lock, which each transaction takes up front in one order.
-        found = await lock_batch(
-            con,
-            {(d.event.chat_id, command_id_of(d.event)) for d in commands}
-            | {(d.event.chat_id, d.event.request_id) for d in commands if _targets_a_turn(d.event)}
-            | {(d.event.chat_id, d.event.request_id) for d in facts},
-            users,
-            () if owners is not None else {(d.event.tenant_id, d.event.chat_id) for d in facts},
-        )
-        if owners is None:
-            owners = found
+        owners = await self._lock(con, commands, facts, owners)
         claimants: dict[UUID, set[UserKey]] = {}
         for d in commands:
             claimants.setdefault(d.event.chat_id, set()).add((d.event.tenant_id, d.event.user_id))
@@ -151,6 +134,31 @@ class MergedBatches:
             handler = self.turn_requests if step.kind == COMMAND else self.turn_events
             outputs.extend(await handler(con, step.items))
         return outputs
+
+    @staticmethod
+    async def _lock(
+        con: asyncpg.Connection,
+        commands: Sequence[Decoded[Any]],
+        facts: Sequence[Decoded[Any]],
+        owners: Mapping[UUID, UserKey] | None,
+    ) -> Mapping[UUID, UserKey]:
+        """One lock order for the whole transaction: every request, then every user (the owners of
+        the chats the facts name are read by the same statement, unless given). The handlers take
+        the same locks again per step, which no longer waits. A retry, edit or delete also locks
+        the turn it targets: every turn row is then locked only under its request's lock, which
+        each transaction takes up front in one order. Returns the owners."""
+        users = {(d.event.tenant_id, d.event.user_id) for d in commands}
+        if owners is not None:
+            users.update(o for d in facts if (o := owners.get(d.event.chat_id)) is not None)
+        found = await lock_batch(
+            con,
+            {(d.event.chat_id, command_id_of(d.event)) for d in commands}
+            | {(d.event.chat_id, d.event.request_id) for d in commands if _targets_a_turn(d.event)}
+            | {(d.event.chat_id, d.event.request_id) for d in facts},
+            users,
+            () if owners is not None else {(d.event.tenant_id, d.event.chat_id) for d in facts},
+        )
+        return found if owners is None else owners
 
     def split(
         self, good: Sequence[Decoded[Any]], owners: Mapping[UUID, UserKey], parts: int
