@@ -97,13 +97,13 @@ class MergedBatches:
         owners: Mapping[UUID, UserKey] | None = None,
     ) -> list[Output]:
         """Apply decoded records (merged order) inside the caller's transaction. `owners`: what
-        `self.owners` read for a batch these records are part of (read here when not given)."""
+        `self.owners` read for a batch these records are part of (read here, by the statement that
+        takes the batch's locks, when not given)."""
         if not good:
             return []
         commands = [d for d in good if d.record.topic == self.topics.turn_requests]
         facts = [d for d in good if d.record.topic != self.topics.turn_requests]
-        if owners is None:
-            owners = await self.owners(con, facts)
+        owners = await self._lock(con, commands, facts, owners)
         claimants: dict[UUID, set[UserKey]] = {}
         for d in commands:
             claimants.setdefault(d.event.chat_id, set()).add((d.event.tenant_id, d.event.user_id))
@@ -127,17 +127,6 @@ class MergedBatches:
             elif event.type != "turn.progress":
                 yield from ((partition, t.int, u.int) for t, u in claimants.get(event.chat_id, ()))
 
-        # One lock order for the whole transaction: every request, then every user. The handlers
-        # take the same locks again per step, which no longer waits.
-        # A retry, edit or delete also locks the turn it targets: every turn row is then locked
-        # only under its request's lock, which each transaction takes up front in one order.
-        await lock_batch(
-            con,
-            {(d.event.chat_id, command_id_of(d.event)) for d in commands}
-            | {(d.event.chat_id, d.event.request_id) for d in commands if _targets_a_turn(d.event)}
-            | {(d.event.chat_id, d.event.request_id) for d in facts},
-            {u for users in claimants.values() for u in users},
-        )
         outputs: list[Output] = []
         steps = plan_steps(good, kind, keys)
         self.metrics.inc("minichat_batch_steps_total", len(steps))
@@ -145,6 +134,31 @@ class MergedBatches:
             handler = self.turn_requests if step.kind == COMMAND else self.turn_events
             outputs.extend(await handler(con, step.items))
         return outputs
+
+    @staticmethod
+    async def _lock(
+        con: asyncpg.Connection,
+        commands: Sequence[Decoded[Any]],
+        facts: Sequence[Decoded[Any]],
+        owners: Mapping[UUID, UserKey] | None,
+    ) -> Mapping[UUID, UserKey]:
+        """One lock order for the whole transaction: every request, then every user (the owners of
+        the chats the facts name are read by the same statement, unless given). The handlers take
+        the same locks again per step, which no longer waits. A retry, edit or delete also locks
+        the turn it targets: every turn row is then locked only under its request's lock, which
+        each transaction takes up front in one order. Returns the owners."""
+        users = {(d.event.tenant_id, d.event.user_id) for d in commands}
+        if owners is not None:
+            users.update(o for d in facts if (o := owners.get(d.event.chat_id)) is not None)
+        found = await lock_batch(
+            con,
+            {(d.event.chat_id, command_id_of(d.event)) for d in commands}
+            | {(d.event.chat_id, d.event.request_id) for d in commands if _targets_a_turn(d.event)}
+            | {(d.event.chat_id, d.event.request_id) for d in facts},
+            users,
+            () if owners is not None else {(d.event.tenant_id, d.event.chat_id) for d in facts},
+        )
+        return found if owners is None else owners
 
     def split(
         self, good: Sequence[Decoded[Any]], owners: Mapping[UUID, UserKey], parts: int

@@ -52,6 +52,7 @@ from minichat.processors.records import Output, SourceRecord, source_record
 from minichat.processors.resume import ahead_of_group, apply_nothing, next_offsets, resume_at
 from minichat.settings import Settings
 from minichat.storage import coordination, statements
+from minichat.storage.combined import Claim
 from minichat.storage.coordination import PositionConflict
 from minichat.tasks import cancel_and_wait
 
@@ -308,8 +309,10 @@ class OrderedEngine:
                 self._flights.send(outputs, {}, [])  # committed: their decisions leave all the same
                 raise
         else:
-            apply = functools.partial(self.batches.apply, good=good)
-            outputs = await self._transaction(offsets, self._recorded(apply, [records[i] for i in run]))
+            apply = self._recorded(
+                functools.partial(self.batches.apply, good=good), [records[i] for i in run]
+            )
+            outputs = await self._transaction(offsets, apply, locks=True)
         if self.settings.fault_exit_after_commit and any(
             d.record.topic == self.names.turn_requests for d in good
         ):
@@ -353,17 +356,12 @@ class OrderedEngine:
         PostgreSQL refuses fails its group, and the whole run goes back to `isolating`. A group
         that committed next to one that met a position conflict sends its decisions: its records
         will not be applied again by this worker."""
-        results = await asyncio.gather(
-            *(
-                self._transaction(
-                    offsets,
-                    self._recorded(functools.partial(self.batches.apply, good=g, owners=owners), g),
-                    store=False,
-                )
-                for g in groups
-            ),
-            return_exceptions=True,
-        )
+
+        def group(g: list[Decoded[Any]]) -> Awaitable[list[Output]]:
+            apply = self._recorded(functools.partial(self.batches.apply, good=g, owners=owners), g)
+            return self._transaction(offsets, apply, store=False, locks=True)
+
+        results = await asyncio.gather(*(group(g) for g in groups), return_exceptions=True)
         outputs = [out for r in results if not isinstance(r, BaseException) for out in r]
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
@@ -394,20 +392,20 @@ class OrderedEngine:
         apply: Callable[[asyncpg.Connection], Awaitable[list[Output]]],
         *,
         store: bool = True,
+        locks: bool = False,
     ) -> list[Output]:
-        """Claim the positions, apply, store the positions after `offsets`: one unit. Without
-        `store` (a group of a split batch) the claim is shared and nothing is stored."""
+        """Claim the positions, apply, store the positions after `offsets`: one unit. Without `store`
+        (a split batch's group) the claim is shared, nothing stored. `locks`: `apply` takes the
+        batch's locks first (`MergedBatches.apply`): the claim goes with them (`storage/combined.py`)."""
         expected = {lane: self.positions.get(lane) for lane in offsets}
         acknowledged = dict(self._flights.acknowledged)  # outputs acknowledged: kept with the positions
 
         async def attempt() -> list[Output]:
             pool = await self.pool()
-            async with pool.acquire() as con, con.transaction():
-                await coordination.claim_positions(con, self.settings.group_id, expected, shared=not store)
-                outputs = await apply(con)
-                if store:
-                    await coordination.store_positions(con, self.settings.group_id, offsets, acknowledged)
-                return outputs
+            group = self.settings.group_id
+            stored = coordination.positions_part(group, offsets, acknowledged) if store else None
+            async with pool.acquire() as con, con.transaction():  # claim, store: sent with apply's own
+                return await coordination.framed(con, apply, Claim(group, expected, not store), stored, locks)
 
         outputs = await with_retries(
             "engine batch", attempt, self.retry, dependency="PostgreSQL", on_retry=self._count_retry

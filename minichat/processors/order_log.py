@@ -4,8 +4,8 @@ the exact order in which it applied the set's records, and the relay publishes i
 (`tools/rebuild/recorded_order.py`), so rebuild equality no longer rests on clocks agreeing.
 
 An entry is compact: runs of (topic, first offset, last offset) in applied order, consecutive
-offsets of one topic collapsed into one run. It is written after the batch's records were applied,
-in the same transaction: only committed transactions leave entries, and one re-applying the same
+offsets of one topic collapsed into one run. It is written in the batch's transaction once the
+batch's locks are held: only committed transactions leave entries, and one re-applying the same
 records (a retry, a restart before the outputs were acknowledged, a zombie's batch) waits on their
 locks for the first to commit, so its entry comes later on the topic. The rule a rebuild follows:
 the first entry naming a record wins (the later application changed nothing).
@@ -23,7 +23,8 @@ import asyncpg
 from minichat.models.events import OrderApplied
 from minichat.processors.pipeline import Decoded, Producer
 from minichat.processors.records import Output, SourceRecord
-from minichat.storage.order_log import OrderRow, delete_order, fetch_order, insert_order
+from minichat.storage.combined import defer
+from minichat.storage.order_log import OrderRow, delete_order, fetch_order, insert_order, order_part
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +57,15 @@ def entries(records: Iterable[SourceRecord], prefix: str) -> list[tuple[int, str
 
 
 def recording(apply: Apply, records: Sequence[SourceRecord], prefix: str) -> Apply:
-    """`apply`, then (same transaction) the order of `records`: the order it applied them in."""
+    """`apply`, and (same transaction) the order of `records`: the order it applied them in. In a
+    batch transaction's frame (`storage.combined`) the rows go out with its first write, after
+    the batch's locks were taken; without one, after `apply`."""
     rows = entries(records, prefix)
 
     async def run(con: asyncpg.Connection) -> list[Output]:
+        part = order_part(rows)
+        if part is None or defer(part):
+            return await apply(con)
         outputs = await apply(con)
         await insert_order(con, rows)
         return outputs

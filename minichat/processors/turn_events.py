@@ -34,19 +34,15 @@ from minichat.processors.metrics import Metrics
 from minichat.processors.pipeline import Decoded, dead_letter_for
 from minichat.processors.records import Output, SourceRecord
 from minichat.storage.locks import RequestKey
-from minichat.storage.outbox import OutboxEntry, insert_outbox
+from minichat.storage.outbox import OutboxEntry
 from minichat.storage.policies import PolicySnapshots
 from minichat.storage.turns import (
     Found,
     Parked,
     QuotaSlot,
     TurnWrite,
-    apply_quota_deltas,
-    insert_assistant_messages,
     load_turns,
-    park,
-    update_message_usage,
-    update_turns,
+    write_events,
 )
 
 logger = logging.getLogger(__name__)
@@ -201,13 +197,15 @@ def _add_billing(effects: _Effects, turn: TurnRecord, billing: Billing) -> None:
 
 
 async def _write(con: asyncpg.Connection, effects: _Effects) -> None:
-    await park(con, effects.parked)
-    # messages first: turns reference their assistant message
-    await insert_assistant_messages(con, list(effects.messages.values()))
-    await update_turns(con, list(effects.turns.values()))
-    await update_message_usage(con, list(effects.message_usage.values()))
-    await apply_quota_deltas(con, effects.deltas)
-    await insert_outbox(con, effects.outbox)
+    await write_events(
+        con,
+        parked=effects.parked,
+        messages=list(effects.messages.values()),
+        turns=list(effects.turns.values()),
+        message_usage=list(effects.message_usage.values()),
+        deltas=effects.deltas,
+        outbox=effects.outbox,
+    )
 
 
 def _parked(record: SourceRecord, event: TurnEvent) -> Parked:

@@ -7,12 +7,16 @@ a tenant, the locks name a timer (see tests/unit/test_sql_tenant_scope.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Final
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Final, TypeVar
 
 import asyncpg
 
+from minichat.storage import combined
+from minichat.storage.combined import Claim, Frame, Part
 from minichat.storage.db import columns
+
+T = TypeVar("T")
 
 SYSTEM_LEVEL: Final = (
     "how workers share the work: a consumer group's input positions (keyed by the group) and the "
@@ -38,8 +42,8 @@ ORDER BY k.topic, k.partition
 ON CONFLICT (group_id, topic, partition) DO NOTHING
 """
 
-_LOCK: Final = _LOAD + "ORDER BY p.topic, p.partition\nFOR UPDATE OF p"
-_SHARE: Final = _LOAD + "ORDER BY p.topic, p.partition\nFOR SHARE OF p"
+CLAIM_LOCK: Final = _LOAD + "ORDER BY p.topic, p.partition\nFOR UPDATE OF p"
+CLAIM_SHARE: Final = _LOAD + "ORDER BY p.topic, p.partition\nFOR SHARE OF p"
 
 _UPSERT: Final = """
 INSERT INTO consumer_positions AS p (group_id, topic, partition, next_offset)
@@ -109,11 +113,36 @@ async def claim_positions(
     waits for all of them, and one that came first makes them find the rows moved."""
     if not expected:
         return
-    rows = await con.fetch(_SHARE if shared else _LOCK, group_id, *columns(sorted(expected), 2))
-    stored = {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+    rows = await con.fetch(CLAIM_SHARE if shared else CLAIM_LOCK, group_id, *columns(sorted(expected), 2))
+    check_claim(expected, {(r["topic"], r["partition"]): r["next_offset"] for r in rows})
+
+
+def claim_columns(claim: Claim) -> list[list[object]]:
+    """The claim's parameters after the group (`$2`, `$3` of `CLAIM_LOCK`/`CLAIM_SHARE`), for
+    `locks.lock_batch`, which sends the claim with the batch's locks."""
+    return columns(sorted(claim.expected), 2)
+
+
+def check_claim(
+    expected: Mapping[TopicPartitionKey, int | None], stored: Mapping[TopicPartitionKey, int]
+) -> None:
+    """Raise `PositionConflict` unless every claimed row says what this worker expected."""
     moved = {key: (want, stored.get(key)) for key, want in expected.items() if stored.get(key) != want}
     if moved:
         raise PositionConflict(moved)
+
+
+def positions_part(
+    group_id: str,
+    next_offsets: Mapping[TopicPartitionKey, int],
+    acknowledged: Mapping[TopicPartitionKey, int] | None = None,
+) -> Part | None:
+    """`store_positions` as a part of another statement (`combined.execute_parts`)."""
+    rows = [(group_id, t, p, next_offsets[(t, p)]) for t, p in sorted(next_offsets)]
+    if acknowledged:
+        ack_group = acknowledged_group(group_id)
+        rows += [(ack_group, t, p, acknowledged[(t, p)]) for t, p in sorted(acknowledged)]
+    return Part(_UPSERT, columns(rows, 4)) if rows else None
 
 
 async def store_positions(
@@ -124,12 +153,34 @@ async def store_positions(
 ) -> None:
     """Store the group's positions and, in the same statement, how far its outputs were
     acknowledged (`acknowledged_group`); offsets only grow."""
-    rows = [(group_id, t, p, next_offsets[(t, p)]) for t, p in sorted(next_offsets)]
-    if acknowledged:
-        ack_group = acknowledged_group(group_id)
-        rows += [(ack_group, t, p, acknowledged[(t, p)]) for t, p in sorted(acknowledged)]
-    if rows:
-        await con.execute(_UPSERT, *columns(rows, 4))
+    part = positions_part(group_id, next_offsets, acknowledged)
+    if part is not None:
+        await con.execute(part.sql, *part.params)
+
+
+async def framed(
+    con: asyncpg.Connection,
+    apply: Callable[[asyncpg.Connection], Awaitable[T]],
+    claim: Claim,
+    store: Part | None,
+    with_locks: bool,
+) -> T:
+    """`apply` inside a batch transaction's frame (`combined.Frame`): `store` (the positions after
+    the batch) goes out with its first write, and the claim with the batch's lock statement when
+    `apply` takes the batch's locks first (`with_locks`), else before `apply`. What `apply` did not
+    send (it locked or wrote nothing) is sent here, the claim first."""
+    if not with_locks:
+        await claim_positions(con, claim.group_id, claim.expected, shared=claim.shared)
+    token = combined.enter(Frame(claim if with_locks else None, [store] if store is not None else []))
+    try:
+        result = await apply(con)
+        pending = combined.take_claim()
+        if pending is not None:
+            await claim_positions(con, pending.group_id, pending.expected, shared=pending.shared)
+        await combined.execute_parts(con, [])
+    finally:
+        combined.leave(token)
+    return result
 
 
 # ------------------------------------------------------------------- leaders of the timers

@@ -11,6 +11,8 @@ from typing import Final
 
 import asyncpg
 
+from minichat.storage.combined import Part
+
 SYSTEM_LEVEL: Final = (
     "the applied order: per partition set, offsets of the input topics a batch applied (operator "
     "data, no tenant, no content); the relay's scan reads every set's rows in id order"
@@ -39,6 +41,13 @@ class OrderRow:
     partition_set: int
     payload: bytes  # the record value, byte for byte
     stored_seen_at: datetime
+
+
+def order_part(entries: Sequence[tuple[int, str]]) -> Part | None:
+    """`insert_order` as a part of another statement (`combined.execute_parts`)."""
+    if not entries:
+        return None
+    return Part(_INSERT, [[e[0] for e in entries], [e[1] for e in entries]])
 
 
 async def insert_order(con: asyncpg.Connection, entries: Sequence[tuple[int, str]]) -> None:

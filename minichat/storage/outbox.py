@@ -18,6 +18,7 @@ from uuid import UUID
 import asyncpg
 
 from minichat.models.events import UsageAdjusted, UsageSettled
+from minichat.storage.combined import Part
 
 
 class OutboxEntry(NamedTuple):
@@ -75,6 +76,22 @@ SET published_at = now()
 FROM unnest($1::bigint[], $2::uuid[]) AS k (id, tenant_id)
 WHERE o.id = k.id AND o.tenant_id = k.tenant_id AND o.published_at IS NULL
 """
+
+
+def outbox_part(rows: Sequence[OutboxEntry]) -> Part | None:
+    """`insert_outbox` as a part of a step's one write statement."""
+    if not rows:
+        return None
+    return Part(
+        _INSERT,
+        [
+            [r.tenant_id for r in rows],
+            [r.dedupe_key for r in rows],
+            [r.event_type for r in rows],
+            [r.payload for r in rows],
+            [r.created_at for r in rows],
+        ],
+    )
 
 
 async def insert_outbox(con: asyncpg.Connection, rows: Sequence[OutboxEntry]) -> int:

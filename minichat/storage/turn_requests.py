@@ -7,6 +7,7 @@ inside the caller's transaction.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from uuid import UUID
@@ -27,6 +28,7 @@ from minichat.domain.ids import quota_row_id
 from minichat.domain.periods import periods_for
 from minichat.domain.quota import BUCKET_PREMIUM, BUCKET_TOTAL, BucketKey, QuotaRow
 from minichat.models.events import TurnDelete, TurnEdit, TurnRequested, TurnRetry
+from minichat.storage.combined import Part, execute_parts
 from minichat.storage.db import RetryableConflict, Unnest, columns
 
 _NIL = UUID(int=0)
@@ -118,6 +120,80 @@ ORDER BY q.tenant_id, q.user_id, q.period_type, q.period_start, q.bucket
 FOR UPDATE OF q
 """
 
+# The six loads above as one statement: each a branch of one `UNION ALL`, its columns put in place
+# of the union's (`part` says which load a row is of; the rest stay NULL). The branches run in
+# order: the targets' turn locks first, the quota row locks last, as the statements did one by one.
+_STATE_COLUMNS = (
+    ("chat_id", "uuid"), ("request_id", "uuid"), ("tenant_id", "uuid"), ("user_id", "uuid"),
+    ("same_tenant", "bool"), ("deleted", "bool"), ("model", "text"), ("requester_user_id", "uuid"),
+    ("state", "text"), ("image_count", "int"), ("web_search_enabled", "bool"),
+    ("code_interpreter_enabled", "bool"), ("settled_tokens", "bigint"), ("content", "text"),
+    ("payload", "jsonb"), ("period_type", "text"), ("period_start", "date"), ("bucket", "text"),
+    ("spent_credits_micro", "bigint"), ("reserved_credits_micro", "bigint"), ("calls", "int"),
+    ("input_tokens", "bigint"), ("output_tokens", "bigint"), ("web_search_calls", "int"),
+    ("code_interpreter_calls", "int"),
+)  # fmt: skip
+_TURN_FIELDS = (
+    "chat_id", "request_id", "requester_user_id", "state", "deleted", "image_count", "web_search_enabled",
+    "code_interpreter_enabled", "settled_tokens", "content",
+)  # fmt: skip
+
+
+def _branch(part: str, source: str, renamed: dict[str, str]) -> tuple[str, str]:
+    """The select list (`part`, then the union's columns: `x.<renamed[column]>` or NULL) and the
+    FROM of one load's branch."""
+    values = ", ".join(
+        f"{'x.' + renamed[name] if name in renamed else 'NULL'}::{pg_type} AS {name}"
+        for name, pg_type in _STATE_COLUMNS
+    )
+    return f"{part}::text AS part, {values}", source
+
+
+def _numbered(sql: str, offset: int) -> str:
+    return re.sub(r"\$(\d+)", lambda m: f"${int(m.group(1)) + offset}", sql.strip())
+
+
+_LOAD_STATE = (
+    f"WITH targets AS MATERIALIZED ({_numbered(_LOAD_TARGETS, 0)}),\n"
+    f"quota AS MATERIALIZED ({_numbered(_LOAD_QUOTA, 12)})\n"
+    + "\nUNION ALL\n".join(
+        f"SELECT {values} FROM {source}"
+        for values, source in (
+            _branch("'target'", "targets x", {n: n for n in _TURN_FIELDS}),
+            _branch(
+                "'chat'",
+                f"({_numbered(_LOAD_CHATS, 3)}) x",
+                {
+                    "chat_id": "id",
+                    **{n: n for n in ("tenant_id", "same_tenant", "user_id", "model", "deleted")},
+                },
+            ),
+            _branch("x.kind", f"({_numbered(_LOAD_LATEST, 5)}) x", {n: n for n in _TURN_FIELDS}),
+            _branch(
+                "'decision'",
+                f"({_numbered(_LOAD_DECISIONS, 7)}) x",
+                {
+                    "chat_id": "chat_id",
+                    "request_id": "command_id",
+                    "same_tenant": "same_tenant",
+                    "payload": "payload",
+                },
+            ),
+            _branch(
+                "'parked'",
+                f"({_numbered(_PARKED_REQUESTS, 10)}) x",
+                {n: n for n in ("chat_id", "request_id")},
+            ),
+            _branch(
+                "'quota'",
+                "quota x",
+                {n: n for n, _ in _STATE_COLUMNS[15:]} | {"tenant_id": "tenant_id", "user_id": "user_id"},
+            ),
+        )
+    )
+)
+"""Parameters: targets (3 arrays), chats (2), latest turns (2), decisions (3), parked (2), quota (5)."""
+
 
 def _stored_turn(row: asyncpg.Record) -> StoredTurn:
     return StoredTurn(
@@ -134,100 +210,102 @@ def _stored_turn(row: asyncpg.Record) -> StoredTurn:
 
 
 async def load_batch_state(con: asyncpg.Connection, commands: Sequence[Command]) -> BatchState:
-    """Everything `decide_batch` reads, with the batch's users locked for the transaction."""
+    """Everything `decide_batch` reads, with the batch's users locked for the transaction: one
+    statement (`_LOAD_STATE`), the turns it names locked before any quota row."""
     pairs = list({(e.tenant_id, e.chat_id) for e, _ in commands})
     views: dict[UUID, ChatView] = {chat: ChatView() for _, chat in pairs}
-    await _load_targets(con, commands, views)  # turn locks before any quota row lock
-    await _load_chats(con, pairs, views)
-    await _load_latest_turns(con, pairs, views)
-    decisions, foreign = await _load_decisions(con, commands)
-    parked = await _parked_requests(con, commands)
-    quota = await _lock_quota(con, commands)  # last: the user locks are held, rows follow
+    tenants, chats = [t for t, _ in pairs], [c for _, c in pairs]
+    quota_keys, users = _quota_keys(commands)
+    rows = await con.fetch(
+        _LOAD_STATE,
+        *columns(_targets(commands), 3),
+        chats,
+        tenants,
+        tenants,
+        chats,
+        *columns({(e.tenant_id, e.chat_id, command_id_of(e)) for e, _ in commands}, 3),
+        *columns(_creating(commands), 2),
+        *columns(quota_keys, 5),
+    )
+    decisions: dict[tuple[UUID, UUID], Mapping[str, Any] | bytes] = {}
+    foreign: set[tuple[UUID, UUID]] = set()
+    parked: set[tuple[UUID, UUID]] = set()
+    quota: dict[UserKey, dict[BucketKey, QuotaRow]] = {user: {} for user in users}
+    for row in rows:
+        part = row["part"]
+        if part == "chat":
+            _chat_row(views[row["chat_id"]], row)
+        elif part == "live":
+            view = views[row["chat_id"]]
+            view.latest_live = _stored_turn(row)
+            view.running = row["state"] == "running"
+        elif part == "settled":  # newest first
+            views[row["chat_id"]].settled.append(_stored_turn(row))
+        elif part == "target":
+            views[row["chat_id"]].targets[row["request_id"]] = _stored_turn(row)
+        elif part == "decision":
+            key = (row["chat_id"], row["request_id"])
+            if row["same_tenant"]:
+                decisions[key] = _payload(row["payload"])
+            else:
+                foreign.add(key)
+        elif part == "parked":
+            parked.add((row["chat_id"], row["request_id"]))
+        else:
+            quota[(row["tenant_id"], row["user_id"])][
+                BucketKey(row["period_type"], row["period_start"], row["bucket"])
+            ] = QuotaRow(
+                spent_credits_micro=row["spent_credits_micro"],
+                reserved_credits_micro=row["reserved_credits_micro"],
+                calls=row["calls"],
+                input_tokens=row["input_tokens"],
+                output_tokens=row["output_tokens"],
+                web_search_calls=row["web_search_calls"],
+                code_interpreter_calls=row["code_interpreter_calls"],
+            )
     return BatchState(
         chats=views, decisions=decisions, quota=quota, foreign_decisions=foreign, parked_requests=parked
     )
 
 
-async def _load_targets(
-    con: asyncpg.Connection, commands: Sequence[Command], views: dict[UUID, ChatView]
-) -> None:
-    """The turns retry/edit/delete commands name, locked."""
-    targets = sorted(
+def _targets(commands: Sequence[Command]) -> list[tuple[UUID, UUID, UUID]]:
+    """The turns retry/edit/delete commands name (locked by the load)."""
+    return sorted(
         {
             (e.tenant_id, e.chat_id, e.request_id)
             for e, _ in commands
             if isinstance(e, TurnRetry | TurnEdit | TurnDelete)
         }
     )
-    if targets:
-        for row in await con.fetch(_LOAD_TARGETS, *columns(targets, 3)):
-            views[row["chat_id"]].targets[row["request_id"]] = _stored_turn(row)
 
 
-async def _load_chats(
-    con: asyncpg.Connection, pairs: list[tuple[UUID, UUID]], views: dict[UUID, ChatView]
-) -> None:
-    for row in await con.fetch(_LOAD_CHATS, [c for _, c in pairs], [t for t, _ in pairs]):
-        view = views[row["id"]]
-        if row["same_tenant"]:
-            view.facts = ChatFacts(
-                tenant_id=row["tenant_id"],
-                owner_user_id=row["user_id"],
-                model=row["model"],
-                deleted=row["deleted"],
-            )
-        elif view.facts is None:
-            # Another tenant's chat: only the fact that it is not the caller's is loaded.
-            view.facts = ChatFacts(tenant_id=_NIL, owner_user_id=_NIL, model="", deleted=True)
+def _chat_row(view: ChatView, row: asyncpg.Record) -> None:
+    if row["same_tenant"]:
+        view.facts = ChatFacts(
+            tenant_id=row["tenant_id"],
+            owner_user_id=row["user_id"],
+            model=row["model"],
+            deleted=row["deleted"],
+        )
+    elif view.facts is None:
+        # Another tenant's chat: only the fact that it is not the caller's is loaded.
+        view.facts = ChatFacts(tenant_id=_NIL, owner_user_id=_NIL, model="", deleted=True)
 
 
-async def _load_latest_turns(
-    con: asyncpg.Connection, pairs: list[tuple[UUID, UUID]], views: dict[UUID, ChatView]
-) -> None:
-    """Each chat's latest live turn and its latest two settled ones."""
-    tenants, chat_ids = [t for t, _ in pairs], [c for _, c in pairs]
-    for row in await con.fetch(_LOAD_LATEST, tenants, chat_ids):
-        view = views[row["chat_id"]]
-        if row["kind"] == "live":
-            view.latest_live = _stored_turn(row)
-            view.running = row["state"] == "running"
-        else:  # newest first
-            view.settled.append(_stored_turn(row))
-
-
-async def _load_decisions(
-    con: asyncpg.Connection, commands: Sequence[Command]
-) -> tuple[dict[tuple[UUID, UUID], Mapping[str, Any] | bytes], set[tuple[UUID, UUID]]]:
-    """The commands' stored decisions of their own tenant, and the keys another tenant holds."""
-    keys = list({(e.tenant_id, e.chat_id, command_id_of(e)) for e, _ in commands})
-    decisions: dict[tuple[UUID, UUID], Mapping[str, Any] | bytes] = {}
-    foreign: set[tuple[UUID, UUID]] = set()
-    for row in await con.fetch(_LOAD_DECISIONS, *columns(keys, 3)):
-        key = (row["chat_id"], row["command_id"])
-        if row["same_tenant"]:
-            decisions[key] = _payload(row["payload"])
-        else:
-            foreign.add(key)
-    return decisions, foreign
-
-
-async def _parked_requests(con: asyncpg.Connection, commands: Sequence[Command]) -> set[tuple[UUID, UUID]]:
-    creating = list(
-        {
-            (e.chat_id, command_id_of(e))
-            for e, _ in commands
-            if isinstance(e, TurnRequested | TurnRetry | TurnEdit)
-        }
-    )
+def _creating(commands: Sequence[Command]) -> set[tuple[UUID, UUID]]:
+    """(chat, request) of the turns the commands may start: which have events parked."""
     return {
-        (row["chat_id"], row["request_id"])
-        for row in await con.fetch(_PARKED_REQUESTS, *columns(creating, 2))
+        (e.chat_id, command_id_of(e))
+        for e, _ in commands
+        if isinstance(e, TurnRequested | TurnRetry | TurnEdit)
     }
 
 
-async def _lock_quota(
-    con: asyncpg.Connection, commands: Sequence[Command]
-) -> dict[UserKey, dict[BucketKey, QuotaRow]]:
+def _quota_keys(
+    commands: Sequence[Command],
+) -> tuple[set[tuple[UUID, UUID, str, object, str]], set[UserKey]]:
+    """The quota rows the reserving commands read (locked by the load), and their users. The
+    users' advisory locks are held already (processors.batches takes them for the batch)."""
     keys: set[tuple[UUID, UUID, str, object, str]] = set()
     users: set[UserKey] = set()
     for event, at in commands:
@@ -238,23 +316,7 @@ async def _lock_quota(
         for period_type, start in (("daily", periods.daily), ("monthly", periods.monthly)):
             for bucket in (BUCKET_TOTAL, BUCKET_PREMIUM):
                 keys.add((event.tenant_id, event.user_id, period_type, start, bucket))
-    quota: dict[UserKey, dict[BucketKey, QuotaRow]] = {user: {} for user in users}
-    if not keys:
-        return quota
-    # The users' advisory locks are held already (processors.batches takes them for the batch).
-    for row in await con.fetch(_LOAD_QUOTA, *columns(keys, 5)):  # locked in ORDER BY order
-        quota[(row["tenant_id"], row["user_id"])][
-            BucketKey(row["period_type"], row["period_start"], row["bucket"])
-        ] = QuotaRow(
-            spent_credits_micro=row["spent_credits_micro"],
-            reserved_credits_micro=row["reserved_credits_micro"],
-            calls=row["calls"],
-            input_tokens=row["input_tokens"],
-            output_tokens=row["output_tokens"],
-            web_search_calls=row["web_search_calls"],
-            code_interpreter_calls=row["code_interpreter_calls"],
-        )
-    return quota
+    return keys, users
 
 
 def _payload(value: object) -> dict[str, object]:
@@ -362,22 +424,37 @@ class DecisionConflict(RetryableConflict):
 
 
 async def write_changes(con: asyncpg.Connection, changes: Changes) -> None:
-    """The batch's changes, one set-based statement per table and kind."""
+    """The batch's changes in one statement (`combined.execute_parts`), one part per table and
+    kind. The parts run on one snapshot, as the removals did before the inserts of turns and
+    messages (a removal never meets a row inserted in the same step); a chat inserted and deleted
+    in the same step is inserted by a statement of its own first, so that the delete finds it."""
+    first: list[Part] = []
+    parts: list[Part] = []
     if changes.chats:
-        await con.execute(_INSERT_CHATS, *_CHATS.params_of(changes.chats))
+        insert = Part(_INSERT_CHATS, _CHATS.params_of(changes.chats))
+        removed = {c.chat_id for c in changes.removed_chats}
+        (first if removed & {c.id for c in changes.chats} else parts).append(insert)
     if changes.removed_turns:
-        removed = _REMOVED_TURNS.params_of(changes.removed_turns)
-        await con.execute(_REMOVE_TURNS, *removed)
-        await con.execute(_REMOVE_MESSAGES, *removed)
+        removed_turns = _REMOVED_TURNS.params_of(changes.removed_turns)
+        parts += [Part(_REMOVE_TURNS, removed_turns), Part(_REMOVE_MESSAGES, removed_turns)]
     if changes.removed_chats:
-        await con.execute(_REMOVE_CHATS, *_REMOVED_CHATS.params_of(changes.removed_chats))
+        parts.append(Part(_REMOVE_CHATS, _REMOVED_CHATS.params_of(changes.removed_chats)))
     if changes.turns:
-        await con.execute(_INSERT_TURNS, *_TURNS.params_of(changes.turns))
-        await con.execute(_INSERT_USER_MESSAGES, *_USER_MESSAGES.params_of(changes.turns))
+        parts.append(Part(_INSERT_TURNS, _TURNS.params_of(changes.turns)))
+        parts.append(Part(_INSERT_USER_MESSAGES, _USER_MESSAGES.params_of(changes.turns)))
     if changes.reserves:
-        await con.execute(_ADD_RESERVES, *_RESERVES.params(_reserve_rows(changes)))
+        parts.append(Part(_ADD_RESERVES, _RESERVES.params(_reserve_rows(changes))))
+    decisions = None
     if changes.decisions:
-        await _insert_decisions(con, changes.decisions)
+        decisions = Part(_INSERT_DECISIONS, _DECISIONS.params(decision_rows(changes.decisions)))
+        parts.append(decisions)
+    if first:
+        await execute_parts(con, first)
+    stored = await execute_parts(con, parts)
+    if decisions is not None and stored[-1] != len(changes.decisions):
+        # The loaded state said these keys were free: a decision that cannot be stored would
+        # let a redelivered command reserve again. Roll back and retry the batch instead.
+        raise DecisionConflict(f"{len(changes.decisions)} decisions, {stored[-1]} stored")
 
 
 def _reserve_rows(changes: Changes) -> Iterable[tuple[object, ...]]:
@@ -398,11 +475,3 @@ def decision_rows(decisions: Sequence[StoredDecision]) -> Iterable[tuple[object,
         )
         for d in decisions
     )  # fmt: skip
-
-
-async def _insert_decisions(con: asyncpg.Connection, decisions: Sequence[StoredDecision]) -> None:
-    status = await con.execute(_INSERT_DECISIONS, *_DECISIONS.params(decision_rows(decisions)))
-    if int(status.split()[-1]) != len(decisions):
-        # The loaded state said these keys were free: a decision that cannot be stored would
-        # let a redelivered command reserve again. Roll back and retry the batch instead.
-        raise DecisionConflict(f"{len(decisions)} decisions, {status.split()[-1]} stored")

@@ -16,8 +16,10 @@ import asyncpg
 from minichat.domain.quota import BucketKey, QuotaDelta
 from minichat.domain.settlement import USAGE_FIGURES, UsageFigures
 from minichat.domain.turns import AssistantMessage, TurnRecord, turn_from_columns
+from minichat.storage.combined import Part, execute_parts
 from minichat.storage.db import Unnest, columns
 from minichat.storage.locks import RequestKey
+from minichat.storage.outbox import OutboxEntry, outbox_part
 
 _LOAD_TURNS = """
 SELECT t.*, k.tenant_id AS event_tenant, t.tenant_id = k.tenant_id AS same_tenant
@@ -120,7 +122,7 @@ class TurnWrite:
     awaiting_usage: bool
 
 
-async def update_turns(con: asyncpg.Connection, writes: Sequence[TurnWrite]) -> None:
+def _update_turns(writes: Sequence[TurnWrite]) -> Part | None:
     if writes:
         rows = (
             (
@@ -131,7 +133,8 @@ async def update_turns(con: asyncpg.Connection, writes: Sequence[TurnWrite]) -> 
             )
             for w in writes
         )
-        await con.execute(_UPDATE_TURNS, *_TURN_UPDATES.params(rows))
+        return Part(_UPDATE_TURNS, _TURN_UPDATES.params(rows))
+    return None
 
 
 _INSERT_ASSISTANT_MESSAGES = """
@@ -170,7 +173,7 @@ def _usage_figures(usage: UsageFigures | None) -> tuple[int, int, int, int, int]
     )
 
 
-async def insert_assistant_messages(con: asyncpg.Connection, messages: Sequence[AssistantMessage]) -> None:
+def _insert_assistant_messages(messages: Sequence[AssistantMessage]) -> Part | None:
     if messages:
         rows = [
             (
@@ -179,17 +182,17 @@ async def insert_assistant_messages(con: asyncpg.Connection, messages: Sequence[
             )
             for m in messages
         ]  # fmt: skip
-        await con.execute(_INSERT_ASSISTANT_MESSAGES, *columns(rows, 13))
+        return Part(_INSERT_ASSISTANT_MESSAGES, columns(rows, 13))
+    return None
 
 
-async def update_message_usage(con: asyncpg.Connection, turns: Sequence[TurnRecord]) -> None:
+def _update_message_usage(turns: Sequence[TurnRecord]) -> Part | None:
     rows = [
         (t.assistant_message_id, t.tenant_id, *_usage_figures(t.usage))
         for t in turns
         if t.assistant_message_id is not None
     ]
-    if rows:
-        await con.execute(_MESSAGE_USAGE, *columns(rows, 7))
+    return Part(_MESSAGE_USAGE, columns(rows, 7)) if rows else None
 
 
 _QUOTA_DELTAS = Unnest.of(
@@ -229,11 +232,9 @@ class MissingQuotaRow(RuntimeError):
     """A settlement names a row its reserve never created: a bug, never skipped silently."""
 
 
-async def apply_quota_deltas(
-    con: asyncpg.Connection, deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]]
-) -> None:
+def _apply_quota_deltas(deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]]) -> Part | None:
     if not deltas:
-        return
+        return None
     slots = sorted(deltas, key=lambda s: (s[0], s[1], s[2]))
     rows = []
     for tenant, user, key in slots:
@@ -245,9 +246,35 @@ async def apply_quota_deltas(
                 d.output_tokens, d.web_search_calls, d.code_interpreter_calls, at,
             )
         )  # fmt: skip
-    status = await con.execute(_APPLY_QUOTA_DELTAS, *_QUOTA_DELTAS.params(rows))
-    if int(status.split()[-1]) != len(rows):
-        raise MissingQuotaRow(f"settlement touched {status.split()[-1]} of {len(rows)} quota rows")
+    return Part(_APPLY_QUOTA_DELTAS, _QUOTA_DELTAS.params(rows))
+
+
+async def write_events(
+    con: asyncpg.Connection,
+    *,
+    parked: Sequence[Parked],
+    messages: Sequence[AssistantMessage],
+    turns: Sequence[TurnWrite],
+    message_usage: Sequence[TurnRecord],
+    deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]],
+    outbox: Sequence[OutboxEntry],
+) -> None:
+    """A provider/usage step's writes in one statement (`combined.execute_parts`): every part
+    touches rows no other part does (a message inserted here takes its usage in the insert, a
+    turn and a quota row are written once, as they end up)."""
+    quota = _apply_quota_deltas(deltas)
+    parts = [
+        _park(parked),
+        _insert_assistant_messages(messages),
+        _update_turns(turns),
+        _update_message_usage(message_usage),
+        quota,
+        outbox_part(outbox),
+    ]
+    sent = [p for p in parts if p is not None]
+    counts = dict(zip(map(id, sent), await execute_parts(con, sent), strict=True))
+    if quota is not None and counts[id(quota)] != len(deltas):
+        raise MissingQuotaRow(f"settlement touched {counts[id(quota)]} of {len(deltas)} quota rows")
 
 
 # ------------------------------------------------------------------------------------ parking
@@ -291,7 +318,7 @@ class Parked:
     record_timestamp: datetime
 
 
-async def park(con: asyncpg.Connection, parked: Sequence[Parked]) -> None:
+def _park(parked: Sequence[Parked]) -> Part | None:
     if parked:
         rows = [
             (
@@ -300,7 +327,8 @@ async def park(con: asyncpg.Connection, parked: Sequence[Parked]) -> None:
             )
             for p in parked
         ]  # fmt: skip
-        await con.execute(_PARK, *columns(rows, 9))
+        return Part(_PARK, columns(rows, 9))
+    return None
 
 
 UNPARK_MAX = 1000

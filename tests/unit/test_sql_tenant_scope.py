@@ -63,10 +63,6 @@ SECURITY_DOC = ROOT / "docs" / "security.md"
 # (module, name): name is a module-level constant, or `function()` / `Class.method()` for the SQL
 # written inline in that function.
 SYSTEM_STATEMENTS: dict[tuple[str, str], str] = {
-    ("locks", "_LOCK"): (
-        "advisory locks keyed by `turn:{chat}:{request}` (chat ids are global) and `quota:{tenant}:{user}`"
-        " (the tenant is in the key, not a column); locks read no rows"
-    ),
     ("watchdog", "_FIND_ORPHANS"): "the watchdog's scan: running turns of every tenant, by processing clock",
     ("watchdog", "_FIND_GRACE_EXPIRED"): "the watchdog's scan: turns of every tenant waiting for usage",
     ("outbox", "_FETCH_UNPUBLISHED"): "the relay's scan: every tenant's unpublished billing rows in id order",

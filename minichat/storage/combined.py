@@ -1,0 +1,133 @@
+"""Fewer statements per batch: a step's writes as one statement, and the batch transaction's own
+writes (the applied order, the stored positions) sent along with the first of them.
+
+Client CPU per statement (~100 µs: encode, send, parse the reply) is most of a small batch's cost,
+so a step's writes go out as one statement of data-modifying CTEs (`execute_parts`): each part is
+an ordinary `INSERT`/`UPDATE` written with its own parameters from `$1`, renumbered here. The parts
+of one statement run on one snapshot and cannot see each other's rows: a caller combines only
+parts that touch different rows (it sends the others as statements of their own), and foreign keys
+are checked at the end of the statement, as for separate statements.
+
+`Frame`: what the engine adds to every batch transaction. The position claim goes out with the
+batch's lock statement (`locks.lock_batch`), the order-log rows and the positions to store with
+the batch's first write; whatever the batch never sent is sent by `finish`. The frame is found
+through a context variable (as `statements.count_statements` finds its counter) that the engine
+sets for the transaction's own task, so `minichat replay` and the tests, which set none, run
+every statement as before.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, field
+from typing import Final
+
+import asyncpg
+
+SYSTEM_LEVEL: Final = (
+    "composes other modules' statements (each checked where it is written) into one; its own SQL "
+    "only counts the rows each part wrote"
+)
+
+_PARAMETER = re.compile(r"\$(\d+)")
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One data-modifying statement (no `RETURNING`) and its parameters, numbered from `$1`."""
+
+    sql: str
+    params: Sequence[object]
+
+
+_COMPOSED: dict[tuple[str, ...], str] = {}
+
+
+def _shifted(sql: str, offset: int) -> str:
+    return _PARAMETER.sub(lambda m: f"${int(m.group(1)) + offset}", sql.strip())
+
+
+def _composed(sqls: tuple[str, ...]) -> str:
+    """`WITH w0 AS (part RETURNING 1), ...` and the count of each: the text, built once per shape."""
+    text = _COMPOSED.get(sqls)
+    if text is None:
+        ctes, offset = [], 0
+        for i, sql in enumerate(sqls):
+            ctes.append(f"w{i} AS (\n{_shifted(sql, offset)}\nRETURNING 1\n)")
+            offset += max((int(n) for n in _PARAMETER.findall(sql)), default=0)
+        counts = ", ".join(f"(SELECT count(*) FROM w{i})" for i in range(len(sqls)))
+        text = _COMPOSED[sqls] = "WITH " + ",\n".join(ctes) + f"\nSELECT {counts}"
+    return text
+
+
+async def execute_parts(con: asyncpg.Connection, parts: Sequence[Part]) -> list[int]:
+    """The rows each part wrote, every part in one statement (with the frame's pending writes
+    first, when a frame is active and they were not sent yet)."""
+    frame = _FRAME.get()
+    if frame is not None and frame.tail:
+        parts = [*frame.tail, *parts]
+        tail, frame.tail = len(frame.tail), []
+    else:
+        tail = 0
+    if not parts:
+        return []
+    if len(parts) == 1:
+        status = await con.execute(parts[0].sql, *parts[0].params)
+        counts = [int(status.rsplit(" ", 1)[-1])]
+    else:
+        params = [x for p in parts for x in p.params]
+        row = await con.fetchrow(_composed(tuple(p.sql for p in parts)), *params)
+        counts = list(row)
+    return counts[tail:]
+
+
+# ------------------------------------------------------------------------------------ frame
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The positions a batch transaction claims (`coordination.claim_positions`)."""
+
+    group_id: str
+    expected: dict[tuple[str, int], int | None]
+    shared: bool
+
+
+@dataclass(slots=True)
+class Frame:
+    """A batch transaction's own statements not sent yet."""
+
+    claim: Claim | None = None
+    tail: list[Part] = field(default_factory=list)
+
+
+_FRAME: ContextVar[Frame | None] = ContextVar("minichat_frame", default=None)
+
+
+def enter(frame: Frame) -> Token[Frame | None]:
+    """Make `frame` the current task's (until `leave`)."""
+    return _FRAME.set(frame)
+
+
+def leave(token: Token[Frame | None]) -> None:
+    _FRAME.reset(token)
+
+
+def take_claim() -> Claim | None:
+    """The current frame's claim, once: whoever takes it sends it."""
+    frame = _FRAME.get()
+    if frame is None or frame.claim is None:
+        return None
+    claim, frame.claim = frame.claim, None
+    return claim
+
+
+def defer(part: Part) -> bool:
+    """Send `part` with the transaction's first write; False when no frame is active."""
+    frame = _FRAME.get()
+    if frame is None:
+        return False
+    frame.tail.append(part)
+    return True
