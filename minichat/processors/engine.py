@@ -50,6 +50,7 @@ from minichat.processors.pipeline import Decoded, isolating
 from minichat.processors.progress import ProgressReport
 from minichat.processors.records import Output, SourceRecord, source_record
 from minichat.processors.resume import ahead_of_group, apply_nothing, next_offsets, resume_at
+from minichat.processors.stages import StageClock
 from minichat.settings import Settings
 from minichat.storage import coordination
 from minichat.storage.coordination import PositionConflict
@@ -96,6 +97,8 @@ class OrderedEngine:
         self._generation = 0
         self._unit = asyncio.Lock()  # a batch, or a rebalance step: never both
         self._flights = Flights(lambda: self._producer, batches.metrics, self.retry, on_fatal)
+        self._stages = StageClock(batches.metrics, self.names.turn_requests)
+        self._released_ms = 0.0
         self._acknowledged_group = coordination.acknowledged_group(settings.group_id)
         self._stopping = False
         self._blocking: dict[LaneKey, float] = {}
@@ -180,7 +183,9 @@ class OrderedEngine:
             # moves the position past them, so dropping one here would skip it. A closed lane
             # ignores them; a lane re-opened at its seek position takes them in order.
             for records in fetched.values():
-                self.merge.add(source_record(r) for r in records)
+                chunk = [source_record(r) for r in records]
+                self._stages.fetched(chunk)
+                self.merge.add(chunk)
             if fetched:
                 self._pace(consumer)
                 self._arrived.set()
@@ -202,7 +207,7 @@ class OrderedEngine:
         released = self.merge.release(self.settings.batch_max, self.settings.batch_max_bytes)
         self._pace(consumer)  # resumes the partitions whose lanes this release drained
         if released:
-            now_ms = time.time() * 1000.0
+            now_ms = self._released_ms = self._stages.released(released)
             self.batches.metrics.observe(
                 "minichat_record_wait_seconds", ((now_ms - r.timestamp_ms) / 1000.0 for r in released)
             )
@@ -298,6 +303,8 @@ class OrderedEngine:
         dead = [d for i in run if isinstance(d := decoded[i], Output)]
         offsets = next_offsets(records[i] for i in run)
         began = time.monotonic()
+        commands = [records[i].timestamp_ms for i in run if records[i].topic == self.names.turn_requests]
+        self._stages.batch("assembly", time.time() - self._released_ms / 1000.0, len(commands))
         groups, owners = await self._split(good)
         if len(groups) > 1:
             outputs = await self._apply_groups(offsets, groups, owners)
@@ -315,11 +322,10 @@ class OrderedEngine:
         ):
             logger.critical("fault injection: exiting after a commit, before its outputs are sent")
             os._exit(FAULT_EXIT)
-        self.batches.metrics.observe(
-            "minichat_batch_seconds", (time.monotonic() - began,), stage="transaction"
-        )
+        took = time.monotonic() - began
+        self.batches.metrics.observe("minichat_batch_seconds", (took,), stage="transaction")
+        self._stages.batch("transaction", took, len(commands))
         self.batches.count_applied(good, len(dead))
-        commands = [records[i].timestamp_ms for i in run if records[i].topic == self.names.turn_requests]
         self._flights.send(dead + outputs, offsets, commands)
 
     async def _split(self, good: list[Decoded[Any]]) -> tuple[list[list[Decoded[Any]]], dict[UUID, UserKey]]:
@@ -478,6 +484,7 @@ class OrderedEngine:
             consumer.seek(tp, starts.setdefault(tp, start))
             self.positions[lane] = stored.get(lane)
             self.merge.open(tp.topic, tp.partition, start)
+            self._stages.reopened(lane)
             if lane in self.paused:
                 consumer.resume(tp)
                 self.paused.discard(lane)

@@ -24,6 +24,7 @@ from minichat.processors.merge import LaneKey
 from minichat.processors.metrics import Metrics
 from minichat.processors.pipeline import send_all
 from minichat.processors.records import Output
+from minichat.processors.stages import STAGE_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,9 @@ class Flights:
         await with_retries(
             "engine produce", lambda: send_all(producer, outputs, acked), self._retry, dependency="Kafka"
         )
-        self._metrics.observe("minichat_batch_seconds", (time.monotonic() - began,), stage="produce")
+        took = time.monotonic() - began
+        self._metrics.observe("minichat_batch_seconds", (took,), stage="produce")
+        self._metrics.observe_times(STAGE_SECONDS, took, len(commands_ms), stage="produce")
         now_ms = time.time() * 1000.0
         self._metrics.observe("minichat_decision_seconds", ((now_ms - ms) / 1000.0 for ms in commands_ms))
 
