@@ -45,11 +45,15 @@ class Flights:
         metrics: Metrics,
         retry: RetryPolicy,
         on_fatal: Callable[[str, BaseException], None],
+        landed: Callable[[], None] | None = None,
     ) -> None:
+        """`landed`: called as each batch's outputs are acknowledged (the engine's loop then
+        commits their offsets)."""
         self._producer = producer
         self._metrics = metrics
         self._retry = retry
         self._on_fatal = on_fatal
+        self._landed = landed
         self._flights: deque[_Flight] = deque()
         self._commits_failing = False
         self.acknowledged: dict[LaneKey, int] = {}
@@ -61,6 +65,9 @@ class Flights:
     def send(self, outputs: list[Output], offsets: dict[LaneKey, int], commands_ms: list[int]) -> None:
         """Start producing a committed batch's outputs; `offsets`: its next input offsets."""
         delivery = asyncio.ensure_future(self._deliver(outputs, commands_ms))
+        if self._landed is not None:
+            landed = self._landed
+            delivery.add_done_callback(lambda _: landed())
         self._flights.append(_Flight(outputs, offsets, delivery))
 
     async def _deliver(self, outputs: list[Output], commands_ms: list[int]) -> None:

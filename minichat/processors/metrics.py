@@ -91,7 +91,23 @@ BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 
 BUCKETS_RECORDS = (1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0)
 """Upper bounds of the batch-size histogram."""
 BUCKETS_STAGE_S = (
-    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 5.0
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    5.0,
 )
 """Upper bounds (seconds) of `minichat_stage_seconds`: fine where a lightly loaded worker's stages live."""
 _BOUNDS = {"minichat_batch_size_records": BUCKETS_RECORDS, "minichat_stage_seconds": BUCKETS_STAGE_S}
