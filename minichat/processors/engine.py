@@ -14,7 +14,8 @@ past the stored positions.
 on assign(numbers):  seek every (topic, p) to min(stored, acknowledged); commit that if Kafka's is behind
 fetch task:          merge.add(fetched records) as soon as they come     # never waits for a batch
 loop:
-    for each empty partition holding back a record: ListOffsets, frontier = sent time − grace
+    for each empty partition holding back a record: frontier from the fetch responses, else
+        ListOffsets once it can help (frontier = sent time − grace; `frontier.py`)
     batch = merge.release(batch_max)
     transaction: claim positions, apply(batch), store positions      # one unit
     produce outputs; when acknowledged, commit Kafka offsets         # off the critical path
