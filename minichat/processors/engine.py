@@ -193,6 +193,7 @@ class OrderedEngine:
                 self._stages.fetched(chunk)
                 self.merge.add(chunk)
             if fetched:
+                self._frontiers.observe(consumer, self.merge.empty_lanes())
                 self._pace(consumer)
                 self._arrived.set()
             if not self._idle.is_set():

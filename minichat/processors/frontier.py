@@ -48,6 +48,15 @@ class Frontiers:
         self._polls: dict[LaneKey, tuple[int, int | None]] = {}
         """lane -> (the latest response's poll time seen, an earlier response's)."""
 
+    def observe(self, consumer: AIOKafkaConsumer, lanes: Collection[LaneKey]) -> None:
+        """Note the poll times of `lanes` now (the fetch task calls it as responses come for the
+        empty lanes: the closer together the looks, the later the previous response it knows)."""
+        assigned = consumer.assignment()
+        for lane in lanes:
+            tp = TopicPartition(*lane)
+            if tp in assigned:
+                self._note(lane, consumer.last_poll_timestamp(tp))
+
     def from_fetches(self, consumer: AIOKafkaConsumer, lanes: Collection[LaneKey]) -> None:
         """Move the frontiers of `lanes` as far as the fetch responses show (no I/O, no await)."""
         assigned = consumer.assignment()
@@ -55,16 +64,20 @@ class Frontiers:
             tp = TopicPartition(*lane)
             if tp not in assigned:
                 continue
-            seen: int | None = consumer.last_poll_timestamp(tp)
             end: int | None = consumer.highwater(tp)
-            if seen is None or end is None:
-                continue
-            latest, earlier = self._polls.get(lane, (None, None))
-            if seen != latest:
-                earlier = latest
-                self._polls[lane] = (seen, earlier)
-            if earlier is not None and self.merge.next_offset(*lane) >= end:
+            earlier = self._note(lane, consumer.last_poll_timestamp(tp))
+            if earlier is not None and end is not None and self.merge.next_offset(*lane) >= end:
                 self.merge.caught_up(*lane, earlier - self.grace_ms)
+
+    def _note(self, lane: LaneKey, seen: int | None) -> int | None:
+        """Record the lane's latest poll time; return the one before it (None: not known)."""
+        if seen is None:
+            return None
+        latest, earlier = self._polls.get(lane, (None, None))
+        if seen != latest:
+            earlier = latest
+            self._polls[lane] = (seen, earlier)
+        return earlier
 
     def due(self, blocking: Mapping[LaneKey, float]) -> tuple[list[LaneKey], float]:
         """(lanes whose end offsets, asked for now, can release a record; seconds until the next

@@ -121,6 +121,9 @@ class OrderedMerge:
     def next_offset(self, topic: str, partition: int) -> int:
         return self._lanes[(topic, partition)].next_offset
 
+    def empty_lanes(self) -> list[LaneKey]:
+        return [key for key, lane in self._lanes.items() if not lane.buffer]
+
     def buffered(self) -> int:
         return sum(len(lane.buffer) for lane in self._lanes.values())
 
