@@ -54,7 +54,6 @@ from minichat.processors.resume import ahead_of_group, apply_nothing, next_offse
 from minichat.processors.stages import StageClock
 from minichat.settings import Settings
 from minichat.storage import coordination, statements
-from minichat.storage.combined import Claim
 from minichat.storage.coordination import PositionConflict
 from minichat.tasks import cancel_and_wait
 
@@ -311,7 +310,7 @@ class OrderedEngine:
             apply = self._recorded(
                 functools.partial(self.batches.apply, good=good), [records[i] for i in run]
             )
-            outputs = await self._transaction(offsets, apply, locks=True)
+            outputs = await self._transaction(offsets, apply)
         if self.settings.fault_exit_after_commit and any(
             d.record.topic == self.names.turn_requests for d in good
         ):
@@ -357,7 +356,7 @@ class OrderedEngine:
 
         def group(g: list[Decoded[Any]]) -> Awaitable[list[Output]]:
             apply = self._recorded(functools.partial(self.batches.apply, good=g, owners=owners), g)
-            return self._transaction(offsets, apply, store=False, locks=True)
+            return self._transaction(offsets, apply, store=False)
 
         results = await asyncio.gather(*(group(g) for g in groups), return_exceptions=True)
         outputs = [out for r in results if not isinstance(r, BaseException) for out in r]
@@ -390,11 +389,10 @@ class OrderedEngine:
         apply: Callable[[asyncpg.Connection], Awaitable[list[Output]]],
         *,
         store: bool = True,
-        locks: bool = False,
     ) -> list[Output]:
         """Claim the positions, apply, store the positions after `offsets`: one unit. Without `store`
-        (a split batch's group) the claim is shared, nothing stored. `locks`: `apply` takes the
-        batch's locks first (`MergedBatches.apply`): the claim goes with them (`storage/combined.py`)."""
+        (a split batch's group) the claim is shared, nothing stored. The claim is the transaction's
+        first statement; the store goes with `apply`'s first write (`storage/combined.py`)."""
         expected = {lane: self.positions.get(lane) for lane in offsets}
         acknowledged = dict(self._flights.acknowledged)  # outputs acknowledged: kept with the positions
 
@@ -402,8 +400,8 @@ class OrderedEngine:
             pool = await self.pool()
             group = self.settings.group_id
             stored = coordination.positions_part(group, offsets, acknowledged) if store else None
-            async with pool.acquire() as con, con.transaction():  # claim, store: sent with apply's own
-                return await coordination.framed(con, apply, Claim(group, expected, not store), stored, locks)
+            async with pool.acquire() as con, con.transaction():
+                return await coordination.framed(con, apply, group, expected, stored, shared=not store)
 
         outputs = await with_retries(
             "engine batch", attempt, self.retry, dependency="PostgreSQL", on_retry=self._count_retry

@@ -8,9 +8,11 @@ of one statement run on one snapshot and cannot see each other's rows: a caller 
 parts that touch different rows (it sends the others as statements of their own), and foreign keys
 are checked at the end of the statement, as for separate statements.
 
-`Frame`: what the engine adds to every batch transaction. The position claim goes out with the
-batch's lock statement (`locks.lock_batch`), the order-log rows and the positions to store with
-the batch's first write; whatever the batch never sent is sent by `finish`. The frame is found
+`Frame`: what the engine adds to every batch transaction: the order-log rows and the positions to
+store go out with the batch's first write; whatever the batch never sent is sent at its end. (The
+position claim stays a statement of its own, the transaction's first: a worker frozen right after
+it holds only its own position rows, never the request and user locks other workers' batches
+need; tests/integration/test_zombie_rebalance.py.) The frame is found
 through a context variable (as `statements.count_statements` finds its counter) that the engine
 sets for the transaction's own task, so `minichat replay` and the tests, which set none, run
 every statement as before.
@@ -86,20 +88,10 @@ async def execute_parts(con: asyncpg.Connection, parts: Sequence[Part]) -> list[
 # ------------------------------------------------------------------------------------ frame
 
 
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """The positions a batch transaction claims (`coordination.claim_positions`)."""
-
-    group_id: str
-    expected: dict[tuple[str, int], int | None]
-    shared: bool
-
-
 @dataclass(slots=True)
 class Frame:
     """A batch transaction's own statements not sent yet."""
 
-    claim: Claim | None = None
     tail: list[Part] = field(default_factory=list)
 
 
@@ -113,15 +105,6 @@ def enter(frame: Frame) -> Token[Frame | None]:
 
 def leave(token: Token[Frame | None]) -> None:
     _FRAME.reset(token)
-
-
-def take_claim() -> Claim | None:
-    """The current frame's claim, once: whoever takes it sends it."""
-    frame = _FRAME.get()
-    if frame is None or frame.claim is None:
-        return None
-    claim, frame.claim = frame.claim, None
-    return claim
 
 
 def defer(part: Part) -> bool:

@@ -13,7 +13,7 @@ from typing import Final, TypeVar
 import asyncpg
 
 from minichat.storage import combined
-from minichat.storage.combined import Claim, Frame, Part
+from minichat.storage.combined import Frame, Part
 from minichat.storage.db import columns
 
 T = TypeVar("T")
@@ -117,12 +117,6 @@ async def claim_positions(
     check_claim(expected, {(r["topic"], r["partition"]): r["next_offset"] for r in rows})
 
 
-def claim_columns(claim: Claim) -> list[list[object]]:
-    """The claim's parameters after the group (`$2`, `$3` of `CLAIM_LOCK`/`CLAIM_SHARE`), for
-    `locks.lock_batch`, which sends the claim with the batch's locks."""
-    return columns(sorted(claim.expected), 2)
-
-
 def check_claim(
     expected: Mapping[TopicPartitionKey, int | None], stored: Mapping[TopicPartitionKey, int]
 ) -> None:
@@ -161,22 +155,19 @@ async def store_positions(
 async def framed(
     con: asyncpg.Connection,
     apply: Callable[[asyncpg.Connection], Awaitable[T]],
-    claim: Claim,
+    group_id: str,
+    expected: Mapping[TopicPartitionKey, int | None],
     store: Part | None,
-    with_locks: bool,
+    *,
+    shared: bool = False,
 ) -> T:
-    """`apply` inside a batch transaction's frame (`combined.Frame`): `store` (the positions after
-    the batch) goes out with its first write, and the claim with the batch's lock statement when
-    `apply` takes the batch's locks first (`with_locks`), else before `apply`. What `apply` did not
-    send (it locked or wrote nothing) is sent here, the claim first."""
-    if not with_locks:
-        await claim_positions(con, claim.group_id, claim.expected, shared=claim.shared)
-    token = combined.enter(Frame(claim if with_locks else None, [store] if store is not None else []))
+    """Claim the positions (a statement of its own, the transaction's first), then `apply` inside a
+    batch transaction's frame (`combined.Frame`): `store` (the positions after the batch) goes out
+    with its first write, or here when it wrote nothing."""
+    await claim_positions(con, group_id, expected, shared=shared)
+    token = combined.enter(Frame([store] if store is not None else []))
     try:
         result = await apply(con)
-        pending = combined.take_claim()
-        if pending is not None:
-            await claim_positions(con, pending.group_id, pending.expected, shared=pending.shared)
         await combined.execute_parts(con, [])
     finally:
         combined.leave(token)
