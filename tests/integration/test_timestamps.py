@@ -22,7 +22,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from minichat.models.topics import TOPIC_CONFIG, TopicNames
 from minichat.processors.topics import create_topics, topic_problems
 from tests.conftest import Deployment, Live, deployment_settings, live_deployment
-from tests.support import Endpoints, TopicReader, run_cli
+from tests.support import Endpoints, TopicReader, run_cli, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +31,8 @@ FORTY_DAYS_MS = 40 * 86_400_000
 
 
 async def _set_timestamp_type(bootstrap: str, topics: list[str], value: str) -> None:
+    """Set it, and wait until the broker applies it: the controller accepts the change before the
+    broker replays it, so a record produced at once could still get the old timestamp type."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -38,6 +40,17 @@ async def _set_timestamp_type(bootstrap: str, topics: list[str], value: str) -> 
         await admin.alter_configs(
             [ConfigResource(ConfigResourceType.TOPIC, t, configs=configs) for t in topics]
         )
+
+        async def applied() -> bool:
+            resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
+            found = [
+                dict((entry[0], entry[1]) for entry in entries)
+                for response in await admin.describe_configs(resources)
+                for _error, _msg, _type, _name, entries in response.resources
+            ]
+            return len(found) == len(topics) and all(f.get("message.timestamp.type") == value for f in found)
+
+        await wait_until(applied, timeout=30, what=f"message.timestamp.type={value} applied")
     finally:
         await admin.close()
 
