@@ -42,8 +42,10 @@ locked AS MATERIALIZED (
           SELECT 1, hashtextextended('quota:' || o.tenant_id || ':' || o.user_id, 0) FROM owners o
           ORDER BY kind, h) AS keys
 )
-SELECT o.id AS chat_id, o.tenant_id, o.user_id FROM owners o, locked
+SELECT o.id AS chat_id, o.tenant_id, o.user_id FROM locked LEFT JOIN owners o ON true
 """
+# `locked` is the preserved side of the join: it is evaluated (every lock taken) even when no
+# owner is found; a plain join with an empty `owners` would never read it.
 
 
 async def lock_batch(
@@ -61,4 +63,4 @@ async def lock_batch(
     if not (request_keys or user_keys or chats):
         return {}
     rows = await con.fetch(_LOCK, *columns(chats, 2), request_keys, user_keys)
-    return {row["chat_id"]: (row["tenant_id"], row["user_id"]) for row in rows}
+    return {row["chat_id"]: (row["tenant_id"], row["user_id"]) for row in rows if row["chat_id"] is not None}
