@@ -101,14 +101,9 @@ async def insert_outbox(con: asyncpg.Connection, rows: Sequence[OutboxEntry]) ->
     """
     if not rows:
         return 0
-    status = await con.execute(
-        _INSERT,
-        [r.tenant_id for r in rows],
-        [r.dedupe_key for r in rows],
-        [r.event_type for r in rows],
-        [r.payload for r in rows],
-        [r.created_at for r in rows],
-    )
+    part = outbox_part(rows)
+    assert part is not None
+    status = await con.execute(part.sql, *part.params)
     return int(status.rsplit(" ", 1)[-1])
 
 

@@ -318,13 +318,18 @@ async def returns(measured: Awaitable[int], wanted: int) -> bool:
 
 
 async def group_empty(settings: Settings) -> bool:
+    return (await describe_group(settings))[2] == "Empty"
+
+
+async def describe_group(settings: Settings) -> Any:
+    """The group's description (`DescribeGroupsResponse` group tuple: [2] state, [5] members)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
     await admin.start()
     try:
         described = await admin.describe_consumer_groups([settings.group_id])
     finally:
         await admin.close()
-    return bool(described[0].groups[0][2] == "Empty")
+    return described[0].groups[0]
 
 
 @pytest.mark.timeout(240)
@@ -369,13 +374,7 @@ async def test_a_crash_between_commit_and_produce_resends_the_decisions_and_appl
 
 async def group_layout(settings: Settings) -> dict[str, dict[str, list[int]]] | None:
     """member → topic → partitions, when the group is stable."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
-    await admin.start()
-    try:
-        described = await admin.describe_consumer_groups([settings.group_id])
-    finally:
-        await admin.close()
-    group = described[0].groups[0]
+    group = await describe_group(settings)
     state, members = group[2], group[5]
     if state != "Stable":
         return None
