@@ -196,6 +196,7 @@ class OrderedEngine:
             await self._refresh_frontiers(consumer, blocked, self._generation)
         self._report_stall(blocked)
         self._progress.maybe_log()
+        await self._flights.commit_deferred(consumer, self.assigned)
         self._arrived.clear()
         # A rebalance (it re-opens every lane) voids what this step takes out from here on.
         generation = self._generation
@@ -480,7 +481,7 @@ class OrderedEngine:
             where = f"stored {position}, committed {kafka[tp]}, acknowledged {done}"
             logger.info("%s[%d]: resuming at %d (%s)", *lane, start, where)
         self._generation += 1  # what a step took out of the lanes before they opened is void
-        await self._flights.commit(consumer, ahead_of_group(starts, kafka))
+        self._flights.commit_later(ahead_of_group(starts, kafka))  # else an idle partition lags for ever
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -27,6 +27,9 @@ from minichat.processors.records import Output
 
 logger = logging.getLogger(__name__)
 
+DEFERRED_COMMIT_S = 5.0
+"""How long the engine's loop waits for a deferred offset commit before trying again later."""
+
 
 @dataclass
 class _Flight:
@@ -51,6 +54,7 @@ class Flights:
         self._on_fatal = on_fatal
         self._flights: deque[_Flight] = deque()
         self._commits_failing = False
+        self._deferred: dict[TopicPartition, int] = {}
         self.acknowledged: dict[LaneKey, int] = {}
         """Next offsets whose batches' outputs were all acknowledged, not yet kept in PostgreSQL."""
 
@@ -122,11 +126,30 @@ class Flights:
             logger.warning("Kafka offset commit failed (%s); the stored positions still hold", name)
         self._commits_failing = True
 
+    def commit_later(self, offsets: dict[TopicPartition, int]) -> None:
+        """Have `offsets` committed by the engine's loop (`commit_deferred`), not in a rebalance
+        callback: aiokafka retries a commit's retriable errors without end, and a callback that
+        never returns leaves the worker stuck in the rebalance, deaf to SIGTERM."""
+        self._deferred.update(offsets)
+
+    async def commit_deferred(self, consumer: AIOKafkaConsumer, owned: Container[LaneKey]) -> None:
+        """The offsets of `commit_later`, at most `DEFERRED_COMMIT_S` (kept for the next step if
+        the coordinator does not answer by then)."""
+        if not self._deferred:
+            return
+        offsets, self._deferred = self._deferred, {}
+        mine = {tp: n for tp, n in offsets.items() if (tp.topic, tp.partition) in owned}
+        try:
+            await asyncio.wait_for(self.commit(consumer, mine), DEFERRED_COMMIT_S)
+        except TimeoutError:
+            self._deferred = {**mine, **self._deferred}
+
     async def await_all(self) -> None:
         """Every output acknowledged before partitions move (no Kafka commit here: the coordinator
         is rebalancing; the stored positions are what counts)."""
         flights = list(self._flights)
         self._flights.clear()
+        self._deferred.clear()  # the next assignment works out its own
         for flight in flights:
             try:
                 await flight.done
