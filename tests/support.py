@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from minichat.settings import Settings
+from minichat.storage.digest import Digest, digest
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -33,6 +35,15 @@ async def end_offsets(settings: Settings, topics: list[str]) -> dict[TopicPartit
         return dict(await consumer.end_offsets(partitions))
     finally:
         await consumer.stop()
+
+
+async def db_digest(url: str) -> Digest:
+    """The digest of the database at `url` (what live and rebuilt books are compared by)."""
+    con = await asyncpg.connect(url)
+    try:
+        return await digest(con)
+    finally:
+        await con.close()
 
 
 class DeadlineExceeded(AssertionError):

@@ -15,10 +15,9 @@ from tests.integration.test_crash import (
     Fleet,
     check_decisions,
     compare,
-    db_digest,
     lost_and_duplicated,
 )
-from tests.support import end_offsets
+from tests.support import db_digest, end_offsets
 
 
 @dataclasses.dataclass

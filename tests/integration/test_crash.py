@@ -78,14 +78,22 @@ from minichat.models.topics import INPUT_TOPICS, TopicNames
 from minichat.processors.engine import RESUMED
 from minichat.processors.topics import create_topics
 from minichat.settings import Settings
-from minichat.storage.digest import DIGEST_TABLES, Digest, digest, row_expression, table_spec
+from minichat.storage.digest import DIGEST_TABLES, Digest, row_expression, table_spec
 from minichat.tools.kafka import read_topic
 from minichat.tools.rebuild import RebuildSummary, run_rebuild
 from minichat.tools.simulator import DEMO_POLICY, SimulateOptions, SimulationResult, run_simulation
 from minichat.tools.summary import Summary, render, summarize, wait_quiescent
 from tests.conftest import Deployment, deployment_settings
 from tests.gateway import policy_file
-from tests.support import Endpoints, WorkerProcess, end_offsets, run_worker, scratch_database, wait_until
+from tests.support import (
+    Endpoints,
+    WorkerProcess,
+    db_digest,
+    end_offsets,
+    run_worker,
+    scratch_database,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -369,14 +377,6 @@ async def check_decisions(settings: Settings) -> DecisionCheck:
         first_answer_replayed=sum(1 for e, n in sent.items() if n == 1 and first.get(e, {}).get("replay")),
         differing=differing,
     )
-
-
-async def db_digest(url: str) -> Digest:
-    con = await asyncpg.connect(url)
-    try:
-        return await digest(con)
-    finally:
-        await con.close()
 
 
 async def fetch_rows(url: str, table: str) -> dict[str, dict[str, Any]]:

@@ -16,30 +16,21 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from minichat.models.events import OrderApplied
 from minichat.models.topics import TopicNames
 from minichat.processors import merge
-from minichat.storage.digest import Digest, digest
+from minichat.storage.digest import Digest
 from minichat.tools.rebuild import RebuildSummary, run_rebuild
 from tests.conftest import Live, live_deployment
 from tests.gateway import Event
-from tests.support import Endpoints, scratch_database, wait_until
+from tests.support import Endpoints, db_digest, scratch_database, wait_until
 
 pytestmark = pytest.mark.integration
 
 CHATS = 8
-
-
-async def db_digest(url: str) -> Digest:
-    con = await asyncpg.connect(url)
-    try:
-        return await digest(con)
-    finally:
-        await con.close()
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,19 @@ from minichat.bench.scratch import delete_topics
 from minichat.models.topics import TopicNames
 from minichat.processors.topics import create_topics
 from minichat.settings import PACKAGED_POLICY, Settings
-from minichat.storage.digest import digest
 from minichat.tools.kafka import read_topic
 from minichat.tools.rebuild import run_rebuild
 from tests.conftest import Deployment, deployment_settings
 from tests.gateway import Event, Gateway, policy_file
-from tests.support import Endpoints, TopicReader, WorkerProcess, run_worker, scratch_database, wait_until
+from tests.support import (
+    Endpoints,
+    TopicReader,
+    WorkerProcess,
+    db_digest,
+    run_worker,
+    scratch_database,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -68,14 +75,6 @@ def worker(settings: Settings, log: Path) -> Iterator[WorkerProcess]:
     with run_worker(Deployment(settings).env(), log) as proc:
         yield proc
         assert proc.terminate() == 0, proc.log()[-3000:]
-
-
-async def db_digest(url: str) -> Any:
-    con = await asyncpg.connect(url)
-    try:
-        return await digest(con)
-    finally:
-        await con.close()
 
 
 async def settled_turn(db: asyncpg.Connection, command: Event) -> asyncpg.Record:

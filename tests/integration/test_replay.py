@@ -25,11 +25,20 @@ import asyncpg
 import pytest
 
 from minichat.models.topics import TopicNames
-from minichat.storage.digest import Digest, digest
+from minichat.storage.digest import Digest
 from minichat.tools.rebuild import RebuildSummary, parse_time, run_rebuild
 from tests.conftest import Deployment, Live, live_deployment
 from tests.gateway import Event, policy_file
-from tests.support import ROOT, Endpoints, end_offsets, produce, scratch_database, wait_until, worker_env
+from tests.support import (
+    ROOT,
+    Endpoints,
+    db_digest,
+    end_offsets,
+    produce,
+    scratch_database,
+    wait_until,
+    worker_env,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -64,14 +73,6 @@ async def settled(live: Live, command: Event) -> Any:
         )
 
     return await wait_until(check, timeout=60, what="the turn to settle")
-
-
-async def db_digest(url: str) -> Digest:
-    con = await asyncpg.connect(url)
-    try:
-        return await digest(con)
-    finally:
-        await con.close()
 
 
 async def counts(db: asyncpg.Pool) -> dict[str, int]:

@@ -12,23 +12,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
-import asyncpg
 import pytest
 
-from minichat.storage.digest import Digest, digest
 from minichat.tools.rebuild import run_rebuild
 from tests.conftest import Live, live_deployment
-from tests.support import Endpoints, scratch_database
+from tests.support import Endpoints, db_digest, scratch_database
 
 pytestmark = pytest.mark.integration
-
-
-async def db_digest(url: str) -> Digest:
-    con = await asyncpg.connect(url)
-    try:
-        return await digest(con)
-    finally:
-        await con.close()
 
 
 @pytest.fixture(scope="module")

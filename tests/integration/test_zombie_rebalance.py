@@ -38,6 +38,7 @@ from tests.conftest import Deployment
 from tests.gateway import Event, Gateway
 from tests.integration.test_crash import soak_selected
 from tests.integration.test_ordered_engine import count, fresh, live_digest, rebuilt_digest
+from tests.integration.test_position_conflicts import CONFLICT, lock_waits
 from tests.pgproxy import PgProxy
 from tests.support import Endpoints, TopicReader, WorkerProcess, run_worker, wait_until
 
@@ -46,7 +47,6 @@ pytestmark = pytest.mark.integration
 EPISODES_ENV = "MINICHAT_ZOMBIE_EPISODES"
 CI_EPISODES = int(os.environ.get(EPISODES_ENV) or 1)
 SOAK_EPISODES = max(50, CI_EPISODES)
-CONFLICT = "stored positions moved under this worker"
 CLAIM = "ORDER BY p.topic, p.partition\nFOR UPDATE OF p"
 """The text of the engine's position claim (storage/coordination.py): the proxy holds A after it."""
 RESUMED = re.compile(r"engine resumed: \d+ input partition\(s\), partition sets \[([\d, ]*)\]")
@@ -61,14 +61,6 @@ def owned(worker: WorkerProcess) -> frozenset[int] | None:
     if not found:
         return None
     return frozenset(int(p) for p in found[-1].split(",") if p.strip())
-
-
-async def lock_waits(url: str) -> int:
-    return await count(
-        url,
-        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
-        " WHERE NOT l.granted AND a.datname = current_database()",
-    )
 
 
 class Books:
