@@ -83,20 +83,27 @@ def _param(variant: Variant) -> Any:
 
 
 async def topic_layout(bootstrap: str, names: list[str]) -> dict[str, tuple[set[int], str]]:
-    """Per topic: its partitions' replica counts, and its `min.insync.replicas`."""
+    """Per topic: its partitions' replica counts, and its `min.insync.replicas`. The broker asked
+    may not have replayed a just-made topic yet (an error, or no entries): asked again until it has."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        replicas = {
-            t["topic"]: {len(p["replicas"]) for p in t["partitions"]}
-            for t in await admin.describe_topics(names)
-        }
-        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])
-        insync = {
-            name: dict((e[0], e[1]) for e in entries)["min.insync.replicas"]
-            for response in responses
-            for _code, _msg, _type, name, entries in response.resources
-        }
+        replicas: dict[str, set[int]] = {}
+        insync: dict[str, str] = {}
+
+        async def described() -> bool:
+            for t in await admin.describe_topics(names):
+                if t["error_code"] == 0 and t["partitions"]:
+                    replicas[t["topic"]] = {len(p["replicas"]) for p in t["partitions"]}
+            resources = [ConfigResource(ConfigResourceType.TOPIC, n) for n in names]
+            for response in await admin.describe_configs(resources):
+                for code, _msg, _type, name, entries in response.resources:
+                    value = dict((e[0], e[1]) for e in entries).get("min.insync.replicas")
+                    if code == 0 and value is not None:
+                        insync[name] = value
+            return all(n in insync and n in replicas for n in names)
+
+        await wait_until(described, timeout=30, what="every topic's configuration to be described")
         return {n: (replicas[n], insync[n]) for n in names}
     finally:
         await admin.close()
