@@ -20,6 +20,8 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+from aiokafka import TopicPartition
+from aiokafka.partitioner import murmur2
 
 from minichat.domain.commands import command_id_of
 from minichat.models import events
@@ -53,6 +55,9 @@ class MergedBatches:
     turn_requests: Handler[Any]
     turn_events: Handler[Any]
     metrics: Metrics = field(default_factory=Metrics)
+    placement: Placement = field(default_factory=lambda: Placement())
+    """Where each input topic's records belong (`wrong_partition`); the worker and a rebuild tell it
+    the partition counts."""
 
     def _decoder(self, topic: str) -> Callable[[bytes | None, bytes], Any]:
         if topic == self.topics.turn_requests:
@@ -69,9 +74,15 @@ class MergedBatches:
         if record.timestamp_type != LOG_APPEND_TIME:
             return self.dead_letter(record, DecodeError("timestamp_type", _PRODUCER_TIME))
         try:
-            return Decoded(record, self._decoder(record.topic)(record.key, record.value))
+            event = self._decoder(record.topic)(record.key, record.value)
         except DecodeError as error:
             return self.dead_letter(record, error)
+        # After decoding: a record with a bad key or value keeps its own code, and the key is
+        # then the chat id, whose partition every one of minichat's outputs for the chat takes.
+        misplaced = self.placement.misplaced(record)
+        if misplaced is not None:
+            return self.dead_letter(record, DecodeError("wrong_partition", misplaced))
+        return Decoded(record, event)
 
     def dead_letter(self, record: SourceRecord, error: DecodeError) -> Output:
         logger.warning("dead-letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, error.code)
@@ -201,6 +212,45 @@ class MergedBatches:
     def label(self, topic: str) -> str:
         """A metric label: the topic without the deployment's prefix (`turn_requests`)."""
         return topic.removeprefix(self.topics.prefix).replace("-", "_")
+
+
+class Placement:
+    """Kafka's default partitioner (murmur2 of the key, as `partitioning.KeyedPartitioner` puts
+    minichat's own records) checked against where an input record sits. A gateway on librdkafka's
+    default (CRC32, `consistent_random`) puts a chat elsewhere: its decisions and the watchdog's
+    events would then take another partition set, with no order between them. Hashes are kept per
+    key (keys repeat), so the check costs a dict lookup per record."""
+
+    def __init__(self, max_keys: int = 200_000) -> None:
+        self.partitions: dict[str, int] = {}
+        """Partition count of each input topic (full name); a topic not in it is not checked."""
+        self._hashes: dict[bytes, int] = {}
+        self._max_keys = max_keys
+
+    def learn(self, partitions: Iterable[TopicPartition]) -> None:
+        """Every partition of the input topics (a rebuild's list): their counts."""
+        for tp in partitions:
+            self.partitions[tp.topic] = max(self.partitions.get(tp.topic, 0), tp.partition + 1)
+
+    def misplaced(self, record: SourceRecord) -> str | None:
+        """The dead letter's detail when `record` sits on another partition than its key's."""
+        count = self.partitions.get(record.topic)
+        key = record.key
+        if count is None or key is None:
+            return None
+        hashed = self._hashes.get(key)
+        if hashed is None:
+            if len(self._hashes) >= self._max_keys:
+                self._hashes.clear()
+            hashed = self._hashes[key] = murmur2(key) & 0x7FFFFFFF
+        expected = hashed % count
+        if record.partition == expected:
+            return None
+        return (
+            f"the record is on partition {record.partition}, its key's is {expected} (murmur2 of the key "
+            f"modulo {count} partitions): the producer must use Kafka's default partitioner "
+            "(librdkafka: partitioner=murmur2_random)"
+        )
 
 
 def _targets_a_turn(event: TurnRequestEvent) -> bool:

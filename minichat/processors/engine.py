@@ -440,6 +440,9 @@ class OrderedEngine:
             self._generation += 1
             lanes = [(tp.topic, tp.partition) for tp in assigned]
             self.assigned.update(lanes)
+            for topic in {topic for topic, _ in lanes}:  # what `wrong_partition` is checked against
+                if found := consumer.partitions_for_topic(topic):
+                    self.batches.placement.partitions[topic] = len(found)
             await self._seek(consumer, lanes)
             numbers = sorted({p for _, p in lanes})
             logger.info("%s %d input partition(s), partition sets %s", RESUMED, len(lanes), numbers)

@@ -897,6 +897,7 @@ def test_code_vocabularies_match_the_contract() -> None:
         "tenant_mismatch",
         "timestamp_type",
         "unprocessable",
+        "wrong_partition",
     }
     assert set(DECISION_ERROR_CODES) == {
         "chat_not_found",

@@ -61,6 +61,7 @@ DeadLetterCode = Literal[
     "tenant_mismatch",
     "timestamp_type",
     "unprocessable",
+    "wrong_partition",
 ]
 PayloadEncoding = Literal["utf-8", "base64"]
 

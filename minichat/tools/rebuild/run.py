@@ -181,6 +181,7 @@ async def _apply_log(
     order: RecordedOrder | None,
 ) -> None:
     """The input partitions' range, in the recorded order then merged, and applied (`apply.py`)."""
+    rebuild.batches.placement.learn(ranges)  # every input partition: `wrong_partition` as live
     total = sum(max(0, end - start) for start, end in ranges.values())
     logger.info(
         "replaying %d records of %s %s", total, ", ".join(dict.fromkeys(tp.topic for tp in ranges)),
