@@ -76,8 +76,9 @@ def test_the_corpus_covers_every_dead_letter_code_and_topic() -> None:
     assert len(names) == len(set(names)), "record names are unique"
     codes = {h.outcome.code for h in CORPUS if isinstance(h.outcome, DeadLettered)}
     # Not a record's bytes alone: `timestamp_type` needs a topic that lets producers set the time
-    # (test_timestamps.py), `unprocessable` a database that refuses the record (test_refused_records.py).
-    assert codes == set(DEAD_LETTER_CODES) - {"timestamp_type", "unprocessable"}
+    # (test_timestamps.py), `unprocessable` a database that refuses the record (test_refused_records.py),
+    # `wrong_partition` a producer that picks the partition (test_wrong_partition.py).
+    assert codes == set(DEAD_LETTER_CODES) - {"timestamp_type", "unprocessable", "wrong_partition"}
     assert {h.topic for h in CORPUS} == {"turn-requests", "provider-responses", "usage"}
     assert any(isinstance(h.outcome, Rejected) for h in CORPUS)
     assert any(isinstance(h.outcome, Ignored) for h in CORPUS)
