@@ -251,3 +251,19 @@ def test_alert_rules_assume_no_job_name_and_watch_for_absent_workers() -> None:
     for rule in rules:
         annotations = rule["annotations"]
         assert isinstance(annotations, dict) and "runbook" not in annotations and annotations["runbook_url"]
+
+
+def test_many_observations_at_once_land_as_prometheus_client_would_put_them() -> None:
+    """The bulk path of `observe` writes prometheus_client's buckets itself: the same page as
+    observing each value with `Histogram.observe`, bounds included."""
+    values = [*BUCKETS_S, 0.0, 0.0001, 0.0042, 0.0042, 29.9, 31.0, 1e9, *(b + 1e-9 for b in BUCKETS_S)]
+    bulk, single = Metrics(), Metrics()
+    bulk.observe("minichat_record_wait_seconds", values)
+    for value in values:
+        single.observe("minichat_record_wait_seconds", [value])
+
+    def histogram(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {k: v for k, v in samples(m.render()).items() if k[0].startswith("minichat_record_wait")}
+
+    assert histogram(bulk) == pytest.approx(histogram(single))
+    assert histogram(bulk)[("minichat_record_wait_seconds_count", ())] == len(values)
