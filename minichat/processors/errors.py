@@ -69,6 +69,11 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+RETRIED_CLASSES: tuple[str, ...] = tuple(
+    sorted({c.__name__ for c in _TRANSIENT} | {"ConnectionRefusedError", "ConnectionResetError"})
+)
+"""The error classes a batch is retried on, as `minichat_batch_retries_total` labels them."""
+
 
 def classify(exc: BaseException) -> Action:
     # Refused content first: asyncpg's client-side DataError is also an InterfaceError.

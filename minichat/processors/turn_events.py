@@ -64,6 +64,8 @@ class _Effects:
     outbox: list[OutboxEntry] = field(default_factory=list)
     parked: list[Parked] = field(default_factory=list)
     dropped: Counter[str] = field(default_factory=Counter)
+    unknown_codes: Counter[str] = field(default_factory=Counter)
+    """Turns settled `failed`/`estimated` for a `turn.failed` code the contract does not name."""
 
 
 async def apply_turn_events(
@@ -156,6 +158,8 @@ def _add_step(effects: _Effects, turn_id: int, step: Step) -> None:
             effects.message_usage[turn_id] = step.turn
     if step.billing is not None:
         _add_billing(effects, step.turn, step.billing)
+        if step.billing.kind == "usage.settled" and step.billing.settlement.unknown_error_code:
+            effects.unknown_codes[step.turn.error_code or ""] += 1
 
 
 def _with_usage(message: AssistantMessage, usage: UsageFigures | None) -> AssistantMessage:
@@ -180,6 +184,8 @@ def _count(metrics: Metrics, effects: _Effects, stages: dict[str, float], *, dea
     for reason, count in effects.dropped.items():
         metrics.inc("minichat_turn_events_dropped_total", count, reason=reason)
     metrics.inc("minichat_events_parked_total", len(effects.parked))
+    for code, count in effects.unknown_codes.items():
+        metrics.count_unknown_code(code, count)
     if dead_letters:
         metrics.inc("minichat_dead_letters_total", dead_letters, topic="turn_events", code="tenant_mismatch")
 

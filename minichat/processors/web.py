@@ -9,7 +9,8 @@ Whoever reaches the port must not be able to hurt the worker's other tenants:
 - at most `read_max_concurrency` requests touching the database run at once; more answer 503 with
   `Retry-After` at once, never queued;
 - the read API and the metrics' gauges read through a pool of their own (`read_pool_max`), never
-  the engine's; the gauges are refreshed by one task every `GAUGE_REFRESH_S`, never per scrape;
+  the engine's; the gauges are refreshed by one task every `GAUGE_REFRESH_S`, never per scrape, so `/metrics`
+  answers from memory even with PostgreSQL or Kafka down;
 - a malformed request gets its 4xx and at most one warning line (repeats held back), no traceback.
 """
 
@@ -69,25 +70,33 @@ class ReadPool:
 
 
 class GaugeCache:
-    """The last reading of the database gauges (None until the first one)."""
+    """Reads the database gauges into `metrics` every `GAUGE_REFRESH_S` (one task, never per
+    scrape): while PostgreSQL is away a scrape shows the last reading and its age."""
 
-    def __init__(self, pool: ReadPool) -> None:
+    def __init__(self, pool: ReadPool, metrics: Metrics) -> None:
         self.pool = pool
+        self.metrics = metrics
         self.latest: StateGauges | None = None
 
     async def refresh(self) -> None:
         try:
-            db = await self.pool()
-            async with db.acquire(timeout=GAUGE_REFRESH_S) as con:
-                self.latest = await state_gauges(con)
+            async with asyncio.timeout(2 * GAUGE_REFRESH_S):
+                db = await self.pool()
+                async with db.acquire(timeout=GAUGE_REFRESH_S) as con:
+                    self.latest = await state_gauges(con)
+            self.metrics.set_db_gauges(self.latest)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             logger.warning(
-                "metrics gauges not refreshed (%s); /metrics shows the last ones", type(exc).__name__
+                "metrics gauges not refreshed (%s); /metrics shows the last ones and their age",
+                type(exc).__name__,
             )
 
     async def run(self) -> None:
         while True:
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception as exc:  # the task must outlive any one reading
+                logger.error("metrics gauges refresh failed (%s)", type(exc).__name__)
             await asyncio.sleep(GAUGE_REFRESH_S)
 
 
@@ -155,7 +164,14 @@ def build_web_app(
                 slots.leave()
 
     async def metrics_page(request: web.Request) -> web.StreamResponse:
-        body = metrics.render(gauges.latest, lag() if lag is not None else None)
+        """Answers from memory only: a dependency down never fails it (the lag is kept as last
+        set if the engine cannot say)."""
+        owned: Lag | None = None
+        try:
+            owned = lag() if lag is not None else None
+        except Exception as exc:
+            logger.warning("consumer lag not available for /metrics (%s)", type(exc).__name__)
+        body = metrics.render(owned)
         return web.Response(body=body.encode(), headers={"Content-Type": METRICS_TYPE})
 
     app = web.Application(middlewares=[guard])
@@ -277,7 +293,7 @@ def register_web(
 ) -> WebService:
     """Add the web server to the faust app `app` (a service that starts and stops with it)."""
     pool = ReadPool(settings)
-    gauges = GaugeCache(pool)
+    gauges = GaugeCache(pool, metrics)
     tokens = TokenStore(settings.read_tokens_file)
     web_app = build_web_app(settings, policy, pool, tokens, not_ready, metrics, gauges, lag)
     service = WebService(settings, web_app, pool, gauges, loop=app.loop, beacon=app.beacon)

@@ -17,13 +17,16 @@ SELECT
     (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS outbox_unpublished,
     (SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(stored_seen_at)), 0) FROM outbox
      WHERE published_at IS NULL) AS outbox_oldest_age_s,
-    (SELECT COALESCE(sum(reserved_credits_micro), 0) FROM quota_usage WHERE period_type = 'daily')
-        AS reserved_credits_micro
+    (SELECT COALESCE(sum(reserved_credits_micro), 0) FROM quota_usage
+     WHERE period_type = 'daily' AND bucket = 'total') AS reserved_credits_micro
 """
 
 
 @dataclass(frozen=True, slots=True)
 class StateGauges:
+    """`reserved_credits_micro`: the daily `total` rows only. Every reserve is on `total`; a
+    premium turn's second reserve (on `tier:premium`) would count it twice."""
+
     parked_events: int
     parked_oldest_age_s: float
     outbox_unpublished: int

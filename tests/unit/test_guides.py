@@ -253,7 +253,7 @@ def test_every_alert_has_its_runbook_section_and_links_to_it() -> None:
             runbooks.append(section.title)
     assert set(runbooks) == set(alerts)
     for name, rule in alerts.items():
-        assert rule["annotations"]["runbook"] == f"docs/operations.md#{slug(name)}", name
+        assert rule["annotations"]["runbook_url"] == f"docs/operations.md#{slug(name)}", name
         assert slug(name) in OPERATIONS.anchors()
         assert "Alerts" in (DOCS / "alerts.yml").read_text().splitlines()[1]
 
