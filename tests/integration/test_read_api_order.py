@@ -144,4 +144,3 @@ async def test_question_n_plus_1_and_answer_n_in_one_millisecond_come_in_turn_or
         assert {r["request_id"]: r["turn_seq"] for r in seqs} == {r: i + 1 for i, r in enumerate(request_ids)}
     finally:
         await con.close()
-
