@@ -51,16 +51,24 @@ def schema_files() -> dict[str, str]:
     return dict(sorted(files.items()))
 
 
-def export_schemas(out_dir: Path) -> list[Path]:
-    """Write every schema file into `out_dir` and delete stale `*.json` files there.
+def _exported_before(path: Path) -> bool:
+    """A schema this exporter wrote (a JSON object in its dialect with a title): the only kind of
+    file an export may delete. A directory's other files (`package.json`, `tsconfig.json`, a
+    JSON Schema of another dialect) are never touched."""
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(loaded, dict) and loaded.get("$schema") == _DIALECT and "title" in loaded
 
-    `out_dir` belongs to the exporter: any other JSON file in it is removed, so a renamed or
-    dropped event does not leave a schema behind.
-    """
+
+def export_schemas(out_dir: Path) -> list[Path]:
+    """Write every schema file into `out_dir` and delete the stale schemas an export wrote there
+    (a renamed or dropped event leaves none behind); any other file stays as it was."""
     files = schema_files()
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in sorted(out_dir.glob("*.json")):
-        if stale.name not in files:
+        if stale.name not in files and _exported_before(stale):
             stale.unlink()
     written: list[Path] = []
     for name, content in files.items():

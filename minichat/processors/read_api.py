@@ -134,7 +134,7 @@ def _uuid(text: str) -> UUID | None:
 
 def encode_cursor(cursor: Cursor) -> str:
     at = cursor.turn_at.astimezone(UTC).isoformat()
-    raw = f"{at}|{cursor.turn_key}|{cursor.rank}|{cursor.message_id}".encode()
+    raw = f"{cursor.turn_seq}|{at}|{cursor.turn_key}|{cursor.rank}|{cursor.message_id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -145,16 +145,18 @@ def decode_cursor(text: str) -> Cursor | None:
         return None
     try:
         padded = text.translate(_URLSAFE) + "=" * (-len(text) % 4)
-        at, turn_key, rank, message_id = base64.b64decode(padded, validate=True).decode().split("|")
+        seq, at, turn_key, rank, message_id = base64.b64decode(padded, validate=True).decode().split("|")
         when = datetime.fromisoformat(at)
-        if when.tzinfo is None or rank not in ("0", "1", "2"):
+        if when.tzinfo is None or rank not in ("0", "1", "2") or not _SEQ.fullmatch(seq):
             return None
-        return Cursor(when.astimezone(UTC), UUID(turn_key), int(rank), UUID(message_id))
+        return Cursor(int(seq), when.astimezone(UTC), UUID(turn_key), int(rank), UUID(message_id))
     except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
         return None
 
 
 _URLSAFE = str.maketrans("-_", "+/")
+_SEQ = re.compile(r"0|[1-9][0-9]{0,17}")
+"""A turn number: ASCII digits, no sign or leading zero, within PostgreSQL's bigint."""
 _COLUMN = {"message_id": "id"}
 
 

@@ -104,6 +104,11 @@ class Unnest:
         arrays = ", ".join(f"${i}::{pg_type}[]" for i, (_, pg_type) in enumerate(self.declared, 1))
         return f"unnest({arrays}) AS k ({self.names})"
 
+    def numbered_source(self, ordinal: str) -> str:
+        """`source` with each row's place in the arrays (1, 2, ...) as column `ordinal`."""
+        arrays = ", ".join(f"${i}::{pg_type}[]" for i, (_, pg_type) in enumerate(self.declared, 1))
+        return f"unnest({arrays}) WITH ORDINALITY AS k ({self.names}, {ordinal})"
+
     def params(self, rows: Iterable[tuple[object, ...]]) -> list[list[object]]:
         return columns(rows, len(self.declared))
 

@@ -33,38 +33,43 @@ _LIVE_CHAT = """
 SELECT EXISTS (SELECT FROM chats WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL)
 """
 
-# Conversation order: turn by turn (the turn's start, then its request id), the user's message
-# before the assistant's; a message's own time never reorders a turn (the assistant's is its
-# completion's append time, on another partition, possibly of another broker's clock). A page is
-# cut in SQL by `limit` and by the bytes its rows' JSON takes at least (`before` < $8): PostgreSQL
-# never sends hundreds of big messages for most of them to be thrown away. Sizes come from
-# `octet_length` (the stored size, read without decompressing); content is read for the rows kept.
+# Conversation order: turn by turn in the order the engine applied them (`turn_seq`, migration
+# 0009; then the turn's start and request id, for rows written without a number), the user's
+# message before the assistant's. No message time reorders a turn: the next question is often sent
+# in the millisecond the answer was acknowledged, and the assistant's time is its completion's
+# append time, on another partition, possibly of another broker's clock. A page is cut in SQL by
+# `limit` and by the bytes its rows' JSON takes at least (`before` < $9): PostgreSQL never sends
+# hundreds of big messages for most of them to be thrown away. Sizes come from `octet_length`
+# (the stored size, read without decompressing); content is read for the rows kept.
 _MESSAGES = """
 WITH ordered AS (
-    SELECT m.id, COALESCE(t.started_at, m.created_at) AS turn_at, COALESCE(m.request_id, m.id) AS turn_key,
+    SELECT m.id, COALESCE(t.turn_seq, 0) AS turn_seq, COALESCE(t.started_at, m.created_at) AS turn_at,
+           COALESCE(m.request_id, m.id) AS turn_key,
            CASE m.role WHEN 'user' THEN 0 WHEN 'assistant' THEN 1 ELSE 2 END AS rank,
-           octet_length(m.content) + octet_length(COALESCE(m.model, '')) + $9 AS size
+           octet_length(m.content) + octet_length(COALESCE(m.model, '')) + $10 AS size
     FROM messages m
     LEFT JOIN chat_turns t ON t.tenant_id = m.tenant_id AND t.chat_id = m.chat_id
                           AND t.request_id = m.request_id
     WHERE m.tenant_id = $1 AND m.chat_id = $2 AND m.deleted_at IS NULL
 ), page AS (
     SELECT * FROM ordered
-    WHERE $3::timestamptz IS NULL
-       OR (turn_at, turn_key, rank, id) > ($3::timestamptz, $4::uuid, $5::int, $6::uuid)
-    ORDER BY turn_at, turn_key, rank, id
-    LIMIT $7
+    WHERE $3::bigint IS NULL
+       OR (turn_seq, turn_at, turn_key, rank, id)
+          > ($3::bigint, $4::timestamptz, $5::uuid, $6::int, $7::uuid)
+    ORDER BY turn_seq, turn_at, turn_key, rank, id
+    LIMIT $8
 ), fitting AS (
-    SELECT id, turn_at, turn_key, rank, count(*) OVER () AS page_rows,
-           sum(size) OVER (ORDER BY turn_at, turn_key, rank, id ROWS UNBOUNDED PRECEDING) - size AS before
+    SELECT id, turn_seq, turn_at, turn_key, rank, count(*) OVER () AS page_rows,
+           sum(size) OVER (ORDER BY turn_seq, turn_at, turn_key, rank, id ROWS UNBOUNDED PRECEDING)
+               - size AS before
     FROM page
 )
 SELECT m.id, m.request_id, m.role, m.content, m.model, m.input_tokens, m.output_tokens, m.created_at,
-       f.turn_at, f.turn_key, f.rank, f.page_rows
+       f.turn_seq, f.turn_at, f.turn_key, f.rank, f.page_rows
 FROM fitting f
 JOIN messages m ON m.tenant_id = $1 AND m.id = f.id
-WHERE f.before < $8
-ORDER BY f.turn_at, f.turn_key, f.rank, f.id
+WHERE f.before < $9
+ORDER BY f.turn_seq, f.turn_at, f.turn_key, f.rank, f.id
 """
 
 _MESSAGE_COLUMNS = (
@@ -86,9 +91,10 @@ MESSAGE_JSON_MIN = 150
 
 @dataclass(frozen=True, slots=True)
 class Cursor:
-    """Where a page ended: the last message's place in conversation order (its turn's start and
-    request id, its role's rank, its id)."""
+    """Where a page ended: the last message's place in conversation order (its turn's number, start
+    and request id, its role's rank, its id)."""
 
+    turn_seq: int
     turn_at: datetime
     turn_key: UUID
     rank: int
@@ -118,6 +124,7 @@ async def chat_messages(
         _MESSAGES,
         tenant_id,
         chat_id,
+        after.turn_seq if after else None,
         after.turn_at if after else None,
         after.turn_key if after else None,
         after.rank if after else None,
@@ -133,7 +140,9 @@ async def chat_messages(
 async def _message_rows(rows: AsyncIterable[asyncpg.Record]) -> AsyncGenerator[MessageRow, None]:
     async for r in rows:
         fields = {k: r[k] for k in _MESSAGE_COLUMNS}
-        yield MessageRow(fields, Cursor(r["turn_at"], r["turn_key"], r["rank"], r["id"]), r["page_rows"])
+        yield MessageRow(
+            fields, Cursor(r["turn_seq"], r["turn_at"], r["turn_key"], r["rank"], r["id"]), r["page_rows"]
+        )
 
 
 _TURN = """

@@ -374,9 +374,26 @@ _TURNS = Unnest.of(
     "minimal_generation_floor_applied int", "period_daily date", "period_monthly date",
     "web_search_enabled bool", "code_interpreter_enabled bool", "image_count int", "started_at timestamptz",
 )  # fmt: skip
+# `turn_seq`: the chat's turns in the order they were applied (migration 0009), the read API's
+# conversation order. The chat's highest number so far (`idx_chat_turns_chat_seq`), + 1 for each of
+# the statement's new turns of the chat in batch order; a turn stored already takes no number, so
+# a re-applied command leaves no gap and a rebuild numbers every chat as the live run did.
 _INSERT_TURNS = f"""
-INSERT INTO chat_turns ({_TURNS.names}, state, last_progress_at, updated_at)
-SELECT {_TURNS.names}, 'running', started_at, started_at FROM {_TURNS.source}
+INSERT INTO chat_turns ({_TURNS.names}, turn_seq, state, last_progress_at, updated_at)
+SELECT {", ".join("k." + name for name, _ in _TURNS.declared)},
+       COALESCE(last.seq, 0) + row_number() OVER (PARTITION BY k.chat_id ORDER BY k.ord),
+       'running', k.started_at, k.started_at
+FROM {_TURNS.numbered_source("ord")}
+LEFT JOIN LATERAL (
+    SELECT t.turn_seq AS seq FROM chat_turns t
+    WHERE t.tenant_id = k.tenant_id AND t.chat_id = k.chat_id
+    ORDER BY t.turn_seq DESC
+    LIMIT 1
+) last ON true
+WHERE NOT EXISTS (
+    SELECT FROM chat_turns s
+    WHERE s.tenant_id = k.tenant_id AND s.chat_id = k.chat_id AND s.request_id = k.request_id
+)
 ON CONFLICT (chat_id, request_id) DO NOTHING
 """
 

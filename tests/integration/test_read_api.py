@@ -19,6 +19,7 @@ from minichat.models.policy import load_policy
 from minichat.processors.tokens import add_token
 from tests.conftest import Live, live_deployment
 from tests.gateway import Event, policy_file
+from tests.openapi_check import read_checked
 from tests.support import Endpoints, wait_until
 
 pytestmark = pytest.mark.integration
@@ -40,7 +41,7 @@ class Api:
     async def get(self, path: str, token: str | None = None) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         async with self.http.get(self.base + path, headers=headers) as response:
-            return response.status, await response.json()
+            return response.status, await read_checked(response)
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +232,7 @@ async def test_v1_routes_need_a_known_bearer_token(api: Api, header: str | None)
         async with api.http.get(api.base + path, headers=headers) as response:
             assert response.status == 401
             assert response.headers["WWW-Authenticate"].startswith("Bearer")
-            assert await response.json() == {"error": "unauthorized"}
+            assert await read_checked(response) == {"error": "unauthorized"}
 
 
 async def test_tokens_add_prints_a_token_and_stores_only_its_digest(tmp_path: Path) -> None:

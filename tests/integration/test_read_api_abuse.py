@@ -31,6 +31,7 @@ from minichat.models.topics import TopicNames
 from minichat.processors.tokens import add_token
 from tests.conftest import Live, live_deployment
 from tests.gateway import policy_file
+from tests.openapi_check import check_response, read_checked
 from tests.support import Endpoints, MetricSamples, scrape_metrics, wait_until
 
 pytestmark = pytest.mark.integration
@@ -137,7 +138,7 @@ async def get(abuse: Abuse, path: str, headers: dict[str, str] | None = None) ->
             aiohttp.ClientSession(connector=connector) as http,
             http.get(abuse.base + path, headers=headers) as response,
         ):
-            return response.status, await response.json(content_type=None)
+            return response.status, await read_checked(response)
     except aiohttp.ClientError:
         return 0, None
 
@@ -172,6 +173,7 @@ async def test_a_chat_of_big_messages_pages_under_the_byte_budget_in_order(abuse
                 assert response.status == 200
                 body = await response.read()
             assert len(body) <= PAGE_MAX_BYTES and response.content_length == len(body)
+            check_response(url, response.status, json.loads(body))
             assert "🙂".encode() in body and b"\\ud83d" not in body  # UTF-8, not escaped
             page = json.loads(body)
             assert page["messages"]  # a page always holds one message at least
@@ -246,10 +248,10 @@ async def test_fifty_concurrent_big_pages_leave_the_worker_deciding_turns(abuse:
     async def attacker(http: aiohttp.ClientSession) -> None:
         while not stop.is_set():  # hostile: no pause after a 503
             async with http.get(url, headers=abuse.auth()) as response:
-                size = 0
-                async for chunk in response.content.iter_chunked(256 * 1024):
-                    size += len(chunk)
-                assert size <= PAGE_MAX_BYTES
+                chunks = [chunk async for chunk in response.content.iter_chunked(256 * 1024)]
+                assert sum(map(len, chunks)) <= PAGE_MAX_BYTES
+                if response.status not in statuses:  # one of each: a 4 MiB check costs the attack its pace
+                    check_response(url, response.status, json.loads(b"".join(chunks)))
                 statuses.append(response.status)
                 if response.status == 503:
                     retry_after.add(response.headers.get("Retry-After"))
@@ -315,10 +317,12 @@ async def test_malformed_input_gets_its_4xx_and_no_traceback(abuse: Abuse) -> No
         "?limit=%ff",
         "?limit=99999999999999999999",
         "?after=not-a-cursor",
-        f"?after={cursor_of('0001-01-01T00:00+14:00|' + ids)}",  # before year 1 in UTC
-        f"?after={cursor_of('9999-12-31T23:59-14:00|' + ids)}",  # after year 9999 in UTC
-        f"?after={cursor_of('2026-01-01T00:00|' + ids)}",  # no time zone
-        f"?after={cursor_of('2026-01-01T00:00+00:00|' + str(uuid.uuid4()))}",  # the old shape
+        f"?after={cursor_of('1|0001-01-01T00:00+14:00|' + ids)}",  # before year 1 in UTC
+        f"?after={cursor_of('1|9999-12-31T23:59-14:00|' + ids)}",  # after year 9999 in UTC
+        f"?after={cursor_of('1|2026-01-01T00:00|' + ids)}",  # no time zone
+        f"?after={cursor_of('-1|2026-01-01T00:00+00:00|' + ids)}",  # no such turn number
+        f"?after={cursor_of('2026-01-01T00:00+00:00|' + ids)}",  # the shape before turn numbers
+        f"?after={cursor_of('2026-01-01T00:00+00:00|' + str(uuid.uuid4()))}",  # the oldest shape
         "?after=" + "A" * 4000,
         "?after=%C3%A9",
     ):

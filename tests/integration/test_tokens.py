@@ -19,6 +19,7 @@ import pytest
 from minichat.bench.workers import free_port
 from minichat.processors.tokens import issue_token, read_tokens, token_digest, utc_now
 from tests.conftest import Live, live_deployment
+from tests.openapi_check import read_checked
 from tests.support import Endpoints, run_cli, wait_until
 
 pytestmark = pytest.mark.integration
@@ -41,6 +42,7 @@ class Worker:
         """A read of an unknown user: 404 with a token the worker accepts, 401 without."""
         headers = {"Authorization": f"Bearer {token}"}
         async with self.http.get(f"{self.base}/v1/users/{uuid.uuid4()}/quota", headers=headers) as response:
+            await read_checked(response)
             return response.status
 
 

@@ -20,7 +20,7 @@ def _raw(text: str) -> str:
 
 def test_a_cursor_round_trips_in_utc() -> None:
     at = datetime(2026, 12, 7, 10, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
-    cursor = Cursor(at, uuid.uuid4(), 1, uuid.uuid4())
+    cursor = Cursor(7, at, uuid.uuid4(), 1, uuid.uuid4())
     decoded = decode_cursor(encode_cursor(cursor))
     assert decoded == cursor and decoded is not None and decoded.turn_at.tzinfo == UTC
 
@@ -33,12 +33,17 @@ IDS = f"{uuid.uuid4()}|0|{uuid.uuid4()}"
     [
         "",
         "not-a-cursor",
-        _raw("0001-01-01T00:00+14:00|" + IDS),  # before year 1 once in UTC
-        _raw("9999-12-31T23:59-14:00|" + IDS),  # after year 9999 once in UTC
-        _raw("2026-01-01T00:00|" + IDS),  # no zone
-        _raw(f"2026-01-01T00:00+00:00|{uuid.uuid4()}|3|{uuid.uuid4()}"),  # no such rank
+        _raw("1|0001-01-01T00:00+14:00|" + IDS),  # before year 1 once in UTC
+        _raw("1|9999-12-31T23:59-14:00|" + IDS),  # after year 9999 once in UTC
+        _raw("1|2026-01-01T00:00|" + IDS),  # no zone
+        _raw(f"1|2026-01-01T00:00+00:00|{uuid.uuid4()}|3|{uuid.uuid4()}"),  # no such rank
+        _raw("-1|2026-01-01T00:00+00:00|" + IDS),  # no such turn number
+        _raw("01|2026-01-01T00:00+00:00|" + IDS),
+        _raw("9" * 19 + "|2026-01-01T00:00+00:00|" + IDS),  # beyond bigint
+        _raw("１|2026-01-01T00:00+00:00|" + IDS),  # not ASCII digits
         _raw(f"2026-01-01T00:00+00:00|{uuid.uuid4()}"),  # the shape before conversation order
-        _raw("2026-01-01T00:00+00:00|" + IDS) + "!",
+        _raw("2026-01-01T00:00+00:00|" + IDS),  # the shape before turn numbers
+        _raw("1|2026-01-01T00:00+00:00|" + IDS) + "!",
         "é" * 10,
         "A" * 600,
     ],

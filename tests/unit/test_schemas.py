@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from minichat.models.events import INPUT_MODELS, OUTPUT_MODELS
-from minichat.models.schema import schema_files
+from minichat.models.schema import export_schemas, schema_files
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "docs" / "schemas"
 FIX = "run `minichat schema export` (or `python -m minichat.models.schema`) and commit docs/schemas/"
@@ -62,3 +62,24 @@ def test_input_schemas_mark_optional_fields_with_their_defaults() -> None:
     reported = json.loads(schema_files()["usage.reported.json"])
     assert reported["properties"]["input_tokens"]["maximum"] == 10_000_000
     assert reported["properties"]["reasoning_tokens"]["minimum"] == 0
+
+
+def test_export_replaces_only_the_schemas_it_writes(tmp_path: Path) -> None:
+    """`minichat schema export --out .` in a project directory: its other files stay; a stale
+    schema of an earlier export (a dropped event) goes."""
+    others = {
+        "package.json": '{"name": "gateway", "version": "1.0.0"}\n',
+        "tsconfig.json": '{"$schema": "https://json.schemastore.org/tsconfig", "title": "x"}\n',
+        "notes.json": "not json at all",
+        "README.md": "# mine\n",
+    }
+    for name, content in others.items():
+        (tmp_path / name).write_text(content)
+    stale = tmp_path / "turn.renamed.json"
+    stale.write_text(schema_files()["turn.requested.json"])
+    export_schemas(tmp_path)
+    for name, content in others.items():
+        assert (tmp_path / name).read_text() == content, name
+    assert not stale.exists()
+    for name, content in schema_files().items():
+        assert (tmp_path / name).read_text() == content
