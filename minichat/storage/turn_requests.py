@@ -59,7 +59,8 @@ CASE WHEN t.settled_at IS NULL THEN NULL
      ELSE 0 END AS settled_tokens
 """
 
-# Per chat, a walk down `idx_chat_turns_chat_started` that stops at the first rows it needs: the
+# Per chat, a walk down `idx_chat_turns_chat_seq` (the applied order, migration 0009; start time
+# only breaks ties between rows written by other means) that stops at the first rows it needs: the
 # cost follows the batch, not the size of `chat_turns` (a join of every turn of the batch's chats
 # grew with each chat's history). The latest live turn and the latest two settled ones, in one
 # round trip.
@@ -69,16 +70,16 @@ FROM unnest($1::uuid[], $2::uuid[]) AS k (tenant_id, chat_id)
 CROSS JOIN LATERAL (
     (SELECT 'live' AS kind, c.* FROM chat_turns c
      WHERE c.chat_id = k.chat_id AND c.tenant_id = k.tenant_id AND c.deleted_at IS NULL
-     ORDER BY c.started_at DESC, c.id DESC
+     ORDER BY c.turn_seq DESC, c.started_at DESC, c.id DESC
      LIMIT 1)
     UNION ALL
     (SELECT 'settled' AS kind, c.* FROM chat_turns c
      WHERE c.chat_id = k.chat_id AND c.tenant_id = k.tenant_id
        AND c.deleted_at IS NULL AND c.settled_at IS NOT NULL
-     ORDER BY c.started_at DESC, c.id DESC
+     ORDER BY c.turn_seq DESC, c.started_at DESC, c.id DESC
      LIMIT 2)
 ) t
-ORDER BY t.chat_id, t.kind, t.started_at DESC, t.id DESC
+ORDER BY t.chat_id, t.kind, t.turn_seq DESC, t.started_at DESC, t.id DESC
 """
 
 # The mutation targets are locked first: the provider and usage agents lock a turn before its

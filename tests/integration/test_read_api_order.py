@@ -142,5 +142,22 @@ async def test_question_n_plus_1_and_answer_n_in_one_millisecond_come_in_turn_or
             "SELECT request_id, turn_seq FROM chat_turns WHERE tenant_id = $1 AND chat_id = $2", tenant, chat
         )
         assert {r["request_id"]: r["turn_seq"] for r in seqs} == {r: i + 1 for i, r in enumerate(request_ids)}
+
+        # The engine's "latest turn" follows the same order: a retry of the last turn applied is
+        # accepted, one of an earlier turn (the greatest id, the latest by an id tie-break) is not.
+        early = gw.retry(tenant, user, chat, request_ids[0])
+        await apply(con, batches, record(names.turn_requests, TURNS, early))
+        latest = gw.retry(tenant, user, chat, request_ids[-1])
+        await apply(con, batches, record(names.turn_requests, TURNS + 1, latest))
+        decided = {
+            r["command_id"]: (r["decision"], r["error_code"])
+            for r in await con.fetch(
+                "SELECT command_id, decision, error_code FROM turn_decisions WHERE tenant_id = $1 AND chat_id = $2",
+                tenant,
+                chat,
+            )
+        }
+        assert decided[uuid.UUID(str(early["new_request_id"]))] == ("reject", "not_latest_turn")
+        assert decided[uuid.UUID(str(latest["new_request_id"]))][0] == "allow"
     finally:
         await con.close()

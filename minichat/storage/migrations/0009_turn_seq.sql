@@ -15,4 +15,7 @@ FROM (SELECT id, row_number() OVER (PARTITION BY chat_id ORDER BY started_at, id
       FROM chat_turns) n
 WHERE t.id = n.id;
 
+-- The engine's "latest turn" (retry, edit, delete, the one-running-turn rule) follows the same
+-- order, so this index replaces the one by start time: one index per turn row, as before.
 CREATE INDEX idx_chat_turns_chat_seq ON chat_turns (chat_id, turn_seq DESC);
+DROP INDEX idx_chat_turns_chat_started;
