@@ -153,9 +153,11 @@ class GatewayClient:
         await self._producer.start()
         await self._consumer.start()
         await self._offsets.start()
-        partitions = await self._producer.partitions_for(self.topics.turn_decisions)
-        if not partitions:
+        # All topics' metadata first: the producer alone would wait out its metadata timeout (40 s)
+        # for a topic that does not exist.
+        if self.topics.turn_decisions not in await self._offsets.topics():
             raise MissingTopicError(self.topics.turn_decisions)
+        partitions = await self._producer.partitions_for(self.topics.turn_decisions)
         self._decisions = DecisionReader(
             self._consumer, self._offsets, self.topics.turn_decisions, len(partitions)
         )
