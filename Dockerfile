@@ -13,10 +13,10 @@ WORKDIR /app
 
 # README.m[d]: pyproject.toml names README.md as the long description; the glob keeps the build
 # working while that file does not exist yet.
-COPY pyproject.toml README.m[d] ./
+COPY pyproject.toml constraints.txt README.m[d] ./
 COPY minichat ./minichat
-COPY scripts/container-worker.sh ./scripts/
-RUN pip install . \
+# constraints.txt: the locked versions (scripts/lock.py), the same ones CI's `make venv` installs
+RUN pip install -c constraints.txt . \
     && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin minichat
 
 USER minichat

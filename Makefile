@@ -37,10 +37,11 @@ help:
 
 venv: $(STAMP)
 
-# Re-installs only when pyproject.toml is newer than the stamp (or the venv is missing).
+# Re-installs only when pyproject.toml or constraints.txt (the locked versions, scripts/lock.py)
+# is newer than the stamp (or the venv is missing).
 # A bare Debian python3 lacks ensurepip until python3-venv is installed: do that via apt when
 # we are root and the interpreter is the system one (pyenv and similar builds ship ensurepip).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@if [ ! -x "$(VENV)/bin/pip" ]; then \
 	  if ! "$(PYTHON)" -c 'import ensurepip, venv' >/dev/null 2>&1; then \
 	    py=$$(command -v "$(PYTHON)"); \
@@ -58,7 +59,7 @@ $(STAMP): pyproject.toml
 	  echo "make venv: creating $(VENV) with $$("$(PYTHON)" -c 'import sys; print(sys.executable, sys.version.split()[0])')" >&2; \
 	  "$(PYTHON)" -m venv "$(VENV)"; \
 	fi
-	"$(VENV)/bin/python" -m pip install -q --progress-bar off -e ".[dev]"
+	"$(VENV)/bin/python" -m pip install -q --progress-bar off -c constraints.txt -e ".[dev]"
 	@touch "$@"
 
 up:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from minichat.kafka_security import SaslMechanism, SecurityProtocol, security_problems
@@ -106,6 +106,24 @@ class Settings(BaseSettings):
     retry_max_backoff_s: float = Field(default=5.0, gt=0, le=60)
     broker_give_up_s: float = Field(default=120.0, gt=0)
     broker_check_interval_s: float = Field(default=2.0, gt=0, le=60)
+
+    @field_validator("database_url", "admin_database_url")
+    @classmethod
+    def _is_a_postgresql_url(cls, value: str | None) -> str | None:
+        # Refused here, as a setting (exit 2), not later as a failed connection. The message never
+        # quotes the value: it may hold a password.
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("not a PostgreSQL URL: it must start with postgresql://")
+        return value
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _is_a_broker_list(cls, value: str) -> str:
+        hosts = [h.strip() for h in value.split(",")]
+        ports = [h.rpartition(":")[2] for h in hosts if ":" in h and not h.endswith("]")]
+        if not all(hosts) or not all(p.isdigit() for p in ports):
+            raise ValueError("not a broker list: host:port[,host:port...]")
+        return value
 
     @model_validator(mode="after")
     def _kafka_security_is_usable(self) -> Settings:

@@ -72,6 +72,23 @@ async def _measure(settings: Settings, options: BenchOptions, result: BenchResul
         result.client = await run_client_overhead(settings, policy_file, model, options, workdir)
 
 
+async def _reach_kafka(settings: Settings) -> None:
+    """Bootstrap from the brokers once: a `KafkaConnectionError` when none answers."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from minichat.kafka_security import kafka_client_options
+
+    quiet = logging.getLogger("aiokafka")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # the error names the brokers: no line per attempt before it
+    admin = AIOKafkaAdminClient(**kafka_client_options(settings))
+    try:
+        await admin.start()
+    finally:
+        await admin.close()
+        quiet.setLevel(level)
+
+
 async def run_bench(settings: Settings, options: BenchOptions, *, out: TextIO | None = None) -> int:
     """Run the selected phases, print the tables, write the JSON to `options.out`; 0 when done."""
     from minichat.bench.calibrate import calibrate
@@ -86,6 +103,7 @@ async def run_bench(settings: Settings, options: BenchOptions, *, out: TextIO | 
     logging.getLogger("aiokafka.consumer.fetcher").setLevel(logging.CRITICAL)
     started, cpu = time.monotonic(), time.process_time()
     found, pg = await versions(settings.database_url)
+    await _reach_kafka(settings)  # before minutes of PostgreSQL phases, not after them
     result = BenchResult(
         started_at=datetime.now(UTC).isoformat(timespec="seconds"),
         options=_options_json(options),

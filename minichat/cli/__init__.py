@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from minichat.cli import commands
-from minichat.cli.commands import EXIT_SETUP
+from minichat.cli.failures import EXIT_SETUP, explain, settings_refusal
 from minichat.processors.errors import EXIT_FATAL, failure_report
 from minichat.settings import Settings
 
@@ -401,20 +401,29 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    command = _command_name(args)
     try:
         settings = build_settings(args)
     except ValidationError as exc:
-        print(f"minichat: invalid settings: {exc}", file=sys.stderr)
+        print(f"minichat {command}: {settings_refusal(exc).text}", file=sys.stderr)
         return EXIT_SETUP
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     # aiokafka logs every produced record's key and value at DEBUG: message content, never logged.
     logging.getLogger("aiokafka.producer.producer").setLevel(max(logging.INFO, logging.root.level))
+    # A command that cannot reach Kafka ends with one line naming the setting (`failures.py`):
+    # aiokafka's own line per failed connection attempt would only repeat it. The worker sets it
+    # back once it has started.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         result: int = args.run(settings, args)
-    except Exception as exc:  # every command's last resort: no exception text (it can quote a row)
-        logger.critical("minichat %s failed: %s", _command_name(args), failure_report(exc))
+    except Exception as exc:  # every command's one boundary: no exception text (it can quote a row)
+        refusal = explain(exc, settings, command)
+        if refusal is not None:
+            print(f"minichat {command}: {refusal.text}", file=sys.stderr)
+            return refusal.status
+        logger.critical("minichat %s failed: %s", command, failure_report(exc))
         return EXIT_FATAL
     return result
 

@@ -13,13 +13,10 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from minichat.processors.errors import EXIT_FATAL, failure_report
+from minichat.cli.failures import EXIT_SETUP
 from minichat.settings import Settings
 
 logger = logging.getLogger("minichat")
-
-EXIT_SETUP = 2
-"""Exit status for a setup problem the operator must fix (missing schema, topics, bad policy)."""
 
 
 def run(coro: Coroutine[Any, Any, int]) -> int:
@@ -193,17 +190,14 @@ async def topics_create(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _preflight(settings: Settings) -> list[str]:
     """Reasons the worker must not start; each names what fixes it."""
-    from minichat.models.policy import PolicyError, load_policy
+    from minichat.models.policy import load_policy
     from minichat.processors.topics import topic_problems
     from minichat.storage.db import connect
     from minichat.storage.policies import PolicyConflict, ensure_policy_version
     from minichat.storage.schema import pending_migrations
 
     problems: list[str] = []
-    try:
-        policy = load_policy(settings.policy_file)
-    except PolicyError as exc:
-        return [str(exc)]
+    policy = load_policy(settings.policy_file)  # a PolicyError: the CLI's boundary names the setting
     con = await connect(settings)
     try:
         pending = await pending_migrations(con)
@@ -224,11 +218,8 @@ async def _preflight(settings: Settings) -> list[str]:
 
 
 def _checked_start(command: str, settings: Settings) -> int | None:
-    """The exit status when `command` must not start (printed reasons), else None."""
-    import asyncpg
-    from aiokafka.errors import KafkaError
-
-    from minichat.processors.errors import dependency_of
+    """The exit status when `command` must not start (printed reasons), else None. A dependency
+    it cannot reach propagates to the CLI's boundary (`failures.py`), which names the setting."""
     from minichat.storage.schema import MigrationError
 
     try:
@@ -236,14 +227,6 @@ def _checked_start(command: str, settings: Settings) -> int | None:
     except MigrationError as exc:
         print(f"minichat {command}: {exc}", file=sys.stderr)
         return EXIT_SETUP
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError) as exc:
-        where = (
-            f"Kafka at {settings.kafka_bootstrap_servers}"
-            if dependency_of(exc) == "Kafka"
-            else "PostgreSQL (MINICHAT_DATABASE_URL)"
-        )
-        print(f"minichat {command}: cannot reach {where}: {type(exc).__name__}", file=sys.stderr)
-        return EXIT_FATAL
     for problem in problems:
         print(f"minichat {command}: {problem}", file=sys.stderr)
     return EXIT_SETUP if problems else None
@@ -257,6 +240,7 @@ def worker(settings: Settings, args: argparse.Namespace) -> int:
     refused = _checked_start("worker", settings)
     if refused is not None:
         return refused
+    logging.getLogger("aiokafka").setLevel(logging.NOTSET)  # a running worker logs what aiokafka says
     app = create_app(settings)
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
     worker.execute_from_commandline()
@@ -303,10 +287,8 @@ def replay(settings: Settings, args: argparse.Namespace) -> int:
             "minichat replay: interrupted (each batch is its own transaction: run it again)", file=sys.stderr
         )
         return 130
-    except Exception as exc:
-        # Each applied batch committed on its own and re-applying is a no-op: running it again is safe.
-        logger.critical("replay failed; it is safe to run it again: %s", failure_report(exc))
-        return EXIT_FATAL
+    # Anything else reaches the CLI's boundary (exit 70): each applied batch committed on its own
+    # and re-applying is a no-op, so running it again is safe.
     if args.json:
         print(json.dumps(summary.as_dict(), sort_keys=True))
     else:

@@ -24,12 +24,14 @@ none will: the command is in the log and will be decided; look it up later with 
 (`GET /v1/chats/{chat_id}/turns/{request_id}`) or by sending the same command again.
 
 The modules: `gateway.py` (`GatewayClient`), `decisions.py` (the reader of `turn-decisions`),
-`messages.py` (the command and fact types). Import from `minichat.client`.
+`messages.py` (the command and fact types), `codes.py` (`FailureCode`, `RejectCode`). Ids are
+`uuid.UUID`s or their text. Import from `minichat.client`.
 """
 
+from minichat.client.codes import FailureCode, RejectCode
 from minichat.client.decisions import IDLE_S, DecisionReader, partition_of
-from minichat.client.gateway import DecisionTimeout, GatewayClient
-from minichat.client.messages import FACT_TYPES, Command, Fact, decision_json, envelope
+from minichat.client.gateway import DecisionTimeout, GatewayClient, MissingTopicError
+from minichat.client.messages import FACT_TYPES, Command, Fact, Id, as_uuid, decision_json, envelope
 
 __all__ = [
     "FACT_TYPES",
@@ -38,7 +40,12 @@ __all__ = [
     "DecisionReader",
     "DecisionTimeout",
     "Fact",
+    "FailureCode",
     "GatewayClient",
+    "Id",
+    "MissingTopicError",
+    "RejectCode",
+    "as_uuid",
     "decision_json",
     "envelope",
     "partition_of",

@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import SecretStr
 
 from minichat.client.decisions import DecisionReader
-from minichat.client.messages import Command, Fact, envelope
+from minichat.client.messages import Command, Fact, Id, as_uuid, envelope
 from minichat.kafka_security import KafkaSecurity
 from minichat.models import events
 from minichat.models.events import After, TurnDecision, Usage
@@ -36,6 +36,14 @@ class DecisionTimeout(TimeoutError):
             f"the log and will be decided: send it again with the same ids, or read {where}"
         )
         self.command = command
+
+
+class MissingTopicError(RuntimeError):
+    """A topic the client needs does not exist: `minichat topics create` (or the prefix is wrong)."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(f"topic {topic} does not exist: run `minichat topics create` (or check the prefix)")
+        self.topic = topic
 
 
 TOKEN_CHATS_MAX = 100_000
@@ -106,6 +114,16 @@ class GatewayClient:
         """Per chat: the acknowledged offsets of the last terminal and usage events produced."""
 
     async def __aenter__(self) -> Self:
+        """Start the producer and the decision reader. When any start fails (a broker away, a
+        missing topic), what was started is stopped again before the error propagates."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def _start(self) -> None:
         security = self._security.client_options()
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self._bootstrap,
@@ -135,24 +153,29 @@ class GatewayClient:
         await self._producer.start()
         await self._consumer.start()
         await self._offsets.start()
+        # All topics' metadata first: the producer alone would wait out its metadata timeout (40 s)
+        # for a topic that does not exist.
+        if self.topics.turn_decisions not in await self._offsets.topics():
+            raise MissingTopicError(self.topics.turn_decisions)
         partitions = await self._producer.partitions_for(self.topics.turn_decisions)
-        if not partitions:
-            raise RuntimeError(
-                f"topic {self.topics.turn_decisions} does not exist: run `minichat topics create`"
-            )
         self._decisions = DecisionReader(
             self._consumer, self._offsets, self.topics.turn_decisions, len(partitions)
         )
         self._decisions.start()
-        return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._decisions is not None:
-            await self._decisions.stop()
-        for client in (self._offsets, self._consumer, self._producer):
-            if client is not None:
+        await self._close()
+
+    async def _close(self) -> None:
+        decisions, self._decisions = self._decisions, None
+        if decisions is not None:
+            await decisions.stop()
+        clients = (self._offsets, self._consumer, self._producer)
+        self._offsets = self._consumer = self._producer = None
+        for client in clients:
+            if client is not None:  # stopping a client that never started is harmless
                 await _stop(client)
 
     # ------------------------------------------------------------------------------- commands
@@ -178,10 +201,10 @@ class GatewayClient:
     async def request_turn(
         self,
         *,
-        tenant_id: uuid.UUID,
-        chat_id: uuid.UUID,
-        user_id: uuid.UUID,
-        request_id: uuid.UUID,
+        tenant_id: Id,
+        chat_id: Id,
+        user_id: Id,
+        request_id: Id,
         content: str,
         model: str | None = None,
         title: str | None = None,
@@ -195,8 +218,8 @@ class GatewayClient:
         (default: the chat's causal token, `send_command`)."""
         command = events.TurnRequested(
             **envelope(tenant_id, chat_id),
-            user_id=user_id,
-            request_id=request_id,
+            user_id=as_uuid("user_id", user_id),
+            request_id=as_uuid("request_id", request_id),
             content=content,
             model=model,
             title=title,
@@ -210,20 +233,20 @@ class GatewayClient:
     async def retry_turn(
         self,
         *,
-        tenant_id: uuid.UUID,
-        chat_id: uuid.UUID,
-        user_id: uuid.UUID,
-        request_id: uuid.UUID,
-        new_request_id: uuid.UUID,
+        tenant_id: Id,
+        chat_id: Id,
+        user_id: Id,
+        request_id: Id,
+        new_request_id: Id,
         after: After | None = None,
         timeout_s: float | None = None,
     ) -> TurnDecision:
         """Regenerate the chat's latest turn `request_id` as a new turn `new_request_id`."""
         command = events.TurnRetry(
             **envelope(tenant_id, chat_id),
-            user_id=user_id,
-            request_id=request_id,
-            new_request_id=new_request_id,
+            user_id=as_uuid("user_id", user_id),
+            request_id=as_uuid("request_id", request_id),
+            new_request_id=as_uuid("new_request_id", new_request_id),
             after=after,
         )
         return await self.send_command(command, timeout_s=timeout_s)
@@ -231,11 +254,11 @@ class GatewayClient:
     async def edit_turn(
         self,
         *,
-        tenant_id: uuid.UUID,
-        chat_id: uuid.UUID,
-        user_id: uuid.UUID,
-        request_id: uuid.UUID,
-        new_request_id: uuid.UUID,
+        tenant_id: Id,
+        chat_id: Id,
+        user_id: Id,
+        request_id: Id,
+        new_request_id: Id,
         content: str,
         after: After | None = None,
         timeout_s: float | None = None,
@@ -243,9 +266,9 @@ class GatewayClient:
         """Replace the latest turn's message with `content`, as a new turn `new_request_id`."""
         command = events.TurnEdit(
             **envelope(tenant_id, chat_id),
-            user_id=user_id,
-            request_id=request_id,
-            new_request_id=new_request_id,
+            user_id=as_uuid("user_id", user_id),
+            request_id=as_uuid("request_id", request_id),
+            new_request_id=as_uuid("new_request_id", new_request_id),
             content=content,
             after=after,
         )
@@ -254,19 +277,23 @@ class GatewayClient:
     async def delete_turn(
         self,
         *,
-        tenant_id: uuid.UUID,
-        chat_id: uuid.UUID,
-        user_id: uuid.UUID,
-        request_id: uuid.UUID,
+        tenant_id: Id,
+        chat_id: Id,
+        user_id: Id,
+        request_id: Id,
         timeout_s: float | None = None,
     ) -> TurnDecision:
-        command = events.TurnDelete(**envelope(tenant_id, chat_id), user_id=user_id, request_id=request_id)
+        command = events.TurnDelete(
+            **envelope(tenant_id, chat_id),
+            user_id=as_uuid("user_id", user_id),
+            request_id=as_uuid("request_id", request_id),
+        )
         return await self.send_command(command, timeout_s=timeout_s)
 
     async def delete_chat(
-        self, *, tenant_id: uuid.UUID, chat_id: uuid.UUID, user_id: uuid.UUID, timeout_s: float | None = None
+        self, *, tenant_id: Id, chat_id: Id, user_id: Id, timeout_s: float | None = None
     ) -> TurnDecision:
-        command = events.ChatDelete(**envelope(tenant_id, chat_id), user_id=user_id)
+        command = events.ChatDelete(**envelope(tenant_id, chat_id), user_id=as_uuid("user_id", user_id))
         return await self.send_command(command, timeout_s=timeout_s)
 
     # ---------------------------------------------------------------------------------- facts
@@ -278,15 +305,17 @@ class GatewayClient:
         )
         self._remember(fact, await self._produce(topic, fact))
 
-    async def progress(self, *, tenant_id: uuid.UUID, chat_id: uuid.UUID, request_id: uuid.UUID) -> None:
-        await self.send_fact(events.TurnProgress(**envelope(tenant_id, chat_id), request_id=request_id))
+    async def progress(self, *, tenant_id: Id, chat_id: Id, request_id: Id) -> None:
+        await self.send_fact(
+            events.TurnProgress(**envelope(tenant_id, chat_id), request_id=as_uuid("request_id", request_id))
+        )
 
     async def completed(
         self,
         *,
-        tenant_id: uuid.UUID,
-        chat_id: uuid.UUID,
-        request_id: uuid.UUID,
+        tenant_id: Id,
+        chat_id: Id,
+        request_id: Id,
         content: str,
         usage: Usage | None = None,
         provider_response_id: str | None = None,
@@ -295,7 +324,7 @@ class GatewayClient:
         await self.send_fact(
             events.TurnCompleted(
                 **envelope(tenant_id, chat_id),
-                request_id=request_id,
+                request_id=as_uuid("request_id", request_id),
                 content=content,
                 usage=usage,
                 provider_response_id=provider_response_id,
@@ -306,9 +335,9 @@ class GatewayClient:
     async def failed(
         self,
         *,
-        tenant_id: uuid.UUID,
-        chat_id: uuid.UUID,
-        request_id: uuid.UUID,
+        tenant_id: Id,
+        chat_id: Id,
+        request_id: Id,
         error_code: str,
         error_detail: str | None = None,
         usage: Usage | None = None,
@@ -316,7 +345,7 @@ class GatewayClient:
         await self.send_fact(
             events.TurnFailed(
                 **envelope(tenant_id, chat_id),
-                request_id=request_id,
+                request_id=as_uuid("request_id", request_id),
                 error_code=error_code,
                 error_detail=error_detail,
                 usage=usage,
@@ -326,33 +355,36 @@ class GatewayClient:
     async def cancelled(
         self,
         *,
-        tenant_id: uuid.UUID,
-        chat_id: uuid.UUID,
-        request_id: uuid.UUID,
+        tenant_id: Id,
+        chat_id: Id,
+        request_id: Id,
         content: str = "",
         usage: Usage | None = None,
     ) -> None:
         await self.send_fact(
             events.TurnCancelled(
-                **envelope(tenant_id, chat_id), request_id=request_id, content=content, usage=usage
+                **envelope(tenant_id, chat_id),
+                request_id=as_uuid("request_id", request_id),
+                content=content,
+                usage=usage,
             )
         )
 
-    async def usage(
-        self, *, tenant_id: uuid.UUID, chat_id: uuid.UUID, request_id: uuid.UUID, usage: Usage
-    ) -> None:
+    async def usage(self, *, tenant_id: Id, chat_id: Id, request_id: Id, usage: Usage) -> None:
         """The provider's usage of a turn, when it comes after the terminal event."""
         await self.send_fact(
             events.UsageReported(
-                **envelope(tenant_id, chat_id), request_id=request_id, **usage.model_dump(exclude_none=True)
+                **envelope(tenant_id, chat_id),
+                request_id=as_uuid("request_id", request_id),
+                **usage.model_dump(exclude_none=True),
             )
         )
 
     # ---------------------------------------------------------------------------- causal tokens
 
-    def token(self, chat_id: uuid.UUID) -> After | None:
+    def token(self, chat_id: Id) -> After | None:
         """The causal token this client would put on the chat's next command (None: none)."""
-        offsets = self._tokens.get(chat_id)
+        offsets = self._tokens.get(as_uuid("chat_id", chat_id))
         return None if offsets is None else After.model_validate(offsets)
 
     def with_token(self, command: Command) -> Command:

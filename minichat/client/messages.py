@@ -29,13 +29,29 @@ FACT_TYPES = (
 )
 
 
-def envelope(tenant_id: uuid.UUID, chat_id: uuid.UUID) -> dict[str, Any]:
+Id = uuid.UUID | str
+"""An id as a gateway holds it: a `uuid.UUID` or its text (`"0b6f…"`, with or without braces)."""
+
+
+def as_uuid(name: str, value: Id) -> uuid.UUID:
+    """`value` as a UUID; a string that is none raises `ValueError` naming the argument."""
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    raise ValueError(f"{name} must be a UUID or its text, got {str(value)[:64]!r}")
+
+
+def envelope(tenant_id: Id, chat_id: Id) -> dict[str, Any]:
     return {
         "event_id": uuid.uuid4(),
         "schema_version": 1,
         "occurred_at": datetime.now(UTC),
-        "tenant_id": tenant_id,
-        "chat_id": chat_id,
+        "tenant_id": as_uuid("tenant_id", tenant_id),
+        "chat_id": as_uuid("chat_id", chat_id),
     }
 
 

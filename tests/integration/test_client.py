@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from minichat.client import DecisionTimeout, GatewayClient, partition_of
+from minichat.client import DecisionTimeout, FailureCode, GatewayClient, MissingTopicError, partition_of
 from minichat.models.events import After, Usage
 from minichat.models.topics import TopicNames
 from tests.conftest import Live
-from tests.support import TopicReader, wait_until
+from tests.support import Endpoints, TopicReader, new_prefix, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -216,3 +216,32 @@ async def test_the_client_fills_after_from_the_acknowledged_terminal_and_usage_e
             {"provider-responses": terminal, "usage": token.usage},
             {"provider-responses": None, "usage": 0},
         ]
+
+
+async def test_ids_may_be_given_as_text(live: Live) -> None:
+    tenant, user, chat, request = (str(uuid.uuid4()) for _ in range(4))
+    async with client_of(live) as client:
+        decision = await client.request_turn(
+            tenant_id=tenant, chat_id=chat, user_id=user, request_id=request, content="hi", model="gpt-5-mini"
+        )
+        assert decision.decision == "allow" and decision.request_id == uuid.UUID(request)
+        await client.failed(
+            tenant_id=tenant, chat_id=chat, request_id=request, error_code=FailureCode.PROVIDER_NOT_CALLED
+        )
+        assert client.token(chat) is not None
+        with pytest.raises(ValueError, match="user_id must be a UUID"):
+            await client.delete_chat(tenant_id=tenant, chat_id=chat, user_id="alice")
+
+
+async def test_a_failed_start_stops_the_clients_it_started(endpoints: Endpoints) -> None:
+    """A missing topic is found after the producer and both consumers started: they are stopped
+    again (no task of theirs left running), and the error names the topic and the fix."""
+    before = asyncio.all_tasks()
+    client = GatewayClient(endpoints.kafka, new_prefix())
+    with pytest.raises(
+        MissingTopicError, match=r"turn-decisions does not exist: run `minichat topics create`"
+    ):
+        async with client:
+            pass
+    left = [t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()]
+    assert left == [], [t.get_coro() for t in left]

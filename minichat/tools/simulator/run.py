@@ -13,7 +13,7 @@ from uuid import UUID
 
 import asyncpg
 
-from minichat.client import GatewayClient
+from minichat.client import GatewayClient, MissingTopicError
 from minichat.kafka_security import gateway_security_arguments
 from minichat.models.policy import Policy, load_policy
 from minichat.settings import Settings
@@ -39,7 +39,7 @@ class SimulationResult:
 
 
 class SetupError(RuntimeError):
-    """The deployment is not there (topics missing, database unreachable): nothing was sent."""
+    """The deployment is not there (topics missing): nothing was sent."""
 
 
 async def run_simulation(
@@ -57,7 +57,6 @@ async def run_simulation(
         chats_per_user=options.chats_per_user,
         turns_per_chat=options.turns_per_chat,
     )
-    _announce(err, settings, options, policy, plan)
     start = time.monotonic()
     client = GatewayClient(
         settings.kafka_bootstrap_servers,
@@ -65,16 +64,15 @@ async def run_simulation(
         linger_ms=2,
         **gateway_security_arguments(settings),
     )
-    try:
-        pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=3)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise SetupError(f"cannot reach the database: {exc}") from exc
+    # A database or broker it cannot reach propagates to the CLI's boundary, which names the setting.
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=3)
     watcher = TurnWatcher(pool)
     try:
         try:
             await client.__aenter__()
-        except RuntimeError as exc:  # a topic is missing
+        except MissingTopicError as exc:
             raise SetupError(str(exc)) from exc
+        _announce(err, settings, options, policy, plan)  # once both dependencies answered
         watcher.start()
         run = PlanRun(policy, plan, options, client, watcher, Progress(plan.steps, err, "simulate"))
         await run.play_all(options.concurrency)
