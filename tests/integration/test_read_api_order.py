@@ -152,7 +152,8 @@ async def test_question_n_plus_1_and_answer_n_in_one_millisecond_come_in_turn_or
         decided = {
             r["command_id"]: (r["decision"], r["error_code"])
             for r in await con.fetch(
-                "SELECT command_id, decision, error_code FROM turn_decisions WHERE tenant_id = $1 AND chat_id = $2",
+                "SELECT command_id, decision, error_code FROM turn_decisions"
+                " WHERE tenant_id = $1 AND chat_id = $2",
                 tenant,
                 chat,
             )
