@@ -161,6 +161,22 @@ def status_of(answer: bytes) -> int:
     return int(answer.split(b" ", 2)[1])
 
 
+def checked_status(request: bytes, answer: bytes) -> int:
+    """The status of a raw `answer` to a raw `request`, after checking a JSON answer against
+    docs/openapi.yaml like every other read API answer. An answer the HTTP parser gives before any
+    route is reached (malformed request line or headers) has no JSON body: then only its status."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = status_of(answer)
+    headers = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.decode("latin-1").partition(":") for line in head.split(b"\r\n")[1:])
+    }
+    if headers.get("content-type", "").split(";")[0] == "application/json":
+        method, target, _ = request.split(b" ", 2)
+        check_response(target.decode(), status, json.loads(body), method=method.decode().lower())
+    return status
+
+
 async def test_a_chat_of_big_messages_pages_under_the_byte_budget_in_order(abuse: Abuse) -> None:
     seen: list[dict[str, Any]] = []
     cursor: str | None = None
@@ -332,24 +348,17 @@ async def test_malformed_input_gets_its_4xx_and_no_traceback(abuse: Abuse) -> No
         assert (await get(abuse, path, abuse.auth()))[0] == 404
     # headers aiohttp's client would not send: raw bytes on a socket
     for header in (b"Bearer \xff\xfe", b"Bearer \xc3\xa9t\xc3\xa9", b"\x00\x01", b"Bearer " + b"\x80" * 100):
-        answer = await raw_request(
-            abuse.port,
-            b"GET "
-            + chat.encode()
-            + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: "
-            + header
-            + b"\r\n\r\n",
-        )
-        assert status_of(answer) in (400, 401), (header, answer[:200])
-    answer = await raw_request(
-        abuse.port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nNot A Header\r\n\r\n"
-    )
-    assert status_of(answer) == 400
-    answer = await raw_request(
-        abuse.port,
+        request = (
+            b"GET " + chat.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: "
+            + header + b"\r\n\r\n"
+        )  # fmt: skip
+        answer = await raw_request(abuse.port, request)
+        assert checked_status(request, answer) in (400, 401), (header, answer[:200])
+    for request in (
+        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nNot A Header\r\n\r\n",
         b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX: " + b"y" * 20_000 + b"\r\n\r\n",
-    )
-    assert status_of(answer) == 400
+    ):
+        assert checked_status(request, await raw_request(abuse.port, request)) == 400
     answer = await raw_request(abuse.port, b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 64)
     assert answer == b"" or status_of(answer) == 400  # TLS on the plain port
     log = abuse.log()
@@ -364,10 +373,9 @@ async def test_only_the_contracts_paths_are_served(abuse: Abuse, path: str) -> N
 
 
 async def test_a_wrong_method_is_refused(abuse: Abuse) -> None:
-    answer = await raw_request(
-        abuse.port, b"POST /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-    )
-    assert status_of(answer) == 405
+    request = b"POST /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    answer = await raw_request(abuse.port, request)
+    assert checked_status(request, answer) == 405
 
 
 async def test_unfinished_headers_are_cut_off_and_the_connection_cap_holds(abuse: Abuse) -> None:
