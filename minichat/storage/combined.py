@@ -42,31 +42,45 @@ class Part:
 
     sql: str
     params: Sequence[object]
+    returning: str = "1"
+    """The part's `RETURNING` list, for `report` to read."""
+    report: str | None = None
+    """A scalar query over the part's returned rows, named `{rows}` in it: its value comes back
+    beside the counts (`execute_parts_reported`); None for a count only."""
 
 
-_COMPOSED: dict[tuple[str, ...], str] = {}
+_COMPOSED: dict[tuple[tuple[str, str, str | None], ...], str] = {}
 
 
 def _shifted(sql: str, offset: int) -> str:
     return _PARAMETER.sub(lambda m: f"${int(m.group(1)) + offset}", sql.strip())
 
 
-def _composed(sqls: tuple[str, ...]) -> str:
-    """`WITH w0 AS (part RETURNING 1), ...` and the count of each: the text, built once per shape."""
-    text = _COMPOSED.get(sqls)
+def _composed(shape: tuple[tuple[str, str, str | None], ...]) -> str:
+    """`WITH w0 AS (part RETURNING 1), ...`, the count of each, then each part's report: the
+    text, built once per shape."""
+    text = _COMPOSED.get(shape)
     if text is None:
         ctes, offset = [], 0
-        for i, sql in enumerate(sqls):
-            ctes.append(f"w{i} AS (\n{_shifted(sql, offset)}\nRETURNING 1\n)")
+        for i, (sql, returning, _) in enumerate(shape):
+            ctes.append(f"w{i} AS (\n{_shifted(sql, offset)}\nRETURNING {returning}\n)")
             offset += max((int(n) for n in _PARAMETER.findall(sql)), default=0)
-        counts = ", ".join(f"(SELECT count(*) FROM w{i})" for i in range(len(sqls)))
-        text = _COMPOSED[sqls] = "WITH " + ",\n".join(ctes) + f"\nSELECT {counts}"
+        counts = [f"(SELECT count(*) FROM w{i})" for i in range(len(shape))]
+        reports = [f"({report.format(rows=f'w{i}')})" for i, (_, _, report) in enumerate(shape) if report]
+        text = _COMPOSED[shape] = "WITH " + ",\n".join(ctes) + f"\nSELECT {', '.join(counts + reports)}"
     return text
 
 
 async def execute_parts(con: asyncpg.Connection, parts: Sequence[Part]) -> list[int]:
     """The rows each part wrote, every part in one statement (with the frame's pending writes
     first, when a frame is active and they were not sent yet)."""
+    return (await execute_parts_reported(con, parts))[0]
+
+
+async def execute_parts_reported(
+    con: asyncpg.Connection, parts: Sequence[Part]
+) -> tuple[list[int], list[object]]:
+    """`execute_parts`, and the value of each part's `report` (None for a part without one)."""
     frame = _FRAME.get()
     if frame is not None and frame.tail:
         parts = [*frame.tail, *parts]
@@ -74,15 +88,16 @@ async def execute_parts(con: asyncpg.Connection, parts: Sequence[Part]) -> list[
     else:
         tail = 0
     if not parts:
-        return []
-    if len(parts) == 1:
+        return [], []
+    if len(parts) == 1 and parts[0].report is None:
         status = await con.execute(parts[0].sql, *parts[0].params)
-        counts = [int(status.rsplit(" ", 1)[-1])]
-    else:
-        params = [x for p in parts for x in p.params]
-        row = await con.fetchrow(_composed(tuple(p.sql for p in parts)), *params)
-        counts = list(row)
-    return counts[tail:]
+        none: list[object] = [None]
+        return [int(status.rsplit(" ", 1)[-1])][tail:], none[tail:]
+    params = [x for p in parts for x in p.params]
+    row = list(await con.fetchrow(_composed(tuple((p.sql, p.returning, p.report) for p in parts)), *params))
+    counts, values = row[: len(parts)], iter(row[len(parts) :])
+    reports = [next(values) if p.report else None for p in parts]
+    return counts[tail:], reports[tail:]
 
 
 # ------------------------------------------------------------------------------------ frame
