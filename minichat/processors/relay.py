@@ -97,7 +97,9 @@ class OutboxRelay:
                 batch = one_per_turn(rows)
                 if not batch:
                     return
-                outputs = [Output(self.topic_of(r), str(r.tenant_id).encode("ascii"), r.payload) for r in batch]
+                outputs = [
+                    Output(self.topic_of(r), str(r.tenant_id).encode("ascii"), r.payload) for r in batch
+                ]
                 await publish(await self.producer(), outputs)
                 acked = datetime.now(UTC)
                 await mark_published(con, batch)

@@ -38,35 +38,39 @@ _PARAMETER = re.compile(r"\$(\d+)")
 
 @dataclass(frozen=True, slots=True)
 class Part:
-    """One data-modifying statement (no `RETURNING`) and its parameters, numbered from `$1`."""
+    """One data-modifying statement and its parameters, numbered from `$1`. Without `report` it
+    has no `RETURNING` (only its count comes back)."""
 
     sql: str
     params: Sequence[object]
-    returning: str = "1"
-    """The part's `RETURNING` list, for `report` to read."""
     report: str | None = None
-    """A scalar query over the part's returned rows, named `{rows}` in it: its value comes back
-    beside the counts (`execute_parts_reported`); None for a count only."""
+    """A condition on the rows the statement's own `RETURNING` gives: those rows come back, as
+    tuples in `RETURNING` order, beside the counts (`execute_parts_reported`)."""
 
 
-_COMPOSED: dict[tuple[tuple[str, str, str | None], ...], str] = {}
+_COMPOSED: dict[tuple[tuple[str, str | None], ...], str] = {}
 
 
 def _shifted(sql: str, offset: int) -> str:
     return _PARAMETER.sub(lambda m: f"${int(m.group(1)) + offset}", sql.strip())
 
 
-def _composed(shape: tuple[tuple[str, str, str | None], ...]) -> str:
-    """`WITH w0 AS (part RETURNING 1), ...`, the count of each, then each part's report: the
+def _composed(shape: tuple[tuple[str, str | None], ...]) -> str:
+    """`WITH w0 AS (part RETURNING 1), ...`, the count of each, then each report's rows: the
     text, built once per shape."""
     text = _COMPOSED.get(shape)
     if text is None:
         ctes, offset = [], 0
-        for i, (sql, returning, _) in enumerate(shape):
-            ctes.append(f"w{i} AS (\n{_shifted(sql, offset)}\nRETURNING {returning}\n)")
+        for i, (sql, report) in enumerate(shape):
+            returning = "" if report else "\nRETURNING 1"
+            ctes.append(f"w{i} AS (\n{_shifted(sql, offset)}{returning}\n)")
             offset += max((int(n) for n in _PARAMETER.findall(sql)), default=0)
         counts = [f"(SELECT count(*) FROM w{i})" for i in range(len(shape))]
-        reports = [f"({report.format(rows=f'w{i}')})" for i, (_, _, report) in enumerate(shape) if report]
+        reports = [
+            f"(SELECT array_agg(r) FROM w{i} r WHERE {report})"
+            for i, (_, report) in enumerate(shape)
+            if report
+        ]
         text = _COMPOSED[shape] = "WITH " + ",\n".join(ctes) + f"\nSELECT {', '.join(counts + reports)}"
     return text
 
@@ -94,7 +98,7 @@ async def execute_parts_reported(
         none: list[object] = [None]
         return [int(status.rsplit(" ", 1)[-1])][tail:], none[tail:]
     params = [x for p in parts for x in p.params]
-    row = list(await con.fetchrow(_composed(tuple((p.sql, p.returning, p.report) for p in parts)), *params))
+    row = list(await con.fetchrow(_composed(tuple((p.sql, p.report) for p in parts)), *params))
     counts, values = row[: len(parts)], iter(row[len(parts) :])
     reports = [next(values) if p.report else None for p in parts]
     return counts[tail:], reports[tail:]

@@ -226,20 +226,14 @@ UPDATE quota_usage q SET
     updated_at = GREATEST(q.updated_at, k.at)
 FROM locked k
 WHERE q.id = k.id
+RETURNING q.tenant_id, q.user_id, q.period_type, q.period_start, q.bucket, q.spent_credits_micro,
+    CASE WHEN q.spent_credits_micro >= k.alert_floor THEN COALESCE(
+        (SELECT string_agg(a.threshold_percent::text, ',') FROM quota_alerts a
+         WHERE a.tenant_id = q.tenant_id AND a.user_id = q.user_id AND a.bucket = q.bucket
+           AND a.period_type = q.period_type AND a.period_start = q.period_start), '') END AS crossed
 """
-
-_QUOTA_RETURNING = """
-q.tenant_id, q.user_id, q.period_type, q.period_start, q.bucket, q.spent_credits_micro,
-CASE WHEN q.spent_credits_micro >= k.alert_floor THEN COALESCE(
-    (SELECT string_agg(a.threshold_percent::text, ',') FROM quota_alerts a
-     WHERE a.tenant_id = q.tenant_id AND a.user_id = q.user_id AND a.bucket = q.bucket
-       AND a.period_type = q.period_type AND a.period_start = q.period_start), '') END AS crossed
-"""
-
-_QUOTA_REPORT = """
-SELECT array_agg(ROW(tenant_id, user_id, period_type, period_start, bucket, spent_credits_micro, crossed))
-FROM {rows} WHERE crossed IS NOT NULL
-"""
+_QUOTA_REPORT = "crossed IS NOT NULL"
+"""The rows `_APPLY_QUOTA_DELTAS` reports: those that reached their alert floor."""
 
 QuotaSlot = tuple[UUID, UUID, BucketKey]
 
@@ -275,8 +269,7 @@ def _apply_quota_deltas(
                 d.output_tokens, d.web_search_calls, d.code_interpreter_calls, at, floors.get(slot),
             )
         )  # fmt: skip
-    report = _QUOTA_REPORT if floors else None
-    return Part(_APPLY_QUOTA_DELTAS, _QUOTA_DELTAS.params(rows), _QUOTA_RETURNING, report)
+    return Part(_APPLY_QUOTA_DELTAS, _QUOTA_DELTAS.params(rows), _QUOTA_REPORT)
 
 
 def _candidates(report: object) -> list[AlertCandidate]:
