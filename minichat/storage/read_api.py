@@ -190,7 +190,8 @@ SELECT q.period_type, q.period_start, q.bucket, q.spent_credits_micro, q.reserve
              ORDER BY a.threshold_percent) AS thresholds_crossed
 FROM quota_usage q
 WHERE q.tenant_id = $1 AND q.user_id = $2
-  AND ((q.period_type = 'daily' AND q.period_start = $3) OR (q.period_type = 'monthly' AND q.period_start = $4))
+  AND ((q.period_type = 'daily' AND q.period_start = $3)
+       OR (q.period_type = 'monthly' AND q.period_start = $4))
 """
 
 
