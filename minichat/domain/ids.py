@@ -51,3 +51,10 @@ def orphaned_event_id(turn_id: UUID, progress_seq: int) -> UUID:
 
 def grace_expired_event_id(turn_id: UUID) -> UUID:
     return derived_id(f"usage.grace_expired:{turn_id}")
+
+
+def alert_event_id(tenant_id: UUID, user_id: UUID, key: BucketKey, threshold_percent: int) -> UUID:
+    """One id per threshold and window: a re-sent or rebuilt alert is recognisably the same one."""
+    return derived_id(
+        f"alert:{tenant_id}:{user_id}:{key.bucket}:{key.period_type}:{key.period_start}:{threshold_percent}"
+    )

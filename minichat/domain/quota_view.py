@@ -27,6 +27,8 @@ class StoredQuota:
     row: QuotaRow
     updated_at: datetime
     """Event time of the last change to the row."""
+    thresholds_crossed: tuple[int, ...] = ()
+    """The alert thresholds (percent) the row's window has crossed, ascending."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,8 @@ class BucketView:
     limit: int
     spent: int
     reserved: int
+    thresholds_crossed: tuple[int, ...]
+    """Alert thresholds (percent) already crossed in this window: each fired once."""
 
     @property
     def remaining(self) -> int:
@@ -108,6 +112,7 @@ def quota_view(
             limit=limit_for(limits, key),
             spent=(row := _row(stored, key)).spent_credits_micro,
             reserved=row.reserved_credits_micro,
+            thresholds_crossed=found.thresholds_crossed if (found := stored.get(key)) else (),
         )
         for key in keys
     )

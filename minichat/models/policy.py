@@ -83,8 +83,37 @@ class LimitsOverride(_Frozen):
     premium: PeriodLimitsOverride = PeriodLimitsOverride()
 
 
+ThresholdPercent = Annotated[int, Field(strict=True, ge=1, le=100)]
+MAX_THRESHOLDS = 5
+
+
+class Alerts(_Frozen):
+    """Budget alerts (`quota.threshold_crossed`): the percentages of a limit at which settled spend
+    raises one event per window. Strictly increasing (a list written out of order or with a repeat
+    is refused, not silently sorted: the file says what fires); empty turns alerts off."""
+
+    thresholds_percent: Annotated[tuple[ThresholdPercent, ...], Field(max_length=MAX_THRESHOLDS)] = (
+        50,
+        80,
+        100,
+    )
+
+    @model_validator(mode="after")
+    def _increasing(self) -> Alerts:
+        values = self.thresholds_percent
+        for i in range(1, len(values)):
+            if values[i] <= values[i - 1]:
+                raise _rule_error(f"alerts.thresholds_percent.{i}", "thresholds must be strictly increasing")
+        return self
+
+
+DEFAULT_ALERTS = Alerts()
+
+
 class TenantOverride(_Frozen):
     limits: LimitsOverride = LimitsOverride()
+    alerts: Alerts | None = None
+    """Replaces the policy's `alerts` for this tenant."""
 
 
 class KillSwitches(_Frozen):
@@ -117,6 +146,7 @@ class Policy(_Frozen):
     models: Annotated[tuple[CatalogModel, ...], Field(min_length=1)]
     limits: TierLimits
     tenants: dict[UUID, TenantOverride] = {}
+    alerts: Alerts = DEFAULT_ALERTS
     kill_switches: KillSwitches = KillSwitches()
     estimation: Estimation
     max_output_tokens_cap: TokenLimit
@@ -158,6 +188,25 @@ class Policy(_Frozen):
         return TierLimits(
             standard=_merge(self.limits.standard, o.standard), premium=_merge(self.limits.premium, o.premium)
         )
+
+    @cached_property
+    def _alert_terms(self) -> dict[UUID, tuple[TierLimits, tuple[int, ...]]]:
+        return {}
+
+    def alert_terms(self, tenant_id: UUID) -> tuple[TierLimits, tuple[int, ...]]:
+        """(limits, thresholds) of a tenant, built once per tenant: every settlement asks."""
+        terms = self._alert_terms.get(tenant_id)
+        if terms is None:
+            terms = (self.limits_for(tenant_id), self.alerts_for(tenant_id).thresholds_percent)
+            self._alert_terms[tenant_id] = terms
+        return terms
+
+    def alerts_for(self, tenant_id: UUID) -> Alerts:
+        """The tenant's own `alerts` when its entry carries them, else the policy's."""
+        override = self.tenants.get(tenant_id)
+        if override is None or override.alerts is None:
+            return self.alerts
+        return override.alerts
 
 
 def _merge(base: PeriodLimits, override: PeriodLimitsOverride) -> PeriodLimits:
@@ -220,9 +269,20 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
 
 def policy_snapshot_json(policy: Policy) -> str:
     """Canonical JSON of a policy (sorted keys, compact): equal content gives equal text."""
-    return json.dumps(
-        policy.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    )
+    return json.dumps(_content(policy), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _content(policy: Policy) -> dict[str, Any]:
+    """The policy as JSON data, without `alerts` where they are the default (the policy's) or
+    absent (a tenant's): a version written before alerts existed keeps its digest, and reads back
+    with the default."""
+    data: dict[str, Any] = policy.model_dump(mode="json")
+    if policy.alerts == DEFAULT_ALERTS:
+        del data["alerts"]
+    for tenant in data["tenants"].values():
+        if tenant["alerts"] is None:
+            del tenant["alerts"]
+    return data
 
 
 def policy_digest(policy: Policy) -> str:

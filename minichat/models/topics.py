@@ -12,6 +12,7 @@ BILLING_USAGE = "billing-usage"
 DEAD_LETTERS = "dead-letters"
 POLICY_VERSIONS = "policy-versions"
 ORDER_LOG = "order-log"
+QUOTA_ALERTS = "quota-alerts"
 
 INPUT_TOPICS = (TURN_REQUESTS, PROVIDER_RESPONSES, USAGE)
 ALL_TOPICS = (
@@ -23,6 +24,7 @@ ALL_TOPICS = (
     DEAD_LETTERS,
     POLICY_VERSIONS,
     ORDER_LOG,
+    QUOTA_ALERTS,
 )
 
 # Every topic keeps its records forever and stamps them on append: the record timestamp is the
@@ -87,6 +89,10 @@ class TopicNames:
     @property
     def order_log(self) -> str:
         return self.full(ORDER_LOG)
+
+    @property
+    def quota_alerts(self) -> str:
+        return self.full(QUOTA_ALERTS)
 
     def config(self, full_name: str) -> dict[str, str]:
         """The settings of a topic given by its full (prefixed) name."""

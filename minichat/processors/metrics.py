@@ -197,6 +197,9 @@ SPECS: Final[dict[str, Spec]] = {
     "minichat_billing_published_total": counter(
         "Billing events this worker relayed to billing-usage (acknowledged)."
     ),
+    "minichat_alerts_published_total": counter(
+        "Budget alerts (quota.threshold_crossed) this worker relayed to quota-alerts (acknowledged)."
+    ),
     # -- histograms
     "minichat_batch_stage_seconds": histogram(
         "Time of a batch step's stages in the transaction: load, decide, write.",
@@ -239,7 +242,7 @@ SPECS: Final[dict[str, Spec]] = {
     ),
     "minichat_parked_events": gauge("Provider and usage events waiting for their command's decision."),
     "minichat_parked_oldest_age_seconds": gauge("Age of the oldest parked event (0 when none)."),
-    "minichat_outbox_unpublished": gauge("Billing events not yet relayed to billing-usage."),
+    "minichat_outbox_unpublished": gauge("Billing events and budget alerts not yet relayed."),
     "minichat_outbox_oldest_age_seconds": gauge(
         "Age of the oldest billing event not yet relayed (0 when none)."
     ),

@@ -1,4 +1,5 @@
-"""The outbox relay: publishes committed billing events to `billing-usage`, then marks them; then
+"""The outbox relay: publishes committed billing events to `billing-usage` and budget alerts to
+`quota-alerts` (by the row's event type), then marks them; then
 the applied order to `order-log` (`order_log.py`), then deletes it.
 
 Order of durability: produce, await every ack, then mark published. A crash in between publishes
@@ -30,6 +31,8 @@ from minichat.settings import Settings
 from minichat.storage.outbox import OutboxRow, fetch_unpublished, mark_published
 
 logger = logging.getLogger(__name__)
+
+ALERT_EVENT_TYPE = "quota.threshold_crossed"
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,13 @@ class OutboxRelay:
     metrics: Metrics = field(default_factory=Metrics)
     order_log_topic: str | None = None
     """Also publishes the applied order (`order_log.relay_order`) after the billing events."""
+    alerts_topic: str | None = None
+    """Where `quota.threshold_crossed` rows go (None: with the billing events)."""
+
+    def topic_of(self, row: OutboxRow) -> str:
+        if row.event_type == ALERT_EVENT_TYPE and self.alerts_topic is not None:
+            return self.alerts_topic
+        return self.topic
 
     async def run_once(self) -> int:
         """Publish every committed unpublished row; returns how many were published (0 if not leader)."""
@@ -87,12 +97,17 @@ class OutboxRelay:
                 batch = one_per_turn(rows)
                 if not batch:
                     return
-                outputs = [Output(self.topic, str(r.tenant_id).encode("ascii"), r.payload) for r in batch]
+                outputs = [
+                    Output(self.topic_of(r), str(r.tenant_id).encode("ascii"), r.payload) for r in batch
+                ]
                 await publish(await self.producer(), outputs)
                 acked = datetime.now(UTC)
                 await mark_published(con, batch)
                 published += len(batch)
-                self.metrics.inc("minichat_billing_published_total", len(batch))
+                alerts = sum(r.event_type == ALERT_EVENT_TYPE for r in batch)
+                self.metrics.inc("minichat_billing_published_total", len(batch) - alerts)
+                if alerts:
+                    self.metrics.inc("minichat_alerts_published_total", alerts)
                 self.metrics.observe(
                     "minichat_billing_lag_seconds",
                     ((acked - r.stored_seen_at).total_seconds() for r in batch),
@@ -134,6 +149,7 @@ def register_relay(
         retry=RetryPolicy.from_settings(settings),
         metrics=metrics,
         order_log_topic=runtime.topics.order_log,
+        alerts_topic=runtime.topics.quota_alerts,
     )
     leader_timer(
         app, "outbox_relay", settings.relay_interval_s, relay.run_once, relay.session, on_fatal, drain=True

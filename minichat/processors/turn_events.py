@@ -16,7 +16,9 @@ from uuid import UUID
 
 import asyncpg
 
-from minichat.domain.quota import EMPTY_ROW, QuotaDelta
+from minichat.domain.alerts import AlertStep, alert_floor, crossings
+from minichat.domain.ids import alert_event_id
+from minichat.domain.quota import EMPTY_ROW, QuotaDelta, limit_for
 from minichat.domain.settlement import UsageFigures
 from minichat.domain.turns import (
     AssistantMessage,
@@ -28,15 +30,17 @@ from minichat.domain.turns import (
     billing_fields,
     billing_json,
 )
-from minichat.models.events import DecodeError
+from minichat.models.events import DecodeError, QuotaThresholdCrossed
 from minichat.models.policy import Policy
 from minichat.processors.metrics import Metrics
 from minichat.processors.pipeline import Decoded, dead_letter_for
 from minichat.processors.records import Output, SourceRecord
+from minichat.storage.alerts import AlertRow, insert_alerts
 from minichat.storage.locks import RequestKey
 from minichat.storage.outbox import OutboxEntry
 from minichat.storage.policies import PolicySnapshots
 from minichat.storage.turns import (
+    AlertCandidate,
     Found,
     Parked,
     QuotaSlot,
@@ -62,6 +66,12 @@ class _Effects:
     """Turns whose stored assistant message takes the usage reported for them."""
     deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]] = field(default_factory=dict)
     outbox: list[OutboxEntry] = field(default_factory=list)
+    alert_steps: dict[QuotaSlot, list[AlertStep]] = field(default_factory=dict)
+    """Each row's spend changes, in applied order, with their turns' alert terms."""
+    alert_margins: dict[QuotaSlot, int] = field(default_factory=dict)
+    """Per row, the least (alert floor − spend added so far) over its steps: the row may have
+    crossed a threshold in this batch only if its spend after the batch reaches this + the
+    batch's spend on it."""
     parked: list[Parked] = field(default_factory=list)
     dropped: Counter[str] = field(default_factory=Counter)
     unknown_codes: Counter[str] = field(default_factory=Counter)
@@ -127,13 +137,13 @@ def fold_events(
             policy = policies[turn.policy_version_applied]
             step = apply_event(turn, event, record.timestamp, record.offset, policy, own=True)
             if step.changed:
-                _add_step(effects, turn.id.int, step)
+                _add_step(effects, turn.id.int, step, policy)
             else:
                 effects.dropped[step.dropped or "unchanged"] += 1
     return effects, outputs
 
 
-def _add_step(effects: _Effects, turn_id: int, step: Step) -> None:
+def _add_step(effects: _Effects, turn_id: int, step: Step, policy: Policy) -> None:
     """One applied event's writes, folded into the batch's (a turn is written once, as it ends up)."""
     previous = effects.turns.get(turn_id)
     if previous is None:
@@ -157,7 +167,7 @@ def _add_step(effects: _Effects, turn_id: int, step: Step) -> None:
         else:
             effects.message_usage[turn_id] = step.turn
     if step.billing is not None:
-        _add_billing(effects, step.turn, step.billing)
+        _add_billing(effects, step.turn, step.billing, policy)
         if step.billing.kind == "usage.settled" and step.billing.settlement.unknown_error_code:
             effects.unknown_codes[step.turn.error_code or ""] += 1
 
@@ -190,20 +200,37 @@ def _count(metrics: Metrics, effects: _Effects, stages: dict[str, float], *, dea
         metrics.inc("minichat_dead_letters_total", dead_letters, topic="turn_events", code="tenant_mismatch")
 
 
-def _add_billing(effects: _Effects, turn: TurnRecord, billing: Billing) -> None:
+def _add_billing(effects: _Effects, turn: TurnRecord, billing: Billing, policy: Policy) -> None:
     at = turn.adjusted_at if billing.kind == "usage.adjusted" else turn.settled_at
     assert at is not None
+    limits, thresholds = policy.alert_terms(turn.tenant_id)
     for bucket_key, delta in billing.deltas:
         slot: QuotaSlot = (turn.tenant_id, turn.requester_user_id, bucket_key)
         total, latest = effects.deltas.get(slot, (EMPTY_ROW, at))
-        effects.deltas[slot] = (total + delta, max(latest, at))
+        total = total + delta
+        effects.deltas[slot] = (total, max(latest, at))
+        spent = delta.spent_credits_micro
+        if spent:
+            limit = limit_for(limits, bucket_key)
+            step = AlertStep(spent, limit, thresholds, turn.request_id, at)
+            effects.alert_steps.setdefault(slot, []).append(step)
+            floor = alert_floor(limit, thresholds)
+            if floor is not None:
+                margin = floor - total.spent_credits_micro
+                best = effects.alert_margins.get(slot)
+                if best is None or margin < best:
+                    effects.alert_margins[slot] = margin
     fields = billing_fields(turn, billing)
     entry = OutboxEntry(turn.tenant_id, fields["dedupe_key"], billing.kind, billing_json(fields), at)
     effects.outbox.append(entry)
 
 
 async def _write(con: asyncpg.Connection, effects: _Effects) -> None:
-    await write_events(
+    floors = {
+        slot: margin + effects.deltas[slot][0].spent_credits_micro
+        for slot, margin in effects.alert_margins.items()
+    }
+    candidates = await write_events(
         con,
         parked=effects.parked,
         messages=list(effects.messages.values()),
@@ -211,6 +238,49 @@ async def _write(con: asyncpg.Connection, effects: _Effects) -> None:
         message_usage=list(effects.message_usage.values()),
         deltas=effects.deltas,
         outbox=effects.outbox,
+        alert_floors=floors,
+    )
+    if candidates:
+        await insert_alerts(con, alert_rows(effects, candidates))
+
+
+def alert_rows(effects: _Effects, candidates: Sequence[AlertCandidate]) -> list[AlertRow]:
+    """The thresholds the batch's steps crossed on the rows that reached their floor: each row's
+    steps folded from its spend before the batch (after, less the batch's spend on it)."""
+    rows: list[AlertRow] = []
+    for candidate in sorted(candidates, key=lambda c: c.slot):
+        tenant, user, key = slot = candidate.slot
+        before = candidate.spent_credits_micro - effects.deltas[slot][0].spent_credits_micro
+        for c in crossings(before, candidate.crossed, effects.alert_steps.get(slot, ())):
+            event_id = alert_event_id(tenant, user, key, c.threshold_percent)
+            event = QuotaThresholdCrossed(
+                event_id=event_id,
+                tenant_id=tenant,
+                user_id=user,
+                bucket=key.bucket,  # type: ignore[arg-type]
+                period_type=key.period_type,
+                period_start=key.period_start,
+                threshold_percent=c.threshold_percent,
+                limit_credits_micro=c.limit_credits_micro,
+                spent_credits_micro=c.spent_credits_micro,
+                request_id=c.request_id,
+                occurred_at=c.occurred_at,
+            )
+            rows.append(
+                AlertRow(
+                    tenant, user, key.bucket, key.period_type, key.period_start, c.threshold_percent,
+                    event_id, c.limit_credits_micro, c.spent_credits_micro, c.request_id,
+                    c.occurred_at, _alert_key(event), event.model_dump_json(),
+                )
+            )  # fmt: skip
+    return rows
+
+
+def _alert_key(event: QuotaThresholdCrossed) -> str:
+    """The outbox's dedupe key: the event id's uuid5 name."""
+    e = event
+    return (
+        f"alert:{e.tenant_id}:{e.user_id}:{e.bucket}:{e.period_type}:{e.period_start}:{e.threshold_percent}"
     )
 
 

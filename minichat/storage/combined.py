@@ -38,35 +38,53 @@ _PARAMETER = re.compile(r"\$(\d+)")
 
 @dataclass(frozen=True, slots=True)
 class Part:
-    """One data-modifying statement (no `RETURNING`) and its parameters, numbered from `$1`."""
+    """One data-modifying statement and its parameters, numbered from `$1`. Without `report` it
+    has no `RETURNING` (only its count comes back)."""
 
     sql: str
     params: Sequence[object]
+    report: str | None = None
+    """A condition on the rows the statement's own `RETURNING` gives: those rows come back, as
+    tuples in `RETURNING` order, beside the counts (`execute_parts_reported`)."""
 
 
-_COMPOSED: dict[tuple[str, ...], str] = {}
+_COMPOSED: dict[tuple[tuple[str, str | None], ...], str] = {}
 
 
 def _shifted(sql: str, offset: int) -> str:
     return _PARAMETER.sub(lambda m: f"${int(m.group(1)) + offset}", sql.strip())
 
 
-def _composed(sqls: tuple[str, ...]) -> str:
-    """`WITH w0 AS (part RETURNING 1), ...` and the count of each: the text, built once per shape."""
-    text = _COMPOSED.get(sqls)
+def _composed(shape: tuple[tuple[str, str | None], ...]) -> str:
+    """`WITH w0 AS (part RETURNING 1), ...`, the count of each, then each report's rows: the
+    text, built once per shape."""
+    text = _COMPOSED.get(shape)
     if text is None:
         ctes, offset = [], 0
-        for i, sql in enumerate(sqls):
-            ctes.append(f"w{i} AS (\n{_shifted(sql, offset)}\nRETURNING 1\n)")
+        for i, (sql, report) in enumerate(shape):
+            returning = "" if report else "\nRETURNING 1"
+            ctes.append(f"w{i} AS (\n{_shifted(sql, offset)}{returning}\n)")
             offset += max((int(n) for n in _PARAMETER.findall(sql)), default=0)
-        counts = ", ".join(f"(SELECT count(*) FROM w{i})" for i in range(len(sqls)))
-        text = _COMPOSED[sqls] = "WITH " + ",\n".join(ctes) + f"\nSELECT {counts}"
+        counts = [f"(SELECT count(*) FROM w{i})" for i in range(len(shape))]
+        reports = [
+            f"(SELECT array_agg(r) FROM w{i} r WHERE {report})"
+            for i, (_, report) in enumerate(shape)
+            if report
+        ]
+        text = _COMPOSED[shape] = "WITH " + ",\n".join(ctes) + f"\nSELECT {', '.join(counts + reports)}"
     return text
 
 
 async def execute_parts(con: asyncpg.Connection, parts: Sequence[Part]) -> list[int]:
     """The rows each part wrote, every part in one statement (with the frame's pending writes
     first, when a frame is active and they were not sent yet)."""
+    return (await execute_parts_reported(con, parts))[0]
+
+
+async def execute_parts_reported(
+    con: asyncpg.Connection, parts: Sequence[Part]
+) -> tuple[list[int], list[object]]:
+    """`execute_parts`, and the value of each part's `report` (None for a part without one)."""
     frame = _FRAME.get()
     if frame is not None and frame.tail:
         parts = [*frame.tail, *parts]
@@ -74,15 +92,16 @@ async def execute_parts(con: asyncpg.Connection, parts: Sequence[Part]) -> list[
     else:
         tail = 0
     if not parts:
-        return []
-    if len(parts) == 1:
+        return [], []
+    if len(parts) == 1 and parts[0].report is None:
         status = await con.execute(parts[0].sql, *parts[0].params)
-        counts = [int(status.rsplit(" ", 1)[-1])]
-    else:
-        params = [x for p in parts for x in p.params]
-        row = await con.fetchrow(_composed(tuple(p.sql for p in parts)), *params)
-        counts = list(row)
-    return counts[tail:]
+        none: list[object] = [None]
+        return [int(status.rsplit(" ", 1)[-1])][tail:], none[tail:]
+    params = [x for p in parts for x in p.params]
+    row = list(await con.fetchrow(_composed(tuple((p.sql, p.report) for p in parts)), *params))
+    counts, values = row[: len(parts)], iter(row[len(parts) :])
+    reports = [next(values) if p.report else None for p in parts]
+    return counts[tail:], reports[tail:]
 
 
 # ------------------------------------------------------------------------------------ frame

@@ -1,7 +1,7 @@
 """`minichat digest`: one sha256 of the stored state (docs/contract.md, "Guarantees").
 
 What is covered: the tables of `DIGEST_TABLES` (`chats`, `chat_turns`, `messages`,
-`quota_usage`, `turn_decisions` and the `outbox` payloads), every column except the
+`quota_usage`, `turn_decisions`, the `outbox` payloads and `quota_alerts`), every column except the
 processing-clock ones. The column lists are read from `information_schema` in ordinal order, so a
 column added by a later migration is covered without touching this module; a processing-clock
 column is recognised by its name (`*_seen_at`, `*_sent_at`, `published_at`, the schema's
@@ -52,6 +52,7 @@ DIGEST_TABLES: Mapping[str, tuple[str, ...] | None] = {
     "quota_usage": None,
     "turn_decisions": None,
     "outbox": ("dedupe_key",),
+    "quota_alerts": None,
 }
 
 # Processing-clock columns follow a naming convention (see the migration's header).

@@ -182,11 +182,16 @@ SELECT EXISTS (SELECT FROM chats WHERE tenant_id = $1 AND user_id = $2)
 """
 
 _QUOTA_ROWS = """
-SELECT period_type, period_start, bucket, spent_credits_micro, reserved_credits_micro, calls,
-       input_tokens, output_tokens, web_search_calls, code_interpreter_calls, updated_at
-FROM quota_usage
-WHERE tenant_id = $1 AND user_id = $2
-  AND ((period_type = 'daily' AND period_start = $3) OR (period_type = 'monthly' AND period_start = $4))
+SELECT q.period_type, q.period_start, q.bucket, q.spent_credits_micro, q.reserved_credits_micro, q.calls,
+       q.input_tokens, q.output_tokens, q.web_search_calls, q.code_interpreter_calls, q.updated_at,
+       ARRAY(SELECT a.threshold_percent::int FROM quota_alerts a
+             WHERE a.tenant_id = q.tenant_id AND a.user_id = q.user_id AND a.bucket = q.bucket
+               AND a.period_type = q.period_type AND a.period_start = q.period_start
+             ORDER BY a.threshold_percent) AS thresholds_crossed
+FROM quota_usage q
+WHERE q.tenant_id = $1 AND q.user_id = $2
+  AND ((q.period_type = 'daily' AND q.period_start = $3)
+       OR (q.period_type = 'monthly' AND q.period_start = $4))
 """
 
 
@@ -208,6 +213,7 @@ async def user_quota(
                 code_interpreter_calls=r["code_interpreter_calls"],
             ),
             r["updated_at"],
+            tuple(r["thresholds_crossed"]),
         )
         for r in await con.fetch(_QUOTA_ROWS, tenant_id, user_id, daily, monthly)
     }

@@ -5,7 +5,7 @@ All functions run inside the caller's transaction and carry the tenant.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from operator import attrgetter
@@ -16,7 +16,7 @@ import asyncpg
 from minichat.domain.quota import BucketKey, QuotaDelta
 from minichat.domain.settlement import USAGE_FIGURES, UsageFigures
 from minichat.domain.turns import AssistantMessage, TurnRecord, turn_from_columns
-from minichat.storage.combined import Part, execute_parts
+from minichat.storage.combined import Part, execute_parts_reported
 from minichat.storage.db import Unnest, columns
 from minichat.storage.locks import RequestKey
 from minichat.storage.outbox import OutboxEntry, outbox_part
@@ -198,15 +198,18 @@ def _update_message_usage(turns: Sequence[TurnRecord]) -> Part | None:
 _QUOTA_DELTAS = Unnest.of(
     "tenant_id uuid", "user_id uuid", "period_type text", "period_start date", "bucket text",
     "spent bigint", "reserved bigint", "calls bigint", "input_tokens bigint", "output_tokens bigint",
-    "web_search_calls bigint", "code_interpreter_calls bigint", "at timestamptz",
+    "web_search_calls bigint", "code_interpreter_calls bigint", "at timestamptz", "alert_floor bigint",
 )  # fmt: skip
 
 # One statement: the rows are locked in the one global key order every quota writer uses (the
-# materialised CTE, sorted before its FOR UPDATE), then updated.
+# materialised CTE, sorted before its FOR UPDATE), then updated. A row whose spend reaches its
+# `alert_floor` (the least spend at which the batch may have crossed an alert threshold; NULL
+# when it cannot) comes back with the thresholds its window has crossed already: only those rows
+# cost a look at `quota_alerts`, and only they are returned.
 _APPLY_QUOTA_DELTAS = f"""
 WITH locked AS MATERIALIZED (
     SELECT q.id, k.spent, k.reserved, k.calls, k.input_tokens, k.output_tokens, k.web_search_calls,
-           k.code_interpreter_calls, k.at
+           k.code_interpreter_calls, k.at, k.alert_floor
     FROM {_QUOTA_DELTAS.source}
     JOIN quota_usage q USING (tenant_id, user_id, period_type, period_start, bucket)
     ORDER BY q.tenant_id, q.user_id, q.period_type, q.period_start, q.bucket
@@ -223,30 +226,64 @@ UPDATE quota_usage q SET
     updated_at = GREATEST(q.updated_at, k.at)
 FROM locked k
 WHERE q.id = k.id
+RETURNING q.tenant_id, q.user_id, q.period_type, q.period_start, q.bucket, q.spent_credits_micro,
+    CASE WHEN q.spent_credits_micro >= k.alert_floor THEN COALESCE(
+        (SELECT string_agg(a.threshold_percent::text, ',') FROM quota_alerts a
+         WHERE a.tenant_id = q.tenant_id AND a.user_id = q.user_id AND a.bucket = q.bucket
+           AND a.period_type = q.period_type AND a.period_start = q.period_start), '') END AS crossed
 """
+_QUOTA_REPORT = "crossed IS NOT NULL"
+"""The rows `_APPLY_QUOTA_DELTAS` reports: those that reached their alert floor."""
 
 QuotaSlot = tuple[UUID, UUID, BucketKey]
+
+
+@dataclass(frozen=True, slots=True)
+class AlertCandidate:
+    """A row whose spend after the step reached its `alert_floor`: the spend and the thresholds
+    its window had crossed before."""
+
+    slot: QuotaSlot
+    spent_credits_micro: int
+    crossed: frozenset[int]
 
 
 class MissingQuotaRow(RuntimeError):
     """A settlement names a row its reserve never created: a bug, never skipped silently."""
 
 
-def _apply_quota_deltas(deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]]) -> Part | None:
+def _apply_quota_deltas(
+    deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]], floors: Mapping[QuotaSlot, int]
+) -> Part | None:
     if not deltas:
         return None
     slots = sorted(deltas, key=lambda s: (s[0], s[1], s[2]))
     rows = []
-    for tenant, user, key in slots:
-        d, at = deltas[(tenant, user, key)]
+    for slot in slots:
+        tenant, user, key = slot
+        d, at = deltas[slot]
         rows.append(
             (
                 tenant, user, key.period_type, key.period_start, key.bucket,
                 d.spent_credits_micro, d.reserved_credits_micro, d.calls, d.input_tokens,
-                d.output_tokens, d.web_search_calls, d.code_interpreter_calls, at,
+                d.output_tokens, d.web_search_calls, d.code_interpreter_calls, at, floors.get(slot),
             )
         )  # fmt: skip
-    return Part(_APPLY_QUOTA_DELTAS, _QUOTA_DELTAS.params(rows))
+    return Part(_APPLY_QUOTA_DELTAS, _QUOTA_DELTAS.params(rows), _QUOTA_REPORT)
+
+
+def _candidates(report: object) -> list[AlertCandidate]:
+    if not report:
+        return []
+    assert isinstance(report, list)
+    return [
+        AlertCandidate(
+            (tenant, user, BucketKey(period_type, period_start, bucket)),
+            spent,
+            frozenset(int(t) for t in crossed.split(",") if t),
+        )
+        for tenant, user, period_type, period_start, bucket, spent, crossed in report
+    ]
 
 
 async def write_events(
@@ -258,11 +295,13 @@ async def write_events(
     message_usage: Sequence[TurnRecord],
     deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]],
     outbox: Sequence[OutboxEntry],
-) -> None:
+    alert_floors: Mapping[QuotaSlot, int] | None = None,
+) -> list[AlertCandidate]:
     """A provider/usage step's writes in one statement (`combined.execute_parts`): every part
     touches rows no other part does (a message inserted here takes its usage in the insert, a
-    turn and a quota row are written once, as they end up)."""
-    quota = _apply_quota_deltas(deltas)
+    turn and a quota row are written once, as they end up). Returns the rows that reached their
+    alert floor (`alert_floors`, the least spend after the step at which an alert may fire)."""
+    quota = _apply_quota_deltas(deltas, alert_floors or {})
     parts = [
         _park(parked),
         _insert_assistant_messages(messages),
@@ -272,9 +311,14 @@ async def write_events(
         outbox_part(outbox),
     ]
     sent = [p for p in parts if p is not None]
-    counts = dict(zip(map(id, sent), await execute_parts(con, sent), strict=True))
-    if quota is not None and counts[id(quota)] != len(deltas):
-        raise MissingQuotaRow(f"settlement touched {counts[id(quota)]} of {len(deltas)} quota rows")
+    counts, reports = await execute_parts_reported(con, sent)
+    by_part = dict(zip(map(id, sent), zip(counts, reports, strict=True), strict=True))
+    if quota is None:
+        return []
+    count, report = by_part[id(quota)]
+    if count != len(deltas):
+        raise MissingQuotaRow(f"settlement touched {count} of {len(deltas)} quota rows")
+    return _candidates(report)
 
 
 # ------------------------------------------------------------------------------------ parking

@@ -27,6 +27,7 @@ TABLE_GRANTS = {
     "chat_turns": {"SELECT", "INSERT", "UPDATE", "DELETE"},
     "messages": {"SELECT", "INSERT", "UPDATE", "DELETE"},
     "quota_usage": {"SELECT", "INSERT", "UPDATE", "DELETE"},
+    "quota_alerts": {"SELECT", "INSERT", "UPDATE", "DELETE"},
     "turn_decisions": {"SELECT", "INSERT", "UPDATE", "DELETE"},
     "outbox": {"SELECT", "INSERT", "UPDATE", "DELETE"},
     "order_log": {"SELECT", "INSERT", "DELETE"},  # rows leave once relayed (0008)

@@ -15,6 +15,7 @@ from minichat.models.events import (
     DeadLetter,
     OrderApplied,
     PolicyVersion,
+    QuotaThresholdCrossed,
     TurnDecision,
     UsageAdjusted,
     UsageSettled,
@@ -52,7 +53,15 @@ def test_asyncapi_channels_and_messages_are_the_topics_and_events() -> None:
     doc = yaml.safe_load((DOCS / "asyncapi.yaml").read_text())
     assert set(doc["channels"]) == set(ALL_TOPICS)
     messages = {m["name"] for m in doc["components"]["messages"].values()}
-    outputs = (TurnDecision, UsageSettled, UsageAdjusted, DeadLetter, PolicyVersion, OrderApplied)
+    outputs = (
+        TurnDecision,
+        UsageSettled,
+        UsageAdjusted,
+        DeadLetter,
+        PolicyVersion,
+        OrderApplied,
+        QuotaThresholdCrossed,
+    )
     event_types = set(INPUT_MODELS) | {model.model_fields["type"].default for model in outputs}
     assert messages == event_types
     schema_files = {p.stem for p in (DOCS / "schemas").glob("*.json")} - {"policy"}

@@ -39,6 +39,7 @@ from minichat.models.topics import (
     INPUT_TOPICS,
     ORDER_LOG,
     POLICY_VERSIONS,
+    QUOTA_ALERTS,
     TOPIC_CONFIG,
     TURN_DECISIONS,
 )
@@ -56,6 +57,7 @@ OUTPUT_TOPICS = {
     DEAD_LETTERS: {"dead_letter"},
     POLICY_VERSIONS: {"policy.version"},
     ORDER_LOG: {"order.applied"},
+    QUOTA_ALERTS: {"quota.threshold_crossed"},
 }
 """Where each output event goes (the processors' producers, restated)."""
 
@@ -276,9 +278,12 @@ def _policy_keys(model: type[BaseModel], prefix: str = "") -> dict[str, FieldInf
         path = prefix + name
         keys[path] = field
         annotation, args = field.annotation, get_args(field.annotation)
+        if get_origin(annotation) in (Union, types.UnionType) and len(args) == 2 and type(None) in args:
+            annotation = next(a for a in args if a is not type(None))  # an optional section
+            args = get_args(annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             keys |= _policy_keys(annotation, f"{path}.")
-        elif get_origin(annotation) is tuple and issubclass(args[0], BaseModel):
+        elif get_origin(annotation) is tuple and isinstance(args[0], type) and issubclass(args[0], BaseModel):
             keys |= _policy_keys(args[0], f"{path}[].")
         elif get_origin(annotation) is dict and issubclass(args[1], BaseModel):
             keys |= _policy_keys(args[1], f"{path}.<tenant_id>.")

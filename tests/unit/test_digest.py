@@ -24,6 +24,7 @@ def test_contract_tables_in_a_fixed_order() -> None:
         "quota_usage",
         "turn_decisions",
         "outbox",
+        "quota_alerts",
     ]
     assert DIGEST_TABLES["outbox"] == ("dedupe_key",)  # its primary key (a sequence) is not content
 

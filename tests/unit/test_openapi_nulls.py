@@ -26,6 +26,7 @@ QUOTA = {
             "spent": 10,
             "reserved": 0,
             "remaining": 990,
+            "thresholds_crossed": [],
         }
     ],
     "tools": [{"tool": "web_search", "calls_today": 0, "daily_quota": 5}],

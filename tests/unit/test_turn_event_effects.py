@@ -18,7 +18,7 @@ def test_completed_then_reported_in_one_batch_inserts_the_message_with_its_usage
     steps = play(running_turn(), completed("hi"), reported(800, 200))
     effects = _Effects()
     for step in steps:
-        _add_step(effects, TURN_ID.int, step)
+        _add_step(effects, TURN_ID.int, step, POLICY)
     [message] = effects.messages.values()
     assert figures(message.usage) == (800, 200) == figures(steps[-1].turn.usage)
     assert effects.message_usage == {}  # nothing left to update
@@ -28,9 +28,9 @@ def test_completed_then_reported_in_one_batch_inserts_the_message_with_its_usage
 def test_a_report_for_a_message_stored_earlier_updates_it() -> None:
     first, second = play(running_turn(), completed("hi"), reported(800, 200))
     earlier, effects = _Effects(), _Effects()
-    _add_step(earlier, TURN_ID.int, first)  # an earlier batch inserted the message, without usage
+    _add_step(earlier, TURN_ID.int, first, POLICY)  # an earlier batch inserted the message, without usage
     assert figures(earlier.messages[TURN_ID.int].usage) is None
-    _add_step(effects, TURN_ID.int, second)
+    _add_step(effects, TURN_ID.int, second, POLICY)
     assert effects.messages == {}
     assert figures(effects.message_usage[TURN_ID.int].usage) == (800, 200)
 
@@ -39,6 +39,6 @@ def test_zeros_then_a_real_report_in_one_batch_leave_the_real_figures() -> None:
     steps = play(running_turn(), completed("hi"), reported(0, 0), reported(800, 200), policy=POLICY)
     effects = _Effects()
     for step in steps:
-        _add_step(effects, TURN_ID.int, step)
+        _add_step(effects, TURN_ID.int, step, POLICY)
     assert figures(effects.messages[TURN_ID.int].usage) == (800, 200)
     assert effects.message_usage == {}

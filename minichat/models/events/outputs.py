@@ -240,10 +240,52 @@ class OrderApplied(_Output):
     )
 
 
-OutputEvent = Annotated[TurnDecision | UsageSettled | UsageAdjusted | DeadLetter, Field(discriminator="type")]
+class QuotaThresholdCrossed(_Output):
+    """Settled spend of a user reached a threshold of a limit for the first time in a window, on
+    `quota-alerts` (keyed by tenant). At least once: dedupe by `event_id`."""
+
+    type: Literal["quota.threshold_crossed"] = "quota.threshold_crossed"
+    event_id: UUID = Field(
+        description=(
+            'uuid5(NS, "alert:{tenant_id}:{user_id}:{bucket}:{period_type}:{period_start}:'
+            '{threshold_percent}"): one per threshold and window, equal on every re-send.'
+        )
+    )
+    tenant_id: UUID
+    user_id: UUID
+    bucket: Literal["total", "tier:premium"]
+    period_type: Literal["daily", "monthly"]
+    period_start: date = Field(description="The window's first day (UTC): the day, or the 1st of the month.")
+    threshold_percent: int = Field(ge=1, le=100)
+    limit_credits_micro: int = Field(gt=0, description="The limit in force for the crossing turn.")
+    spent_credits_micro: NonNegInt = Field(description="The window's settled spend after the crossing.")
+    request_id: UUID = Field(description="The turn whose settlement or adjustment crossed it.")
+    occurred_at: AwareDatetime = Field(description="That settlement's or adjustment's event time.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> QuotaThresholdCrossed:
+        if self.period_type == "monthly" and self.period_start.day != 1:
+            raise ValueError("a monthly window starts on the 1st")
+        if self.spent_credits_micro * 100 < self.threshold_percent * self.limit_credits_micro:
+            raise ValueError("spent_credits_micro has not reached threshold_percent of the limit")
+        return self
+
+
+OutputEvent = Annotated[
+    TurnDecision | UsageSettled | UsageAdjusted | DeadLetter | QuotaThresholdCrossed,
+    Field(discriminator="type"),
+]
 OUTPUT_ADAPTER: Final[TypeAdapter[OutputEvent]] = TypeAdapter(OutputEvent)
 
 OUTPUT_MODELS: Final[dict[str, type[_Output]]] = {
     model.model_fields["type"].default: model
-    for model in (TurnDecision, UsageSettled, UsageAdjusted, DeadLetter, PolicyVersion, OrderApplied)
+    for model in (
+        TurnDecision,
+        UsageSettled,
+        UsageAdjusted,
+        DeadLetter,
+        QuotaThresholdCrossed,
+        PolicyVersion,
+        OrderApplied,
+    )
 }

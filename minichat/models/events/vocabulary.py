@@ -21,7 +21,9 @@ ProviderEventType = Literal[
     "turn.progress", "turn.completed", "turn.failed", "turn.cancelled", "turn.orphaned"
 ]
 UsageEventType = Literal["usage.reported", "usage.grace_expired"]
-OutputEventType = Literal["turn.decision", "usage.settled", "usage.adjusted", "dead_letter"]
+OutputEventType = Literal[
+    "turn.decision", "usage.settled", "usage.adjusted", "dead_letter", "quota.threshold_crossed"
+]
 
 RequesterType = Literal["user", "system"]
 FinishReason = Literal["stop", "length", "content_filter", "other"]
