@@ -24,16 +24,28 @@ _WINDOW: Final = (
 # recorded it (the rebuild's temporary `recorded_decisions`; 'none' when nothing was recorded),
 # counted per tenant, user and pair of outcomes.
 _OUTCOMES: Final = f"""
-SELECT d.tenant_id, c.user_id,
+SELECT d.tenant_id,
        coalesce(r.payload->>'decision', 'none') AS recorded, r.payload->>'error_code' AS recorded_code,
        d.decision AS candidate, d.error_code AS candidate_code, count(*) AS n
 FROM turn_decisions d
-LEFT JOIN chats c ON c.id = d.chat_id AND c.tenant_id = d.tenant_id
 LEFT JOIN recorded_decisions r
        ON r.tenant_id = d.tenant_id AND r.chat_id = d.chat_id AND r.command_id = d.command_id
 WHERE d.tenant_id = ANY($1::uuid[]) AND d.command IN ('turn.requested', 'turn.retry', 'turn.edit')
   AND {_WINDOW}
-GROUP BY 1, 2, 3, 4, 5, 6
+GROUP BY 1, 2, 3, 4, 5
+"""
+
+# The window's commands whose decision or code differs from the recorded one (its user is known
+# from the command itself).
+_CHANGED: Final = f"""
+SELECT d.tenant_id, d.chat_id, d.command_id
+FROM turn_decisions d
+LEFT JOIN recorded_decisions r
+       ON r.tenant_id = d.tenant_id AND r.chat_id = d.chat_id AND r.command_id = d.command_id
+WHERE d.tenant_id = ANY($1::uuid[]) AND d.command IN ('turn.requested', 'turn.retry', 'turn.edit')
+  AND {_WINDOW}
+  AND (r.payload IS NULL OR r.payload->>'decision' IS DISTINCT FROM d.decision
+       OR r.payload->>'error_code' IS DISTINCT FROM d.error_code)
 """
 
 # Settled charges of the turns the window's commands started, per tenant and user (adjustments
@@ -60,7 +72,6 @@ GROUP BY 1
 @dataclass(frozen=True)
 class OutcomeCount:
     tenant_id: UUID
-    user_id: UUID | None
     recorded: str
     recorded_code: str | None
     candidate: str
@@ -81,6 +92,14 @@ async def window_outcomes(
     """On the dry run's connection (its temporary `recorded_decisions` is read)."""
     rows = await con.fetch(_OUTCOMES, list(tenants), start, end)
     return [OutcomeCount(**dict(row)) for row in rows]
+
+
+async def changed_commands(
+    con: asyncpg.Connection, tenants: Sequence[UUID], start: datetime | None, end: datetime | None
+) -> list[tuple[UUID, UUID, UUID]]:
+    """(tenant, chat, command id) of each changed command; on the dry run's connection."""
+    rows = await con.fetch(_CHANGED, list(tenants), start, end)
+    return [(row["tenant_id"], row["chat_id"], row["command_id"]) for row in rows]
 
 
 async def window_charges(

@@ -116,9 +116,7 @@ def changes(before: Policy, after: Policy) -> list[Change]:
     # an emptied or new mapping is said by its entries, not also as `{}`
     paths = [c.path for c in found]
     return [
-        c
-        for c in found
-        if not ({} in (c.before, c.after) and any(p.startswith(c.path + ".") for p in paths))
+        c for c in found if not ({} in (c.before, c.after) and any(p.startswith(c.path + ".") for p in paths))
     ]
 
 

@@ -19,6 +19,7 @@ from minichat.storage.db import connect
 from minichat.storage.policy_diff import (
     Charge,
     OutcomeCount,
+    changed_commands,
     window_charges,
     window_outbox_events,
     window_outcomes,
@@ -27,6 +28,7 @@ from minichat.tools.policy_diff.alerts import ALERT_EVENT, alerts_supported
 from minichat.tools.policy_diff.report import DiffReport, build_report
 from minichat.tools.policy_diff.scratch import DiffSetupError, scratch_books
 from minichat.tools.rebuild import run_rebuild
+from minichat.tools.rebuild.afresh import Seen
 
 __all__ = ["DiffOptions", "DiffSetupError", "run_diff"]
 
@@ -49,6 +51,7 @@ class DiffOptions:
 class _Found:
     tenants: list[uuid.UUID]
     outcomes: list[OutcomeCount]
+    changed: list[tuple[uuid.UUID, uuid.UUID | None]]
     charges: list[Charge]
     alerts: dict[uuid.UUID, int] | None
 
@@ -66,8 +69,12 @@ async def run_diff(settings: Settings, options: DiffOptions) -> DiffReport:
 
     found: list[_Found] = []
 
-    async def inspect(con: asyncpg.Connection, seen: set[uuid.UUID]) -> None:
-        tenants = list(dict.fromkeys(options.tenants)) or sorted(seen, key=str)
+    async def inspect(con: asyncpg.Connection, seen: Seen) -> None:
+        tenants = list(dict.fromkeys(options.tenants)) or sorted(seen.tenants, key=str)
+        changed = [
+            (tenant, seen.users.get((chat, command)))
+            for tenant, chat, command in await changed_commands(con, tenants, start, end)
+        ]
         alerts = (
             await window_outbox_events(con, tenants, start, end, ALERT_EVENT) if alerts_supported() else None
         )
@@ -75,6 +82,7 @@ async def run_diff(settings: Settings, options: DiffOptions) -> DiffReport:
             _Found(
                 tenants,
                 await window_outcomes(con, tenants, start, end),
+                changed,
                 await window_charges(con, tenants, start, end),
                 alerts,
             )
@@ -105,5 +113,7 @@ async def run_diff(settings: Settings, options: DiffOptions) -> DiffReport:
     finally:
         await live.close()
     alerts = (recorded_alerts or {}, dry_run.alerts) if dry_run.alerts is not None else None
-    tenants = build_report(dry_run.tenants, dry_run.outcomes, dry_run.charges, recorded, alerts)
+    tenants = build_report(
+        dry_run.tenants, dry_run.outcomes, dry_run.changed, dry_run.charges, recorded, alerts
+    )
     return DiffReport(candidate.version, start, end, tenants, summary.as_dict())

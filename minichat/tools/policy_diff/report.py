@@ -145,11 +145,13 @@ class DiffReport:
 def build_report(
     tenants: Sequence[UUID],
     outcomes: Iterable[OutcomeCount],
+    changed_users: Iterable[tuple[UUID, UUID | None]],
     candidate_charges: Iterable[Charge],
     recorded_charges: Iterable[Charge],
     alerts: tuple[Mapping[UUID, int], Mapping[UUID, int]] | None,
 ) -> list[TenantDiff]:
-    """Per tenant, in the order given. `alerts`: (recorded, candidate) per tenant, or None when
+    """Per tenant, in the order given. `changed_users`: (tenant, user) of each changed command.
+    `alerts`: (recorded, candidate) per tenant, or None when
     this version has none."""
     by_tenant = {t: TenantDiff(t) for t in tenants}
     for row in outcomes:
@@ -163,8 +165,9 @@ def build_report(
         diff.refused_candidate += row.n if row.candidate_code == REFUSED else 0
         if recorded != candidate:
             diff.changes[(recorded, candidate)] = diff.changes.get((recorded, candidate), 0) + row.n
-            if row.user_id is not None:
-                diff.user(row.user_id).changed += row.n
+    for tenant, user in changed_users:
+        if user is not None:
+            by_tenant[tenant].user(user).changed += 1
     for charge in recorded_charges:
         diff = by_tenant[charge.tenant_id]
         diff.charged_recorded += charge.charged

@@ -20,6 +20,14 @@ Afresh = Callable[[datetime], bool]
 """True for a command's event time (its record timestamp) when it is to be decided afresh."""
 
 
+@dataclass(frozen=True)
+class Seen:
+    """What a rebuild saw of the commands: every tenant, and the user of each selected command."""
+
+    tenants: set[UUID]
+    users: dict[tuple[UUID, UUID], UUID]
+
+
 def _never(_: datetime) -> bool:
     return False
 
@@ -30,12 +38,18 @@ class SelectiveTurnRequests(TurnRequests):
     are decided under the handler's own (current) policy and priced under its version."""
 
     afresh: Afresh = _never
+    users: dict[tuple[UUID, UUID], UUID] = dataclasses.field(default_factory=dict)
+    """(chat, command id) -> requesting user of each selected command (a refused one makes no
+    chat row to read it from)."""
 
     async def _recorded(  # type: ignore[override]
         self, con: asyncpg.Connection, pending: Sequence[Command]
     ) -> dict[tuple[UUID, UUID], RecordedOutcome]:
         found = await TurnRequests._recorded(con, pending)
         chosen = {(event.chat_id, command_id_of(event)) for event, at in pending if self.afresh(at)}
+        self.users.update(
+            ((event.chat_id, command_id_of(event)), event.user_id) for event, at in pending if self.afresh(at)
+        )
         return {key: outcome for key, outcome in found.items() if key not in chosen}
 
 

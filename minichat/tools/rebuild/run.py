@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any, TextIO
@@ -27,7 +26,7 @@ from minichat.storage.rebuild import turn_fingerprint_sql
 from minichat.storage.recorded import create_recorded
 from minichat.storage.schema import pending_migrations
 from minichat.tools.progress import Progress
-from minichat.tools.rebuild.afresh import Afresh, selective
+from minichat.tools.rebuild.afresh import Afresh, Seen, SelectiveTurnRequests, selective
 from minichat.tools.rebuild.apply import Ranges, Rebuild, merge_and_apply
 from minichat.tools.rebuild.counting import CommandOutcomes, RebuildSummary, TurnEventOutcomes
 from minichat.tools.rebuild.recorded_order import RecordedOrder, read_order, recorded_count
@@ -57,7 +56,7 @@ async def run_rebuild(
     between_reads: Callable[[], Awaitable[None]] | None = None,
     follow_order_log: bool = True,
     afresh: Afresh | None = None,
-    inspect: Callable[[asyncpg.Connection, set[uuid.UUID]], Awaitable[None]] | None = None,
+    inspect: Callable[[asyncpg.Connection, Seen], Awaitable[None]] | None = None,
     label: str = "replay",
 ) -> RebuildSummary:
     """Rebuild the state from the input topics into `settings.database_url` (`minichat rebuild`;
@@ -67,7 +66,7 @@ async def run_rebuild(
     `afresh` selects, by event time, commands decided under the policy file even when a decision
     is recorded (`minichat policy diff`); `inspect` runs on the rebuild's connection once the log
     is applied, while the recorded decisions are still in its temporary table, with the tenants
-    a command was read of.
+    a command was read of and the users of the commands `afresh` selected.
 
     Raises `RebuildSetupError` (schema or topics missing), `PolicyError`, `PolicyConflict`.
     """
@@ -111,7 +110,9 @@ async def run_rebuild(
         summary.parked_at_end = (await state_gauges(con)).parked_events
         _warn_if_decided(summary, names)
         if inspect is not None:
-            await inspect(con, rebuild.commands.tenants)
+            chosen = rebuild.commands.inner
+            users = chosen.users if isinstance(chosen, SelectiveTurnRequests) else {}
+            await inspect(con, Seen(rebuild.commands.tenants, users))
     finally:
         await con.close()
     summary.elapsed_s = time.monotonic() - started
