@@ -321,23 +321,13 @@ def _add_policy(group: _Group) -> None:
         "and the alerts. Nothing is produced to Kafka; the live database is only read.",
         commands.policy_diff,
     )
-    diff.add_argument(
-        "--candidate", type=Path, required=True, metavar="FILE", help="the candidate policy file"
-    )
-    diff.add_argument(
-        "--from-time",
-        type=_from_time,
-        default=None,
-        metavar="RFC3339",
-        help="decide afresh the commands from this event time on (default: every command)",
-    )
-    diff.add_argument(
-        "--to-time",
-        type=_from_time,
-        default=None,
-        metavar="RFC3339",
-        help="... until this event time, excluded; later ones follow the log (default: now)",
-    )
+    add = diff.add_argument
+    add("--candidate", type=Path, required=True, metavar="FILE", help="the candidate policy file")
+    for name, text in (
+        ("--from-time", "decide afresh the commands from this event time on (default: every command)"),
+        ("--to-time", "... until this event time, excluded; later ones follow the log (default: now)"),
+    ):
+        add(name, type=_from_time, default=None, metavar="RFC3339", help=text)
     diff.add_argument(
         "--tenant",
         type=uuid.UUID,

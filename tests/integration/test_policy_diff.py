@@ -1,5 +1,6 @@
 """`minichat policy check`, `minichat policy diff` and `minichat rebuild` (alias `replay`) through
-the real broker and database (docs/contract.md, "Commands"; docs/operations.md, "Trying a policy").
+the real broker and database (docs/contract.md, "Commands"; docs/operations.md, "Upgrades,
+migrations and policy changes").
 
 One live worker decides sequential turns of three users in two tenants under version 1 (both
 tenants' daily limit 300,000 micro-credits). Each turn is its own chat (so every reserve is the

@@ -70,23 +70,7 @@ async def run_diff(settings: Settings, options: DiffOptions) -> DiffReport:
     found: list[_Found] = []
 
     async def inspect(con: asyncpg.Connection, seen: Seen) -> None:
-        tenants = list(dict.fromkeys(options.tenants)) or sorted(seen.tenants, key=str)
-        changed = [
-            (tenant, seen.users.get((chat, command)))
-            for tenant, chat, command in await changed_commands(con, tenants, start, end)
-        ]
-        alerts = (
-            await window_outbox_events(con, tenants, start, end, ALERT_EVENT) if alerts_supported() else None
-        )
-        found.append(
-            _Found(
-                tenants,
-                await window_outcomes(con, tenants, start, end),
-                changed,
-                await window_charges(con, tenants, start, end),
-                alerts,
-            )
-        )
+        found.append(await _read_dry_run(con, seen, options.tenants, start, end))
 
     async with scratch_books(settings, options.scratch_database_url) as url:
         dry = settings.model_copy(
@@ -117,3 +101,28 @@ async def run_diff(settings: Settings, options: DiffOptions) -> DiffReport:
         dry_run.tenants, dry_run.outcomes, dry_run.changed, dry_run.charges, recorded, alerts
     )
     return DiffReport(candidate.version, start, end, tenants, summary.as_dict())
+
+
+async def _read_dry_run(
+    con: asyncpg.Connection,
+    seen: Seen,
+    wanted: tuple[uuid.UUID, ...],
+    start: datetime | None,
+    end: datetime,
+) -> _Found:
+    """The dry run's books of the window, on the rebuild's connection."""
+    tenants = list(dict.fromkeys(wanted)) or sorted(seen.tenants, key=str)
+    changed = [
+        (tenant, seen.users.get((chat, command)))
+        for tenant, chat, command in await changed_commands(con, tenants, start, end)
+    ]
+    alerts = None
+    if alerts_supported():
+        alerts = await window_outbox_events(con, tenants, start, end, ALERT_EVENT)
+    return _Found(
+        tenants,
+        await window_outcomes(con, tenants, start, end),
+        changed,
+        await window_charges(con, tenants, start, end),
+        alerts,
+    )

@@ -63,10 +63,8 @@ async def run_rebuild(
     see the package docstring). `between_reads` runs after the inputs' end offsets are taken and
     before `turn-decisions`' are (tests: what is decided in between must change nothing). Without
     `follow_order_log` every record is applied in the timestamp merge (tests: what the log changes).
-    `afresh` selects, by event time, commands decided under the policy file even when a decision
-    is recorded (`minichat policy diff`); `inspect` runs on the rebuild's connection once the log
-    is applied, while the recorded decisions are still in its temporary table, with the tenants
-    a command was read of and the users of the commands `afresh` selected.
+    `afresh` (`policy diff`): commands decided under the policy file although recorded, by event
+    time; `inspect` runs on the rebuild's connection (recorded decisions still there) at the end.
 
     Raises `RebuildSetupError` (schema or topics missing), `PolicyError`, `PolicyConflict`.
     """
@@ -77,11 +75,7 @@ async def run_rebuild(
     started = time.monotonic()
 
     def bar_for(total: int) -> Progress | None:
-        return (
-            Progress(total, progress, label, unit="events", every_s=PROGRESS_EVERY_S)
-            if show_progress
-            else None
-        )
+        return _bar(total, progress, label) if show_progress else None
 
     # One connection for everything: the recorded decisions live in a temporary table.
     con = await connect(settings)
@@ -107,16 +101,30 @@ async def run_rebuild(
                 await _apply_log(consumer, settings, rebuild, ranges, from_time, bar_for, order)
         finally:
             await admin.close()
-        summary.parked_at_end = (await state_gauges(con)).parked_events
-        _warn_if_decided(summary, names)
-        if inspect is not None:
-            chosen = rebuild.commands.inner
-            users = chosen.users if isinstance(chosen, SelectiveTurnRequests) else {}
-            await inspect(con, Seen(rebuild.commands.tenants, users))
+        await _finish(con, rebuild, names, inspect)
     finally:
         await con.close()
     summary.elapsed_s = time.monotonic() - started
     return summary
+
+
+def _bar(total: int, stream: TextIO | None, label: str) -> Progress:
+    return Progress(total, stream, label, unit="events", every_s=PROGRESS_EVERY_S)
+
+
+async def _finish(
+    con: asyncpg.Connection,
+    rebuild: Rebuild,
+    names: TopicNames,
+    inspect: Callable[[asyncpg.Connection, Seen], Awaitable[None]] | None,
+) -> None:
+    """The summary's last counts and warning; then `inspect`, with what the rebuild saw."""
+    rebuild.summary.parked_at_end = (await state_gauges(con)).parked_events
+    _warn_if_decided(rebuild.summary, names)
+    if inspect is not None:
+        chosen = rebuild.commands.inner
+        users = chosen.users if isinstance(chosen, SelectiveTurnRequests) else {}
+        await inspect(con, Seen(rebuild.commands.tenants, users))
 
 
 async def _prepare(con: asyncpg.Connection) -> None:
