@@ -126,11 +126,13 @@ _EPILOG = (
 )
 
 
-def _command(group: _Group, name: str, summary: str, description: str, run: _Run) -> argparse.ArgumentParser:
+def _command(
+    group: _Group, name: str, summary: str, description: str, run: _Run, aliases: Sequence[str] = ()
+) -> argparse.ArgumentParser:
     """A command: one line for the list, a paragraph for its own --help, and the settings options."""
     # allow_abbrev=False: `--kafka-sasl-password X` must not be taken for `--kafka-sasl-password-file`
     parser: argparse.ArgumentParser = group.add_parser(
-        name, help=summary, description=description, allow_abbrev=False
+        name, help=summary, description=description, allow_abbrev=False, aliases=list(aliases)
     )
     _add_setting_options(parser)
     parser.set_defaults(run=run)
@@ -262,17 +264,19 @@ def _add_tokens(group: _Group) -> None:
     revoke.add_argument("id", metavar="ID", help="the token's id, as `minichat tokens list` shows it")
 
 
-def _add_replay(group: _Group) -> None:
+def _add_rebuild(group: _Group) -> None:
     replay = _command(
         group,
-        "replay",
-        "apply the input topics to the database again, sending nothing",
+        "rebuild",
+        "apply the input topics to the database again, sending nothing (alias: replay)",
         "Re-consume the input topics, from the beginning or from --from-time, up to their end when it "
         "starts, and apply them through the worker's own processors; a command with a recorded "
         "decision is applied as it was decided. Nothing is sent: no decision, dead letter or billing "
         "event. Over the live database it changes nothing; into an empty, migrated database it "
-        "rebuilds the books. Run it while the workers are caught up or stopped. Prints a summary.",
+        "rebuilds the books. Run it while the workers are caught up or stopped. Prints a summary. "
+        "`minichat replay` is the same command.",
         commands.replay,
+        aliases=("replay",),
     )
     replay.add_argument(
         "--from-time",
@@ -290,6 +294,60 @@ def _add_replay(group: _Group) -> None:
     )
 
 
+def _add_policy(group: _Group) -> None:
+    policy = _subcommands(group, "policy", "try a policy before deploying it: check, diff")
+    check = _command(
+        policy,
+        "check",
+        "validate a policy file and print what it changes against the version in force",
+        "Validate a policy file (exit 2 with one line naming the field when it is invalid, or when it "
+        "reuses the version in force with other content), then print every field it changes "
+        "against the version in force: the latest policy version the database holds. When the "
+        "database cannot be reached or has no schema, it says so and checks only the file.",
+        commands.policy_check,
+    )
+    check.add_argument("file", metavar="FILE", type=Path, help="the policy file to check")
+    check.add_argument("--json", action="store_true", help="print one JSON object (default: lines)")
+    diff = _command(
+        policy,
+        "diff",
+        "dry-run a candidate policy on the recorded stream and report what it would change",
+        "Rebuild the books from the topics into a scratch database (created and dropped with "
+        "MINICHAT_ADMIN_DATABASE_URL, or --scratch-database-url), in the order the workers recorded: "
+        "commands before --from-time and from --to-time on are applied as recorded, the commands in "
+        "between are decided afresh under the candidate (with its version) and their turns settle "
+        "under it. Reports per tenant: the commands whose decision or code would change (recorded -> "
+        "candidate), the credits charged, the reserves refused, the most affected users (ids only) "
+        "and the alerts. Nothing is produced to Kafka; the live database is only read.",
+        commands.policy_diff,
+    )
+    add = diff.add_argument
+    add("--candidate", type=Path, required=True, metavar="FILE", help="the candidate policy file")
+    for name, text in (
+        ("--from-time", "decide afresh the commands from this event time on (default: every command)"),
+        ("--to-time", "... until this event time, excluded; later ones follow the log (default: now)"),
+    ):
+        add(name, type=_from_time, default=None, metavar="RFC3339", help=text)
+    diff.add_argument(
+        "--tenant",
+        type=uuid.UUID,
+        action="append",
+        default=[],
+        metavar="T",
+        help="report only this tenant (repeatable; default: every tenant)",
+    )
+    diff.add_argument(
+        "--scratch-database-url",
+        default=None,
+        metavar="URL",
+        help="an empty database to rebuild into, kept afterwards, when the admin login cannot "
+        "create databases (default: one created and dropped)",
+    )
+    diff.add_argument(
+        "--json", action="store_true", help="print the report as one JSON object (default: lines)"
+    )
+
+
 def _add_digest(group: _Group) -> None:
     digest = _command(
         group,
@@ -297,7 +355,7 @@ def _add_digest(group: _Group) -> None:
         "print a digest of the stored state, to compare two databases",
         "Print one SHA-256 hex digest of the stored state of all tenants: chats, turns, messages, "
         "quota rows, decisions and billing events, every column except the processing-clock ones. "
-        "Equal digests mean equal books: compare the live database with a rebuild by `minichat replay`.",
+        "Equal digests mean equal books: compare the live database with a rebuild by `minichat rebuild`.",
         lambda s, a: commands.run(commands.digest(s, a)),
     )
     digest.add_argument(
@@ -388,7 +446,8 @@ def _parser() -> argparse.ArgumentParser:
         _add_worker,
         _add_db,
         _add_topics,
-        _add_replay,
+        _add_rebuild,
+        _add_policy,
         _add_digest,
         _add_tokens,
         _add_simulate,

@@ -264,6 +264,7 @@ def simulate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def replay(settings: Settings, args: argparse.Namespace) -> int:
+    """`minichat rebuild` (and its alias `minichat replay`: messages name the command as typed)."""
     import json
 
     from minichat.gc_tuning import tune_gc
@@ -271,7 +272,8 @@ def replay(settings: Settings, args: argparse.Namespace) -> int:
     from minichat.storage.policies import PolicyConflict
     from minichat.tools.rebuild import RebuildSetupError, run_rebuild
 
-    refused = _checked_start("replay", settings)
+    name = args.command
+    refused = _checked_start(name, settings)
     if refused is not None:
         return refused
     tune_gc()
@@ -280,11 +282,11 @@ def replay(settings: Settings, args: argparse.Namespace) -> int:
             run_rebuild(settings, from_time=args.from_time, show_progress=not args.no_progress)
         )
     except (RebuildSetupError, PolicyError, PolicyConflict) as exc:
-        print(f"minichat replay: {exc}", file=sys.stderr)
+        print(f"minichat {name}: {exc}", file=sys.stderr)
         return EXIT_SETUP
     except KeyboardInterrupt:
         print(
-            "minichat replay: interrupted (each batch is its own transaction: run it again)", file=sys.stderr
+            f"minichat {name}: interrupted (each batch is its own transaction: run it again)", file=sys.stderr
         )
         return 130
     # Anything else reaches the CLI's boundary (exit 70): each applied batch committed on its own
@@ -293,6 +295,69 @@ def replay(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps(summary.as_dict(), sort_keys=True))
     else:
         print("\n".join(summary.lines()))
+    return 0
+
+
+def policy_check(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from minichat.cli.failures import explain
+    from minichat.tools.policy_diff import check_policy
+
+    def describe(exc: BaseException) -> str | None:
+        refusal = explain(exc, settings, "policy check")
+        return refusal.text if refusal is not None else None
+
+    # An invalid file raises PolicyError: the CLI's boundary prints it (one line naming the field).
+    result = asyncio.run(check_policy(settings, args.file, describe))
+    if result.conflict:
+        print(
+            f"minichat policy check: {args.file}: version: version {result.policy.version} is in force "
+            "with other content: give the changed policy a new version number",
+            file=sys.stderr,
+        )
+        return EXIT_SETUP
+    if args.json:
+        print(json.dumps(result.as_dict(), sort_keys=True))
+    else:
+        print("\n".join(result.lines()))
+    return 0
+
+
+def policy_diff(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from minichat.gc_tuning import tune_gc
+    from minichat.storage.policies import PolicyConflict
+    from minichat.tools.policy_diff import DiffOptions, DiffSetupError, run_diff
+    from minichat.tools.rebuild import RebuildSetupError
+
+    options = DiffOptions(
+        candidate=args.candidate,
+        from_time=args.from_time,
+        to_time=args.to_time,
+        tenants=tuple(args.tenant),
+        scratch_database_url=args.scratch_database_url,
+        show_progress=sys.stderr.isatty(),
+    )
+    # The rebuild's own account (records read, versions stored) is the replay's: the report says it.
+    logging.getLogger("minichat.replay").setLevel(max(logging.WARNING, logging.root.level))
+    tune_gc()
+    try:
+        report = asyncio.run(run_diff(settings, options))
+    except (DiffSetupError, RebuildSetupError) as exc:
+        print(f"minichat policy diff: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    except PolicyConflict as exc:
+        print(f"minichat policy diff: {args.candidate}: version: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    except KeyboardInterrupt:
+        print("minichat policy diff: interrupted (the scratch database is dropped)", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(report.as_dict(), sort_keys=True))
+    else:
+        print("\n".join(report.lines()))
     return 0
 
 

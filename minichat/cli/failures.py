@@ -26,7 +26,7 @@ EXIT_SETUP = 2
 
 ADMIN_COMMANDS = frozenset({"db migrate", "db grant-reader", "db revoke-reader"})
 """Commands that log in as MINICHAT_ADMIN_DATABASE_URL (the schema's owner)."""
-BOTH_LOGINS = frozenset({"bench"})
+BOTH_LOGINS = frozenset({"bench", "policy diff"})
 """Commands that use both logins (scratch databases as the admin, workers as themselves)."""
 
 _UNREACHABLE_DB: tuple[type[BaseException], ...] = (
@@ -108,7 +108,9 @@ def explain(exc: BaseException, settings: Settings, command: str) -> Refusal | N
     for seen in _chain(exc):
         kind = type(seen).__name__
         if isinstance(seen, PolicyError):
-            return Refusal(EXIT_SETUP, f"{option('policy_file')}: {one_line(str(seen))}")
+            # a file given on the command line (`policy check FILE`) is named by the error itself
+            setting = f"{option('policy_file')}: " if seen.path == settings.policy_file else ""
+            return Refusal(EXIT_SETUP, f"{setting}{one_line(str(seen))}")
         if isinstance(seen, KafkaError):
             servers = settings.kafka_bootstrap_servers
             return Refusal(

@@ -24,7 +24,9 @@ PASSWORD = "pw-3b1d-never-shown"
 # Each command, its arguments, and the dependencies it uses (a malformed URL is refused for all).
 COMMANDS: dict[str, tuple[list[str], set[str]]] = {
     "worker": ([], {"database", "broker", "policy"}),
-    "replay": (["--no-progress"], {"database", "broker", "policy"}),
+    "rebuild": (["--no-progress"], {"database", "broker", "policy"}),
+    "policy check": (["unused-policy.yaml"], set()),
+    "policy diff": (["--candidate", str(PACKAGED_POLICY)], {"database", "broker"}),
     "digest": ([], {"database"}),
     "simulate": (
         ["--tenants", "1", "--users-per-tenant", "1", "--chats-per-user", "1", "--turns-per-chat", "1"],

@@ -16,7 +16,9 @@ MARKER = "MARKER-content-3b1d"
 
 COMMANDS = [
     ["worker"],
-    ["replay"],
+    ["rebuild"],
+    ["policy", "check", "policy.yaml"],
+    ["policy", "diff", "--candidate", "policy.yaml"],
     ["digest"],
     ["simulate"],
     ["bench"],
@@ -39,7 +41,7 @@ def _leaves(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
 
 
 def _path(argv: list[str]) -> str:
-    return " ".join(argv[:2]) if argv[0] in ("db", "tokens", "topics", "schema") else argv[0]
+    return " ".join(argv[:2]) if argv[0] in ("db", "tokens", "topics", "schema", "policy") else argv[0]
 
 
 def test_the_list_covers_every_command() -> None:

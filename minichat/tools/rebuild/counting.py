@@ -100,12 +100,15 @@ class CommandOutcomes:
 
     inner: Handler[TurnRequestEvent]
     outcomes: dict[RecordId, str] = field(default_factory=dict)
+    tenants: set[uuid.UUID] = field(default_factory=set)
+    """Every tenant a command was read of (`minichat policy diff` reports on each)."""
 
     async def __call__(
         self, con: asyncpg.Connection, batch: Sequence[Decoded[TurnRequestEvent]]
     ) -> list[Output]:
         keys = [(d.event.tenant_id, d.event.chat_id, command_id_of(d.event)) for d in batch]
         unique = sorted(set(keys))
+        self.tenants.update(key[0] for key in unique)
         before = await decisions_present(con, unique)
         outputs = await self.inner(con, batch)
         after = await decisions_present(con, unique)

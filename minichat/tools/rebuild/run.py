@@ -18,6 +18,7 @@ from minichat.kafka_security import kafka_client_options
 from minichat.models.policy import Policy, load_policy
 from minichat.models.topics import TopicNames
 from minichat.processors.app import build_batches
+from minichat.processors.turn_requests import TurnRequests
 from minichat.settings import Settings
 from minichat.storage.db import connect
 from minichat.storage.metrics import state_gauges
@@ -25,6 +26,7 @@ from minichat.storage.rebuild import turn_fingerprint_sql
 from minichat.storage.recorded import create_recorded
 from minichat.storage.schema import pending_migrations
 from minichat.tools.progress import Progress
+from minichat.tools.rebuild.afresh import Afresh, Seen, SelectiveTurnRequests, selective
 from minichat.tools.rebuild.apply import Ranges, Rebuild, merge_and_apply
 from minichat.tools.rebuild.counting import CommandOutcomes, RebuildSummary, TurnEventOutcomes
 from minichat.tools.rebuild.recorded_order import RecordedOrder, read_order, recorded_count
@@ -53,11 +55,16 @@ async def run_rebuild(
     check_workers: bool = True,
     between_reads: Callable[[], Awaitable[None]] | None = None,
     follow_order_log: bool = True,
+    afresh: Afresh | None = None,
+    inspect: Callable[[asyncpg.Connection, Seen], Awaitable[None]] | None = None,
+    label: str = "replay",
 ) -> RebuildSummary:
-    """Rebuild the state from the input topics into `settings.database_url` (`minichat replay`; see
-    the package docstring). `between_reads` runs after the inputs' end offsets are taken and before
-    `turn-decisions`' are (tests: what is decided in between must change nothing). Without
+    """Rebuild the state from the input topics into `settings.database_url` (`minichat rebuild`;
+    see the package docstring). `between_reads` runs after the inputs' end offsets are taken and
+    before `turn-decisions`' are (tests: what is decided in between must change nothing). Without
     `follow_order_log` every record is applied in the timestamp merge (tests: what the log changes).
+    `afresh` (`policy diff`): commands decided under the policy file although recorded, by event
+    time; `inspect` runs on the rebuild's connection (recorded decisions still there) at the end.
 
     Raises `RebuildSetupError` (schema or topics missing), `PolicyError`, `PolicyConflict`.
     """
@@ -68,11 +75,7 @@ async def run_rebuild(
     started = time.monotonic()
 
     def bar_for(total: int) -> Progress | None:
-        return (
-            Progress(total, progress, "replay", unit="events", every_s=PROGRESS_EVERY_S)
-            if show_progress
-            else None
-        )
+        return _bar(total, progress, label) if show_progress else None
 
     # One connection for everything: the recorded decisions live in a temporary table.
     con = await connect(settings)
@@ -80,7 +83,7 @@ async def run_rebuild(
         await _prepare(con)
         versions = await load_versions(con, settings, policy)
         summary.parked_at_start = (await state_gauges(con)).parked_events
-        rebuild = await _wire(con, settings, policy, versions, names, summary)
+        rebuild = await _wire(con, settings, policy, versions, names, summary, afresh)
         admin = AIOKafkaAdminClient(**kafka_client_options(settings), client_id="minichat-replay-admin")
         await admin.start()
         try:
@@ -98,12 +101,30 @@ async def run_rebuild(
                 await _apply_log(consumer, settings, rebuild, ranges, from_time, bar_for, order)
         finally:
             await admin.close()
-        summary.parked_at_end = (await state_gauges(con)).parked_events
-        _warn_if_decided(summary, names)
+        await _finish(con, rebuild, names, inspect)
     finally:
         await con.close()
     summary.elapsed_s = time.monotonic() - started
     return summary
+
+
+def _bar(total: int, stream: TextIO | None, label: str) -> Progress:
+    return Progress(total, stream, label, unit="events", every_s=PROGRESS_EVERY_S)
+
+
+async def _finish(
+    con: asyncpg.Connection,
+    rebuild: Rebuild,
+    names: TopicNames,
+    inspect: Callable[[asyncpg.Connection, Seen], Awaitable[None]] | None,
+) -> None:
+    """The summary's last counts and warning; then `inspect`, with what the rebuild saw."""
+    rebuild.summary.parked_at_end = (await state_gauges(con)).parked_events
+    _warn_if_decided(rebuild.summary, names)
+    if inspect is not None:
+        chosen = rebuild.commands.inner
+        users = chosen.users if isinstance(chosen, SelectiveTurnRequests) else {}
+        await inspect(con, Seen(rebuild.commands.tenants, users))
 
 
 async def _prepare(con: asyncpg.Connection) -> None:
@@ -124,10 +145,14 @@ async def _wire(
     versions: Mapping[int, Policy],
     names: TopicNames,
     summary: RebuildSummary,
+    afresh: Afresh | None = None,
 ) -> Rebuild:
     """The worker's handlers (following the recorded decisions, each under its own policy
-    version), each wrapped to count."""
+    version, but those `afresh` selects), each wrapped to count."""
     batches = build_batches(settings, policy, follow_recorded=True, versions=versions)
+    if afresh is not None:
+        assert isinstance(batches.turn_requests, TurnRequests)
+        batches = dataclasses.replace(batches, turn_requests=selective(batches.turn_requests, afresh))
     commands = CommandOutcomes(batches.turn_requests)
     turn_events = TurnEventOutcomes(batches.turn_events, await turn_fingerprint_sql(con))
     wired = dataclasses.replace(batches, turn_requests=commands, turn_events=turn_events)
