@@ -16,8 +16,9 @@ from uuid import UUID
 
 import asyncpg
 
-from minichat.domain.quota import EMPTY_ROW, QuotaDelta
+from minichat.domain.quota import BUCKET_TOTAL, EMPTY_ROW, QuotaDelta
 from minichat.domain.settlement import UsageFigures
+from minichat.domain.spend import ModelFigures, add_model_figures
 from minichat.domain.turns import (
     AssistantMessage,
     Billing,
@@ -61,6 +62,8 @@ class _Effects:
     message_usage: dict[int, TurnRecord] = field(default_factory=dict)
     """Turns whose stored assistant message takes the usage reported for them."""
     deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]] = field(default_factory=dict)
+    by_model: dict[QuotaSlot, ModelFigures] = field(default_factory=dict)
+    """The daily `total` rows' share of `deltas` by the model charged (the spend report's split)."""
     outbox: list[OutboxEntry] = field(default_factory=list)
     parked: list[Parked] = field(default_factory=list)
     dropped: Counter[str] = field(default_factory=Counter)
@@ -197,6 +200,8 @@ def _add_billing(effects: _Effects, turn: TurnRecord, billing: Billing) -> None:
         slot: QuotaSlot = (turn.tenant_id, turn.requester_user_id, bucket_key)
         total, latest = effects.deltas.get(slot, (EMPTY_ROW, at))
         effects.deltas[slot] = (total + delta, max(latest, at))
+        if bucket_key.bucket == BUCKET_TOTAL and bucket_key.period_type == "daily":
+            add_model_figures(effects.by_model.setdefault(slot, {}), turn.effective_model, delta)
     fields = billing_fields(turn, billing)
     entry = OutboxEntry(turn.tenant_id, fields["dedupe_key"], billing.kind, billing_json(fields), at)
     effects.outbox.append(entry)
@@ -210,6 +215,7 @@ async def _write(con: asyncpg.Connection, effects: _Effects) -> None:
         turns=list(effects.turns.values()),
         message_usage=list(effects.message_usage.values()),
         deltas=effects.deltas,
+        by_model=effects.by_model,
         outbox=effects.outbox,
     )
 

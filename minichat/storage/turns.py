@@ -5,7 +5,8 @@ All functions run inside the caller's transaction and carry the tenant.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from operator import attrgetter
@@ -15,6 +16,7 @@ import asyncpg
 
 from minichat.domain.quota import BucketKey, QuotaDelta
 from minichat.domain.settlement import USAGE_FIGURES, UsageFigures
+from minichat.domain.spend import ModelFigures
 from minichat.domain.turns import AssistantMessage, TurnRecord, turn_from_columns
 from minichat.storage.combined import Part, execute_parts
 from minichat.storage.db import Unnest, columns
@@ -198,7 +200,7 @@ def _update_message_usage(turns: Sequence[TurnRecord]) -> Part | None:
 _QUOTA_DELTAS = Unnest.of(
     "tenant_id uuid", "user_id uuid", "period_type text", "period_start date", "bucket text",
     "spent bigint", "reserved bigint", "calls bigint", "input_tokens bigint", "output_tokens bigint",
-    "web_search_calls bigint", "code_interpreter_calls bigint", "at timestamptz",
+    "web_search_calls bigint", "code_interpreter_calls bigint", "at timestamptz", "by_model text",
 )  # fmt: skip
 
 # One statement: the rows are locked in the one global key order every quota writer uses (the
@@ -206,7 +208,7 @@ _QUOTA_DELTAS = Unnest.of(
 _APPLY_QUOTA_DELTAS = f"""
 WITH locked AS MATERIALIZED (
     SELECT q.id, k.spent, k.reserved, k.calls, k.input_tokens, k.output_tokens, k.web_search_calls,
-           k.code_interpreter_calls, k.at
+           k.code_interpreter_calls, k.at, k.by_model::jsonb AS by_model
     FROM {_QUOTA_DELTAS.source}
     JOIN quota_usage q USING (tenant_id, user_id, period_type, period_start, bucket)
     ORDER BY q.tenant_id, q.user_id, q.period_type, q.period_start, q.bucket
@@ -220,10 +222,18 @@ UPDATE quota_usage q SET
     output_tokens = q.output_tokens + k.output_tokens,
     web_search_calls = q.web_search_calls + k.web_search_calls,
     code_interpreter_calls = q.code_interpreter_calls + k.code_interpreter_calls,
-    updated_at = GREATEST(q.updated_at, k.at)
+    updated_at = GREATEST(q.updated_at, k.at),
+    by_model = CASE WHEN k.by_model IS NULL THEN q.by_model ELSE q.by_model || (
+        SELECT jsonb_object_agg(m.key, (
+            SELECT jsonb_agg(COALESCE((q.by_model -> m.key ->> i)::bigint, 0) + (m.value ->> i)::bigint
+                             ORDER BY i)
+            FROM generate_series(0, 3) i))
+        FROM jsonb_each(k.by_model) m) END
 FROM locked k
 WHERE q.id = k.id
 """
+# `by_model` (daily `total` rows only, migration 0010): the batch's figures by model charged,
+# [turns, input_tokens, output_tokens, charged_credits_micro], added to the row's own.
 
 QuotaSlot = tuple[UUID, UUID, BucketKey]
 
@@ -232,7 +242,13 @@ class MissingQuotaRow(RuntimeError):
     """A settlement names a row its reserve never created: a bug, never skipped silently."""
 
 
-def _apply_quota_deltas(deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]]) -> Part | None:
+def _figures_json(figures: ModelFigures | None) -> str | None:
+    return json.dumps(figures, separators=(",", ":")) if figures else None
+
+
+def _apply_quota_deltas(
+    deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]], by_model: Mapping[QuotaSlot, ModelFigures]
+) -> Part | None:
     if not deltas:
         return None
     slots = sorted(deltas, key=lambda s: (s[0], s[1], s[2]))
@@ -244,6 +260,7 @@ def _apply_quota_deltas(deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]]) ->
                 tenant, user, key.period_type, key.period_start, key.bucket,
                 d.spent_credits_micro, d.reserved_credits_micro, d.calls, d.input_tokens,
                 d.output_tokens, d.web_search_calls, d.code_interpreter_calls, at,
+                _figures_json(by_model.get((tenant, user, key))),
             )
         )  # fmt: skip
     return Part(_APPLY_QUOTA_DELTAS, _QUOTA_DELTAS.params(rows))
@@ -258,11 +275,12 @@ async def write_events(
     message_usage: Sequence[TurnRecord],
     deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]],
     outbox: Sequence[OutboxEntry],
+    by_model: Mapping[QuotaSlot, ModelFigures] | None = None,
 ) -> None:
     """A provider/usage step's writes in one statement (`combined.execute_parts`): every part
     touches rows no other part does (a message inserted here takes its usage in the insert, a
     turn and a quota row are written once, as they end up)."""
-    quota = _apply_quota_deltas(deltas)
+    quota = _apply_quota_deltas(deltas, by_model or {})
     parts = [
         _park(parked),
         _insert_assistant_messages(messages),
