@@ -17,8 +17,9 @@ FROM (SELECT (lpad(to_hex(n), 8, '0') || '-0000-4000-8000-000000000000')::uuid A
       FROM generate_series(1, $2) n) u
 """
 
-# Turn n: user 1 + n mod users, day (n / users) mod days (every user every day), model (n/7) mod 3; settled, most on their
-# usage (`actual`), every 10th estimated (tokens not priced), every 50th adjusted.
+# Turn n: user 1 + n mod users, day (n / users) mod days (every user every day), model (n/7) mod 3;
+# settled, most on their usage (`actual`), every 10th estimated (tokens not priced), every 50th
+# adjusted.
 _TURNS = """
 INSERT INTO chat_turns (
     id, tenant_id, chat_id, request_id, requester_type, requester_user_id, state,
