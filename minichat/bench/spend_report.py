@@ -70,10 +70,10 @@ async def measure(admin_url: str, turns: int, users: int, days: int, repeat: int
             )
             for name, sql, args in cases:
                 times, count, plan = await _timed(con, tenant, sql, args, repeat)
-                keys = ", ".join(COLUMNS[k] for k in name.split(" ")[0].split("+"))
+                columns = ", ".join(COLUMNS[k] for k in name.split(" ")[0].split("+"))
                 turns_ms = "-"
                 if " " not in name:
-                    t_times, _, _ = await _timed(con, tenant, from_turns_sql(keys), args, min(repeat, 3))
+                    t_times, _, _ = await _timed(con, tenant, from_turns_sql(columns), args, min(repeat, 3))
                     turns_ms = f"{statistics.median(t_times):.0f}"
                 median = statistics.median(times)
                 print(f"{name:<28} {median:>12.1f} {max(times):>10.1f} {count:>7}   {turns_ms:>18}")

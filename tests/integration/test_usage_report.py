@@ -24,6 +24,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from minichat.client import ReadApiError, ReadClient
 from minichat.domain.spend import MAX_DAYS, MAX_ROWS
 from minichat.models.policy import load_policy
 from minichat.models.topics import TopicNames
@@ -356,3 +357,33 @@ async def test_limits_and_malformed_parameters_answer_400(served: Served) -> Non
         assert status == 400 and body["error"] == "bad_request", (query, body)
     status, _ = await served.reader.get("from=2026-12-01&to=2026-12-31&group_by=user", token="nope")
     assert status == 401
+
+
+async def test_read_client_usage(served: Served) -> None:
+    con = await connect(served.settings)
+    try:
+        await ensure_policy_version(con, load_policy(served.settings.policy_file))
+        books = Books(served.settings, con)
+        user = uuid.uuid4()
+        await books.turn(served.tenant, user, "gpt-5-mini", DAY1, (100, 200))
+        await books.turn(served.tenant, user, "gpt-5-nano", DAY2, (10, 20))
+        turns = await settled_turns(con, served.tenant)
+    finally:
+        await con.close()
+    async with ReadClient(served.reader.base, served.reader.token) as client:
+        rows = await client.usage(date(2026, 12, 1), date(2026, 12, 31), ("day", "model"), user_id=str(user))
+        assert [
+            {
+                "day": r.day.isoformat() if r.day else None,
+                "model": r.model,
+                "turns": r.turns,
+                "input_tokens": r.input_tokens,
+                "output_tokens": r.output_tokens,
+                "charged_credits_micro": r.charged_credits_micro,
+            }
+            for r in rows
+        ] == expected(turns, ("day", "model"))
+        assert all(r.user_id is None for r in rows)
+        with pytest.raises(ReadApiError) as refused:
+            await client.usage(date(2026, 12, 31), date(2026, 12, 1), ("user",))
+        assert refused.value.status == 400
