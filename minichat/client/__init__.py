@@ -24,7 +24,8 @@ none will: the command is in the log and will be decided; look it up later with 
 (`GET /v1/chats/{chat_id}/turns/{request_id}`) or by sending the same command again.
 
 The modules: `gateway.py` (`GatewayClient`), `decisions.py` (the reader of `turn-decisions`),
-`messages.py` (the command and fact types), `codes.py` (`FailureCode`, `RejectCode`). Ids are
+`messages.py` (the command and fact types), `codes.py` (`FailureCode`, `RejectCode`),
+`reader.py` (`ReadClient`: the read API, e.g. the spend report `usage(...)`). Ids are
 `uuid.UUID`s or their text. Import from `minichat.client`.
 """
 
@@ -32,6 +33,7 @@ from minichat.client.codes import FailureCode, RejectCode
 from minichat.client.decisions import IDLE_S, DecisionReader, partition_of
 from minichat.client.gateway import DecisionTimeout, GatewayClient, MissingTopicError
 from minichat.client.messages import FACT_TYPES, Command, Fact, Id, as_uuid, decision_json, envelope
+from minichat.client.reader import ReadApiError, ReadClient, SpendRow
 
 __all__ = [
     "FACT_TYPES",
@@ -44,7 +46,10 @@ __all__ = [
     "GatewayClient",
     "Id",
     "MissingTopicError",
+    "ReadApiError",
+    "ReadClient",
     "RejectCode",
+    "SpendRow",
     "as_uuid",
     "decision_json",
     "envelope",

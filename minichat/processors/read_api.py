@@ -18,7 +18,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 from uuid import UUID
 
@@ -27,10 +27,19 @@ from aiohttp import web
 
 from minichat.domain.periods import periods_for
 from minichat.domain.quota_view import quota_view
+from minichat.domain.spend import MAX_ROWS, spend_query
 from minichat.models.policy import Policy
 from minichat.processors.tokens import TokenStore
 from minichat.storage.db import ping
-from minichat.storage.read_api import Cursor, chat_messages, chat_turn, reading_as, user_quota
+from minichat.storage.read_api import (
+    SPEND_COLUMNS,
+    Cursor,
+    chat_messages,
+    chat_turn,
+    reading_as,
+    spend_rows,
+    user_quota,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +52,7 @@ ROUTES = (
     ("/v1/chats/{chat_id}/messages", "chat_messages"),
     ("/v1/chats/{chat_id}/turns/{request_id}", "chat_turn"),
     ("/v1/users/{user_id}/quota", "user_quota"),
+    ("/v1/usage", "usage"),
 )
 """Paths and view names; docs/openapi.yaml documents exactly these (and /metrics)."""
 MESSAGE_FIELDS = (
@@ -76,6 +86,7 @@ TURN_FIELDS = (
     "settled_at",
 )
 QUOTA_FIELDS = ("user_id", "policy_version", "buckets", "tools", "blocked")
+SPEND_FIGURES = ("turns", "input_tokens", "output_tokens", "charged_credits_micro")
 
 
 # ------------------------------------------------------------------------------------- responses
@@ -103,6 +114,8 @@ def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None
 def _encode(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(value, date):
+        return value.isoformat()
     if isinstance(value, UUID):
         return str(value)
     raise TypeError(type(value).__name__)
@@ -183,6 +196,7 @@ def read_api_routes(
         "chat_messages": api.messages,
         "chat_turn": api.turn,
         "user_quota": api.quota,
+        "usage": api.usage,
     }
     return [web.get(path, views[name], name=name) for path, name in ROUTES]
 
@@ -303,6 +317,38 @@ class _ReadApi:
             "blocked": asdict(shown.blocked) if shown.blocked is not None else None,
         }
         assert tuple(body) == QUOTA_FIELDS
+        return _json(body)
+
+    async def usage(self, request: web.Request) -> web.StreamResponse:
+        """The spend report: settled turns, priced tokens and charged credits of the tenant's
+        users by UTC day of the turn's quota period (adjustments included), grouped as asked."""
+        found_caller = self.caller(request)
+        if not isinstance(found_caller, tuple):
+            return found_caller
+        tenant, _ = found_caller
+        q = request.query
+        asked = spend_query(
+            q.getall("from", []), q.getall("to", []), q.getall("group_by", []), q.getall("user_id", [])
+        )
+        if isinstance(asked, str):
+            return _bad_request(asked)
+        try:
+            async with reading_as(await self.pool(), tenant, acquire_timeout=ACQUIRE_TIMEOUT_S) as con:
+                rows = await spend_rows(
+                    con, tenant, asked.start, asked.end, asked.group_by, asked.user_id, MAX_ROWS + 1
+                )
+        except TimeoutError:
+            return busy("no database connection free")
+        if len(rows) > MAX_ROWS:
+            return _bad_request(f"more than {MAX_ROWS} rows: narrow the dates, the grouping or the user")
+        columns = [SPEND_COLUMNS[k] for k in asked.group_by]
+        body = {
+            "from": asked.start,
+            "to": asked.end,
+            "group_by": list(asked.group_by),
+            "user_id": asked.user_id,
+            "rows": [{c: r[c] for c in (*columns, *SPEND_FIGURES)} for r in rows],
+        }
         return _json(body)
 
 

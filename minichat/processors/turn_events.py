@@ -18,8 +18,9 @@ import asyncpg
 
 from minichat.domain.alerts import AlertStep, alert_floor, crossings
 from minichat.domain.ids import alert_event_id
-from minichat.domain.quota import EMPTY_ROW, QuotaDelta, limit_for
+from minichat.domain.quota import BUCKET_TOTAL, EMPTY_ROW, QuotaDelta, limit_for
 from minichat.domain.settlement import UsageFigures
+from minichat.domain.spend import ModelFigures, add_model_figures
 from minichat.domain.turns import (
     AssistantMessage,
     Billing,
@@ -65,6 +66,8 @@ class _Effects:
     message_usage: dict[int, TurnRecord] = field(default_factory=dict)
     """Turns whose stored assistant message takes the usage reported for them."""
     deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]] = field(default_factory=dict)
+    by_model: dict[QuotaSlot, ModelFigures] = field(default_factory=dict)
+    """The daily `total` rows' share of `deltas` by the model charged (the spend report's split)."""
     outbox: list[OutboxEntry] = field(default_factory=list)
     alert_steps: dict[QuotaSlot, list[AlertStep]] = field(default_factory=dict)
     """Each row's spend changes, in applied order, with their turns' alert terms."""
@@ -209,6 +212,8 @@ def _add_billing(effects: _Effects, turn: TurnRecord, billing: Billing, policy: 
         total, latest = effects.deltas.get(slot, (EMPTY_ROW, at))
         total = total + delta
         effects.deltas[slot] = (total, max(latest, at))
+        if bucket_key.bucket == BUCKET_TOTAL and bucket_key.period_type == "daily":
+            add_model_figures(effects.by_model.setdefault(slot, {}), turn.effective_model, delta)
         spent = delta.spent_credits_micro
         if spent:
             limit = limit_for(limits, bucket_key)
@@ -237,6 +242,7 @@ async def _write(con: asyncpg.Connection, effects: _Effects) -> None:
         turns=list(effects.turns.values()),
         message_usage=list(effects.message_usage.values()),
         deltas=effects.deltas,
+        by_model=effects.by_model,
         outbox=effects.outbox,
         alert_floors=floors,
     )

@@ -4,7 +4,7 @@ rows and no other's even if a query forgot its tenant filter (they all have one 
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -217,3 +217,62 @@ async def user_quota(
         )
         for r in await con.fetch(_QUOTA_ROWS, tenant_id, user_id, daily, monthly)
     }
+
+
+# The spend report (`GET /v1/usage`): a user's daily `total` quota row holds that day's settled
+# turns (`calls`), priced tokens and charged credits, adjustments included, and `by_model` splits
+# them by the model charged (migration 0011). A report reads one row per user and day, never the
+# turns. `{where}` adds the user filter, `{keys}` the grouped columns (from `SPEND_COLUMNS` only).
+_SPEND_DAYS = """
+SELECT q.user_id, q.period_start AS day, q.calls AS turns, q.input_tokens, q.output_tokens,
+       q.spent_credits_micro AS charged, q.by_model
+FROM quota_usage q
+WHERE q.tenant_id = $1 AND q.period_type = 'daily' AND q.bucket = 'total'
+  AND q.period_start >= $2 AND q.period_start <= $3 AND q.calls > 0{where}
+"""
+_SPEND_TOTALS = f"""
+WITH days AS ({_SPEND_DAYS})
+SELECT {{keys}}, sum(turns)::bigint AS turns, sum(input_tokens)::bigint AS input_tokens,
+       sum(output_tokens)::bigint AS output_tokens, sum(charged)::bigint AS charged_credits_micro
+FROM days
+GROUP BY {{keys}} HAVING sum(turns) > 0 ORDER BY {{order}} LIMIT $4
+"""
+_SPEND_BY_MODEL = f"""
+WITH days AS ({_SPEND_DAYS})
+SELECT {{keys}}, sum((f ->> 0)::bigint)::bigint AS turns, sum((f ->> 1)::bigint)::bigint AS input_tokens,
+       sum((f ->> 2)::bigint)::bigint AS output_tokens,
+       sum((f ->> 3)::bigint)::bigint AS charged_credits_micro
+FROM days, jsonb_each(days.by_model) AS m (model, f)
+GROUP BY {{keys}} HAVING sum((f ->> 0)::bigint) > 0 ORDER BY {{order}} LIMIT $4
+"""
+SPEND_COLUMNS = {"user": "user_id", "day": "day", "model": "model"}
+"""The report's group keys and the column (and response field) each one is."""
+_SPEND_ORDER = {"user": "user_id", "day": "day", "model": 'model COLLATE "C"'}
+"""Sort expressions: model ids by their bytes, whatever the database's collation."""
+
+
+def spend_sql(group_by: Sequence[str], one_user: bool) -> str:
+    """The report's statement for `group_by` (keys of `SPEND_COLUMNS`): $1 tenant, $2..$3 the UTC
+    days, $4 the row limit, $5 the user when `one_user`."""
+    keys = ", ".join(SPEND_COLUMNS[k] for k in group_by)
+    order = ", ".join(_SPEND_ORDER[k] for k in group_by)
+    where = " AND q.user_id = $5" if one_user else ""
+    template = _SPEND_BY_MODEL if "model" in group_by else _SPEND_TOTALS
+    return template.format(where=where, keys=keys, order=order)
+
+
+async def spend_rows(
+    con: asyncpg.Connection,
+    tenant_id: UUID,
+    start: date,
+    end: date,
+    group_by: Sequence[str],
+    user_id: UUID | None,
+    limit: int,
+) -> list[dict[str, Any]]:
+    """The report's rows of UTC days `start`..`end`, grouped and sorted by `group_by`, at most
+    `limit` of them."""
+    args: list[Any] = [tenant_id, start, end, limit]
+    if user_id is not None:
+        args.append(user_id)
+    return [dict(r) for r in await con.fetch(spend_sql(group_by, user_id is not None), *args)]

@@ -5,6 +5,7 @@ All functions run inside the caller's transaction and carry the tenant.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,6 +16,7 @@ import asyncpg
 
 from minichat.domain.quota import BucketKey, QuotaDelta
 from minichat.domain.settlement import USAGE_FIGURES, UsageFigures
+from minichat.domain.spend import ModelFigures
 from minichat.domain.turns import AssistantMessage, TurnRecord, turn_from_columns
 from minichat.storage.combined import Part, execute_parts_reported
 from minichat.storage.db import Unnest, columns
@@ -199,6 +201,7 @@ _QUOTA_DELTAS = Unnest.of(
     "tenant_id uuid", "user_id uuid", "period_type text", "period_start date", "bucket text",
     "spent bigint", "reserved bigint", "calls bigint", "input_tokens bigint", "output_tokens bigint",
     "web_search_calls bigint", "code_interpreter_calls bigint", "at timestamptz", "alert_floor bigint",
+    "by_model text",
 )  # fmt: skip
 
 # One statement: the rows are locked in the one global key order every quota writer uses (the
@@ -209,7 +212,7 @@ _QUOTA_DELTAS = Unnest.of(
 _APPLY_QUOTA_DELTAS = f"""
 WITH locked AS MATERIALIZED (
     SELECT q.id, k.spent, k.reserved, k.calls, k.input_tokens, k.output_tokens, k.web_search_calls,
-           k.code_interpreter_calls, k.at, k.alert_floor
+           k.code_interpreter_calls, k.at, k.alert_floor, k.by_model::jsonb AS by_model
     FROM {_QUOTA_DELTAS.source}
     JOIN quota_usage q USING (tenant_id, user_id, period_type, period_start, bucket)
     ORDER BY q.tenant_id, q.user_id, q.period_type, q.period_start, q.bucket
@@ -223,7 +226,13 @@ UPDATE quota_usage q SET
     output_tokens = q.output_tokens + k.output_tokens,
     web_search_calls = q.web_search_calls + k.web_search_calls,
     code_interpreter_calls = q.code_interpreter_calls + k.code_interpreter_calls,
-    updated_at = GREATEST(q.updated_at, k.at)
+    updated_at = GREATEST(q.updated_at, k.at),
+    by_model = CASE WHEN k.by_model IS NULL THEN q.by_model ELSE q.by_model || (
+        SELECT jsonb_object_agg(m.key, (
+            SELECT jsonb_agg(COALESCE((q.by_model -> m.key ->> i)::bigint, 0) + (m.value ->> i)::bigint
+                             ORDER BY i)
+            FROM generate_series(0, 3) i))
+        FROM jsonb_each(k.by_model) m) END
 FROM locked k
 WHERE q.id = k.id
 RETURNING q.tenant_id, q.user_id, q.period_type, q.period_start, q.bucket, q.spent_credits_micro,
@@ -232,6 +241,8 @@ RETURNING q.tenant_id, q.user_id, q.period_type, q.period_start, q.bucket, q.spe
          WHERE a.tenant_id = q.tenant_id AND a.user_id = q.user_id AND a.bucket = q.bucket
            AND a.period_type = q.period_type AND a.period_start = q.period_start), '') END AS crossed
 """
+# `by_model` (daily `total` rows only, migration 0011): the batch's figures by model charged,
+# [turns, input_tokens, output_tokens, charged_credits_micro], added to the row's own.
 _QUOTA_REPORT = "crossed IS NOT NULL"
 """The rows `_APPLY_QUOTA_DELTAS` reports: those that reached their alert floor."""
 
@@ -252,8 +263,14 @@ class MissingQuotaRow(RuntimeError):
     """A settlement names a row its reserve never created: a bug, never skipped silently."""
 
 
+def _figures_json(figures: ModelFigures | None) -> str | None:
+    return json.dumps(figures, separators=(",", ":")) if figures else None
+
+
 def _apply_quota_deltas(
-    deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]], floors: Mapping[QuotaSlot, int]
+    deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]],
+    floors: Mapping[QuotaSlot, int],
+    by_model: Mapping[QuotaSlot, ModelFigures],
 ) -> Part | None:
     if not deltas:
         return None
@@ -267,6 +284,7 @@ def _apply_quota_deltas(
                 tenant, user, key.period_type, key.period_start, key.bucket,
                 d.spent_credits_micro, d.reserved_credits_micro, d.calls, d.input_tokens,
                 d.output_tokens, d.web_search_calls, d.code_interpreter_calls, at, floors.get(slot),
+                _figures_json(by_model.get(slot)),
             )
         )  # fmt: skip
     return Part(_APPLY_QUOTA_DELTAS, _QUOTA_DELTAS.params(rows), _QUOTA_REPORT)
@@ -296,12 +314,14 @@ async def write_events(
     deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]],
     outbox: Sequence[OutboxEntry],
     alert_floors: Mapping[QuotaSlot, int] | None = None,
+    by_model: Mapping[QuotaSlot, ModelFigures] | None = None,
 ) -> list[AlertCandidate]:
     """A provider/usage step's writes in one statement (`combined.execute_parts`): every part
     touches rows no other part does (a message inserted here takes its usage in the insert, a
     turn and a quota row are written once, as they end up). Returns the rows that reached their
-    alert floor (`alert_floors`, the least spend after the step at which an alert may fire)."""
-    quota = _apply_quota_deltas(deltas, alert_floors or {})
+    alert floor (`alert_floors`, the least spend after the step at which an alert may fire);
+    `by_model` is the daily `total` rows' split by model charged (the spend report)."""
+    quota = _apply_quota_deltas(deltas, alert_floors or {}, by_model or {})
     parts = [
         _park(parked),
         _insert_assistant_messages(messages),

@@ -22,7 +22,7 @@ import pytest
 from minichat.settings import Settings
 from minichat.storage import read_api
 from minichat.storage.db import create_pool
-from minichat.storage.read_api import chat_messages, chat_turn, reading_as, user_quota
+from minichat.storage.read_api import chat_messages, chat_turn, reading_as, spend_rows, user_quota
 from minichat.storage.readers import READER_ROLE
 from tests.integration.test_security import AT, seed_tenant
 
@@ -31,7 +31,28 @@ pytestmark = pytest.mark.integration
 PAGE_MAX_BYTES: int = Settings.model_fields["read_page_max_bytes"].default
 DAY = date(2026, 3, 1)  # the period seed_tenant's quota rows are in
 # the API's statements, each with `tenant_id = $1` (`t.tenant_id = $1`, ...) as its tenant filter
-API_STATEMENTS = ("_LIVE_CHAT", "_MESSAGES", "_TURN", "_REJECTED", "_KNOWN_USER", "_QUOTA_ROWS")
+API_STATEMENTS = (
+    "_LIVE_CHAT",
+    "_MESSAGES",
+    "_TURN",
+    "_REJECTED",
+    "_KNOWN_USER",
+    "_QUOTA_ROWS",
+    "_SPEND_DAYS",
+    "_SPEND_TOTALS",
+    "_SPEND_BY_MODEL",
+)
+SPEND_KEYS = (("user",), ("user", "model"))
+
+
+async def settle_seeded_quota(owner: asyncpg.Connection) -> None:
+    """Give the seeded daily rows a settled turn, so the spend report has something to show."""
+    await owner.execute(
+        "UPDATE quota_usage SET calls = 1, spent_credits_micro = 7, by_model = '{\"m\": [1, 0, 0, 7]}'"
+        " WHERE tenant_id IS NOT NULL"
+    )
+
+
 _TENANT_FILTER = re.compile(r"\b(?:\w+\.)?tenant_id\s*=\s*\$1\b")
 
 
@@ -152,17 +173,26 @@ async def test_an_unfiltered_read_is_open_outside_reading_as(
     assert statements == set(API_STATEMENTS), "a new API read: add it to API_STATEMENTS"
     for name in API_STATEMENTS:
         monkeypatch.setattr(read_api, name, without_tenant_filter(getattr(read_api, name)))
+    await settle_seeded_quota(owner)
     async with pool.acquire() as con, con.transaction():
         assert await contents(con, a.tenant, b.chat, 10) == {f"secret of {b.tenant}"}
         assert await chat_turn(con, a.tenant, b.chat, b.request) is not None
         assert await user_quota(con, a.tenant, b.user, DAY, DAY)
+        for keys in SPEND_KEYS:
+            rows = await spend_rows(con, a.tenant, DAY, DAY, keys, None, 100)
+            assert b.user in {r["user_id"] for r in rows}
 
 
 @pytest.mark.parametrize("filtered", [False, True], ids=["tenant_filter_removed", "as_written"])
 async def test_api_reads_with_another_tenants_ids_see_nothing(
-    pool: asyncpg.Pool, two_tenants: tuple[Ids, Ids], monkeypatch: pytest.MonkeyPatch, filtered: bool
+    owner: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    two_tenants: tuple[Ids, Ids],
+    monkeypatch: pytest.MonkeyPatch,
+    filtered: bool,
 ) -> None:
     a, b = two_tenants
+    await settle_seeded_quota(owner)
     if not filtered:
         for name in API_STATEMENTS:
             monkeypatch.setattr(read_api, name, without_tenant_filter(getattr(read_api, name)))
@@ -180,3 +210,8 @@ async def test_api_reads_with_another_tenants_ids_see_nothing(
         assert refused == {"state": None, "decision": {"tenant": str(a.tenant)}}
         quota = await user_quota(con, a.tenant, a.user, DAY, DAY)
         assert quota is not None and len(quota) == 1
+        # the spend report: A's users only, B's user asked for by id: nothing
+        for keys in SPEND_KEYS:
+            users = {r["user_id"] for r in await spend_rows(con, a.tenant, DAY, DAY, keys, None, 100)}
+            assert a.user in users and b.user not in users
+            assert await spend_rows(con, a.tenant, DAY, DAY, keys, b.user, 100) == []

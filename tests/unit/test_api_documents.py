@@ -22,6 +22,7 @@ from minichat.models.events import (
 )
 from minichat.models.topics import ALL_TOPICS
 from minichat.processors import read_api
+from minichat.storage.read_api import SPEND_COLUMNS
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -39,6 +40,7 @@ def test_openapi_routes_and_fields_are_the_read_apis() -> None:
     assert set(_schema(doc, "Turn")["properties"]) == set(read_api.TURN_FIELDS)
     assert set(_schema(doc, "Usage")["properties"]) == set(read_api.USAGE_FIELDS)
     assert set(_schema(doc, "Quota")["properties"]) == set(read_api.QUOTA_FIELDS)
+    assert set(_schema(doc, "SpendRow")["properties"]) == {*SPEND_COLUMNS.values(), *read_api.SPEND_FIGURES}
     assert set(_schema(doc, "Bucket")["properties"]) == {f.name for f in dataclasses.fields(BucketView)} | {
         "remaining"
     }
