@@ -46,6 +46,7 @@ TENANT_TABLES = (
     "turn_decisions",
     "outbox",
     "parked_events",
+    "quota_alerts",
 )
 SYSTEM_TABLES = ("schema_migrations", "policy_versions")
 AT = datetime(2026, 3, 1, 12, tzinfo=UTC)
@@ -97,6 +98,16 @@ async def seed_tenant(con: asyncpg.Connection, tenant: uuid.UUID, n: int) -> Non
             uuid.uuid4(),
             tenant,
             user,
+            AT,
+        )
+        await con.execute(
+            "INSERT INTO quota_alerts (tenant_id, user_id, bucket, period_type, period_start,"
+            " threshold_percent, event_id, limit_credits_micro, spent_credits_micro, request_id, occurred_at)"
+            " VALUES ($1, $2, 'total', 'daily', '2026-03-01', 50, $3, 100, 50, $4, $5)",
+            tenant,
+            user,
+            uuid.uuid4(),
+            request,
             AT,
         )
         await con.execute(
