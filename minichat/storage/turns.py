@@ -17,7 +17,7 @@ from minichat.domain.quota import BucketKey, QuotaDelta
 from minichat.domain.settlement import USAGE_FIGURES, UsageFigures
 from minichat.domain.turns import AssistantMessage, TurnRecord, turn_from_columns
 from minichat.storage.combined import Part, execute_parts
-from minichat.storage.db import Unnest, columns
+from minichat.storage.db import RetryableConflict, Unnest, columns
 from minichat.storage.locks import RequestKey
 from minichat.storage.outbox import OutboxEntry, outbox_part
 
@@ -275,6 +275,101 @@ async def write_events(
     counts = dict(zip(map(id, sent), await execute_parts(con, sent), strict=True))
     if quota is not None and counts[id(quota)] != len(deltas):
         raise MissingQuotaRow(f"settlement touched {counts[id(quota)]} of {len(deltas)} quota rows")
+
+
+# ------------------------------------------------------------------------------- held turns
+
+_ADMISSION = (
+    "id uuid", "tenant_id uuid", "chat_id uuid", "request_id uuid", "requester_type text",
+    "requester_user_id uuid", "selected_model text", "effective_model text", "reserve_tokens bigint",
+    "max_output_tokens_applied int", "reserved_credits_micro bigint", "policy_version_applied bigint",
+    "minimal_generation_floor_applied int", "period_daily date", "period_monthly date",
+    "web_search_enabled bool", "code_interpreter_enabled bool", "image_count int", "started_at timestamptz",
+)  # fmt: skip
+"""A new turn's admission columns, named as `commands.NewTurn` names them."""
+_LATER_STATE = _TURN_STATE[2:]  # without id and tenant_id, which the admission's columns carry
+_HELD_TURNS = Unnest.of(*_ADMISSION, *_LATER_STATE, *_USAGE_FIGURES, "awaiting_usage bool")
+_admission = attrgetter(*(d.split()[0] for d in _ADMISSION))
+_later_state = attrgetter(*(d.split()[0] for d in _LATER_STATE))
+_later_names = ", ".join(d.split()[0] for d in _LATER_STATE)
+
+# A turn started and changed by one batch, inserted once as it ends up: the row `_INSERT_TURNS`
+# (storage/turn_requests.py) inserts, with what `_UPDATE_TURNS` would then have written. The same
+# `turn_seq` rule: no other turn of the chat is inserted in between (processors/held.py).
+_INSERT_HELD_TURNS = f"""
+INSERT INTO chat_turns ({", ".join(d.split()[0] for d in _ADMISSION)}, turn_seq, {_later_names},
+                        terminal_at, usage_known, {", ".join(USAGE_FIGURES)},
+                        web_search_completed_count, code_interpreter_completed_count, terminal_seen_at)
+SELECT {", ".join("k." + d.split()[0] for d in _ADMISSION)},
+       COALESCE(last.seq, 0) + row_number() OVER (PARTITION BY k.chat_id ORDER BY k.ord),
+       {", ".join("k." + d.split()[0] for d in _LATER_STATE)},
+       k.completed_at, COALESCE(k.input_tokens + k.output_tokens > 0, false),
+       {", ".join("k." + name for name in USAGE_FIGURES)},
+       COALESCE(k.web_search_calls, 0), COALESCE(k.code_interpreter_calls, 0),
+       CASE WHEN k.awaiting_usage THEN now() END
+FROM {_HELD_TURNS.numbered_source("ord")}
+LEFT JOIN LATERAL (
+    SELECT t.turn_seq AS seq FROM chat_turns t
+    WHERE t.tenant_id = k.tenant_id AND t.chat_id = k.chat_id
+    ORDER BY t.turn_seq DESC
+    LIMIT 1
+) last ON true
+WHERE NOT EXISTS (
+    SELECT FROM chat_turns s
+    WHERE s.tenant_id = k.tenant_id AND s.chat_id = k.chat_id AND s.request_id = k.request_id
+)
+ON CONFLICT (chat_id, request_id) DO NOTHING
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class HeldInsert:
+    """A turn a batch started (`admission`: its `NewTurn`) as the batch's events left it."""
+
+    admission: object
+    turn: TurnRecord
+    awaiting_usage: bool
+
+
+class HeldTurnConflict(RetryableConflict):
+    """A turn the batch started was stored already when its row was written: unreachable under the
+    batch's request locks (the admission found no decision and no turn); retried, never skipped,
+    since the batch's events were applied to the turn it started."""
+
+
+async def write_held(
+    con: asyncpg.Connection,
+    *,
+    inserts: Sequence[HeldInsert],
+    updates: Sequence[TurnWrite],
+    messages: Sequence[AssistantMessage],
+    message_usage: Sequence[TurnRecord],
+) -> None:
+    """The turns a batch held (processors/held.py), in one statement: those it started inserted in
+    their final state, those it loaded updated once; their assistant messages inserted (with the
+    usage already reported), or given the usage reported for them."""
+    insert = None
+    if inserts:
+        rows = (
+            (
+                *_admission(h.admission),
+                *_later_state(h.turn),
+                *(_reported_figures(h.turn.usage) if h.turn.usage else _NO_USAGE),
+                h.awaiting_usage,
+            )
+            for h in inserts
+        )
+        insert = Part(_INSERT_HELD_TURNS, _HELD_TURNS.params(rows))
+    parts = [
+        _insert_assistant_messages(messages),
+        insert,
+        _update_turns(updates),
+        _update_message_usage(message_usage),
+    ]
+    sent = [p for p in parts if p is not None]
+    counts = dict(zip(map(id, sent), await execute_parts(con, sent), strict=True))
+    if insert is not None and counts[id(insert)] != len(inserts):
+        raise HeldTurnConflict(f"{len(inserts)} turns started, {counts[id(insert)]} inserted")
 
 
 # ------------------------------------------------------------------------------------ parking
