@@ -62,7 +62,7 @@ class MergedBatches:
     the partition counts."""
     hold_turns: bool = True
     """Hold a batch's turns between its steps and write each once (processors/held.py); False:
-    each step writes its turns (`minichat rebuild` counts each handler's effect on the rows)."""
+    each step writes its turns (a rebuild, `tools/rebuild`, counts each handler's effect on rows)."""
 
     def _decoder(self, topic: str) -> Callable[[bytes | None, bytes], Any]:
         if topic == self.topics.turn_requests:

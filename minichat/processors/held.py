@@ -11,8 +11,8 @@ started inserted in its final state, a turn it loaded updated once (`storage.tur
 Nothing reads a held turn's row before it is written: only commands of the same chat read a chat's
 turns and messages (latest turn, targets, the chat's next `turn_seq`), and a command step first
 writes the held turns of its chats (`TurnRequests`); events read held turns from here, never from
-the database. The final rows equal those of the write-as-you-go path (which `minichat rebuild`
-keeps, as its per-handler counting reads the rows; the digest tests compare the two).
+the database. The final rows equal those of the write-as-you-go path, which a rebuild
+(`tools/rebuild`) keeps, as its per-handler counting reads the rows; the digest tests compare the two.
 
 The set is found through a context variable that `MergedBatches.apply` sets for its own task (as
 `combined.Frame` is): a handler called without it writes as it goes.

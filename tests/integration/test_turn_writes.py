@@ -144,7 +144,7 @@ async def test_a_turn_applied_in_one_batch_is_written_once_and_as_step_by_step(
 
 
 async def test_written_as_it_goes_without_holding(endpoints: Endpoints, database_url: str) -> None:
-    """`minichat rebuild`'s path (`hold_turns=False`) still writes each step's turns at once."""
+    """A rebuild's path (`tools/rebuild`: `hold_turns=False`) writes each step's turns at once."""
     settings = deployment_settings(endpoints, database_url)
     names = TopicNames(settings.topic_prefix)
     policy = load_policy(settings.policy_file)
