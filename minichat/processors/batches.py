@@ -27,6 +27,8 @@ from minichat.domain.commands import command_id_of
 from minichat.models import events
 from minichat.models.events import DecodeError, TurnDelete, TurnEdit, TurnRequestEvent, TurnRetry
 from minichat.models.topics import TopicNames
+from minichat.processors.held import HeldTurns, holding
+from minichat.processors.held import write as write_held
 from minichat.processors.levels import plan_steps, split_disjoint
 from minichat.processors.metrics import Metrics, records_label
 from minichat.processors.pipeline import Decoded, Handler, dead_letter_for, refused_detail
@@ -58,6 +60,9 @@ class MergedBatches:
     placement: Placement = field(default_factory=lambda: Placement())
     """Where each input topic's records belong (`wrong_partition`); the worker and a rebuild tell it
     the partition counts."""
+    hold_turns: bool = True
+    """Hold a batch's turns between its steps and write each once (processors/held.py); False:
+    each step writes its turns (a rebuild, `tools/rebuild`, counts each handler's effect on rows)."""
 
     def _decoder(self, topic: str) -> Callable[[bytes | None, bytes], Any]:
         if topic == self.topics.turn_requests:
@@ -141,9 +146,13 @@ class MergedBatches:
         outputs: list[Output] = []
         steps = plan_steps(good, kind, keys)
         self.metrics.inc("minichat_batch_steps_total", len(steps))
-        for step in steps:
-            handler = self.turn_requests if step.kind == COMMAND else self.turn_events
-            outputs.extend(await handler(con, step.items))
+        held = HeldTurns() if self.hold_turns else None
+        with holding(held):
+            for step in steps:
+                handler = self.turn_requests if step.kind == COMMAND else self.turn_events
+                outputs.extend(await handler(con, step.items))
+            if held is not None:
+                await write_held(con, held.take())
         return outputs
 
     @staticmethod

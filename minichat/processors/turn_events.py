@@ -19,7 +19,6 @@ import asyncpg
 from minichat.domain.alerts import AlertStep, alert_floor, crossings
 from minichat.domain.ids import alert_event_id
 from minichat.domain.quota import BUCKET_TOTAL, EMPTY_ROW, QuotaDelta, limit_for
-from minichat.domain.settlement import UsageFigures
 from minichat.domain.spend import ModelFigures, add_model_figures
 from minichat.domain.turns import (
     AssistantMessage,
@@ -33,6 +32,7 @@ from minichat.domain.turns import (
 )
 from minichat.models.events import DecodeError, QuotaThresholdCrossed
 from minichat.models.policy import Policy
+from minichat.processors.held import HeldTurns, current, with_usage
 from minichat.processors.metrics import Metrics
 from minichat.processors.pipeline import Decoded, dead_letter_for
 from minichat.processors.records import Output, SourceRecord
@@ -40,15 +40,8 @@ from minichat.storage.alerts import AlertRow, insert_alerts
 from minichat.storage.locks import RequestKey
 from minichat.storage.outbox import OutboxEntry
 from minichat.storage.policies import PolicySnapshots
-from minichat.storage.turns import (
-    AlertCandidate,
-    Found,
-    Parked,
-    QuotaSlot,
-    TurnWrite,
-    load_turns,
-    write_events,
-)
+from minichat.storage.quota_deltas import AlertCandidate, QuotaSlot
+from minichat.storage.turns import Found, Parked, TurnWrite, load_turns, write_events
 
 logger = logging.getLogger(__name__)
 
@@ -97,16 +90,42 @@ async def apply_turn_events(
     was answered for another tenant's chat (nothing is stored under a foreign key), so the events
     could never apply; they are dropped (`foreign_chat`) rather than parked again forever."""
     began = time.perf_counter()
-    found = await load_turns(con, {(e.tenant_id, e.chat_id, e.request_id) for _, e in items})
+    held = current()
+    keys = {(e.tenant_id, e.chat_id, e.request_id) for _, e in items}
+    found = await load_turns(con, keys) if held is None else await _held_turns(con, held, keys)
     versions = {f.turn.policy_version_applied for f in found.values() if f.turn is not None}
     policies = {version: await snapshots.get(con, version) for version in versions}
     loaded = time.perf_counter()
     effects, outputs = fold_events(found, items, policies, dead_letters_topic, park_unknown=park_unknown)
     decided = time.perf_counter()
-    await _write(con, effects)
+    await _write(con, effects, held)
     stages = {"load": loaded - began, "decide": decided - loaded, "write": time.perf_counter() - decided}
     _count(metrics, effects, stages, dead_letters=len(outputs))
     return outputs
+
+
+async def _held_turns(
+    con: asyncpg.Connection, held: HeldTurns, keys: set[tuple[UUID, UUID, UUID]]
+) -> dict[tuple[UUID, RequestKey], Found]:
+    """`load_turns` through the batch's held turns: a held turn is read from there (it may not be
+    stored yet, or be stored as it was before this batch); the others are loaded and held."""
+    found: dict[tuple[UUID, RequestKey], Found] = {}
+    missing = []
+    for key in keys:
+        tenant, chat, request = key
+        h = held.get(chat, request)
+        if h is None:
+            missing.append(key)
+        else:
+            same = h.turn.tenant_id == tenant
+            found[(tenant, (chat, request))] = Found(h.turn if same else None, same)
+    if missing:
+        loaded = await load_turns(con, missing)
+        for f in loaded.values():
+            if f.turn is not None:
+                held.hold(f.turn)
+        found.update(loaded)
+    return found
 
 
 def fold_events(
@@ -166,29 +185,13 @@ def _add_step(effects: _Effects, turn_id: int, step: Step, policy: Policy) -> No
     if step.message_usage:
         inserting = effects.messages.get(turn_id)
         if inserting is not None:  # completed in this batch too: inserted with the usage already
-            effects.messages[turn_id] = _with_usage(inserting, step.turn.usage)
+            effects.messages[turn_id] = with_usage(inserting, step.turn.usage)
         else:
             effects.message_usage[turn_id] = step.turn
     if step.billing is not None:
         _add_billing(effects, step.turn, step.billing, policy)
         if step.billing.kind == "usage.settled" and step.billing.settlement.unknown_error_code:
             effects.unknown_codes[step.turn.error_code or ""] += 1
-
-
-def _with_usage(message: AssistantMessage, usage: UsageFigures | None) -> AssistantMessage:
-    """`dataclasses.replace(message, usage=usage)`, spelled out (it introspects the fields per call)."""
-    m = message
-    return AssistantMessage(
-        m.id,
-        m.tenant_id,
-        m.chat_id,
-        m.request_id,
-        m.content,
-        m.model,
-        m.provider_response_id,
-        usage,
-        m.created_at,
-    )
 
 
 def _count(metrics: Metrics, effects: _Effects, stages: dict[str, float], *, dead_letters: int) -> None:
@@ -230,7 +233,16 @@ def _add_billing(effects: _Effects, turn: TurnRecord, billing: Billing, policy: 
     effects.outbox.append(entry)
 
 
-async def _write(con: asyncpg.Connection, effects: _Effects) -> None:
+async def _write(con: asyncpg.Connection, effects: _Effects, held: HeldTurns | None) -> None:
+    """The step's writes; with `held`, its turns and assistant messages go to the batch's held
+    turns instead (written once, at the batch's end or before a command of their chat), while its
+    quota rows, alerts and billing outbox are written now (later commands of the batch read them)."""
+    turns = list(effects.turns.values())
+    messages = list(effects.messages.values())
+    message_usage = list(effects.message_usage.values())
+    if held is not None:
+        held.keep(turns, messages, message_usage)
+        turns, messages, message_usage = [], [], []
     floors = {
         slot: margin + effects.deltas[slot][0].spent_credits_micro
         for slot, margin in effects.alert_margins.items()
@@ -238,9 +250,9 @@ async def _write(con: asyncpg.Connection, effects: _Effects) -> None:
     candidates = await write_events(
         con,
         parked=effects.parked,
-        messages=list(effects.messages.values()),
-        turns=list(effects.turns.values()),
-        message_usage=list(effects.message_usage.values()),
+        messages=messages,
+        turns=turns,
+        message_usage=message_usage,
         deltas=effects.deltas,
         by_model=effects.by_model,
         outbox=effects.outbox,

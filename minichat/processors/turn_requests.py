@@ -15,6 +15,8 @@ from minichat.domain.recorded import recorded_outcome
 from minichat.domain.turns import TurnEvent
 from minichat.models.events import TurnRequestEvent
 from minichat.models.policy import Policy
+from minichat.processors.held import current
+from minichat.processors.held import write as write_held
 from minichat.processors.metrics import Metrics
 from minichat.processors.pipeline import Decoded
 from minichat.processors.records import Output
@@ -48,15 +50,20 @@ class TurnRequests:
         # The caller (processors.batches) holds the request and user locks of the whole batch.
         answers: list[Answer] = []
         outputs: list[Output] = []
+        held = current()
         while pending:
             began = time.perf_counter()
+            if held is not None:  # what this step reads of its chats' turns is written first
+                await write_held(con, held.take({e.chat_id for e, _ in pending}))
             state = await load_batch_state(con, pending)
             if self.follow_recorded:
                 state.recorded = await self._recorded(con, pending)
             loaded = time.perf_counter()
             result = decide_batch(state, pending, self.policy, self.versions)
             decided = time.perf_counter()
-            await write_changes(con, result.changes)
+            await write_changes(con, result.changes, hold_turns=held is not None)
+            if held is not None:
+                held.start(result.changes.turns)
             stages = {
                 "load": loaded - began,
                 "decide": decided - loaded,

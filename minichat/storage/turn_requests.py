@@ -441,11 +441,12 @@ class DecisionConflict(RetryableConflict):
     the retry loads the stored decision and answers it as a replay."""
 
 
-async def write_changes(con: asyncpg.Connection, changes: Changes) -> None:
+async def write_changes(con: asyncpg.Connection, changes: Changes, *, hold_turns: bool = False) -> None:
     """The batch's changes in one statement (`combined.execute_parts`), one part per table and
     kind. The parts run on one snapshot, as the removals did before the inserts of turns and
     messages (a removal never meets a row inserted in the same step); a chat inserted and deleted
-    in the same step is inserted by a statement of its own first, so that the delete finds it."""
+    in the same step is inserted by a statement of its own first, so that the delete finds it.
+    `hold_turns`: the new turns' rows are the caller's to insert (`turns.write_held`)."""
     first: list[Part] = []
     parts: list[Part] = []
     if changes.chats:
@@ -458,7 +459,8 @@ async def write_changes(con: asyncpg.Connection, changes: Changes) -> None:
     if changes.removed_chats:
         parts.append(Part(_REMOVE_CHATS, _REMOVED_CHATS.params_of(changes.removed_chats)))
     if changes.turns:
-        parts.append(Part(_INSERT_TURNS, _TURNS.params_of(changes.turns)))
+        if not hold_turns:
+            parts.append(Part(_INSERT_TURNS, _TURNS.params_of(changes.turns)))
         parts.append(Part(_INSERT_USER_MESSAGES, _USER_MESSAGES.params_of(changes.turns)))
     if changes.reserves:
         parts.append(Part(_ADD_RESERVES, _RESERVES.params(_reserve_rows(changes))))

@@ -5,7 +5,6 @@ All functions run inside the caller's transaction and carry the tenant.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,14 +13,21 @@ from uuid import UUID
 
 import asyncpg
 
-from minichat.domain.quota import BucketKey, QuotaDelta
+from minichat.domain.quota import QuotaDelta
 from minichat.domain.settlement import USAGE_FIGURES, UsageFigures
 from minichat.domain.spend import ModelFigures
 from minichat.domain.turns import AssistantMessage, TurnRecord, turn_from_columns
-from minichat.storage.combined import Part, execute_parts_reported
-from minichat.storage.db import Unnest, columns
+from minichat.storage.combined import Part, execute_parts, execute_parts_reported
+from minichat.storage.db import RetryableConflict, Unnest, columns
 from minichat.storage.locks import RequestKey
 from minichat.storage.outbox import OutboxEntry, outbox_part
+from minichat.storage.quota_deltas import (
+    AlertCandidate,
+    MissingQuotaRow,
+    QuotaSlot,
+    alert_candidates,
+    quota_deltas_part,
+)
 
 _LOAD_TURNS = """
 SELECT t.*, k.tenant_id AS event_tenant, t.tenant_id = k.tenant_id AS same_tenant
@@ -197,113 +203,6 @@ def _update_message_usage(turns: Sequence[TurnRecord]) -> Part | None:
     return Part(_MESSAGE_USAGE, columns(rows, 7)) if rows else None
 
 
-_QUOTA_DELTAS = Unnest.of(
-    "tenant_id uuid", "user_id uuid", "period_type text", "period_start date", "bucket text",
-    "spent bigint", "reserved bigint", "calls bigint", "input_tokens bigint", "output_tokens bigint",
-    "web_search_calls bigint", "code_interpreter_calls bigint", "at timestamptz", "alert_floor bigint",
-    "by_model text",
-)  # fmt: skip
-
-# One statement: the rows are locked in the one global key order every quota writer uses (the
-# materialised CTE, sorted before its FOR UPDATE), then updated. A row whose spend reaches its
-# `alert_floor` (the least spend at which the batch may have crossed an alert threshold; NULL
-# when it cannot) comes back with the thresholds its window has crossed already: only those rows
-# cost a look at `quota_alerts`, and only they are returned.
-_APPLY_QUOTA_DELTAS = f"""
-WITH locked AS MATERIALIZED (
-    SELECT q.id, k.spent, k.reserved, k.calls, k.input_tokens, k.output_tokens, k.web_search_calls,
-           k.code_interpreter_calls, k.at, k.alert_floor, k.by_model::jsonb AS by_model
-    FROM {_QUOTA_DELTAS.source}
-    JOIN quota_usage q USING (tenant_id, user_id, period_type, period_start, bucket)
-    ORDER BY q.tenant_id, q.user_id, q.period_type, q.period_start, q.bucket
-    FOR UPDATE OF q
-)
-UPDATE quota_usage q SET
-    spent_credits_micro = q.spent_credits_micro + k.spent,
-    reserved_credits_micro = q.reserved_credits_micro + k.reserved,
-    calls = q.calls + k.calls,
-    input_tokens = q.input_tokens + k.input_tokens,
-    output_tokens = q.output_tokens + k.output_tokens,
-    web_search_calls = q.web_search_calls + k.web_search_calls,
-    code_interpreter_calls = q.code_interpreter_calls + k.code_interpreter_calls,
-    updated_at = GREATEST(q.updated_at, k.at),
-    by_model = CASE WHEN k.by_model IS NULL THEN q.by_model ELSE q.by_model || (
-        SELECT jsonb_object_agg(m.key, (
-            SELECT jsonb_agg(COALESCE((q.by_model -> m.key ->> i)::bigint, 0) + (m.value ->> i)::bigint
-                             ORDER BY i)
-            FROM generate_series(0, 3) i))
-        FROM jsonb_each(k.by_model) m) END
-FROM locked k
-WHERE q.id = k.id
-RETURNING q.tenant_id, q.user_id, q.period_type, q.period_start, q.bucket, q.spent_credits_micro,
-    CASE WHEN q.spent_credits_micro >= k.alert_floor THEN COALESCE(
-        (SELECT string_agg(a.threshold_percent::text, ',') FROM quota_alerts a
-         WHERE a.tenant_id = q.tenant_id AND a.user_id = q.user_id AND a.bucket = q.bucket
-           AND a.period_type = q.period_type AND a.period_start = q.period_start), '') END AS crossed
-"""
-# `by_model` (daily `total` rows only, migration 0011): the batch's figures by model charged,
-# [turns, input_tokens, output_tokens, charged_credits_micro], added to the row's own.
-_QUOTA_REPORT = "crossed IS NOT NULL"
-"""The rows `_APPLY_QUOTA_DELTAS` reports: those that reached their alert floor."""
-
-QuotaSlot = tuple[UUID, UUID, BucketKey]
-
-
-@dataclass(frozen=True, slots=True)
-class AlertCandidate:
-    """A row whose spend after the step reached its `alert_floor`: the spend and the thresholds
-    its window had crossed before."""
-
-    slot: QuotaSlot
-    spent_credits_micro: int
-    crossed: frozenset[int]
-
-
-class MissingQuotaRow(RuntimeError):
-    """A settlement names a row its reserve never created: a bug, never skipped silently."""
-
-
-def _figures_json(figures: ModelFigures | None) -> str | None:
-    return json.dumps(figures, separators=(",", ":")) if figures else None
-
-
-def _apply_quota_deltas(
-    deltas: dict[QuotaSlot, tuple[QuotaDelta, datetime]],
-    floors: Mapping[QuotaSlot, int],
-    by_model: Mapping[QuotaSlot, ModelFigures],
-) -> Part | None:
-    if not deltas:
-        return None
-    slots = sorted(deltas, key=lambda s: (s[0], s[1], s[2]))
-    rows = []
-    for slot in slots:
-        tenant, user, key = slot
-        d, at = deltas[slot]
-        rows.append(
-            (
-                tenant, user, key.period_type, key.period_start, key.bucket,
-                d.spent_credits_micro, d.reserved_credits_micro, d.calls, d.input_tokens,
-                d.output_tokens, d.web_search_calls, d.code_interpreter_calls, at, floors.get(slot),
-                _figures_json(by_model.get(slot)),
-            )
-        )  # fmt: skip
-    return Part(_APPLY_QUOTA_DELTAS, _QUOTA_DELTAS.params(rows), _QUOTA_REPORT)
-
-
-def _candidates(report: object) -> list[AlertCandidate]:
-    if not report:
-        return []
-    assert isinstance(report, list)
-    return [
-        AlertCandidate(
-            (tenant, user, BucketKey(period_type, period_start, bucket)),
-            spent,
-            frozenset(int(t) for t in crossed.split(",") if t),
-        )
-        for tenant, user, period_type, period_start, bucket, spent, crossed in report
-    ]
-
-
 async def write_events(
     con: asyncpg.Connection,
     *,
@@ -321,7 +220,7 @@ async def write_events(
     turn and a quota row are written once, as they end up). Returns the rows that reached their
     alert floor (`alert_floors`, the least spend after the step at which an alert may fire);
     `by_model` is the daily `total` rows' split by model charged (the spend report)."""
-    quota = _apply_quota_deltas(deltas, alert_floors or {}, by_model or {})
+    quota = quota_deltas_part(deltas, alert_floors or {}, by_model or {})
     parts = [
         _park(parked),
         _insert_assistant_messages(messages),
@@ -338,7 +237,102 @@ async def write_events(
     count, report = by_part[id(quota)]
     if count != len(deltas):
         raise MissingQuotaRow(f"settlement touched {count} of {len(deltas)} quota rows")
-    return _candidates(report)
+    return alert_candidates(report)
+
+
+# ------------------------------------------------------------------------------- held turns
+
+_ADMISSION = (
+    "id uuid", "tenant_id uuid", "chat_id uuid", "request_id uuid", "requester_type text",
+    "requester_user_id uuid", "selected_model text", "effective_model text", "reserve_tokens bigint",
+    "max_output_tokens_applied int", "reserved_credits_micro bigint", "policy_version_applied bigint",
+    "minimal_generation_floor_applied int", "period_daily date", "period_monthly date",
+    "web_search_enabled bool", "code_interpreter_enabled bool", "image_count int", "started_at timestamptz",
+)  # fmt: skip
+"""A new turn's admission columns, named as `commands.NewTurn` names them."""
+_LATER_STATE = _TURN_STATE[2:]  # without id and tenant_id, which the admission's columns carry
+_HELD_TURNS = Unnest.of(*_ADMISSION, *_LATER_STATE, *_USAGE_FIGURES, "awaiting_usage bool")
+_admission = attrgetter(*(d.split()[0] for d in _ADMISSION))
+_later_state = attrgetter(*(d.split()[0] for d in _LATER_STATE))
+_later_names = ", ".join(d.split()[0] for d in _LATER_STATE)
+
+# A turn started and changed by one batch, inserted once as it ends up: the row `_INSERT_TURNS`
+# (storage/turn_requests.py) inserts, with what `_UPDATE_TURNS` would then have written. The same
+# `turn_seq` rule: no other turn of the chat is inserted in between (processors/held.py).
+_INSERT_HELD_TURNS = f"""
+INSERT INTO chat_turns ({", ".join(d.split()[0] for d in _ADMISSION)}, turn_seq, {_later_names},
+                        terminal_at, usage_known, {", ".join(USAGE_FIGURES)},
+                        web_search_completed_count, code_interpreter_completed_count, terminal_seen_at)
+SELECT {", ".join("k." + d.split()[0] for d in _ADMISSION)},
+       COALESCE(last.seq, 0) + row_number() OVER (PARTITION BY k.chat_id ORDER BY k.ord),
+       {", ".join("k." + d.split()[0] for d in _LATER_STATE)},
+       k.completed_at, COALESCE(k.input_tokens + k.output_tokens > 0, false),
+       {", ".join("k." + name for name in USAGE_FIGURES)},
+       COALESCE(k.web_search_calls, 0), COALESCE(k.code_interpreter_calls, 0),
+       CASE WHEN k.awaiting_usage THEN now() END
+FROM {_HELD_TURNS.numbered_source("ord")}
+LEFT JOIN LATERAL (
+    SELECT t.turn_seq AS seq FROM chat_turns t
+    WHERE t.tenant_id = k.tenant_id AND t.chat_id = k.chat_id
+    ORDER BY t.turn_seq DESC
+    LIMIT 1
+) last ON true
+WHERE NOT EXISTS (
+    SELECT FROM chat_turns s
+    WHERE s.tenant_id = k.tenant_id AND s.chat_id = k.chat_id AND s.request_id = k.request_id
+)
+ON CONFLICT (chat_id, request_id) DO NOTHING
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class HeldInsert:
+    """A turn a batch started (`admission`: its `NewTurn`) as the batch's events left it."""
+
+    admission: object
+    turn: TurnRecord
+    awaiting_usage: bool
+
+
+class HeldTurnConflict(RetryableConflict):
+    """A turn the batch started was stored already when its row was written: unreachable under the
+    batch's request locks (the admission found no decision and no turn); retried, never skipped,
+    since the batch's events were applied to the turn it started."""
+
+
+async def write_held(
+    con: asyncpg.Connection,
+    *,
+    inserts: Sequence[HeldInsert],
+    updates: Sequence[TurnWrite],
+    messages: Sequence[AssistantMessage],
+    message_usage: Sequence[TurnRecord],
+) -> None:
+    """The turns a batch held (processors/held.py), in one statement: those it started inserted in
+    their final state, those it loaded updated once; their assistant messages inserted (with the
+    usage already reported), or given the usage reported for them."""
+    insert = None
+    if inserts:
+        rows = (
+            (
+                *_admission(h.admission),
+                *_later_state(h.turn),
+                *(_reported_figures(h.turn.usage) if h.turn.usage else _NO_USAGE),
+                h.awaiting_usage,
+            )
+            for h in inserts
+        )
+        insert = Part(_INSERT_HELD_TURNS, _HELD_TURNS.params(rows))
+    parts = [
+        _insert_assistant_messages(messages),
+        insert,
+        _update_turns(updates),
+        _update_message_usage(message_usage),
+    ]
+    sent = [p for p in parts if p is not None]
+    counts = dict(zip(map(id, sent), await execute_parts(con, sent), strict=True))
+    if insert is not None and counts[id(insert)] != len(inserts):
+        raise HeldTurnConflict(f"{len(inserts)} turns started, {counts[id(insert)]} inserted")
 
 
 # ------------------------------------------------------------------------------------ parking

@@ -2,7 +2,8 @@
 
 Only processing-clock columns are read for staleness (`last_progress_seen_at`, `terminal_seen_at`)
 and only `orphan_sent_at` / `grace_sent_at` are written: the watchdog never changes a turn's state.
-The scans are system-level (every tenant's turns, through the partial indexes of the migration);
+The scans are system-level (every tenant's turns): both walk `idx_chat_turns_open`, the small set
+of turns not settled yet (migration 0012), and filter on the heap, so a turn's own updates stay HOT;
 the marks carry the tenant. Each statement runs on its own (no transaction is held across a send).
 """
 
@@ -31,7 +32,7 @@ class StaleTurn:
 _FIND_ORPHANS = """
 SELECT id, tenant_id, chat_id, request_id, progress_seq, now() AS seen_now
 FROM chat_turns
-WHERE state = 'running'
+WHERE settled_at IS NULL AND state = 'running'  -- a running turn is never settled: the open index
   AND last_progress_seen_at < now() - make_interval(secs => $1)
   AND (orphan_sent_at IS NULL OR orphan_sent_at < now() - make_interval(secs => $1))
 ORDER BY last_progress_seen_at, id

@@ -168,3 +168,50 @@ async def test_constraints_hold(database_url: str) -> None:
             await con.execute(insert_message, uuid.uuid4(), tenant, chat, request_id)
     finally:
         await con.close()
+
+
+async def test_one_running_turn_per_chat_without_an_index_on_state(database_url: str) -> None:
+    """The rule the unique partial index kept, kept by a trigger (migration 0012) so that no index
+    of `chat_turns` names `state`: a second running live turn is refused as a unique violation,
+    inserted alone, in one statement with the first, or by an update; a deleted one does not count."""
+    con = await asyncpg.connect(database_url)
+    try:
+        chat = await _chat_and_turn(con)
+        tenant = await con.fetchval("SELECT tenant_id FROM chats WHERE id = $1", chat)
+        indexed = await con.fetch(
+            "SELECT indexdef FROM pg_indexes WHERE tablename = 'chat_turns' AND indexdef ~ 'state|_seen_at'"
+        )
+        assert indexed == []
+        # one statement inserting two running turns of a new chat
+        other = await _chat_and_turn(con)
+        await con.execute("DELETE FROM chat_turns WHERE chat_id = $1", other)
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await con.execute(
+                """
+                INSERT INTO chat_turns (id, tenant_id, chat_id, request_id, requester_type, state,
+                    selected_model, effective_model, reserve_tokens, max_output_tokens_applied,
+                    reserved_credits_micro, policy_version_applied, minimal_generation_floor_applied,
+                    period_daily, period_monthly, started_at, updated_at)
+                SELECT gen_random_uuid(), $1, $2, gen_random_uuid(), 'user', 'running', 'm', 'm', 10, 5,
+                    1, 1, 1, '2026-01-01', '2026-01-01', now(), now()
+                FROM generate_series(1, 2)
+                """,
+                tenant,
+                other,
+            )
+        # a finished turn made running again while another runs
+        await con.execute(
+            "UPDATE chat_turns SET state = 'completed', completed_at = started_at WHERE chat_id = $1", chat
+        )
+        await _turn(con, tenant, chat, uuid.uuid4())
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await con.execute(
+                "UPDATE chat_turns SET state = 'running', completed_at = NULL"
+                " WHERE chat_id = $1 AND state = 'completed'",
+                chat,
+            )
+        # a deleted running turn is not live: the chat may start another
+        await con.execute("UPDATE chat_turns SET deleted_at = now() WHERE chat_id = $1", chat)
+        await _turn(con, tenant, chat, uuid.uuid4())
+    finally:
+        await con.close()

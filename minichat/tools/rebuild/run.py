@@ -155,7 +155,8 @@ async def _wire(
         batches = dataclasses.replace(batches, turn_requests=selective(batches.turn_requests, afresh))
     commands = CommandOutcomes(batches.turn_requests)
     turn_events = TurnEventOutcomes(batches.turn_events, await turn_fingerprint_sql(con))
-    wired = dataclasses.replace(batches, turn_requests=commands, turn_events=turn_events)
+    # each step writes its turns: the counting wrappers compare the rows before and after a step
+    wired = dataclasses.replace(batches, turn_requests=commands, turn_events=turn_events, hold_turns=False)
     return Rebuild(con, wired, commands, turn_events, names, summary)
 
 
