@@ -13,6 +13,25 @@ def short_id(value: UUID) -> str:
     return str(value)[:8]
 
 
+def alerts_table(s: Summary) -> str:
+    """The stored budget alerts: tenant and user short ids, bucket, window, threshold."""
+    return format_table(
+        ["tenant", "user", "bucket", "period", "threshold_pct", "spent_micro", "limit_micro"],
+        [
+            [
+                short_id(a.tenant_id),
+                short_id(a.user_id),
+                a.bucket,
+                f"{a.period_type} {a.period_start}",
+                a.threshold_percent,
+                a.spent_credits_micro,
+                a.limit_credits_micro,
+            ]
+            for a in s.alerts
+        ],
+    )
+
+
 def render(s: Summary, *, verdict: bool = True) -> str:
     """The summary as plain-text tables, then (with `verdict`) one line per failed invariant or OK."""
     parts: list[str] = []
@@ -46,23 +65,7 @@ def render(s: Summary, *, verdict: bool = True) -> str:
         )
     )
     parts.append("\nbudget alerts (quota.threshold_crossed)")
-    parts.append(
-        format_table(
-            ["tenant", "user", "bucket", "period", "threshold_pct", "spent_micro", "limit_micro"],
-            [
-                [
-                    short_id(a.tenant_id),
-                    short_id(a.user_id),
-                    a.bucket,
-                    f"{a.period_type} {a.period_start}",
-                    a.threshold_percent,
-                    a.spent_credits_micro,
-                    a.limit_credits_micro,
-                ]
-                for a in s.alerts
-            ],
-        )
-    )
+    parts.append(alerts_table(s))
     parts.append("\ninvariants")
     checks: list[list[object]] = [
         ["accepted turns (decisions)", s.accepted_turns],
