@@ -40,6 +40,13 @@ SELECT tenant_id, user_id, period_type, period_start, spent_credits_micro, reser
 FROM quota_usage WHERE ($1::uuid[] IS NULL OR tenant_id = ANY($1::uuid[])) AND bucket = 'total'
 """
 
+_ALERTS: Final = """
+SELECT tenant_id, user_id, bucket, period_type, period_start, threshold_percent, event_id,
+       limit_credits_micro, spent_credits_micro
+FROM quota_alerts WHERE ($1::uuid[] IS NULL OR tenant_id = ANY($1::uuid[]))
+ORDER BY tenant_id, user_id, period_type, period_start, bucket, threshold_percent
+"""
+
 
 @dataclass(frozen=True)
 class BacklogCounts:
@@ -55,6 +62,7 @@ class SummaryRows:
     decisions: list[asyncpg.Record]
     quota: list[asyncpg.Record]
     backlog: BacklogCounts
+    alerts: list[asyncpg.Record]
 
 
 def _tenants(tenants: Collection[UUID] | None) -> list[UUID] | None:
@@ -79,4 +87,5 @@ async def summary_rows(con: asyncpg.Connection, tenants: Collection[UUID] | None
         decisions=await con.fetch(_DECISIONS, scope),
         quota=await con.fetch(_QUOTA, scope),
         backlog=await backlog_counts(con, tenants),
+        alerts=await con.fetch(_ALERTS, scope),
     )

@@ -3,7 +3,8 @@
 A small plan (2 tenants x 2 users x 2 chats x 3 turns, plus the demo tenant's limit user) still
 holds every scenario kind (tests/unit/test_simulator.py checks that), so this one run crosses
 admission, parking, every settlement row, the watchdog's usage grace, late-usage adjustment, the
-outbox relay and billing de-duplication.
+outbox relay, billing de-duplication and budget alerts (the limit user crosses 50 % of the demo
+tenant's daily limits, and the summary lists it).
 """
 
 from __future__ import annotations
@@ -13,8 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from minichat.tools.simulator import DEMO_POLICY, LIMIT_CHATS, SimulateOptions, render_traffic, run_simulation
+from minichat.tools.simulator import (
+    DEMO_POLICY,
+    DEMO_TENANT_ID,
+    LIMIT_CHATS,
+    SimulateOptions,
+    render_traffic,
+    run_simulation,
+)
 from minichat.tools.summary import render, summarize
+from minichat.tools.summary.render import short_id
 from tests.conftest import live_deployment
 from tests.support import Endpoints
 
@@ -68,3 +77,19 @@ async def test_simulated_traffic_settles_every_accepted_turn_once(
         assert summary.decisions.get(("turn.requested", "reject", "quota_exceeded")) == LIMIT_CHATS, report
         assert summary.decisions.get(("turn.requested", "downgrade", "-"), 0) >= 2, report
         assert all(code in ("-", "quota_exceeded") for _, _, code in summary.decisions), report
+
+        # Budget alerts: the limit user crossed thresholds of the demo tenant's daily limits; each
+        # is on `quota-alerts` and the summary prints it (user short id, bucket, threshold).
+        demo_alerts = [a for a in summary.alerts if a.tenant_id == DEMO_TENANT_ID]
+        assert {(a.bucket, a.period_type, a.threshold_percent) for a in demo_alerts} >= {
+            ("total", "daily", 50),
+            ("tier:premium", "daily", 50),
+        }, report
+        assert summary.published_alerts == len(summary.alerts), report
+        for a in summary.alerts:
+            assert a.spent_credits_micro * 100 >= a.threshold_percent * a.limit_credits_micro, report
+        lines = render(summary).splitlines()
+        start = lines.index("budget alerts (quota.threshold_crossed)")
+        shown = " ".join(lines[start : start + 3 + len(summary.alerts)])
+        for a in demo_alerts:
+            assert short_id(a.user_id) in shown and a.bucket in shown, report

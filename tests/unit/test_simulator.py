@@ -491,6 +491,25 @@ def test_each_broken_invariant_is_named() -> None:
     assert "FAILED" not in render(s, verdict=False)
 
 
+def test_budget_alerts_are_listed_and_matched_against_the_topic() -> None:
+    a = turn_row(600_000)
+    stored = {
+        "tenant_id": TENANT, "user_id": USER, "bucket": "total", "period_type": "daily",
+        "period_start": DAY, "threshold_percent": 50, "event_id": uuid.uuid4(),
+        "limit_credits_micro": 1_000_000, "spent_credits_micro": 600_000,
+    }  # fmt: skip
+    event = {"type": "quota.threshold_crossed", "event_id": str(stored["event_id"])}
+    s = summary_of([a], [billing_event(a)], alerts=[stored], alert_events=[event, event])
+    assert s.failures == () and (len(s.alerts), s.published_alerts) == (1, 1)
+    text = render(s)
+    line = next(x for x in text.splitlines() if x.startswith(str(USER)[:8]) or f" {str(USER)[:8]} " in x)
+    assert "total" in line and f"daily {DAY}" in line and " 50 " in line
+    s = summary_of([a], [billing_event(a)], alerts=[stored], alert_events=[])
+    assert s.failures == ("alerts: 1 stored, 0 distinct on quota-alerts, 1 not matching",)
+    s = summary_of([a], [billing_event(a)], alerts=[], alert_events=[event])
+    assert s.failures == ("alerts: 0 stored, 1 distinct on quota-alerts, 1 not matching",)
+
+
 # --------------------------------------------------------------------------------------------
 # Progress bar
 # --------------------------------------------------------------------------------------------

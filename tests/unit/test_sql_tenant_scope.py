@@ -73,7 +73,7 @@ SYSTEM_STATEMENTS: dict[tuple[str, str], str] = {
             "`simulate`'s summary and quiescence checks: the given tenants, or every tenant when `$1` is "
             "NULL (`$1 IS NULL OR tenant_id = ANY($1)`); counts and figures for the operator"
         )
-        for name in ("_BACKLOG", "_TURNS", "_DECISIONS", "_QUOTA")
+        for name in ("_BACKLOG", "_TURNS", "_DECISIONS", "_QUOTA", "_ALERTS")
     },
 }
 

@@ -9,13 +9,21 @@ Money is integer micro-credits throughout; credits are shown by integer division
 Nothing here reads or prints message content.
 """
 
-from minichat.tools.summary.books import OK_LINE, Summary, TenantCredits, build_summary, check_invariants
+from minichat.tools.summary.books import (
+    OK_LINE,
+    AlertLine,
+    Summary,
+    TenantCredits,
+    build_summary,
+    check_invariants,
+)
 from minichat.tools.summary.quiescence import Backlog, wait_quiescent
 from minichat.tools.summary.read import summarize
 from minichat.tools.summary.render import render
 
 __all__ = [
     "OK_LINE",
+    "AlertLine",
     "Backlog",
     "Summary",
     "TenantCredits",

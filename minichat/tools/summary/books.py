@@ -24,6 +24,20 @@ class TenantCredits:
 
 
 @dataclass(frozen=True)
+class AlertLine:
+    """One stored budget alert (`quota_alerts`): a threshold a user's window has crossed."""
+
+    tenant_id: UUID
+    user_id: UUID
+    bucket: str
+    period_type: str
+    period_start: date
+    threshold_percent: int
+    spent_credits_micro: int
+    limit_credits_micro: int
+
+
+@dataclass(frozen=True)
 class Summary:
     """One look at a deployment (or at some of its tenants); `failures` names broken invariants."""
 
@@ -56,6 +70,12 @@ class Summary:
     parked_events: int
     quota_mismatches: tuple[str, ...]
     """`total` rows whose `spent` differs from the charges of the turns settled on them."""
+    alerts: tuple[AlertLine, ...] = ()
+    """Stored budget alerts, by tenant, user, window, bucket and threshold."""
+    published_alerts: int = 0
+    """Distinct `event_id`s on `quota-alerts` (the relay may repeat one)."""
+    unpublished_alerts: int = 0
+    """Stored alerts whose `event_id` is not on `quota-alerts`, plus events there matching no row."""
     failures: tuple[str, ...] = field(default=())
 
     @property
@@ -102,6 +122,11 @@ def check_invariants(s: Summary) -> tuple[str, ...]:
             f"quota spent != settled charges on {len(s.quota_mismatches)} total row(s): "
             + "; ".join(s.quota_mismatches[:5])
         )
+    if s.unpublished_alerts:
+        failures.append(
+            f"alerts: {len(s.alerts)} stored, {s.published_alerts} distinct on quota-alerts, "
+            f"{s.unpublished_alerts} not matching"
+        )
     if s.unpublished_outbox:
         failures.append(f"{s.unpublished_outbox} outbox row(s) not published")
     if s.parked_events:
@@ -126,6 +151,8 @@ def build_summary(
     parked_events: int,
     billing: Sequence[Row],
     dead_letters: int,
+    alerts: Sequence[Row] = (),
+    alert_events: Sequence[Row] = (),
 ) -> Summary:
     """The pure part of `summarize`: rows and decoded billing events in, `Summary` out."""
     by_decision = _decision_counts(decisions)
@@ -151,8 +178,29 @@ def build_summary(
         dead_letters=dead_letters,
         parked_events=parked_events,
         quota_mismatches=quota_mismatches(settled, quota_rows),
+        **_alert_fields(alerts, alert_events),
     )
     return replace(summary, failures=check_invariants(summary))
+
+
+def _alert_fields(alerts: Sequence[Row], events: Sequence[Row]) -> dict[str, Any]:
+    """The stored alerts, and how the `quota-alerts` topic (de-duplicated on `event_id`) matches them."""
+    stored = {str(a["event_id"]) for a in alerts}
+    sent = {str(e["event_id"]) for e in events if e.get("type") == "quota.threshold_crossed"}
+    lines = tuple(
+        AlertLine(
+            a["tenant_id"],
+            a["user_id"],
+            str(a["bucket"]),
+            str(a["period_type"]),
+            a["period_start"],
+            int(a["threshold_percent"]),
+            int(a["spent_credits_micro"]),
+            int(a["limit_credits_micro"]),
+        )
+        for a in alerts
+    )
+    return {"alerts": lines, "published_alerts": len(sent), "unpublished_alerts": len(stored ^ sent)}
 
 
 def _decision_counts(decisions: Sequence[Row]) -> Counter[tuple[str, str, str]]:

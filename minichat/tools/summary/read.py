@@ -1,4 +1,5 @@
-"""`summarize`: the database and the `billing-usage` and `dead-letters` topics, read once."""
+"""`summarize`: the database and the `billing-usage`, `quota-alerts` and `dead-letters` topics, read
+once."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def _in_scope(tenant: object, tenants: Collection[str] | None) -> bool:
 
 
 async def summarize(settings: Settings, tenants: Collection[UUID] | None = None) -> Summary:
-    """Read the database and the billing and dead-letter topics; `tenants` limits it to those."""
+    """Read the database and the billing, alert and dead-letter topics; `tenants` limits it to those."""
     names = TopicNames(settings.topic_prefix)
     con = await asyncpg.connect(settings.database_url)
     try:
@@ -49,6 +50,11 @@ async def summarize(settings: Settings, tenants: Collection[UUID] | None = None)
         for v in (_json_object(value) for _, value in await read_topic(settings, names.billing_usage))
         if v is not None and _in_scope(v.get("tenant_id"), scope)
     ]
+    alert_events = [
+        v
+        for v in (_json_object(value) for _, value in await read_topic(settings, names.quota_alerts))
+        if v is not None and _in_scope(v.get("tenant_id"), scope)
+    ]
     dead = [
         value
         for _, value in await read_topic(settings, names.dead_letters)
@@ -63,6 +69,8 @@ async def summarize(settings: Settings, tenants: Collection[UUID] | None = None)
         parked_events=int(parked),
         billing=billing,
         dead_letters=len(dead),
+        alerts=[dict(r) for r in rows.alerts],
+        alert_events=alert_events,
     )
 
 

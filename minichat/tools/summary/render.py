@@ -2,8 +2,34 @@
 
 from __future__ import annotations
 
+from uuid import UUID
+
 from minichat.tools.summary.books import OK_LINE, Summary
 from minichat.tools.tables import format_credits, format_table
+
+
+def short_id(value: UUID) -> str:
+    """The first 8 hex digits of an id: enough to tell a summary's users apart."""
+    return str(value)[:8]
+
+
+def alerts_table(s: Summary) -> str:
+    """The stored budget alerts: tenant and user short ids, bucket, window, threshold."""
+    return format_table(
+        ["tenant", "user", "bucket", "period", "threshold_pct", "spent_micro", "limit_micro"],
+        [
+            [
+                short_id(a.tenant_id),
+                short_id(a.user_id),
+                a.bucket,
+                f"{a.period_type} {a.period_start}",
+                a.threshold_percent,
+                a.spent_credits_micro,
+                a.limit_credits_micro,
+            ]
+            for a in s.alerts
+        ],
+    )
 
 
 def render(s: Summary, *, verdict: bool = True) -> str:
@@ -38,6 +64,8 @@ def render(s: Summary, *, verdict: bool = True) -> str:
             [[*key, n] for key, n in sorted(s.decisions.items())],
         )
     )
+    parts.append("\nbudget alerts (quota.threshold_crossed)")
+    parts.append(alerts_table(s))
     parts.append("\ninvariants")
     checks: list[list[object]] = [
         ["accepted turns (decisions)", s.accepted_turns],
@@ -50,6 +78,8 @@ def render(s: Summary, *, verdict: bool = True) -> str:
         ["usage.settled matching no settled turn", s.unexpected_billing],
         ["adjusted turns", s.adjusted_turns],
         ["usage.adjusted after dedupe (must = adjusted turns)", s.adjusted_events],
+        ["budget alerts stored", len(s.alerts)],
+        ["alerts on quota-alerts after dedupe (must = stored)", s.published_alerts],
         ["outbox rows not published", s.unpublished_outbox],
         ["quota total rows off their charges", len(s.quota_mismatches)],
         ["parked events left", s.parked_events],
