@@ -36,7 +36,7 @@ from minichat.processors.held import HeldTurns, current, with_usage
 from minichat.processors.metrics import Metrics
 from minichat.processors.pipeline import Decoded, dead_letter_for
 from minichat.processors.records import Output, SourceRecord
-from minichat.storage.alerts import AlertRow, insert_alerts
+from minichat.storage.alerts import AlertRow, alert_row, insert_alerts
 from minichat.storage.locks import RequestKey
 from minichat.storage.outbox import OutboxEntry
 from minichat.storage.policies import PolicySnapshots
@@ -284,22 +284,8 @@ def alert_rows(effects: _Effects, candidates: Sequence[AlertCandidate]) -> list[
                 request_id=c.request_id,
                 occurred_at=c.occurred_at,
             )
-            rows.append(
-                AlertRow(
-                    tenant, user, key.bucket, key.period_type, key.period_start, c.threshold_percent,
-                    event_id, c.limit_credits_micro, c.spent_credits_micro, c.request_id,
-                    c.occurred_at, _alert_key(event), event.model_dump_json(),
-                )
-            )  # fmt: skip
+            rows.append(alert_row(event))
     return rows
-
-
-def _alert_key(event: QuotaThresholdCrossed) -> str:
-    """The outbox's dedupe key: the event id's uuid5 name."""
-    e = event
-    return (
-        f"alert:{e.tenant_id}:{e.user_id}:{e.bucket}:{e.period_type}:{e.period_start}:{e.threshold_percent}"
-    )
 
 
 def _parked(record: SourceRecord, event: TurnEvent) -> Parked:

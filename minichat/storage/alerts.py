@@ -13,6 +13,7 @@ from uuid import UUID
 
 import asyncpg
 
+from minichat.models.events import QuotaThresholdCrossed
 from minichat.storage.db import columns
 
 
@@ -32,6 +33,18 @@ class AlertRow(NamedTuple):
     occurred_at: datetime
     dedupe_key: str
     payload: str
+
+
+def alert_row(event: QuotaThresholdCrossed) -> AlertRow:
+    """An alert's row and outbox entry, from its event: what a settlement stores and a rebuild
+    stores again from `quota-alerts` (the outbox's dedupe key: the event id's uuid5 name)."""
+    e = event
+    key = f"alert:{e.tenant_id}:{e.user_id}:{e.bucket}:{e.period_type}:{e.period_start}:{e.threshold_percent}"
+    return AlertRow(
+        e.tenant_id, e.user_id, e.bucket, e.period_type, e.period_start, e.threshold_percent,
+        e.event_id, e.limit_credits_micro, e.spent_credits_micro, e.request_id, e.occurred_at,
+        key, e.model_dump_json(),
+    )  # fmt: skip
 
 
 # The outbox takes a row only for an alert this statement added: a threshold already stored (a
@@ -61,7 +74,8 @@ ON CONFLICT (dedupe_key) DO NOTHING
 
 
 async def insert_alerts(con: asyncpg.Connection, rows: Sequence[AlertRow]) -> int:
-    """Store crossed thresholds and their outbox rows (idempotent); returns how many were new."""
+    """Store crossed thresholds and their outbox rows (idempotent: a threshold already stored is
+    left as it is, and adds no outbox row); returns how many were new. One row per key."""
     if not rows:
         return 0
     status = await con.execute(_INSERT, *columns(rows, 13))

@@ -82,6 +82,7 @@ async def run_diff(settings: Settings, options: DiffOptions) -> DiffReport:
             show_progress=options.show_progress,
             check_workers=False,
             afresh=afresh,
+            follow_recorded_alerts=False,  # the candidate's alerts are compared with the recorded ones
             inspect=inspect,
             label="policy diff",
         )

@@ -41,6 +41,10 @@ class RebuildSummary:
     decided_afresh: int = 0
     in_recorded_order: int = 0
     """Records applied in the order `order-log` recorded (the rest: in the timestamp merge)."""
+    alerts_recorded: int = 0
+    """Alerts of `quota-alerts` stored as recorded (0 over the live database: it holds them)."""
+    alerts_ignored: int = 0
+    """Records of `quota-alerts` that are not valid alerts."""
     parked_at_start: int = 0
     parked_at_end: int = 0
     batches: int = 0
@@ -66,6 +70,8 @@ class RebuildSummary:
             f"  decisions        {self.decisions_discarded:>9}  not re-sent",
             f"  decided afresh   {self.decided_afresh:>9}  commands with no recorded decision",
             f"  recorded order   {self.in_recorded_order:>9}  applied in the order the workers recorded",
+            f"  recorded alerts  {self.alerts_recorded:>9}  stored as recorded on quota-alerts"
+            + (f" ({self.alerts_ignored} records not valid alerts, ignored)" if self.alerts_ignored else ""),
         ]
 
     def count(

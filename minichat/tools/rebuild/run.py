@@ -1,5 +1,6 @@
 """`minichat replay` end to end: check the database, take the input log's range, read the recorded
-decisions (to an end taken after the range's), then apply the range and count what each record did."""
+decisions and store the recorded alerts (each to an end taken after the range's), then apply the
+range and count what each record did."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from minichat.storage.metrics import state_gauges
 from minichat.storage.rebuild import turn_fingerprint_sql
 from minichat.storage.recorded import create_recorded
 from minichat.storage.schema import pending_migrations
+from minichat.tools.kafka import partitions_of
 from minichat.tools.progress import Progress
 from minichat.tools.rebuild.afresh import Afresh, Seen, SelectiveTurnRequests, selective
 from minichat.tools.rebuild.apply import Ranges, Rebuild, merge_and_apply
@@ -35,6 +37,7 @@ from minichat.tools.rebuild.sources import (
     group_free_consumer,
     input_partitions,
     offset_ranges,
+    read_recorded_alerts,
     read_recorded_decisions,
     workers_behind,
 )
@@ -55,6 +58,7 @@ async def run_rebuild(
     check_workers: bool = True,
     between_reads: Callable[[], Awaitable[None]] | None = None,
     follow_order_log: bool = True,
+    follow_recorded_alerts: bool = True,
     afresh: Afresh | None = None,
     inspect: Callable[[asyncpg.Connection, Seen], Awaitable[None]] | None = None,
     label: str = "replay",
@@ -62,7 +66,8 @@ async def run_rebuild(
     """Rebuild the state from the input topics into `settings.database_url` (`minichat rebuild`;
     see the package docstring). `between_reads` runs after the inputs' end offsets are taken and
     before `turn-decisions`' are (tests: what is decided in between must change nothing). Without
-    `follow_order_log` every record is applied in the timestamp merge (tests: what the log changes).
+    `follow_order_log` every record is applied in the timestamp merge (tests: what the log changes);
+    without `follow_recorded_alerts` every alert is derived afresh (`policy diff` compares them).
     `afresh` (`policy diff`): commands decided under the policy file although recorded, by event
     time; `inspect` runs on the rebuild's connection (recorded decisions still there) at the end.
 
@@ -97,6 +102,8 @@ async def run_rebuild(
                 if between_reads is not None:
                     await between_reads()
                 check_recorded_versions(await _read_recorded(con, admin, settings, names), versions)
+                if follow_recorded_alerts:
+                    await _store_recorded_alerts(con, admin, settings, names, summary)
                 order = await read_order(settings, names, ranges) if follow_order_log else None
                 await _apply_log(consumer, settings, rebuild, ranges, from_time, bar_for, order)
         finally:
@@ -172,6 +179,29 @@ async def _read_recorded(
         recorded, versions = await read_recorded_decisions(con, decisions, decision_partitions)
     logger.info("read %d recorded decisions of %s", recorded, names.turn_decisions)
     return versions
+
+
+async def _store_recorded_alerts(
+    con: asyncpg.Connection, admin: Any, settings: Settings, names: TopicNames, summary: RebuildSummary
+) -> None:
+    """`quota-alerts` up to its end offsets taken now (after the inputs'), each alert stored as
+    recorded before the log is applied: which settlement crossed a threshold depends on the order
+    a user's settlements on different partitions were applied, which the rebuild does not know.
+    Every recorded alert, whatever `--from-time` (an alert already announced stays announced). A
+    missing or empty topic: every alert is derived."""
+    alert_partitions = (await partitions_of(admin, [names.quota_alerts])).get(names.quota_alerts, [])
+    async with group_free_consumer(settings, "alerts") as consumer:
+        counts = await read_recorded_alerts(con, consumer, alert_partitions)
+    summary.alerts_recorded, summary.alerts_ignored = counts.stored, counts.ignored
+    logger.info(
+        "read %d recorded alerts of %s, %d of them new to this database",
+        counts.read, names.quota_alerts, counts.stored,
+    )  # fmt: skip
+    if counts.ignored:
+        logger.warning(
+            "%d record(s) of %s are not valid quota.threshold_crossed records; ignored",
+            counts.ignored, names.quota_alerts,
+        )  # fmt: skip
 
 
 def _warn_if_decided(summary: RebuildSummary, names: TopicNames) -> None:

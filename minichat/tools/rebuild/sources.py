@@ -1,6 +1,7 @@
 """What a rebuild reads of Kafka: the input partitions and the offset range to apply, how far
-behind the workers are, and the decisions `turn-decisions` recorded (into a temporary table). No
-consumer group: partitions are assigned by hand and no offset is ever committed."""
+behind the workers are, the decisions `turn-decisions` recorded (into a temporary table) and the
+alerts `quota-alerts` recorded (stored as recorded). No consumer group: partitions are assigned
+by hand and no offset is ever committed."""
 
 from __future__ import annotations
 
@@ -9,14 +10,20 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from pydantic import ValidationError
 
+from minichat.domain.ids import alert_event_id
+from minichat.domain.quota import BucketKey
 from minichat.kafka_security import kafka_client_options
+from minichat.models.events import QuotaThresholdCrossed
 from minichat.settings import Settings
+from minichat.storage.alerts import AlertRow, alert_row, insert_alerts
 from minichat.storage.recorded import insert_recorded
 from minichat.tools.kafka import committed_offset, partitions_of
 
@@ -78,31 +85,83 @@ async def read_recorded_decisions(
 ) -> tuple[int, set[int]]:
     """Every `turn.decision` up to the end offsets taken now, into the temporary table; returns
     how many, and the policy versions they were made under."""
+    read = 0
+    versions: set[int] = set()
+    async for records in _to_end(consumer, partitions):
+        rows = []
+        for record in records:
+            row = decision_row(record.value) if record.value is not None else None
+            if row is not None:
+                rows.append(row)
+                if isinstance(row[4].get("policy_version"), int):
+                    versions.add(row[4]["policy_version"])
+        await insert_recorded(con, rows)
+        read += len(rows)
+    return read, versions
+
+
+@dataclass
+class RecordedAlerts:
+    read: int = 0
+    """Valid `quota.threshold_crossed` records (re-sent copies included)."""
+    stored: int = 0
+    """Alerts the database did not hold yet, stored as recorded."""
+    ignored: int = 0
+    """Records that are not a valid alert of the tenant they are keyed by."""
+
+
+async def read_recorded_alerts(
+    con: asyncpg.Connection, consumer: AIOKafkaConsumer, partitions: Sequence[TopicPartition]
+) -> RecordedAlerts:
+    """Every `quota.threshold_crossed` up to the end offsets taken now, stored as recorded (with
+    its outbox row) where the database does not hold that threshold yet: the rebuild's settlements
+    then find it crossed and derive only the alerts nothing recorded."""
+    counts = RecordedAlerts()
+    async for records in _to_end(consumer, partitions):
+        rows: dict[tuple[Any, ...], AlertRow] = {}
+        for record in records:
+            event = recorded_alert(record.key, record.value)
+            if event is None:
+                counts.ignored += 1
+                continue
+            counts.read += 1
+            row = alert_row(event)
+            rows.setdefault(row[:6], row)  # the first copy wins (re-sent copies are equal)
+        counts.stored += await insert_alerts(con, list(rows.values()))
+    return counts
+
+
+def recorded_alert(key: bytes | None, value: bytes | None) -> QuotaThresholdCrossed | None:
+    """The alert a `quota-alerts` record holds: a valid event, keyed by its tenant, with the
+    contract's id; None for anything else (never logged: it may hold anything)."""
+    try:
+        event = QuotaThresholdCrossed.model_validate_json(value or b"")
+    except ValidationError:
+        return None
+    window = BucketKey(event.period_type, event.period_start, event.bucket)
+    if key != str(event.tenant_id).encode() or event.event_id != alert_event_id(
+        event.tenant_id, event.user_id, window, event.threshold_percent
+    ):
+        return None
+    return event
+
+
+async def _to_end(
+    consumer: AIOKafkaConsumer, partitions: Sequence[TopicPartition]
+) -> AsyncIterator[list[ConsumerRecord[bytes, bytes]]]:
+    """`partitions` from their beginning up to the end offsets taken now, fetch by fetch."""
     ends = await consumer.end_offsets(list(partitions))
     starts = await consumer.beginning_offsets(list(partitions))
     todo = {tp for tp in partitions if starts[tp] < ends[tp]}
     consumer.assign(sorted(todo, key=lambda tp: tp.partition))
     for tp in todo:
         consumer.seek(tp, starts[tp])
-    read = 0
-    versions: set[int] = set()
     while todo:
         fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=5000)
-        rows = []
-        for tp, records in fetched.items():
-            for record in records:
-                if record.offset < ends[tp] and record.value is not None:
-                    row = decision_row(record.value)
-                    if row is not None:
-                        rows.append(row)
-                        if isinstance(row[4].get("policy_version"), int):
-                            versions.add(row[4]["policy_version"])
-        await insert_recorded(con, rows)
-        read += len(rows)
+        yield [record for tp, records in fetched.items() for record in records if record.offset < ends[tp]]
         for tp in list(todo):
             if await consumer.position(tp) >= ends[tp]:
                 todo.discard(tp)
-    return read, versions
 
 
 @contextlib.asynccontextmanager
