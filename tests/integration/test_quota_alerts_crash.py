@@ -12,6 +12,7 @@ test checks that the round was part settled when the worker died), then restarte
   limit, `spent × 100 ≥ pct × limit`) is on `quota-alerts` at least once, and nothing else: the
   distinct `event_id`s there are exactly the stored rows, each id the contract's uuid5;
 * `minichat replay` over the live database adds no outbox row and no record to `quota-alerts`;
+* records of `quota-alerts` that are not valid alerts of their key's tenant are ignored (counted);
 * a rebuild into an empty database gives the same `quota_alerts` rows and the same digest: which
   settlement crossed a threshold (`spent_credits_micro`, `request_id`, `occurred_at`) depends on
   the order in which a user's settlements on different partitions were applied, which the rebuild
@@ -50,6 +51,7 @@ from tests.support import (
     WorkerProcess,
     db_digest,
     end_offsets,
+    produce,
     run_cli,
     run_worker,
     scratch_database,
@@ -257,13 +259,23 @@ async def _play_kill_and_rebuild(
         finally:
             await db.close()
 
+    # Records that are not alerts (not an event; a copy keyed by another tenant, naming another
+    # turn) are counted and ignored by the rebuild.
+    forged = {**values[0], "request_id": str(uuid.uuid4())}
+    await produce(
+        settings.kafka_bootstrap_servers,
+        names.quota_alerts,
+        [(str(tenant).encode(), b"not an alert"), (str(uuid.uuid4()).encode(), json.dumps(forged).encode())],
+    )
+
     # A rebuild into an empty database: the same alert rows, the same books.
     async with scratch_database(endpoints.database_url, "kr", template=template_database) as empty:
-        await run_rebuild(
+        summary = await run_rebuild(
             settings.model_copy(update={"database_url": empty}), show_progress=False, check_workers=False
         )
         rebuilt = await db_digest(empty)
         rebuilt_rows = await alert_rows(empty)
+    assert (summary.alerts_recorded, summary.alerts_ignored) == (len(live_rows), 2), summary.as_dict()
     # Which thresholds crossed, with which ids and limits: fixed by the settled spend alone; which
     # settlement crossed each: the recorded alerts, stored as recorded.
     assert [_window(r) for r in rebuilt_rows] == [_window(r) for r in live_rows]

@@ -20,6 +20,17 @@ What it does
   command with none is decided afresh, and counted (`decided afresh`). Quota rows are shared by a
   user's chats on every partition, so deciding again could differ from what the live workers
   decided.
+* Then reads `quota-alerts` up to its end offsets (taken after the inputs' too; a missing or
+  empty topic is fine) and stores every valid alert as recorded, with its outbox row, where the
+  database does not hold that threshold yet (`storage/alerts.py`, ON CONFLICT DO NOTHING), before
+  the log is applied. Which settlement crossed a threshold (the spend, turn and time an alert
+  names) depends on the order in which a user's settlements on different partitions were
+  applied, which the rebuild does not know; the settlements then find those thresholds crossed
+  and derive only the alerts nothing recorded (e.g. still in the outbox at a crash). Every
+  recorded alert is stored whatever `--from-time`: an alert once announced is not announced
+  again. A record that is not a valid alert keyed by its tenant is counted (`alerts_ignored`)
+  and ignored. `policy diff` derives every alert (`follow_recorded_alerts=False`): it compares
+  the candidate's alerts with the recorded ones.
 * Merges the input partitions with the worker's own merge (`processors/merge.py`: one ordered
   stream per partition number, (timestamp, topic rank, offset)) and applies the merged batches
   with the worker's own handlers (`processors/batches.py`), one transaction per batch, all on one
@@ -44,6 +55,8 @@ Counting (what the summary means)
   number of rows of `parked_events` at the end (and at the start): events whose command is not
   in the log range (e.g. with `--from-time`) stay parked.
 * `dead-lettered`: records the worker dead-letters; counted, not re-sent.
+* `recorded alerts` (`alerts_recorded`): alerts of `quota-alerts` stored as recorded (0 over the
+  live database, which holds them).
 
 Running it over the live database is a no-op for the state (digest unchanged, no outbox row
 added). Run it when the workers have caught up with the log, or stopped: a record the workers have
