@@ -66,13 +66,11 @@ async def run_rebuild(
     """Rebuild the state from the input topics into `settings.database_url` (`minichat rebuild`;
     see the package docstring). `between_reads` runs after the inputs' end offsets are taken and
     before `turn-decisions`' are (tests: what is decided in between must change nothing). Without
-    `follow_order_log` every record is applied in the timestamp merge (tests: what the log changes);
-    without `follow_recorded_alerts` every alert is derived afresh (`policy diff` compares them).
-    `afresh` (`policy diff`): commands decided under the policy file although recorded, by event
-    time; `inspect` runs on the rebuild's connection (recorded decisions still there) at the end.
-
-    Raises `RebuildSetupError` (schema or topics missing), `PolicyError`, `PolicyConflict`.
-    """
+    `follow_order_log` every record is applied in the timestamp merge (tests: what the log changes).
+    `policy diff`: `afresh`, commands decided under the policy file although recorded, by event
+    time; no `follow_recorded_alerts`, every alert derived; `inspect` runs on the rebuild's
+    connection (recorded decisions still there) at the end. Raises `RebuildSetupError` (schema or
+    topics missing), `PolicyError`, `PolicyConflict`."""
     names = TopicNames(settings.topic_prefix)
     topics = [names.turn_requests, names.provider_responses, names.usage]
     policy = load_policy(settings.policy_file)
@@ -94,16 +92,14 @@ async def run_rebuild(
         try:
             partitions = await input_partitions(admin, topics)
             async with group_free_consumer(settings, "inputs") as consumer:
-                # The inputs' end offsets first, turn-decisions' after: a command of the range
-                # that a worker had decided is then always in the recorded table. (The other
-                # order would decide afresh the commands arriving between the two reads.)
+                # The inputs' end offsets first, the recorded facts' after: a command of the range
+                # a worker had decided is then in the recorded table (and its alerts stored).
                 ranges = await offset_ranges(consumer, partitions, from_time)
                 await _warn_if_behind(admin, settings, ranges, check_workers)
                 if between_reads is not None:
                     await between_reads()
-                check_recorded_versions(await _read_recorded(con, admin, settings, names), versions)
-                if follow_recorded_alerts:
-                    await _store_recorded_alerts(con, admin, settings, names, summary)
+                alerts_into = summary if follow_recorded_alerts else None
+                await _read_recorded(con, admin, settings, names, versions, alerts_into)
                 order = await read_order(settings, names, ranges) if follow_order_log else None
                 await _apply_log(consumer, settings, rebuild, ranges, from_time, bar_for, order)
         finally:
@@ -168,17 +164,24 @@ async def _wire(
 
 
 async def _read_recorded(
-    con: asyncpg.Connection, admin: Any, settings: Settings, names: TopicNames
-) -> set[int]:
+    con: asyncpg.Connection,
+    admin: Any,
+    settings: Settings,
+    names: TopicNames,
+    versions: dict[int, Policy],
+    alerts_into: RebuildSummary | None,
+) -> None:
     """`turn-decisions` up to its end offsets taken now (after the inputs'), into the temporary
-    table; returns the policy versions the decisions name. One consumer per pass:
-    aiokafka's fetcher dies when a consumer's assignment is emptied and replaced (the rebuild then
-    hung when turn-decisions was empty)."""
+    table (every policy version they name must be known); then, with `alerts_into`, the recorded
+    alerts. One consumer per pass: aiokafka's fetcher dies when a consumer's assignment is emptied
+    and replaced (the rebuild then hung when turn-decisions was empty)."""
     decision_partitions = await input_partitions(admin, [names.turn_decisions])
     async with group_free_consumer(settings, "decisions") as decisions:
-        recorded, versions = await read_recorded_decisions(con, decisions, decision_partitions)
+        recorded, named = await read_recorded_decisions(con, decisions, decision_partitions)
     logger.info("read %d recorded decisions of %s", recorded, names.turn_decisions)
-    return versions
+    check_recorded_versions(named, versions)
+    if alerts_into is not None:
+        await _store_recorded_alerts(con, admin, settings, names, alerts_into)
 
 
 async def _store_recorded_alerts(
