@@ -26,7 +26,8 @@ SELECT
 _TURNS: Final = """
 SELECT tenant_id, id, request_id, requester_user_id, state, billing_outcome,
        committed_credits_micro, settled_at IS NOT NULL AS settled,
-       adjusted_at IS NOT NULL AS adjusted, period_daily, period_monthly
+       adjusted_at IS NOT NULL AS adjusted, period_daily, period_monthly,
+       effective_model, settlement_method, input_tokens, output_tokens
 FROM chat_turns WHERE ($1::uuid[] IS NULL OR tenant_id = ANY($1::uuid[]))
 """
 

@@ -4,14 +4,17 @@ A small plan (2 tenants x 2 users x 2 chats x 3 turns, plus the demo tenant's li
 holds every scenario kind (tests/unit/test_simulator.py checks that), so this one run crosses
 admission, parking, every settlement row, the watchdog's usage grace, late-usage adjustment, the
 outbox relay, billing de-duplication and budget alerts (the limit user crosses 50 % of the demo
-tenant's daily limits, and the summary lists it).
+tenant's daily limits, and the summary lists it), and ends with the demo tenant's spend report as
+`GET /v1/usage` computes it (by user and by model), whose totals are the settled turns' own.
 """
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
+from uuid import UUID
 
+import asyncpg
 import pytest
 
 from minichat.tools.simulator import (
@@ -46,7 +49,7 @@ async def test_simulated_traffic_settles_every_accepted_turn_once(
     async with live_deployment(endpoints, template_database, tmp_path, policy=DEMO_POLICY) as live:
         progress = io.StringIO()
         result = await run_simulation(live.settings, OPTIONS, err=progress)
-        summary = await summarize(live.settings, tenants=result.tenants)
+        summary = await summarize(live.settings, tenants=result.tenants, spend_tenant=DEMO_TENANT_ID)
         report = "\n\n".join([progress.getvalue(), render_traffic(result), render(summary), *result.problems])
 
         # The simulator's own checks: every command answered, every turn left running, the
@@ -93,3 +96,58 @@ async def test_simulated_traffic_settles_every_accepted_turn_once(
         shown = " ".join(lines[start : start + 3 + len(summary.alerts)])
         for a in demo_alerts:
             assert short_id(a.user_id) in shown and a.bucket in shown, report
+
+        # The spend report of every tenant, read by the read API's own statement under the
+        # tenant's reading role, matches the settled turns (the adjusted ones included); the demo
+        # tenant's totals are the sums of its settled turns' charges, per user and per model, and
+        # the summary prints both tables.
+        assert summary.spend_mismatches == (), report
+        assert {r.tenant_id for r in summary.spend_reports} == set(result.tenants), report
+        assert sum(r.charged_micro for r in summary.spend_reports) == summary.charged_micro, report
+        spend = summary.spend
+        assert spend is not None and spend.tenant_id == DEMO_TENANT_ID, report
+        con = await asyncpg.connect(live.settings.database_url)
+        try:
+            books = await con.fetch(
+                "SELECT requester_user_id::text AS u, effective_model AS m, count(*) AS n,"
+                " sum(committed_credits_micro)::bigint AS c, min(period_daily) AS first,"
+                " max(period_daily) AS last FROM chat_turns"
+                " WHERE tenant_id = $1 AND settled_at IS NOT NULL GROUP BY 1, 2",
+                DEMO_TENANT_ID,
+            )
+        finally:
+            await con.close()
+        by_user: dict[str, list[int]] = {}
+        by_model: dict[str, list[int]] = {}
+        for b in books:
+            for groups, key in ((by_user, b["u"]), (by_model, b["m"])):
+                figures = groups.setdefault(key, [0, 0])
+                figures[0] += b["n"]
+                figures[1] += b["c"]
+        assert by_user and by_model, report
+        assert (spend.start, spend.end) == (min(b["first"] for b in books), max(b["last"] for b in books))
+        assert {x.key: [x.turns, x.charged_credits_micro] for x in spend.by_user} == by_user, report
+        assert {x.key: [x.turns, x.charged_credits_micro] for x in spend.by_model} == by_model, report
+        demo_credits = next(c for c in summary.credits if c.tenant_id == DEMO_TENANT_ID)
+        assert spend.charged_micro == demo_credits.charged_micro > 0, report
+        lines = render(summary).splitlines()
+        start = next(i for i, x in enumerate(lines) if x.startswith("spend report (GET /v1/usage)"))
+        assert str(DEMO_TENANT_ID) in lines[start] and "group_by=user" in lines[start], report
+        shown_users = table_cells(lines, start, len(spend.by_user))
+        shown_models = table_cells(lines, lines.index("group_by=model", start), len(spend.by_model))
+        # Columns: key, turns, input_tokens, output_tokens, charged_micro, credits.
+        assert {(r[0], r[1], r[4]) for r in shown_users[:-1]} == {
+            (short_id(UUID(u)), str(n), str(c)) for u, (n, c) in by_user.items()
+        }, report
+        assert {(r[0], r[1], r[4]) for r in shown_models[:-1]} == {
+            (m, str(n), str(c)) for m, (n, c) in by_model.items()
+        }, report
+        total = ("all", str(sum(n for n, _ in by_user.values())), str(spend.charged_micro))
+        assert (shown_users[-1][0], shown_users[-1][1], shown_users[-1][4]) == total, report
+        assert (shown_models[-1][0], shown_models[-1][1], shown_models[-1][4]) == total, report
+        assert "spend report lines off the settled turns" in report
+
+
+def table_cells(lines: list[str], title: int, rows: int) -> list[list[str]]:
+    """The cells of the table under the line `title`: its `rows` rows and its `all` line."""
+    return [line.split() for line in lines[title + 3 : title + 3 + rows + 1]]

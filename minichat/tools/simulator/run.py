@@ -151,7 +151,7 @@ async def simulate(
     except SetupError as exc:
         err.write(f"minichat simulate: {exc}\n")
         return 2
-    summary: Summary = await summarize(settings, tenants=result.tenants)
+    summary: Summary = await summarize(settings, tenants=result.tenants, spend_tenant=DEMO_TENANT_ID)
     out.write(render_traffic(result) + "\n\n")
     out.write(render(summary, verdict=False) + "\n\n")
     failures = [*summary.failures, *(f"simulation: {p}" for p in result.problems)]

@@ -11,6 +11,7 @@ from typing import Any, Final
 from uuid import UUID
 
 from minichat.models.events import dedupe_key
+from minichat.tools.summary.spend import SpendReport, spend_books, spend_mismatches
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,12 @@ class Summary:
     """Distinct `event_id`s on `quota-alerts` (the relay may repeat one)."""
     unpublished_alerts: int = 0
     """Stored alerts whose `event_id` is not on `quota-alerts`, plus events there matching no row."""
+    spend_reports: tuple[SpendReport, ...] = ()
+    """Tenants' spend reports as `GET /v1/usage` computes them, each checked against the books."""
+    spend_tenant: UUID | None = None
+    """The tenant whose spend report the summary prints."""
+    spend_mismatches: tuple[str, ...] = ()
+    """Lines of `spend_reports` whose figures differ from the settled turns' own."""
     failures: tuple[str, ...] = field(default=())
 
     @property
@@ -85,6 +92,11 @@ class Summary:
     @property
     def charged_micro(self) -> int:
         return sum(c.charged_micro for c in self.credits)
+
+    @property
+    def spend(self) -> SpendReport | None:
+        """The spend report the summary prints (of `spend_tenant`), if one was read."""
+        return next((r for r in self.spend_reports if r.tenant_id == self.spend_tenant), None)
 
 
 def check_invariants(s: Summary) -> tuple[str, ...]:
@@ -127,6 +139,11 @@ def check_invariants(s: Summary) -> tuple[str, ...]:
             f"alerts: {len(s.alerts)} stored, {s.published_alerts} distinct on quota-alerts, "
             f"{s.unpublished_alerts} not matching"
         )
+    if s.spend_mismatches:
+        failures.append(
+            f"spend report (GET /v1/usage) != settled turns on {len(s.spend_mismatches)} line(s): "
+            + "; ".join(s.spend_mismatches[:5])
+        )
     if s.unpublished_outbox:
         failures.append(f"{s.unpublished_outbox} outbox row(s) not published")
     if s.parked_events:
@@ -153,8 +170,11 @@ def build_summary(
     dead_letters: int,
     alerts: Sequence[Row] = (),
     alert_events: Sequence[Row] = (),
+    spend_reports: Sequence[SpendReport] = (),
+    spend_tenant: UUID | None = None,
 ) -> Summary:
-    """The pure part of `summarize`: rows and decoded billing events in, `Summary` out."""
+    """The pure part of `summarize`: rows and decoded billing events in, `Summary` out. Each of
+    `spend_reports` (as the read API answers them) is checked against its tenant's settled turns."""
     by_decision = _decision_counts(decisions)
     settled = [t for t in turns if t["settled"]]
     settled_keys, adjusted_keys = _billing_keys(settled)
@@ -179,6 +199,13 @@ def build_summary(
         parked_events=parked_events,
         quota_mismatches=quota_mismatches(settled, quota_rows),
         **_alert_fields(alerts, alert_events),
+        spend_reports=tuple(spend_reports),
+        spend_tenant=spend_tenant,
+        spend_mismatches=tuple(
+            f"tenant {r.tenant_id} {line}"
+            for r in spend_reports
+            for line in spend_mismatches(r, spend_books(turns, r.tenant_id, r.start, r.end))
+        ),
     )
     return replace(summary, failures=check_invariants(summary))
 

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
+from datetime import date
 from typing import Any
 from uuid import UUID
 
 import asyncpg
 
+from minichat.domain.spend import MAX_ROWS
 from minichat.models.topics import TopicNames
 from minichat.settings import Settings
+from minichat.storage.read_api import reading_as, spend_rows
 from minichat.storage.summary import summary_rows
 from minichat.tools.kafka import read_topic
 from minichat.tools.summary.books import Summary, build_summary
+from minichat.tools.summary.spend import SPEND_GROUPS, SpendReport, report_lines, spend_days
 
 
 def _json_object(value: bytes | None) -> dict[str, Any] | None:
@@ -31,15 +35,21 @@ def _in_scope(tenant: object, tenants: Collection[str] | None) -> bool:
     return tenants is None or (isinstance(tenant, str) and tenant in tenants)
 
 
-async def summarize(settings: Settings, tenants: Collection[UUID] | None = None) -> Summary:
-    """Read the database and the billing, alert and dead-letter topics; `tenants` limits it to those."""
+async def summarize(
+    settings: Settings, tenants: Collection[UUID] | None = None, *, spend_tenant: UUID | None = None
+) -> Summary:
+    """Read the database and the billing, alert and dead-letter topics; `tenants` limits it to those.
+    With `spend_tenant`, also every tenant's spend report over the days of its settled turns (each
+    checked against the books), `spend_tenant`'s to be printed."""
     names = TopicNames(settings.topic_prefix)
     con = await asyncpg.connect(settings.database_url)
     try:
         rows = await summary_rows(con, tenants)
     finally:
         await con.close()
-    turn_rows, decision_rows, quota_rows = rows.turns, rows.decisions, rows.quota
+    turns = [dict(r) for r in rows.turns]
+    spend = [] if spend_tenant is None else await read_spend(settings, turns)
+    decision_rows, quota_rows = rows.decisions, rows.quota
     reserved = rows.backlog.reserved_credits_micro
     unpublished = rows.backlog.unpublished_outbox
     parked = rows.backlog.parked_events
@@ -61,7 +71,7 @@ async def summarize(settings: Settings, tenants: Collection[UUID] | None = None)
         if scope is None or _dead_letter_tenant(value) in scope
     ]
     return build_summary(
-        turns=[dict(r) for r in turn_rows],
+        turns=turns,
         decisions=[dict(r) for r in decision_rows],
         quota_rows=[dict(r) for r in quota_rows],
         reserved_credits_micro=int(reserved),
@@ -71,7 +81,35 @@ async def summarize(settings: Settings, tenants: Collection[UUID] | None = None)
         dead_letters=len(dead),
         alerts=[dict(r) for r in rows.alerts],
         alert_events=alert_events,
+        spend_reports=spend,
+        spend_tenant=spend_tenant,
     )
+
+
+async def read_spend(settings: Settings, turns: list[dict[str, Any]]) -> list[SpendReport]:
+    """The spend report of each tenant with settled `turns`, over their days, by user and by model."""
+    tenants = sorted({t["tenant_id"] for t in turns}, key=str)
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
+    try:
+        reports = []
+        for tenant in tenants:
+            days = spend_days(turns, tenant)
+            if days is not None:
+                reports.append(await _spend_report(pool, tenant, *days))
+        return reports
+    finally:
+        await pool.close()
+
+
+async def _spend_report(pool: asyncpg.Pool, tenant: UUID, start: date, end: date) -> SpendReport:
+    """One tenant's report read as `GET /v1/usage` reads it: the read API's statement, in a
+    read-only transaction as the tenant's reader (row-level security)."""
+    grouped = []
+    for group in SPEND_GROUPS:
+        async with reading_as(pool, tenant) as con:
+            grouped.append(await spend_rows(con, tenant, start, end, (group,), None, MAX_ROWS))
+    by_user, by_model = grouped
+    return SpendReport(tenant, start, end, report_lines(by_user, "user_id"), report_lines(by_model, "model"))
 
 
 def _dead_letter_tenant(value: bytes | None) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from uuid import UUID
 
 from minichat.tools.summary.books import OK_LINE, Summary
+from minichat.tools.summary.spend import SpendLine, SpendReport
 from minichat.tools.tables import format_credits, format_table
 
 
@@ -30,6 +31,33 @@ def alerts_table(s: Summary) -> str:
             for a in s.alerts
         ],
     )
+
+
+def spend_tables(report: SpendReport) -> str:
+    """A tenant's spend report (`GET /v1/usage`) by user, then by model, each with an `all` line."""
+    head = f"spend report (GET /v1/usage) of tenant {report.tenant_id}, {report.start} to {report.end}"
+    return "\n".join(
+        [
+            f"{head}, group_by=user",
+            _spend_table("user", report.by_user, short=True),
+            "group_by=model",
+            _spend_table("model", report.by_model, short=False),
+        ]
+    )
+
+
+def _spend_table(name: str, lines: tuple[SpendLine, ...], *, short: bool) -> str:
+    rows: list[list[object]] = [
+        [
+            short_id(UUID(line.key)) if short else line.key,
+            *line.figures,
+            format_credits(line.charged_credits_micro),
+        ]
+        for line in lines
+    ]
+    totals = [sum(line.figures[i] for line in lines) for i in range(4)]
+    rows.append(["all", *totals, format_credits(totals[3])])
+    return format_table([name, "turns", "input_tokens", "output_tokens", "charged_micro", "credits"], rows)
 
 
 def render(s: Summary, *, verdict: bool = True) -> str:
@@ -66,6 +94,8 @@ def render(s: Summary, *, verdict: bool = True) -> str:
     )
     parts.append("\nbudget alerts (quota.threshold_crossed)")
     parts.append(alerts_table(s))
+    if s.spend is not None:
+        parts.append("\n" + spend_tables(s.spend))
     parts.append("\ninvariants")
     checks: list[list[object]] = [
         ["accepted turns (decisions)", s.accepted_turns],
@@ -80,6 +110,16 @@ def render(s: Summary, *, verdict: bool = True) -> str:
         ["usage.adjusted after dedupe (must = adjusted turns)", s.adjusted_events],
         ["budget alerts stored", len(s.alerts)],
         ["alerts on quota-alerts after dedupe (must = stored)", s.published_alerts],
+        *(
+            [
+                [
+                    f"spend report lines off the settled turns ({len(s.spend_reports)} tenants)",
+                    len(s.spend_mismatches),
+                ]
+            ]
+            if s.spend_reports
+            else []
+        ),
         ["outbox rows not published", s.unpublished_outbox],
         ["quota total rows off their charges", len(s.quota_mismatches)],
         ["parked events left", s.parked_events],
