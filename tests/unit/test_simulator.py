@@ -37,7 +37,7 @@ from minichat.tools.simulator import (
     provider_script,
     turn_command,
 )
-from minichat.tools.summary import Summary, build_summary, render
+from minichat.tools.summary import SpendLine, SpendReport, Summary, build_summary, render
 from minichat.tools.tables import format_credits, format_table
 
 SMALL = {"tenants": 2, "users_per_tenant": 2, "chats_per_user": 2, "turns_per_chat": 3}
@@ -379,12 +379,25 @@ USER = uuid.UUID("22222222-2222-4222-8222-222222222222")
 DAY = date(2026, 5, 10)
 
 
-def turn_row(charge: int, *, settled: bool = True, adjusted: bool = False) -> dict[str, Any]:
+def turn_row(
+    charge: int,
+    *,
+    settled: bool = True,
+    adjusted: bool = False,
+    user: uuid.UUID = USER,
+    model: str = "gpt-5-mini",
+    method: str = "actual",
+    tokens: tuple[int, int] = (1_000, 200),
+) -> dict[str, Any]:
     return {
         "tenant_id": TENANT,
         "id": uuid.uuid4(),
         "request_id": uuid.uuid4(),
-        "requester_user_id": USER,
+        "requester_user_id": user,
+        "effective_model": model,
+        "settlement_method": method if settled else None,
+        "input_tokens": tokens[0],
+        "output_tokens": tokens[1],
         "state": "completed",
         "billing_outcome": "completed" if settled else None,
         "committed_credits_micro": charge if settled else None,
@@ -508,6 +521,76 @@ def test_budget_alerts_are_listed_and_matched_against_the_topic() -> None:
     assert s.failures == ("alerts: 1 stored, 0 distinct on quota-alerts, 1 not matching",)
     s = summary_of([a], [billing_event(a)], alerts=[], alert_events=[event])
     assert s.failures == ("alerts: 0 stored, 1 distinct on quota-alerts, 1 not matching",)
+
+
+OTHER_USER = uuid.UUID("33333333-3333-4333-8333-333333333333")
+
+
+def test_spend_report_is_printed_by_user_and_model_and_checked_against_the_settled_turns() -> None:
+    turns = [
+        turn_row(1_500_000, model="gpt-5.2", tokens=(12_000, 24_000)),
+        turn_row(400_000, adjusted=True),  # re-priced: the adjusted charge counts
+        turn_row(90_000, user=OTHER_USER, method="estimated", tokens=(5_000, 7_000)),  # no tokens priced
+        turn_row(0, settled=False, user=OTHER_USER),  # not settled: not in the report
+    ]
+    settled = [t for t in turns if t["settled"]]
+    billing = [billing_event(t) for t in settled] + [billing_event(turns[1], "usage.adjusted")]
+    by_user = (
+        SpendLine(str(USER), 2, 13_000, 24_200, 1_900_000),
+        SpendLine(str(OTHER_USER), 1, 0, 0, 90_000),
+    )
+    by_model = (
+        SpendLine("gpt-5-mini", 2, 1_000, 200, 490_000),
+        SpendLine("gpt-5.2", 1, 12_000, 24_000, 1_500_000),
+    )
+    report = SpendReport(TENANT, DAY, DAY, by_user, by_model)
+
+    def summary(spend: SpendReport) -> Summary:
+        quota_rows = [{**r, "spent_credits_micro": 1_900_000} for r in quota(0)]  # the books' quota rows
+        other = [{**r, "user_id": OTHER_USER, "spent_credits_micro": 90_000} for r in quota(0)]
+        return summary_of(
+            turns, billing, quota_rows=quota_rows + other, spend_reports=[spend], spend_tenant=TENANT
+        )
+
+    s = summary(report)
+    assert s.failures == ("1 accepted turn(s) not settled",) and s.spend == report, s.failures
+    lines = render(s).splitlines()
+    start = lines.index(f"spend report (GET /v1/usage) of tenant {TENANT}, {DAY} to {DAY}, group_by=user")
+    assert lines[start + 1].split() == [
+        "user",
+        "turns",
+        "input_tokens",
+        "output_tokens",
+        "charged_micro",
+        "credits",
+    ]
+    assert lines[start + 3].split() == ["22222222", "2", "13000", "24200", "1900000", "1.900000"]
+    assert lines[start + 4].split() == ["33333333", "1", "0", "0", "90000", "0.090000"]
+    assert lines[start + 5].split() == ["all", "3", "13000", "24200", "1990000", "1.990000"]
+    assert lines[start + 6] == "group_by=model"
+    assert lines[start + 9].split() == ["gpt-5-mini", "2", "1000", "200", "490000", "0.490000"]
+    assert lines[start + 10].split() == ["gpt-5.2", "1", "12000", "24000", "1500000", "1.500000"]
+    assert lines[start + 11].split() == ["all", "3", "13000", "24200", "1990000", "1.990000"]
+    assert any(
+        "spend report lines off the settled turns (1 tenant(s))" in x and x.endswith(" 0") for x in lines
+    )
+
+    # A report that differs from the books by one micro-credit, or misses a model, fails the summary.
+    off = SpendReport(
+        TENANT, DAY, DAY, (by_user[0], SpendLine(str(OTHER_USER), 1, 0, 0, 90_001)), by_model[:1]
+    )
+    s = summary(off)
+    assert s.spend_mismatches == (
+        f"tenant {TENANT} user {OTHER_USER}: report (1, 0, 0, 90001), books (1, 0, 0, 90000)",
+        f"tenant {TENANT} model gpt-5.2: report None, books (1, 12000, 24000, 1500000)",
+    )
+    assert any(f.startswith("spend report (GET /v1/usage) != settled turns on 2 line(s)") for f in s.failures)
+    assert "FAILED: spend report" in render(s)
+    s = summary(SpendReport(TENANT, DAY, DAY, by_user[::-1], by_model))
+    assert s.spend_mismatches == (f"tenant {TENANT} user: report rows out of order",)
+    # Without a spend report, the summary prints none and checks none.
+    plain = summary_of([turns[0]], [billing_event(turns[0])])
+    assert plain.spend is None and "spend report" not in render(plain)
 
 
 # --------------------------------------------------------------------------------------------

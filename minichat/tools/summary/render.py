@@ -113,7 +113,7 @@ def render(s: Summary, *, verdict: bool = True) -> str:
         *(
             [
                 [
-                    f"spend report lines off the settled turns ({len(s.spend_reports)} tenants)",
+                    f"spend report lines off the settled turns ({len(s.spend_reports)} tenant(s))",
                     len(s.spend_mismatches),
                 ]
             ]
