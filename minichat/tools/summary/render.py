@@ -60,6 +60,31 @@ def _spend_table(name: str, lines: tuple[SpendLine, ...], *, short: bool) -> str
     return format_table([name, "turns", "input_tokens", "output_tokens", "charged_micro", "credits"], rows)
 
 
+def invariants_table(s: Summary) -> str:
+    """The figures each invariant compares, one check per line."""
+    spend_check = f"spend report lines off the settled turns ({len(s.spend_reports)} tenant(s))"
+    checks: list[list[object]] = [
+        ["accepted turns (decisions)", s.accepted_turns],
+        ["stored turns", s.stored_turns],
+        ["settled turns", s.settled_turns],
+        ["reserves held (micro-credits, must be 0)", s.reserved_credits_micro],
+        ["billing-usage records (raw)", s.billing_records],
+        ["usage.settled after dedupe (must = settled turns)", s.settled_events],
+        ["settled turns missing a usage.settled", s.missing_billing],
+        ["usage.settled matching no settled turn", s.unexpected_billing],
+        ["adjusted turns", s.adjusted_turns],
+        ["usage.adjusted after dedupe (must = adjusted turns)", s.adjusted_events],
+        ["budget alerts stored", len(s.alerts)],
+        ["alerts on quota-alerts after dedupe (must = stored)", s.published_alerts],
+        *([[spend_check, len(s.spend_mismatches)]] if s.spend_reports else []),
+        ["outbox rows not published", s.unpublished_outbox],
+        ["quota total rows off their charges", len(s.quota_mismatches)],
+        ["parked events left", s.parked_events],
+        ["dead letters", s.dead_letters],
+    ]
+    return format_table(["check", "value"], checks)
+
+
 def render(s: Summary, *, verdict: bool = True) -> str:
     """The summary as plain-text tables, then (with `verdict`) one line per failed invariant or OK."""
     parts: list[str] = []
@@ -97,35 +122,7 @@ def render(s: Summary, *, verdict: bool = True) -> str:
     if s.spend is not None:
         parts.append("\n" + spend_tables(s.spend))
     parts.append("\ninvariants")
-    checks: list[list[object]] = [
-        ["accepted turns (decisions)", s.accepted_turns],
-        ["stored turns", s.stored_turns],
-        ["settled turns", s.settled_turns],
-        ["reserves held (micro-credits, must be 0)", s.reserved_credits_micro],
-        ["billing-usage records (raw)", s.billing_records],
-        ["usage.settled after dedupe (must = settled turns)", s.settled_events],
-        ["settled turns missing a usage.settled", s.missing_billing],
-        ["usage.settled matching no settled turn", s.unexpected_billing],
-        ["adjusted turns", s.adjusted_turns],
-        ["usage.adjusted after dedupe (must = adjusted turns)", s.adjusted_events],
-        ["budget alerts stored", len(s.alerts)],
-        ["alerts on quota-alerts after dedupe (must = stored)", s.published_alerts],
-        *(
-            [
-                [
-                    f"spend report lines off the settled turns ({len(s.spend_reports)} tenant(s))",
-                    len(s.spend_mismatches),
-                ]
-            ]
-            if s.spend_reports
-            else []
-        ),
-        ["outbox rows not published", s.unpublished_outbox],
-        ["quota total rows off their charges", len(s.quota_mismatches)],
-        ["parked events left", s.parked_events],
-        ["dead letters", s.dead_letters],
-    ]
-    parts.append(format_table(["check", "value"], checks))
+    parts.append(invariants_table(s))
     if verdict:
         parts.append("")
         parts.extend([f"FAILED: {f}" for f in s.failures] or [OK_LINE])
