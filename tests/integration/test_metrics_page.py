@@ -76,11 +76,14 @@ async def test_a_fresh_scrape_has_everything_and_answers_with_postgres_unreachab
         with worker_on(deployment, tmp_path, MINICHAT_DATABASE_URL=url) as (worker, port):
 
             async def read_once() -> MetricSamples | None:
+                # the database gauges read, and the partitions assigned (the lag series are per
+                # partition the worker owns: none exist before its first assignment)
                 found = await scrape(port)
                 age = found and found.get(("minichat_db_gauges_age_seconds", ()))
-                return found if age is not None and age < GAUGE_REFRESH_S * 3 else None
+                owns = found and any(name == "minichat_consumer_lag" for name, _ in found)
+                return found if owns and age is not None and age < GAUGE_REFRESH_S * 3 else None
 
-            fresh = await wait_until(read_once, timeout=90, what="the database gauges read once")
+            fresh = await wait_until(read_once, timeout=90, what="gauges read, partitions owned")
             assert worker.proc.poll() is None, worker.log()[-3000:]
 
             # every counter at 0 and every histogram there, before any record
