@@ -84,6 +84,10 @@ _HELP = {
     "minichat_decision_seconds": (
         "From a command's append to the log until its batch's decisions were acknowledged by the broker."
     ),
+    "minichat_stage_seconds": (
+        "A command's time in each stage on its way to its decision: fetch, order, assembly, "
+        "transaction, produce (they add up to minichat_decision_seconds)."
+    ),
 }
 
 BUCKETS_S = (
@@ -97,7 +101,31 @@ BUCKETS_RECORDS = (1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0)
 """Upper bounds of the batch-size histogram."""
 BUCKETS_STATEMENTS = (1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0, 24.0, 32.0, 48.0, 64.0, 128.0, 256.0)
 """Upper bounds of the statements-per-batch histogram."""
-_BOUNDS = {"minichat_batch_size_records": BUCKETS_RECORDS, "minichat_batch_statements": BUCKETS_STATEMENTS}
+BUCKETS_STAGE_S = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    5.0,
+)
+"""Upper bounds (seconds) of `minichat_stage_seconds`: fine where a lightly loaded worker's stages live."""
+_BOUNDS = {
+    "minichat_batch_size_records": BUCKETS_RECORDS,
+    "minichat_batch_statements": BUCKETS_STATEMENTS,
+    "minichat_stage_seconds": BUCKETS_STAGE_S,
+}
 
 
 def records_label(records: int) -> str:
@@ -118,10 +146,10 @@ class _Histogram:
     def __post_init__(self) -> None:
         self.buckets = [0] * (len(self.bounds) + 1)
 
-    def observe(self, value: float) -> None:
-        self.buckets[bisect_left(self.bounds, value)] += 1
-        self.total += value
-        self.count += 1
+    def observe(self, value: float, times: int = 1) -> None:
+        self.buckets[bisect_left(self.bounds, value)] += times
+        self.total += value * times
+        self.count += times
 
     def cumulative(self) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
@@ -145,6 +173,14 @@ class Metrics:
             histogram = self._histograms[key] = _Histogram(_BOUNDS.get(name, BUCKETS_S))
         for value in values:
             histogram.observe(value)
+
+    def observe_times(self, name: str, value: float, times: int, **labels: str | None) -> None:
+        """Add one value `times` times (a batch-wide duration, once per record it holds)."""
+        key = (name, _key(labels))
+        histogram = self._histograms.get(key)
+        if histogram is None:
+            histogram = self._histograms[key] = _Histogram(_BOUNDS.get(name, BUCKETS_S))
+        histogram.observe(value, times)
 
     def quantile(self, name: str, q: float, **labels: str | None) -> float | None:
         """The bucket bound under which a share `q` of the observations fell (None without any)."""
