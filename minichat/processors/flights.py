@@ -62,6 +62,8 @@ class Flights:
         self._committing: asyncio.Task[None] | None = None
         self._commits_failing = False
         self._deferred: dict[TopicPartition, int] = {}
+        self.revoke_wait_s = DEFERRED_COMMIT_S
+        """How long a rebalance waits for the commit under way (`await_all`)."""
         self.acknowledged: dict[LaneKey, int] = {}
         """Next offsets whose batches' outputs were all acknowledged, not yet kept in PostgreSQL."""
 
@@ -184,10 +186,7 @@ class Flights:
         self._flights.clear()
         self._deferred.clear()  # the next assignment works out its own
         self._to_commit.clear()  # the coordinator is rebalancing: not sent
-        try:
-            await self.settle()
-        except Exception as exc:  # aiokafka would swallow it in a rebalance callback
-            self._on_fatal("engine commit", exc)
+        await self._drop_commit()
         for flight in flights:
             try:
                 await flight.done
@@ -195,6 +194,23 @@ class Flights:
                 self._on_fatal("engine produce", exc)
             else:
                 self._acknowledge(flight)
+
+    async def _drop_commit(self) -> None:
+        """The commit under way, waited for at most `DEFERRED_COMMIT_S`, then given up: this runs in
+        a rebalance callback, and aiokafka retries a commit's retriable errors without end (a
+        callback that never returns leaves the worker stuck in the rebalance, deaf to SIGTERM).
+        Giving up loses nothing: the stored positions are the truth, and a request already sent
+        carries the old generation, which the coordinator refuses once the group moved on."""
+        committing, self._committing = self._committing, None
+        if committing is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(committing), self.revoke_wait_s)
+        except TimeoutError:
+            committing.cancel()
+            logger.info("Kafka offset commit unanswered in a rebalance; given up (the stored positions hold)")
+        except Exception as exc:  # aiokafka would swallow it in a rebalance callback
+            self._on_fatal("engine commit", exc)
 
     def _acknowledge(self, flight: _Flight) -> None:
         for lane, offset in flight.offsets.items():
