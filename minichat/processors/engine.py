@@ -245,6 +245,10 @@ class OrderedEngine:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), wait)
         await self._flights.land_finished(consumer, self.assigned)
+        if self._flights.unrecorded:  # acknowledgements no Kafka commit holds: keep them now
+            async with self._unit:
+                self._flights.unrecorded = False
+                await self._transaction({}, apply_nothing)
 
     def _report_stall(self, blocked: Sequence[LaneKey]) -> None:
         """A lane that holds its set back for long neither delivers nor catches up (the broker is

@@ -66,6 +66,11 @@ class Flights:
         """How long a rebalance waits for the commit under way (`await_all`)."""
         self.acknowledged: dict[LaneKey, int] = {}
         """Next offsets whose batches' outputs were all acknowledged, not yet kept in PostgreSQL."""
+        self.unrecorded = False
+        """Some of `acknowledged` are in no Kafka commit either (refused, or not sent in a
+        rebalance): the engine keeps them in PostgreSQL at once rather than with its next batch.
+        A worker evicted from the group (a zombie) applies batches until it notices; with their
+        acknowledgements kept nowhere, the partitions' next owner would re-send their outputs."""
 
     def __len__(self) -> int:
         return len(self._flights)
@@ -129,27 +134,29 @@ class Flights:
     async def _commit_landed(self, consumer: AIOKafkaConsumer, owned: Container[LaneKey]) -> None:
         while self._to_commit:
             offsets, self._to_commit = self._to_commit, {}
-            await self.commit(
-                consumer, {tp: n for tp, n in offsets.items() if (tp.topic, tp.partition) in owned}
-            )
+            mine = {tp: n for tp, n in offsets.items() if (tp.topic, tp.partition) in owned}
+            if len(mine) < len(offsets) or not await self.commit(consumer, mine):
+                self.unrecorded = True
 
     async def settle(self) -> None:
         """Wait for the commit under way (and those queued behind it)."""
         if self._committing is not None:
             await self._committing
 
-    async def commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
-        """Commit the next offsets `offsets` to the group; a failure is counted, never fatal."""
+    async def commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> bool:
+        """Commit the next offsets `offsets` to the group; a failure is counted, never fatal.
+        Returns whether the group took them."""
         if not offsets:
-            return
+            return True
         try:
             await consumer.commit({tp: OffsetAndMetadata(n, "") for tp, n in offsets.items()})
         except KafkaError as exc:  # the stored positions are the truth: nothing is lost
             self._commit_failed(exc)
-        else:
-            if self._commits_failing:
-                logger.info("Kafka offset commits succeed again")
-            self._commits_failing = False
+            return False
+        if self._commits_failing:
+            logger.info("Kafka offset commits succeed again")
+        self._commits_failing = False
+        return True
 
     def _commit_failed(self, exc: KafkaError) -> None:
         """Counted every time, said once per streak: commits that keep failing let the group's
@@ -185,6 +192,8 @@ class Flights:
         flights = list(self._flights)
         self._flights.clear()
         self._deferred.clear()  # the next assignment works out its own
+        if self._to_commit or flights:
+            self.unrecorded = True
         self._to_commit.clear()  # the coordinator is rebalancing: not sent
         await self._drop_commit()
         for flight in flights:
@@ -207,6 +216,7 @@ class Flights:
         try:
             await asyncio.wait_for(asyncio.shield(committing), self.revoke_wait_s)
         except TimeoutError:
+            self.unrecorded = True
             committing.cancel()
             logger.info("Kafka offset commit unanswered in a rebalance; given up (the stored positions hold)")
         except Exception as exc:  # aiokafka would swallow it in a rebalance callback

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from aiokafka import TopicPartition
+from aiokafka.errors import CommitFailedError
 from aiokafka.structs import OffsetAndMetadata
 
 from minichat.processors.errors import RetryPolicy
@@ -44,3 +45,36 @@ def test_a_rebalance_gives_up_a_commit_that_does_not_return() -> None:
     assert sent == [{TopicPartition("t", 0): OffsetAndMetadata(5, "")}]
     assert returned, "the rebalance callback waited for the commit without end"
     assert fatal == []
+
+
+class Refusing:
+    """A consumer evicted from its group: the coordinator refuses its commits."""
+
+    async def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        raise CommitFailedError("the group has already rebalanced")
+
+
+def test_acknowledgements_a_commit_could_not_record_are_left_for_postgresql() -> None:
+    """A zombie's batches: their outputs acknowledged, their commit refused; unless the engine
+    keeps them in PostgreSQL at once, the next owner re-sends those outputs (the zombie soak)."""
+
+    async def scenario() -> tuple[bool, dict[tuple[str, int], int]]:
+        flights = Flights(lambda: None, Metrics(), RetryPolicy(), lambda what, exc: None)
+        consumer: Any = Refusing()
+        flights.send([], {("t", 0): 5}, [])
+        await asyncio.sleep(0)
+        await flights.land_finished(consumer, {("t", 0)})
+        await flights.settle()
+        return flights.unrecorded, flights.acknowledged
+
+    assert asyncio.run(scenario()) == (True, {("t", 0): 5})
+
+
+def test_a_rebalance_leaves_what_it_landed_for_postgresql() -> None:
+    async def scenario() -> bool:
+        flights = Flights(lambda: None, Metrics(), RetryPolicy(), lambda what, exc: None)
+        flights.send([], {("t", 0): 5}, [])
+        await flights.await_all()  # no Kafka commit in a rebalance
+        return flights.unrecorded
+
+    assert asyncio.run(scenario())
