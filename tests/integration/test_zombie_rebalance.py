@@ -224,6 +224,12 @@ async def run_episodes(endpoints: Endpoints, template_database: str, tmp_path: P
                         # Off the loop: the proxy that carries A's database traffic runs on it, and
                         # A needs PostgreSQL to take B's sets and to stop (a blocking wait froze A).
                         assert await asyncio.to_thread(b.terminate) == 0, b.log()[-3000:]
+                    every = frozenset(range(settings.partitions))
+
+                    async def a_took_every_set() -> bool:  # its last `_seek` went through
+                        return owned(a) == every
+
+                    await wait_until(a_took_every_set, timeout=60, what="A resuming every set after B")
                     assert await asyncio.to_thread(a.terminate) == 0, a.log()[-3000:]
         finally:
             await producer.stop()
