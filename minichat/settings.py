@@ -80,10 +80,11 @@ class Settings(BaseSettings):
     order_grace_ms: int = Field(default=5, ge=0, le=60_000)
     produce_in_flight: int = Field(default=4, ge=1, le=64)
     fetch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024 * 1024)
-    # aiokafka keeps one fetch in flight per broker and leaves out of it the partitions whose
-    # records wait in its buffer: a record appended to such a partition waits for that fetch to
-    # return, up to this long, however idle the worker is. Short: low latency, more idle fetches.
-    fetch_max_wait_ms: int = Field(default=10, ge=1, le=500)
+    # How long the broker holds a fetch that finds no records. The engine takes fetched records
+    # at once, so every partition is in the fetch in flight and a record appended to any of them
+    # ends it: this bounds only what an idle worker spends on empty fetches (and how soon a
+    # partition resumed after a pause is fetched again when nothing else arrives).
+    fetch_max_wait_ms: int = Field(default=500, ge=1, le=500)
     max_partition_fetch_bytes: int = Field(default=1024 * 1024, ge=64 * 1024)
     # Fault injection for the crash tests: exit (status 86) right after the first batch holding a
     # command committed, before its decisions are sent. Never set in production.

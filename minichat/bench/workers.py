@@ -187,6 +187,10 @@ WORKER_STAGES = {
     "transaction": ("minichat_batch_seconds", (("stage", "transaction"),)),
     "produce": ("minichat_batch_seconds", (("stage", "produce"),)),
     "decision": ("minichat_decision_seconds", ()),
+    **{
+        f"cmd {stage}": ("minichat_stage_seconds", (("stage", stage),))
+        for stage in ("fetch", "order", "assembly", "transaction", "produce")
+    },
 }
 """The worker's own timings (its histograms), by the stage the bench names them after."""
 

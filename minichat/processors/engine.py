@@ -6,15 +6,15 @@ on three workers), and commit offsets themselves, which can skip records after a
 (docs/architecture.md has the source lines). Here one consumer per worker owns partition numbers
 (`assignor.py`), merges the three partitions of each number into one ordered stream (`merge.py`),
 and applies merged batches in one transaction each, writing the next offset of every partition it
-consumed in that same transaction (`storage/coordination.py`). Kafka's committed offsets follow, after
-the batch's outputs were acknowledged, for monitoring; they never decide where a worker resumes
-past the stored positions.
+consumed in that same transaction (`storage/coordination.py`). Kafka's committed offsets follow, for
+monitoring; they never decide where a worker resumes past the stored positions.
 
 ```
 on assign(numbers):  seek every (topic, p) to min(stored, acknowledged); commit that if Kafka's is behind
 fetch task:          merge.add(fetched records) as soon as they come     # never waits for a batch
 loop:
-    for each empty partition holding back a record: ListOffsets, frontier = sent time − grace
+    for each empty partition holding back a record: frontier from the fetch responses, else
+        ListOffsets once it can help (frontier = sent time − grace; `frontier.py`)
     batch = merge.release(batch_max)
     transaction: claim positions, apply(batch), store positions      # one unit
     produce outputs; when acknowledged, commit Kafka offsets         # off the critical path
@@ -35,7 +35,6 @@ from uuid import UUID
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
 
 from minichat.models.topics import TopicNames
 from minichat.processors.batches import MergedBatches, UserKey
@@ -43,6 +42,7 @@ from minichat.processors.causal import counter
 from minichat.processors.clients import input_consumer, offsets_client, output_producer
 from minichat.processors.errors import Action, RetryPolicy, classify, with_retries
 from minichat.processors.flights import Flights
+from minichat.processors.frontier import IDLE_WAIT_S, RETRY_WAIT_S, Frontiers, Pause
 from minichat.processors.merge import LaneKey, OrderedMerge
 from minichat.processors.order_log import OrderRecorder
 from minichat.processors.pacing import pacing
@@ -50,6 +50,7 @@ from minichat.processors.pipeline import Decoded, isolating
 from minichat.processors.progress import ProgressReport
 from minichat.processors.records import Output, SourceRecord, source_record
 from minichat.processors.resume import ahead_of_group, apply_nothing, next_offsets, resume_at
+from minichat.processors.stages import StageClock
 from minichat.settings import Settings
 from minichat.storage import coordination, statements
 from minichat.storage.coordination import PositionConflict
@@ -95,7 +96,12 @@ class OrderedEngine:
         self.paused: set[LaneKey] = set()
         self._generation = 0
         self._unit = asyncio.Lock()  # a batch, or a rebalance step: never both
-        self._flights = Flights(lambda: self._producer, batches.metrics, self.retry, on_fatal)
+        self._flights = Flights(
+            lambda: self._producer, batches.metrics, self.retry, on_fatal, landed=lambda: self._arrived.set()
+        )
+        self._stages = StageClock(batches.metrics, self.names.turn_requests)
+        self._frontiers = Frontiers(self.merge, settings.order_grace_ms)
+        self._released_ms = 0.0
         self._acknowledged_group = coordination.acknowledged_group(settings.group_id)
         self._stopping = False
         self._blocking: dict[LaneKey, float] = {}
@@ -110,6 +116,7 @@ class OrderedEngine:
         self._idle = asyncio.Event()
         """Set while no batch is being applied: the fetch task then takes records at once."""
         self._idle.set()
+        self._fetch_pause = Pause()
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -137,6 +144,7 @@ class OrderedEngine:
 
     def stop(self) -> None:
         self._stopping = True
+        self._arrived.set()  # the loop may be sleeping: let it see
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Per owned input partition: records in the log not applied yet (the end offset the last
@@ -174,26 +182,35 @@ class OrderedEngine:
         prefetch backoff): taken only between batches, a record waited one to two batches before
         the worker even saw it (measured: 87 ms median at 100 requests/s)."""
         while not self._stopping:
-            fetched = await consumer.getmany(timeout_ms=100, max_records=self.settings.batch_max)
+            fetched = await consumer.getmany(timeout_ms=1000, max_records=self.settings.batch_max)
             # Every returned record goes to its lane, even across a rebalance: aiokafka returns
             # only records at a partition's current position (a seek drops what it made stale) and
             # moves the position past them, so dropping one here would skip it. A closed lane
             # ignores them; a lane re-opened at its seek position takes them in order.
             for records in fetched.values():
-                self.merge.add(source_record(r) for r in records)
+                chunk = [source_record(r) for r in records]
+                self._stages.fetched(chunk)
+                self.merge.add(chunk)
             if fetched:
+                self._frontiers.observe(consumer, self.merge.empty_lanes())
                 self._pace(consumer)
                 self._arrived.set()
             if not self._idle.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._idle.wait(), FETCH_PACE_S)
+                await self._fetch_pause.wait(FETCH_PACE_S)
 
     async def _step(self, consumer: AIOKafkaConsumer) -> None:
         if self._fetching is not None and self._fetching.done():
             self._fetching.result()  # the fetch task failed: fail the engine with its error
-        blocked = self.merge.blocked_lanes()
-        if blocked:
-            await self._refresh_frontiers(consumer, blocked, self._generation)
+        blocking = self.merge.blocking()
+        if blocking:
+            self._frontiers.from_fetches(consumer, blocking)
+            blocking = self.merge.blocking()
+        due, next_due_s = self._frontiers.due(blocking)
+        if due and self._offsets is not None:
+            await self._frontiers.refresh(
+                consumer, self._offsets, due, self.assigned, lambda: self._generation
+            )
+        blocked = sorted(blocking)
         self._report_stall(blocked)
         self._progress.maybe_log()
         await self._flights.commit_deferred(consumer, self.assigned)
@@ -203,7 +220,7 @@ class OrderedEngine:
         released = self.merge.release(self.settings.batch_max, self.settings.batch_max_bytes)
         self._pace(consumer)  # resumes the partitions whose lanes this release drained
         if released:
-            now_ms = time.time() * 1000.0
+            now_ms = self._released_ms = self._stages.released(released)
             self.batches.metrics.observe(
                 "minichat_record_wait_seconds", ((now_ms - r.timestamp_ms) / 1000.0 for r in released)
             )
@@ -217,12 +234,20 @@ class OrderedEngine:
                     await self._apply(consumer, released)
                 finally:
                     self._idle.set()
+                    self._fetch_pause.wake()
+            # The fetch task takes what arrived during the batch before the next release.
+            await asyncio.sleep(0)
         else:
-            # Nothing to apply: wait for records, or (a set held back by an empty lane) briefly
-            # before asking the broker for its end offsets again.
+            # Nothing to apply: wait for records, or (a set held back by an empty lane) until its
+            # end offsets can release something (`frontier.py`).
+            wait = min(RETRY_WAIT_S if due else IDLE_WAIT_S, max(next_due_s, 0.0005))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), 0.005 if blocked else 0.1)
+                await asyncio.wait_for(self._arrived.wait(), wait)
         await self._flights.land_finished(consumer, self.assigned)
+        if self._flights.unrecorded:  # acknowledgements no Kafka commit holds: keep them now
+            async with self._unit:
+                self._flights.unrecorded = False
+                await self._transaction({}, apply_nothing)
 
     def _report_stall(self, blocked: Sequence[LaneKey]) -> None:
         """A lane that holds its set back for long neither delivers nor catches up (the broker is
@@ -247,31 +272,6 @@ class OrderedEngine:
         for lane in resume:
             consumer.resume(TopicPartition(*lane))
             self.paused.discard(lane)
-
-    async def _refresh_frontiers(
-        self, consumer: AIOKafkaConsumer, lanes: Sequence[LaneKey], generation: int
-    ) -> None:
-        """Ask the broker for the end offsets of empty lanes that hold back a record; a lane already
-        fetched to its end gets the request's send time (less the grace) as its frontier. Every
-        await is followed by a generation check: a lane re-sought meanwhile must not inherit a
-        frontier its new position does not justify."""
-        if self._offsets is None:
-            return
-        tick, sent_ms = self.merge.tick(), time.time() * 1000.0
-        try:
-            ends = await self._offsets.end_offsets([TopicPartition(*lane) for lane in lanes])
-            fetched = {tp: await consumer.position(tp) for tp in ends}
-        except KafkaError as exc:  # IllegalStateError in a rebalance, or the broker away
-            logger.info("end offsets not available (%s); fetching on", type(exc).__name__)
-            return
-        if generation != self._generation:
-            return
-        for tp, end in ends.items():
-            lane = (tp.topic, tp.partition)
-            if lane in self.assigned:
-                self.merge.end_read(tp.topic, tp.partition, end, tick)  # for causal tokens
-            if lane in self.assigned and self.merge.next_offset(*lane) >= end and fetched[tp] >= end:
-                self.merge.caught_up(tp.topic, tp.partition, sent_ms - self.settings.order_grace_ms)
 
     async def _apply(self, consumer: AIOKafkaConsumer, records: list[SourceRecord]) -> None:
         """Apply released records; a record PostgreSQL refuses is isolated and dead-lettered
@@ -299,6 +299,8 @@ class OrderedEngine:
         dead = [d for i in run if isinstance(d := decoded[i], Output)]
         offsets = next_offsets(records[i] for i in run)
         began, sent = time.monotonic(), statements.count_statements()
+        commands = [records[i].timestamp_ms for i in run if records[i].topic == self.names.turn_requests]
+        self._stages.batch("assembly", time.time() - self._released_ms / 1000.0, len(commands))
         groups, owners = await self._split(good)
         if len(groups) > 1:
             outputs = await self._apply_groups(offsets, groups, owners)
@@ -318,11 +320,10 @@ class OrderedEngine:
         ):
             logger.critical("fault injection: exiting after a commit, before its outputs are sent")
             os._exit(FAULT_EXIT)
-        self.batches.metrics.observe(
-            "minichat_batch_seconds", (time.monotonic() - began,), stage="transaction"
-        )
+        took = time.monotonic() - began
+        self.batches.metrics.observe("minichat_batch_seconds", (took,), stage="transaction")
+        self._stages.batch("transaction", took, len(commands))
         self.batches.count_applied(good, len(dead), statements=sent.sent)
-        commands = [records[i].timestamp_ms for i in run if records[i].topic == self.names.turn_requests]
         self._flights.send(dead + outputs, offsets, commands)
 
     async def _split(self, good: list[Decoded[Any]]) -> tuple[list[list[Decoded[Any]]], dict[UUID, UserKey]]:
@@ -478,6 +479,7 @@ class OrderedEngine:
             consumer.seek(tp, starts.setdefault(tp, start))
             self.positions[lane] = stored.get(lane)
             self.merge.open(tp.topic, tp.partition, start)
+            self._stages.reopened(lane)
             if lane in self.paused:
                 consumer.resume(tp)
                 self.paused.discard(lane)

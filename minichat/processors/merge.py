@@ -121,6 +121,9 @@ class OrderedMerge:
     def next_offset(self, topic: str, partition: int) -> int:
         return self._lanes[(topic, partition)].next_offset
 
+    def empty_lanes(self) -> list[LaneKey]:
+        return [key for key, lane in self._lanes.items() if not lane.buffer]
+
     def buffered(self) -> int:
         return sum(len(lane.buffer) for lane in self._lanes.values())
 
@@ -178,17 +181,26 @@ class OrderedMerge:
     def blocked_lanes(self) -> list[LaneKey]:
         """Empty lanes that hold back a buffered record of their set: the ones worth a
         ListOffsets request (or a fetch) before the next `release`."""
-        waiting: list[LaneKey] = []
+        return sorted(self.blocking())
+
+    def blocking(self) -> dict[LaneKey, float]:
+        """`blocked_lanes` with, for each, the timestamp (ms) its frontier must pass to let the
+        record it holds back go (`-inf`: a held command waits for its end offset, read after it
+        arrived, whenever that is read)."""
+        waiting: dict[LaneKey, float] = {}
         for number, members in self._sets.items():
-            waiting.extend((topic, number) for lane in members for topic in self._unread(lane))
+            for lane in members:
+                for topic in self._unread(lane):
+                    waiting[(topic, number)] = -math.inf
             heads = [lane.head_key() for lane in members if lane.buffer and not self._held(lane)]
             if not heads:
                 continue
             first = min(heads)
-            waiting.extend(
-                (lane.topic, lane.partition) for lane in members if not lane.buffer and lane.precedes(first)
-            )
-        return sorted(set(waiting))
+            for lane in members:
+                if not lane.buffer and lane.precedes(first):
+                    key = (lane.topic, lane.partition)
+                    waiting[key] = min(waiting.get(key, math.inf), first[0])
+        return waiting
 
     def release(self, limit: int, max_bytes: int | None = None) -> list[SourceRecord]:
         """Up to `limit` records (and about `max_bytes`: at least one record, then none that would

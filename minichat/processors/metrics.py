@@ -57,6 +57,11 @@ BUCKETS_RECORDS = (1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0)
 """Upper bounds of the batch-size histogram."""
 BUCKETS_STATEMENTS = (1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0, 24.0, 32.0, 48.0, 64.0, 128.0, 256.0)
 """Upper bounds of the statements-per-batch histogram."""
+BUCKETS_STAGE_S = (
+    *(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05),
+    *(0.075, 0.1, 0.2, 0.5, 1.0, 5.0),
+)
+"""Upper bounds (seconds) of `minichat_stage_seconds`: fine where a lightly loaded worker's stages live."""
 
 TOPICS: Final = ("turn_requests", "provider_responses", "usage")
 """The `topic` label of the input topics (the name without the deployment's prefix)."""
@@ -227,6 +232,12 @@ SPECS: Final[dict[str, Spec]] = {
     "minichat_decision_seconds": histogram(
         "From a command's append to the log until its batch's decisions were acknowledged by the broker."
     ),
+    "minichat_stage_seconds": histogram(
+        "A command's time in each stage on its way to its decision: fetch, order, assembly, "
+        "transaction, produce (they add up to minichat_decision_seconds).",
+        BUCKETS_STAGE_S,
+        stage=("fetch", "order", "assembly", "transaction", "produce"),
+    ),
     # -- gauges
     "minichat_build_info": gauge(
         "Always 1; label version: the minichat version this worker runs.", ("version",)
@@ -346,6 +357,15 @@ class Metrics:
         for index, n in CountOf(bisect_left(bounds, value) for value in batch).items():
             child._buckets[index].inc(n)  # index len(bounds): +Inf
         child._sum.inc(math.fsum(batch))
+
+    def observe_times(self, name: str, value: float, times: int, **labels: str | None) -> None:
+        """Add one value `times` times (a batch-wide duration, once per command it holds)."""
+        child = self._child(name, labels)
+        assert isinstance(child, Histogram)
+        if times <= 0:
+            return
+        child._buckets[bisect_left(SPECS[name].buckets, value)].inc(times)
+        child._sum.inc(value * times)
 
     def count_unknown_code(self, code: str, amount: int = 1) -> None:
         """A `turn.failed` settled `failed`/`estimated` for an `error_code` the contract does not
