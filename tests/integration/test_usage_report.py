@@ -21,8 +21,6 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from minichat.client import ReadApiError, ReadClient
 from minichat.domain.spend import MAX_DAYS, MAX_ROWS
@@ -31,9 +29,8 @@ from minichat.models.topics import TopicNames
 from minichat.processors.app import build_batches
 from minichat.processors.batches import MergedBatches
 from minichat.processors.pipeline import Decoded
-from minichat.processors.read_api import read_api_routes
 from minichat.processors.records import SourceRecord
-from minichat.processors.tokens import TokenStore, add_token
+from minichat.processors.tokens import add_token
 from minichat.settings import Settings
 from minichat.storage.db import connect, create_pool
 from minichat.storage.policies import ensure_policy_version
@@ -42,6 +39,7 @@ from tests.conftest import deployment_settings
 from tests.gateway import Event, Gateway
 from tests.integration.test_read_isolation import without_tenant_filter
 from tests.openapi_check import read_checked
+from tests.read_server import serve_read_api
 from tests.support import Endpoints
 
 pytestmark = pytest.mark.integration
@@ -88,28 +86,8 @@ async def served(endpoints: Endpoints, database_url: str, tmp_path: Path) -> Asy
     tenant, other = uuid.uuid4(), uuid.uuid4()
     tokens = tmp_path / "tokens.json"
     token, other_token = add_token(tokens, tenant), add_token(tokens, other)
-    pool = await create_pool(settings, min_size=0, max_size=2)
-
-    async def read_pool() -> asyncpg.Pool:
-        return pool
-
-    app = web.Application()
-    policy = load_policy(settings.policy_file)
-    app.add_routes(read_api_routes(policy, read_pool, TokenStore(tokens), lambda: None, 1 << 20))
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        async with aiohttp.ClientSession() as http:
-            yield Served(
-                settings,
-                tenant,
-                other,
-                Reader(str(server.make_url("")).rstrip("/"), http, token),
-                other_token,
-            )
-    finally:
-        await server.close()
-        await pool.close()
+    async with serve_read_api(settings, tokens) as (base, http):
+        yield Served(settings, tenant, other, Reader(base, http, token), other_token)
 
 
 class Books:
