@@ -70,11 +70,17 @@ def _check_drain(drain: dict[str, Any]) -> None:
 
 
 def _check_cpu(cost: dict[str, Any], local: bool) -> None:
-    """CPU per event and per turn of every process, measured where it runs."""
+    """CPU per event and per turn of every process, measured where it runs. `/proc` counts in
+    10 ms ticks: over a window under a second (a 200-turn drain takes about 0.3 s) another
+    process's share may be 0 ticks, so it must be measured there, and above 0 over longer ones."""
     assert cost["worker_cpu_us_per_event"] > 0 and cost["worker_cpu_us_per_turn"] > 0
     assert cost["generator_cpu_us_per_event"] >= 0
+    long_enough = cost["window_s"] >= 1.0
     for name in ("postgres_cpu_us_per_event", "postgres_cpu_us_per_turn", "broker_cpu_us_per_event"):
-        assert cost[name] > 0 if local else cost[name] is None or cost[name] >= 0, name
+        if local:
+            assert cost[name] is not None and (cost[name] > 0 if long_enough else cost[name] >= 0), name
+        else:
+            assert cost[name] is None or cost[name] >= 0, name
     if local:
         # this database's own backends are part of all of PostgreSQL's processes
         assert 0 <= cost["postgres_database_cpu_us_per_event"] <= cost["postgres_cpu_us_per_event"]
